@@ -1,0 +1,79 @@
+# strata — the commands. `make demo` runs the main job, `make test` the tests;
+# both work alone on a fresh Debian machine (they install what is missing).
+
+PYTHON ?= /usr/bin/python3
+BUILD ?= build
+JOBS ?= 2
+CMAKE_FLAGS ?=
+PYTEST_FLAGS ?=
+
+DEB_PACKAGES := cmake g++ make ninja-build libopenblas0-pthread liburing-dev libnuma-dev \
+  libgtest-dev nlohmann-json3-dev libxxhash-dev pybind11-dev python3-pybind11 python3-torch \
+  python3-pytest python3-numpy python3-tqdm python3-matplotlib python3-dev python3-setuptools \
+  python3-venv python3-pip fio util-linux
+
+export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: all deps build demo test test-cpp test-python test-stress test-sanitize fuzz bench clean info
+
+all: build
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "make deps: installing$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
+	  else \
+	    echo "make deps: missing packages; run as root:"; \
+	    echo "  sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+
+$(BUILD)/build.ninja:
+	cmake -S . -B $(BUILD) -G Ninja -DPython_EXECUTABLE=$(PYTHON) $(CMAKE_FLAGS)
+
+build: deps $(BUILD)/build.ninja
+	cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	$(PYTHON) examples/finetune_gpt.py --config examples/configs/nvme.json --out demo_out
+
+test: build test-cpp test-python
+
+test-cpp:
+	cd $(BUILD) && ctest -L unit --output-on-failure -j $(JOBS)
+
+test-python:
+	$(PYTHON) -m pytest -q -m "not stress and not slow" tests/python $(PYTEST_FLAGS)
+
+test-stress: build
+	cd $(BUILD) && ctest -L stress --output-on-failure
+	$(PYTHON) -m pytest -q -m "stress or slow" tests/python $(PYTEST_FLAGS)
+
+# C++ unit tests under AddressSanitizer + UndefinedBehaviorSanitizer (CUDA off).
+test-sanitize: deps
+	cmake -S . -B build-asan -G Ninja -DSTRATA_SANITIZE=address,undefined -DSTRATA_WITH_CUDA=OFF \
+	  -DSTRATA_BUILD_PYTHON=OFF -DSTRATA_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=Debug
+	cmake --build build-asan -j $(JOBS)
+	cd build-asan && ctest -L unit --output-on-failure -j $(JOBS)
+
+test-tsan: deps
+	cmake -S . -B build-tsan -G Ninja -DSTRATA_SANITIZE=thread -DSTRATA_WITH_CUDA=OFF \
+	  -DSTRATA_BUILD_PYTHON=OFF -DSTRATA_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build build-tsan -j $(JOBS)
+	cd build-tsan && ctest -L unit --output-on-failure -j $(JOBS)
+
+bench: build
+	$(BUILD)/bin/strata-bench-adam --sizes 16M --threads 0
+	$(BUILD)/bin/strata-bench-io --size 1G --block-size 1M --queue-depth 32
+	$(BUILD)/bin/strata-bench-pool
+
+info: build
+	$(PYTHON) -m strata info
+
+clean:
+	rm -rf $(BUILD) build-asan build-tsan build-fuzz python/strata/_C*.so
