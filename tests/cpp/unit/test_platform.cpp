@@ -1,0 +1,287 @@
+// Platform primitives: mapping, pre-fault, locking, page-node queries,
+// RLIMIT_MEMLOCK reporting and /proc/meminfo.
+#include <sys/mman.h>
+#include <sys/resource.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include <strata/platform/meminfo.h>
+#include <strata/platform/memlock.h>
+#include <strata/platform/vm.h>
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace strata::platform;
+
+std::string fixture(const std::string& name) {
+  return (fs::path(__FILE__).parent_path() / ".." / ".." / "data" / "sysfs" / name)
+      .lexically_normal();
+}
+
+// Resident pages of [p, p+bytes) according to mincore.
+size_t resident_pages(void* p, size_t bytes) {
+  std::vector<unsigned char> vec(bytes / kPageSize);
+  if (mincore(p, bytes, vec.data()) != 0) {
+    return SIZE_MAX;
+  }
+  size_t n = 0;
+  for (unsigned char c : vec) {
+    n += c & 1;
+  }
+  return n;
+}
+
+// True when move_pages/get_mempolicy answer (kernel with CONFIG_NUMA, no seccomp filter).
+bool numa_syscalls_work(std::string* why) {
+  void* p = nullptr;
+  if (map_anonymous(kPageSize, kPageSize, &p) != 0) {
+    *why = "mmap failed";
+    return false;
+  }
+  static_cast<char*>(p)[0] = 1;
+  const void* pages[] = {p};
+  int node = -1;
+  int r = query_page_nodes(pages, {&node, 1});
+  (void)unmap(p, kPageSize);
+  if (r != 0) {
+    *why = std::string("move_pages: ") + std::strerror(-r);
+    return false;
+  }
+  return true;
+}
+
+struct Mapping {
+  explicit Mapping(size_t bytes, size_t align = kPageSize) : size(bytes) {
+    rc = map_anonymous(bytes, align, &p);
+  }
+  ~Mapping() {
+    if (p) {
+      EXPECT_EQ(unmap(p, size), 0);
+    }
+  }
+  void* p = nullptr;
+  size_t size;
+  int rc;
+};
+
+TEST(Vm, MapAnonymousAlignsAndRounds) {
+  Mapping m(3 * kHugePageSize + 100, kHugePageSize);
+  ASSERT_EQ(m.rc, 0);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(m.p) % kHugePageSize, 0u);
+  // The whole rounded range is usable.
+  static_cast<char*>(m.p)[round_up(m.size, kPageSize) - 1] = 7;
+  void* bad = nullptr;
+  EXPECT_EQ(map_anonymous(4096, 3000, &bad), -EINVAL);
+  EXPECT_EQ(map_anonymous(0, kPageSize, &bad), -EINVAL);
+  EXPECT_EQ(bad, nullptr);
+}
+
+TEST(Vm, PrefaultMakesEveryPageResident) {
+  for (unsigned threads : {1u, 4u, 0u}) {
+    const size_t bytes = size_t(24) << 20;
+    Mapping m(bytes, kHugePageSize);
+    ASSERT_EQ(m.rc, 0);
+    EXPECT_EQ(resident_pages(m.p, bytes), 0u) << "fresh mapping already resident";
+    ASSERT_EQ(prefault(m.p, bytes, threads), 0);
+    EXPECT_EQ(resident_pages(m.p, bytes), bytes / kPageSize) << "threads " << threads;
+    // Contents of fresh anonymous memory stay zero.
+    const char* c = static_cast<const char*>(m.p);
+    EXPECT_EQ(c[0], 0);
+    EXPECT_EQ(c[bytes / 2 + 123], 0);
+    EXPECT_EQ(c[bytes - 1], 0);
+  }
+}
+
+TEST(Vm, HugepageAndDontforkAdvice) {
+  Mapping m(size_t(4) << 20, kHugePageSize);
+  ASSERT_EQ(m.rc, 0);
+  int r = advise_hugepage(m.p, m.size);
+  EXPECT_TRUE(r == 0 || r == -EINVAL) << r;
+  EXPECT_EQ(advise_dontfork(m.p, m.size), 0);
+  // Misaligned address: the kernel says EINVAL, and we pass it through.
+  EXPECT_EQ(advise_dontfork(static_cast<char*>(m.p) + 1, 4096), -EINVAL);
+}
+
+TEST(Vm, LockAndUnlock) {
+  const size_t bytes = size_t(2) << 20;
+  MemlockLimit lim = memlock_limit();
+  if (!lim.allows(bytes, locked_bytes())) {
+    GTEST_SKIP() << "cannot lock 2 MiB here: " << memlock_advice(lim, bytes);
+  }
+  Mapping m(bytes, kHugePageSize);
+  ASSERT_EQ(m.rc, 0);
+  uint64_t before = locked_bytes();
+  ASSERT_EQ(lock_memory(m.p, bytes), 0);
+  EXPECT_GE(locked_bytes(), before + bytes);
+  ASSERT_EQ(unlock_memory(m.p, bytes), 0);
+  EXPECT_EQ(locked_bytes(), before);
+}
+
+TEST(Vm, SamplePages) {
+  char* base = reinterpret_cast<char*>(uintptr_t(1) << 30);
+  auto all = sample_pages(base, 10 * kPageSize, 100);
+  ASSERT_EQ(all.size(), 10u);
+  EXPECT_EQ(all.front(), base);
+  EXPECT_EQ(all.back(), base + 9 * kPageSize);
+  auto some = sample_pages(base, 1000 * kPageSize, 7);
+  ASSERT_EQ(some.size(), 7u);
+  EXPECT_EQ(some.front(), base);
+  EXPECT_EQ(some.back(), base + 999 * kPageSize);
+  for (size_t i = 1; i < some.size(); ++i) {
+    EXPECT_LT(some[i - 1], some[i]);
+  }
+  // A range that starts mid-page covers the page it starts in.
+  auto mid = sample_pages(base + 100, kPageSize, 8);
+  ASSERT_EQ(mid.size(), 2u);
+  EXPECT_EQ(mid[0], base);
+  EXPECT_TRUE(sample_pages(base, 0, 8).empty());
+}
+
+TEST(Vm, PageNodesAndPolicy) {
+  std::string why;
+  if (!numa_syscalls_work(&why)) {
+    GTEST_SKIP() << "NUMA syscalls unavailable: " << why;
+  }
+  const size_t bytes = size_t(8) << 20;
+  Mapping m(bytes, kHugePageSize);
+  ASSERT_EQ(m.rc, 0);
+  const int node0[] = {0};
+  ASSERT_EQ(bind_memory(m.p, bytes, MemPolicy::kBind, node0), 0);
+  MemPolicy policy = MemPolicy::kDefault;
+  std::vector<int> nodes;
+  ASSERT_EQ(query_policy(m.p, &policy, &nodes), 0);
+  EXPECT_EQ(policy, MemPolicy::kBind);
+  EXPECT_EQ(nodes, std::vector<int>{0});
+
+  // Before the first touch nothing is placed: move_pages says -ENOENT.
+  auto pages = sample_pages(m.p, bytes, 16);
+  std::vector<int> where(pages.size(), 99);
+  ASSERT_EQ(query_page_nodes(pages, where), 0);
+  for (int w : where) {
+    EXPECT_EQ(w, -ENOENT);
+  }
+  ASSERT_EQ(prefault(m.p, bytes, 2), 0);
+  ASSERT_EQ(query_page_nodes(pages, where), 0);
+  for (int w : where) {
+    EXPECT_EQ(w, 0);
+  }
+  int node = -1;
+  ASSERT_EQ(query_node_of(static_cast<char*>(m.p) + bytes - 1, &node), 0);
+  EXPECT_EQ(node, 0);
+}
+
+TEST(Vm, BindRejectsBadNodes) {
+  std::string why;
+  if (!numa_syscalls_work(&why)) {
+    GTEST_SKIP() << "NUMA syscalls unavailable: " << why;
+  }
+  Mapping m(kHugePageSize, kHugePageSize);
+  ASSERT_EQ(m.rc, 0);
+  const int too_big[] = {kMaxNumaNodes};
+  EXPECT_EQ(bind_memory(m.p, m.size, MemPolicy::kBind, too_big), -EINVAL);
+  const int negative[] = {-1};
+  EXPECT_EQ(bind_memory(m.p, m.size, MemPolicy::kBind, negative), -EINVAL);
+  EXPECT_EQ(bind_memory(m.p, m.size, MemPolicy::kBind, {}), -EINVAL);
+  // A node the kernel does not have (ids are < 1024; this machine has far fewer).
+  const int absent[] = {kMaxNumaNodes - 1};
+  EXPECT_EQ(bind_memory(m.p, m.size, MemPolicy::kBind, absent), -EINVAL);
+  EXPECT_EQ(bind_memory(m.p, m.size, MemPolicy::kDefault, {}), 0);
+}
+
+TEST(Memlock, ReportsTheRealLimit) {
+  rlimit rl{};
+  ASSERT_EQ(getrlimit(RLIMIT_MEMLOCK, &rl), 0);
+  MemlockLimit lim = memlock_limit();
+  EXPECT_EQ(lim.unlimited, rl.rlim_cur == RLIM_INFINITY);
+  if (!lim.unlimited) {
+    EXPECT_EQ(lim.soft, uint64_t(rl.rlim_cur));
+  }
+  if (rl.rlim_max != RLIM_INFINITY) {
+    EXPECT_EQ(lim.hard, uint64_t(rl.rlim_max));
+  }
+}
+
+TEST(Memlock, OverrideSeamAndAllows) {
+  const MemlockLimit real = memlock_limit();
+  MemlockLimit low{};
+  low.soft = low.hard = 64 << 10;
+  {
+    ScopedMemlockOverride guard(low);
+    MemlockLimit seen = memlock_limit();
+    EXPECT_EQ(seen.soft, uint64_t(64 << 10));
+    EXPECT_FALSE(seen.unlimited);
+    EXPECT_FALSE(seen.cap_ipc_lock);
+  }
+  MemlockLimit after = memlock_limit();
+  EXPECT_EQ(after.soft, real.soft) << "override still active after the guard";
+  EXPECT_EQ(after.unlimited, real.unlimited);
+  EXPECT_EQ(after.cap_ipc_lock, real.cap_ipc_lock);
+
+  EXPECT_TRUE(low.allows(32 << 10, 0));
+  EXPECT_TRUE(low.allows(32 << 10, 32 << 10));
+  EXPECT_FALSE(low.allows(32 << 10, 48 << 10));
+  EXPECT_FALSE(low.allows(1 << 20, 0));
+  EXPECT_FALSE(low.allows(1, 128 << 10));  // already over the limit
+  MemlockLimit cap = low;
+  cap.cap_ipc_lock = true;
+  EXPECT_TRUE(cap.allows(uint64_t(1) << 40, 0));
+  MemlockLimit inf = low;
+  inf.unlimited = true;
+  EXPECT_TRUE(inf.allows(uint64_t(1) << 40, uint64_t(1) << 40));
+}
+
+TEST(Memlock, AdviceNamesLimitAndRemedies) {
+  MemlockLimit low{};
+  low.soft = 8 << 20;
+  low.hard = 16 << 20;
+  std::string msg = memlock_advice(low, 256 << 20);
+  for (const char* want :
+       {"RLIMIT_MEMLOCK is 8.00 MiB (hard 16.00 MiB)", "CAP_IPC_LOCK is not held",
+        "256.00 MiB cannot be locked", "ulimit -l", "/etc/security/limits.conf", "LimitMEMLOCK"}) {
+    EXPECT_NE(msg.find(want), std::string::npos) << want << " missing from: " << msg;
+  }
+}
+
+TEST(Meminfo, Fixture) {
+  auto avail = mem_available_bytes(fixture("proc_meminfo"));
+  ASSERT_TRUE(avail.ok()) << avail.status().to_string();
+  EXPECT_EQ(avail.value(), uint64_t(24282112) * 1024);
+  auto total = mem_total_bytes(fixture("proc_meminfo"));
+  ASSERT_TRUE(total.ok());
+  EXPECT_EQ(total.value(), uint64_t(24683520) * 1024);
+  auto pages = meminfo_bytes("HugePages_Total", fixture("proc_meminfo"));
+  ASSERT_TRUE(pages.ok());
+  EXPECT_EQ(pages.value(), 0u);  // a count without unit
+  auto missing = meminfo_bytes("NoSuchKey", fixture("proc_meminfo"));
+  EXPECT_EQ(missing.status().code(), strata::StatusCode::kNotFound);
+  auto nofile = mem_available_bytes("/nonexistent/meminfo");
+  EXPECT_EQ(nofile.status().code(), strata::StatusCode::kNotFound);
+  // "MemAvail" must not match the "MemAvailable" line by prefix.
+  EXPECT_FALSE(meminfo_bytes("MemAvail", fixture("proc_meminfo")).ok());
+}
+
+TEST(Meminfo, RealMachine) {
+  auto avail = mem_available_bytes();
+  auto total = mem_total_bytes();
+  ASSERT_TRUE(avail.ok()) << avail.status().to_string();
+  ASSERT_TRUE(total.ok());
+  EXPECT_GT(avail.value(), 0u);
+  EXPECT_LE(avail.value(), total.value());
+}
+
+TEST(Meminfo, FormatBytes) {
+  EXPECT_EQ(format_bytes(0), "0 B");
+  EXPECT_EQ(format_bytes(1023), "1023 B");
+  EXPECT_EQ(format_bytes(1536), "1.50 KiB");
+  EXPECT_EQ(format_bytes(uint64_t(256) << 20), "256.00 MiB");
+  EXPECT_EQ(format_bytes(uint64_t(3) << 40), "3.00 TiB");
+}
+
+}  // namespace
