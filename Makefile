@@ -14,7 +14,7 @@ DEB_PACKAGES := cmake g++ make ninja-build libopenblas0-pthread liburing-dev lib
 
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: all deps build demo test test-cpp test-python test-stress test-sanitize fuzz bench clean info
+.PHONY: all deps build demo test test-cpp test-python test-stress test-sanitize test-tsan fuzz bench clean info
 
 all: build
 
@@ -66,6 +66,18 @@ test-tsan: deps
 	  -DSTRATA_BUILD_PYTHON=OFF -DSTRATA_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
 	cmake --build build-tsan -j $(JOBS)
 	cd build-tsan && ctest -L unit --output-on-failure -j $(JOBS)
+
+# libFuzzer on the config parser (clang, outside CI): make fuzz FUZZ_SECONDS=600
+FUZZ_SECONDS ?= 600
+fuzz: deps
+	@dpkg-query -W -f='$${Status}' libclang-rt-14-dev 2>/dev/null | grep -q 'install ok installed' || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-rt-14-dev >/dev/null
+	CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DSTRATA_FUZZ=ON -DSTRATA_BUILD_PYTHON=OFF \
+	  -DSTRATA_BUILD_TESTS=OFF -DSTRATA_BUILD_BENCH=OFF -DSTRATA_WITH_CUDA=OFF -DSTRATA_CORE_DIRS="common;config"
+	cmake --build build-fuzz -j $(JOBS) --target fuzz_config
+	mkdir -p build-fuzz/corpus_config
+	build-fuzz/bin/fuzz_config -dict=tests/cpp/fuzz/fuzz_config.dict -max_total_time=$(FUZZ_SECONDS) \
+	  -print_final_stats=1 -artifact_prefix=build-fuzz/ build-fuzz/corpus_config tests/cpp/fuzz/corpus_config
 
 bench: build
 	$(BUILD)/bin/strata-bench-adam --sizes 16M --threads 0

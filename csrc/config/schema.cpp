@@ -1,0 +1,705 @@
+// The configuration schema: one table of ConfigKey rows in documentation
+// order. DeepSpeed's keys keep DeepSpeed's meaning and defaults (checked
+// against deepspeed/runtime/{config,zero/config,zero/offload_config,
+// lr_schedules}.py and the DeepSpeed config-json docs); strata's own keys live
+// under "strata". docs/config.md is generated from this table.
+#include <strata/config.h>
+
+#include "config/config_internal.h"
+
+namespace strata {
+
+const char* key_type_name(KeyType type) {
+  switch (type) {
+    case KeyType::kBool:
+      return "boolean";
+    case KeyType::kInt:
+      return "integer";
+    case KeyType::kNumber:
+      return "number";
+    case KeyType::kString:
+      return "string";
+    case KeyType::kObject:
+      return "object";
+    case KeyType::kArray:
+      return "array";
+    case KeyType::kAny:
+      return "any";
+  }
+  return "unknown";
+}
+
+namespace {
+
+using json = nlohmann::json;
+
+// A fluent builder so each row of the table reads as one statement.
+class Row {
+ public:
+  Row(std::string path, KeyType type, json def, std::string description) {
+    key_.path = std::move(path);
+    key_.type = type;
+    key_.default_value = std::move(def);
+    key_.description = std::move(description);
+  }
+  Row& allowed(std::vector<std::string> values) {
+    key_.allowed = std::move(values);
+    return *this;
+  }
+  Row& min(double lo) {
+    key_.min = lo;
+    return *this;
+  }
+  Row& range(double lo, double hi) {
+    key_.min = lo;
+    key_.max = hi;
+    return *this;
+  }
+  Row& below(double lo, double hi) {  // [lo, hi)
+    key_.min = lo;
+    key_.max = hi;
+    key_.max_exclusive = true;
+    return *this;
+  }
+  Row& multiple_of(int64_t m) {
+    key_.multiple_of = m;
+    return *this;
+  }
+  Row& auto_ok() {
+    key_.allow_auto = true;
+    return *this;
+  }
+  Row& array_of(KeyType element, int len = -1) {
+    key_.element_type = element;
+    key_.array_len = len;
+    return *this;
+  }
+  Row& any_case() {
+    key_.case_insensitive = true;
+    return *this;
+  }
+  Row& support_list() {
+    key_.allowed_is_support_list = true;
+    return *this;
+  }
+  Row& applies(std::vector<std::string> types) {
+    key_.applies_to = std::move(types);
+    return *this;
+  }
+  Row& by_type(json defaults) {
+    key_.default_by_type = std::move(defaults);
+    return *this;
+  }
+  // Accepted but not acted on. Booleans are quiet when false (switching off a
+  // feature strata does not have is already honoured).
+  Row& ignored(std::string note, std::vector<json> quiet = {}) {
+    key_.support = KeySupport::kAcceptedIgnored;
+    key_.note = std::move(note);
+    if (quiet.empty() && key_.type == KeyType::kBool) {
+      quiet.push_back(false);
+    }
+    key_.quiet_values = std::move(quiet);
+    return *this;
+  }
+  Row& alias(std::string of, json values = nullptr) {
+    key_.support = KeySupport::kDeprecatedAlias;
+    key_.alias_of = std::move(of);
+    key_.alias_values = std::move(values);
+    return *this;
+  }
+  ConfigKey take() { return std::move(key_); }
+
+ private:
+  ConfigKey key_;
+};
+
+// Notes shared by several accepted-but-ignored keys.
+const char* const kNoteComm =
+    "gradient communication tuning for DeepSpeed's buckets; strata's data-parallel sharding "
+    "(torch.distributed) does not use buckets, so the value has no effect";
+const char* const kNoteStage3 =
+    "ZeRO-3 parameter partitioning is not implemented: parameters stay whole on every rank";
+const char* const kNoteMonitor =
+    "strata reports progress and per-step timing itself (strata.progress, strata.trace, "
+    "wall_clock_breakdown); this DeepSpeed feature is not available";
+const char* const kNoteFeature = "this DeepSpeed feature is not implemented in strata";
+const char* const kNoteNoEffect = "DeepSpeed-internal switch with no counterpart in strata";
+
+std::vector<ConfigKey> build_schema() {
+  std::vector<Row> rows;
+  auto add = [&rows](std::string path, KeyType type, json def, std::string desc) -> Row& {
+    rows.emplace_back(std::move(path), type, std::move(def), std::move(desc));
+    return rows.back();
+  };
+  const json kNull = nullptr;
+  using K = KeyType;
+  const std::vector<std::string> kAdamLike = {"Adam", "AdamW"};
+
+  // ---- batch, logging, clipping -------------------------------------------
+  add("train_batch_size", K::kInt, kNull,
+      "Samples per optimizer step over all ranks: train_micro_batch_size_per_gpu x "
+      "gradient_accumulation_steps x world size (DeepSpeed's rule). Any two of the three imply "
+      "the third; all three given must agree; none given means micro batch 1 and accumulation 1. "
+      "Always present after parsing.")
+      .min(1)
+      .auto_ok();
+  add("train_micro_batch_size_per_gpu", K::kInt, kNull,
+      "Samples per forward/backward on one rank (the DataLoader batch size). Derived when not "
+      "given (see train_batch_size).")
+      .min(1)
+      .auto_ok();
+  add("gradient_accumulation_steps", K::kInt, kNull,
+      "Micro-batches accumulated before each optimizer step; backward scales the loss by its "
+      "inverse and step() acts only at accumulation boundaries. Derived when not given.")
+      .min(1)
+      .auto_ok();
+  add("steps_per_print", K::kInt, 10,
+      "Print progress (loss, learning rate, step time) every N "
+      "optimizer steps, on rank 0 only.")
+      .min(1);
+  add("wall_clock_breakdown", K::kBool, false,
+      "Print the per-step time breakdown (forward, backward, read, update, write-back) every "
+      "steps_per_print steps.");
+  add("gradient_clipping", K::kNumber, 0.0,
+      "Clip gradients to this global L2 norm across all tiers and ranks; 0 turns clipping off.")
+      .min(0)
+      .auto_ok();
+  add("prescale_gradients", K::kBool, kNull, "DeepSpeed: scale gradients before the allreduce.")
+      .ignored(kNoteComm);
+  add("gradient_predivide_factor", K::kNumber, kNull,
+      "DeepSpeed: divide gradients by this factor before the allreduce.")
+      .ignored(kNoteComm, {1.0, 1});
+  add("sparse_gradients", K::kBool, kNull, "DeepSpeed: allreduce sparse gradients as sparse.")
+      .ignored(
+          "sparse gradients are refused with an error at the first step; dense gradients "
+          "are unaffected");
+  add("communication_data_type", K::kString, kNull, "DeepSpeed: dtype of gradient communication.")
+      .ignored(kNoteComm);
+  add("seq_parallel_communication_data_type", K::kString, kNull,
+      "DeepSpeed: dtype of sequence-parallel communication.")
+      .ignored(kNoteComm);
+
+  // ---- optimizer -------------------------------------------------------------
+  add("optimizer", K::kObject, kNull,
+      "The optimizer strata builds when the script passes none. Optional: without it, the "
+      "script's optimizer (or OffloadAdamW's arguments) is used.");
+  add("optimizer.type", K::kString, kNull,
+      "Optimizer name, case-insensitive as in DeepSpeed (stored in canonical case). \"Adam\" is "
+      "AdamW unless params.adam_w_mode is false. Required when optimizer is given.")
+      .allowed({"Adam", "AdamW", "SGD", "Adagrad"})
+      .any_case()
+      .support_list();
+  add("optimizer.params", K::kObject, json::object(),
+      "Constructor arguments of the optimizer; each applies to the types listed with it, and a "
+      "parameter the type does not take is an error.");
+  add("optimizer.params.lr", K::kNumber, kNull, "Learning rate.")
+      .min(0)
+      .auto_ok()
+      .by_type({{"Adam", 1e-3}, {"AdamW", 1e-3}, {"SGD", 1e-3}, {"Adagrad", 1e-2}});
+  add("optimizer.params.betas", K::kArray, json::array({0.9, 0.999}),
+      "Adam's coefficients for the running averages of the gradient and its square.")
+      .array_of(K::kNumber, 2)
+      .below(0, 1)
+      .auto_ok()
+      .applies(kAdamLike);
+  add("optimizer.params.eps", K::kNumber, kNull, "Term added to the denominator.")
+      .min(0)
+      .auto_ok()
+      .applies({"Adam", "AdamW", "Adagrad"})
+      .by_type({{"Adam", 1e-8}, {"AdamW", 1e-8}, {"Adagrad", 1e-10}});
+  add("optimizer.params.weight_decay", K::kNumber, 0.0,
+      "Weight decay: decoupled (AdamW) in adam_w_mode, L2 added to the gradient otherwise.")
+      .min(0)
+      .auto_ok();
+  add("optimizer.params.adam_w_mode", K::kBool, true,
+      "Decoupled weight decay (AdamW). DeepSpeed's default true makes \"type\": \"Adam\" an AdamW; "
+      "ignored (always true) for \"AdamW\".")
+      .applies(kAdamLike);
+  add("optimizer.params.bias_correction", K::kBool, true, "Apply Adam's bias correction.")
+      .applies(kAdamLike);
+  add("optimizer.params.amsgrad", K::kBool, false,
+      "AMSGrad variant: keeps the running maximum of v (one more fp32 slot per parameter).")
+      .applies(kAdamLike);
+  add("optimizer.params.torch_adam", K::kBool, kNull,
+      "DeepSpeed: use torch.optim.Adam/AdamW instead of its fused kernel.")
+      .applies(kAdamLike)
+      .ignored("strata always runs its own kernels; they compute the same Adam/AdamW update");
+  add("optimizer.params.momentum", K::kNumber, 0.0, "SGD momentum factor.").min(0).applies({"SGD"});
+  add("optimizer.params.dampening", K::kNumber, 0.0, "SGD dampening for momentum.")
+      .min(0)
+      .applies({"SGD"});
+  add("optimizer.params.nesterov", K::kBool, false, "SGD: Nesterov momentum.").applies({"SGD"});
+  add("optimizer.params.lr_decay", K::kNumber, 0.0, "Adagrad learning-rate decay.")
+      .min(0)
+      .applies({"Adagrad"});
+  add("optimizer.params.initial_accumulator_value", K::kNumber, 0.0,
+      "Adagrad: initial value of the sum of squared gradients.")
+      .min(0)
+      .applies({"Adagrad"});
+
+  // ---- scheduler -------------------------------------------------------------
+  add("scheduler", K::kObject, kNull,
+      "Learning-rate schedule built by strata.initialize (DeepSpeed's names and step "
+      "semantics: the learning rate at init is the warmup start). Optional.");
+  add("scheduler.type", K::kString, kNull,
+      "Schedule name (case-sensitive, as in DeepSpeed). "
+      "Required when scheduler is given.")
+      .allowed({"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"})
+      .support_list();
+  add("scheduler.params", K::kObject, json::object(),
+      "Constructor arguments of the schedule; each applies to the types listed with it.");
+  add("scheduler.params.warmup_min_lr", K::kNumber, 0.0, "Learning rate at the start of warmup.")
+      .min(0)
+      .auto_ok()
+      .applies({"WarmupLR", "WarmupDecayLR"});
+  add("scheduler.params.warmup_max_lr", K::kNumber, kNull,
+      "Learning rate at the end of warmup (WarmupLR: the optimizer's lr when not given).")
+      .min(0)
+      .auto_ok()
+      .applies({"WarmupLR", "WarmupDecayLR"})
+      .by_type({{"WarmupDecayLR", 0.001}});
+  add("scheduler.params.warmup_num_steps", K::kInt, 1000,
+      "Steps of warmup (DeepSpeed uses at least 2).")
+      .min(0)
+      .auto_ok();
+  add("scheduler.params.warmup_type", K::kString, "log", "Shape of the warmup curve.")
+      .allowed({"log", "linear"});
+  add("scheduler.params.total_num_steps", K::kInt, kNull,
+      "Total training steps; required by WarmupDecayLR and WarmupCosineLR.")
+      .min(1)
+      .auto_ok()
+      .applies({"WarmupDecayLR", "WarmupCosineLR"});
+  add("scheduler.params.warmup_min_ratio", K::kNumber, 0.0,
+      "WarmupCosineLR: start of warmup as a fraction of the optimizer's lr.")
+      .range(0, 1)
+      .auto_ok()
+      .applies({"WarmupCosineLR"});
+  add("scheduler.params.cos_min_ratio", K::kNumber, 0.0001,
+      "WarmupCosineLR: end of the cosine decay as a fraction of the optimizer's lr.")
+      .range(0, 1)
+      .auto_ok()
+      .applies({"WarmupCosineLR"});
+  add("scheduler.params.last_batch_iteration", K::kInt, -1,
+      "Index of the last step taken (-1: start from the beginning).")
+      .min(-1);
+
+  // ---- precision -------------------------------------------------------------
+  add("fp16", K::kObject, json::object(), "fp16 mixed precision with dynamic loss scaling.");
+  add("fp16.enabled", K::kBool, false,
+      "fp16 model parameters and gradients; fp32 master weights and state.")
+      .auto_ok();
+  add("fp16.auto_cast", K::kBool, false, "Cast floating-point inputs of forward to fp16.");
+  add("fp16.loss_scale", K::kNumber, 0.0, "Static loss scale; 0 selects dynamic loss scaling.")
+      .min(0);
+  add("fp16.initial_scale_power", K::kInt, 16,
+      "Dynamic scaling starts at 2^initial_scale_power (127 is the largest a float holds).")
+      .range(0, 127);
+  add("fp16.loss_scale_window", K::kInt, 1000,
+      "Overflow-free steps after which the dynamic scale is raised.")
+      .min(1);
+  add("fp16.hysteresis", K::kInt, 2, "Overflows tolerated before the dynamic scale is lowered.")
+      .min(1);
+  add("fp16.consecutive_hysteresis", K::kBool, false,
+      "Refill hysteresis on every overflow-free step, not only after loss_scale_window.");
+  add("fp16.min_loss_scale", K::kNumber, 1.0, "Lower bound of the dynamic loss scale.").min(0);
+  add("fp16.fp16_master_weights_and_grads", K::kBool, kNull,
+      "DeepSpeed: keep master weights in fp16.")
+      .ignored("master weights and optimizer state are always fp32 in strata");
+  add("bf16", K::kObject, json::object(), "bf16 mixed precision.");
+  add("bf16.enabled", K::kBool, false,
+      "bf16 model parameters; fp32 master weights and state; no loss scaling.")
+      .auto_ok();
+  add("bf16.immediate_grad_update", K::kBool, kNull,
+      "DeepSpeed: apply bf16 gradients to the fp32 copy as they arrive.")
+      .ignored(kNoteNoEffect, {true, false});
+  add("bfloat16", K::kObject, kNull, "Old name of bf16.").alias("bf16");
+  add("data_types", K::kObject, json::object(), "Data types of internal buffers.");
+  add("data_types.grad_accum_dtype", K::kString, kNull,
+      "dtype of the flat gradient buffers gradients accumulate in (not given: fp32).")
+      .allowed({"fp32", "fp16", "bf16"});
+
+  // ---- ZeRO ------------------------------------------------------------------
+  add("zero_optimization", K::kObject, json::object(),
+      "ZeRO settings. The old form true/false means stage 1/0 (deprecated).");
+  add("zero_optimization.stage", K::kInt, 0,
+      "0: no sharding; 1 and 2: optimizer state (and gradients) sharded across data-parallel "
+      "ranks; 3: accepted, runs as stage 2 with one warning (parameter partitioning is not "
+      "implemented).")
+      .range(0, 3);
+  add("zero_optimization.sub_group_size", K::kInt, 1000000000,
+      "Elements per sub-group: the unit of state that is read, updated and written back in one "
+      "pipeline stage.")
+      .min(1);
+  add("zero_optimization.offload_optimizer", K::kObject, json::object(),
+      "Where the optimizer state (fp32 master weights, Adam's m and v) lives.");
+  add("zero_optimization.offload_optimizer.device", K::kString, "none",
+      "Tier of the optimizer state: none (with the model), cpu (pinned DRAM), cxl (the "
+      "strata.cxl_nodes NUMA nodes), nvme (a swap file under nvme_path). Unlike DeepSpeed, nvme "
+      "is honoured at stages 0-2.")
+      .allowed({"none", "cpu", "nvme", "cxl"});
+  add("zero_optimization.offload_optimizer.nvme_path", K::kString, kNull,
+      "Directory for the swap file; must exist and be writable (checked at parse time). Required "
+      "with device nvme; with cpu or cxl, state that does not fit strata.dram_budget spills "
+      "there.");
+  add("zero_optimization.offload_optimizer.buffer_count", K::kInt, 4,
+      "Pinned staging buffers: the depth of the read -> update -> write pipeline.")
+      .min(1);
+  add("zero_optimization.offload_optimizer.pin_memory", K::kBool, false,
+      "Page-lock the host copy of the state (device cpu or cxl) for faster transfers to a GPU.");
+  add("zero_optimization.offload_optimizer.pipeline_read", K::kBool, false,
+      "Read the next sub-group's state while the current one is updated.");
+  add("zero_optimization.offload_optimizer.pipeline_write", K::kBool, false,
+      "Write the previous sub-group's state back while the current one is updated.");
+  add("zero_optimization.offload_optimizer.ratio", K::kNumber, 1.0,
+      "Fraction of sub-groups updated by the CPU; the rest on the GPU when there is one.")
+      .range(0, 1);
+  add("zero_optimization.offload_optimizer.fast_init", K::kBool, kNull,
+      "DeepSpeed: fast optimizer initialisation with NVMe offload.")
+      .ignored("strata writes the initial state once at start; there is no separate fast path");
+  add("zero_optimization.offload_optimizer.super_offload", K::kBool, kNull,
+      "DeepSpeed: SuperOffload for superchips.")
+      .ignored("not implemented; strata.overlap_backward overlaps updates with backward instead");
+  add("zero_optimization.offload_optimizer.convert_grad_on_cpu", K::kBool, kNull,
+      "DeepSpeed: SuperOffload gradient conversion on the CPU.")
+      .ignored(kNoteNoEffect, {true, false});
+  add("zero_optimization.offload_optimizer.cpuadam_cores_perc", K::kNumber, kNull,
+      "DeepSpeed: share of cores for SuperOffload's CPU Adam.")
+      .ignored("strata.threads sets the update threads", {0.8});
+  add("zero_optimization.offload_param", K::kObject, kNull,
+      "DeepSpeed: offload of model parameters (device, nvme_path, buffer_count, buffer_size, "
+      "max_in_cpu, pin_memory).")
+      .ignored("parameter offload is not implemented: parameters stay on the compute device");
+  add("zero_optimization.cpu_offload", K::kBool, kNull,
+      "Old form of offload_optimizer.device: true means cpu.")
+      .alias("zero_optimization.offload_optimizer.device", {{"true", "cpu"}, {"false", nullptr}});
+  add("zero_optimization.cpu_offload_param", K::kBool, kNull,
+      "Old form of offload_param.device: true means cpu.")
+      .alias("zero_optimization.offload_param.device", {{"true", "cpu"}, {"false", nullptr}});
+  add("zero_optimization.cpu_offload_params", K::kBool, kNull,
+      "Misspelt old form of offload_param.device seen in the wild: true means cpu.")
+      .alias("zero_optimization.offload_param.device", {{"true", "cpu"}, {"false", nullptr}});
+  add("zero_optimization.cpu_offload_use_pin_memory", K::kBool, kNull,
+      "Old form of offload_optimizer.pin_memory.")
+      .alias("zero_optimization.offload_optimizer.pin_memory");
+  add("zero_optimization.overlap_comm", K::kBool, kNull,
+      "DeepSpeed: overlap gradient reduction with backward.")
+      .ignored(kNoteComm);
+  add("zero_optimization.reduce_bucket_size", K::kInt, kNull,
+      "DeepSpeed: elements reduced at a time.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteComm);
+  add("zero_optimization.allgather_bucket_size", K::kInt, kNull,
+      "DeepSpeed: elements allgathered at a time.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteComm);
+  add("zero_optimization.reduce_scatter", K::kBool, kNull,
+      "DeepSpeed: reduce-scatter instead of allreduce.")
+      .ignored(kNoteComm);
+  add("zero_optimization.contiguous_gradients", K::kBool, kNull,
+      "DeepSpeed: copy gradients into a contiguous buffer.")
+      .ignored("strata always copies gradients into flat per-sub-group buffers", {true, false});
+  add("zero_optimization.allgather_partitions", K::kBool, kNull,
+      "DeepSpeed: allgather instead of broadcasts after the step.")
+      .ignored(kNoteComm);
+  add("zero_optimization.round_robin_gradients", K::kBool, kNull,
+      "DeepSpeed: round-robin gradient copies to the CPU.")
+      .ignored(kNoteComm);
+  add("zero_optimization.use_multi_rank_bucket_allreduce", K::kBool, kNull,
+      "DeepSpeed: combine reduce buckets of ranks.")
+      .ignored(kNoteComm);
+  add("zero_optimization.ignore_unused_parameters", K::kBool, kNull,
+      "DeepSpeed: tolerate parameters without gradients.")
+      .ignored("parameters without a gradient are always tolerated (they are not updated)", {true});
+  add("zero_optimization.load_from_fp32_weights", K::kBool, kNull,
+      "DeepSpeed: initialise masters from the checkpoint's fp32 copy.")
+      .ignored("strata checkpoints always carry fp32 masters and load them", {true});
+  add("zero_optimization.elastic_checkpoint", K::kBool, kNull,
+      "DeepSpeed: legacy elastic checkpoints.")
+      .ignored(kNoteFeature);
+  add("zero_optimization.legacy_stage1", K::kBool, kNull, "DeepSpeed: old stage-1 code.")
+      .ignored(kNoteNoEffect);
+  add("zero_optimization.stage3_max_live_parameters", K::kInt, kNull,
+      "DeepSpeed: parameters resident per GPU at stage 3.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.stage3_max_reuse_distance", K::kInt, kNull,
+      "DeepSpeed: parameter reuse distance at stage 3.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.stage3_prefetch_bucket_size", K::kInt, kNull,
+      "DeepSpeed: parameter elements prefetched at stage 3.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.stage3_param_persistence_threshold", K::kInt, kNull,
+      "DeepSpeed: parameters smaller than this are not partitioned.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.stage3_model_persistence_threshold", K::kInt, kNull,
+      "DeepSpeed: bound on unpartitioned parameters.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.stage3_gather_16bit_weights_on_model_save", K::kBool, kNull,
+      "DeepSpeed: gather partitioned weights when saving a 16-bit model.")
+      .ignored("parameters are never partitioned in strata, so there is nothing to gather");
+  add("zero_optimization.stage3_gather_fp16_weights_on_model_save", K::kBool, kNull,
+      "DeepSpeed: old name of stage3_gather_16bit_weights_on_model_save.")
+      .ignored("parameters are never partitioned in strata, so there is nothing to gather");
+  add("zero_optimization.stage3_module_granularity_threshold", K::kInt, kNull,
+      "DeepSpeed: stage-3 module fetch granularity.")
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.stage3_use_all_reduce_for_fetch_params", K::kBool, kNull,
+      "DeepSpeed: allreduce to fetch stage-3 parameters.")
+      .ignored(kNoteStage3);
+  add("zero_optimization.stage3_allgather_sequential", K::kBool, kNull,
+      "DeepSpeed: sequential stage-3 allgather.")
+      .ignored(kNoteStage3);
+  add("zero_optimization.stage3_partition_stream_chunk_size", K::kInt, kNull,
+      "DeepSpeed: chunked partitioning in zero.Init.")
+      .min(0)
+      .ignored(kNoteStage3);
+  add("zero_optimization.prefetch_bucket_size", K::kInt, kNull,
+      "DeepSpeed: field name of stage3_prefetch_bucket_size.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.param_persistence_threshold", K::kInt, kNull,
+      "DeepSpeed: field name of stage3_param_persistence_threshold.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.model_persistence_threshold", K::kInt, kNull,
+      "DeepSpeed: field name of stage3_model_persistence_threshold.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.max_live_parameters", K::kInt, kNull,
+      "DeepSpeed: field name of stage3_max_live_parameters.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.max_reuse_distance", K::kInt, kNull,
+      "DeepSpeed: field name of stage3_max_reuse_distance.")
+      .min(0)
+      .auto_ok()
+      .ignored(kNoteStage3);
+  add("zero_optimization.gather_16bit_weights_on_model_save", K::kBool, kNull,
+      "DeepSpeed: field name of stage3_gather_16bit_weights_on_model_save.")
+      .ignored("parameters are never partitioned in strata, so there is nothing to gather");
+  add("zero_optimization.memory_efficient_linear", K::kBool, kNull,
+      "DeepSpeed: memory-efficient linear layers at stage 3.")
+      .ignored(kNoteStage3);
+  add("zero_optimization.zero_hpz_partition_size", K::kInt, kNull,
+      "DeepSpeed ZeRO++: hierarchical partition size.")
+      .ignored(kNoteFeature, {1});
+  add("zero_optimization.zero_quantized_weights", K::kBool, kNull,
+      "DeepSpeed ZeRO++: quantized weight communication.")
+      .ignored(kNoteFeature);
+  add("zero_optimization.zero_quantized_nontrainable_weights", K::kBool, kNull,
+      "DeepSpeed ZeRO++: quantized frozen weights.")
+      .ignored(kNoteFeature);
+  add("zero_optimization.zero_quantized_gradients", K::kBool, kNull,
+      "DeepSpeed ZeRO++: quantized gradient communication.")
+      .ignored(kNoteFeature);
+  add("zero_optimization.zeropp_loco_param", K::kObject, kNull, "DeepSpeed ZeRO++: LoCo.")
+      .ignored(kNoteFeature);
+  add("zero_optimization.mics_shard_size", K::kInt, kNull, "DeepSpeed MiCS shard size.")
+      .ignored(kNoteFeature, {-1});
+  add("zero_optimization.mics_hierarchical_params_gather", K::kBool, kNull,
+      "DeepSpeed MiCS hierarchical gather.")
+      .ignored(kNoteFeature);
+  add("zero_optimization.pipeline_loading_checkpoint", K::kBool, kNull,
+      "DeepSpeed: load checkpoints in pipeline mode.")
+      .ignored(kNoteFeature);
+  add("zero_optimization.override_module_apply", K::kBool, kNull,
+      "DeepSpeed: override nn.Module.apply at stage 3.")
+      .ignored(kNoteNoEffect, {true, false});
+  add("zero_optimization.log_trace_cache_warnings", K::kBool, kNull,
+      "DeepSpeed: stage-3 trace-cache warnings.")
+      .ignored(kNoteNoEffect, {true, false});
+  add("zero_optimization.enable_sanity_checks", K::kBool, kNull,
+      "DeepSpeed: internal sanity checks.")
+      .ignored(kNoteNoEffect);
+  add("zero_optimization.save_muon_momentum_buffer_in_memory", K::kBool, kNull,
+      "DeepSpeed: Muon momentum placement.")
+      .ignored(kNoteFeature);
+  add("zero_optimization.leaf_module", K::kObject, kNull, "DeepSpeed: stage-3 leaf modules.")
+      .ignored(kNoteStage3);
+  add("zero_optimization.zenflow", K::kObject, kNull,
+      "DeepSpeed ZenFlow: stall-free offloading with importance-based updates.")
+      .ignored("not implemented; strata.overlap_backward overlaps updates with backward instead");
+  add("zero_optimization.super_offload", K::kBool, kNull, "DeepSpeed SuperOffload switch.")
+      .ignored("not implemented; strata.overlap_backward overlaps updates with backward instead");
+  add("zero_allow_untested_optimizer", K::kBool, kNull,
+      "DeepSpeed: allow a client optimizer with ZeRO.")
+      .ignored("strata accepts any client optimizer it can wrap; no opt-in is needed",
+               {true, false});
+  add("zero_force_ds_cpu_optimizer", K::kBool, kNull,
+      "DeepSpeed: require its CPU Adam with offload.")
+      .ignored("offloaded state is always updated by strata's own kernels", {true, false});
+
+  // ---- asynchronous I/O --------------------------------------------------------
+  add("aio", K::kObject, json::object(), "NVMe I/O settings (io_uring in strata).");
+  add("aio.block_size", K::kInt, 1048576, "Bytes per I/O request; a multiple of 4096 for O_DIRECT.")
+      .range(4096, 1073741824)
+      .multiple_of(4096);
+  add("aio.queue_depth", K::kInt, 8,
+      "I/O requests in flight per ring (DeepSpeed's default 8; fast drives want 32-128).")
+      .range(1, 4096);
+  add("aio.intra_op_parallelism", K::kInt, 1, "I/O submission threads, each with its own ring.")
+      .range(1, 256);
+  add("aio.thread_count", K::kInt, kNull, "Old name of intra_op_parallelism.")
+      .range(1, 256)
+      .alias("aio.intra_op_parallelism");
+  add("aio.single_submit", K::kBool, false, "Submit requests one at a time instead of in batches.");
+  add("aio.overlap_events", K::kBool, true,
+      "Submit new requests while completions of earlier ones are reaped.");
+  add("aio.use_gds", K::kBool, kNull, "DeepSpeed: GPUDirect Storage.")
+      .ignored("GPUDirect Storage is not used; I/O goes through pinned host buffers");
+
+  // ---- strata's own keys -------------------------------------------------------
+  add("strata", K::kObject, json::object(), "strata's own settings.");
+  add("strata.cxl_nodes", K::kArray, kNull,
+      "NUMA nodes used by the cxl device (not given: every CPU-less node).")
+      .array_of(K::kInt)
+      .min(0);
+  add("strata.dram_budget", K::kInt, kNull,
+      "Bytes of host DRAM the engine may use for state and buffers (not given: a fraction of "
+      "MemAvailable).")
+      .min(1);
+  add("strata.dram_cache_bytes", K::kInt, 0,
+      "With device nvme, bytes of state kept resident in DRAM.")
+      .min(0);
+  add("strata.verify_checksums", K::kBool, true,
+      "Per-extent XXH3 checksums on swapped state, verified after every read (checkpoints always "
+      "carry them).");
+  add("strata.overlap_backward", K::kBool, true,
+      "Start sub-group updates (or their state prefetch) during backward.");
+  add("strata.clip_mode", K::kString, "exact",
+      "How clipping and overlap combine: exact waits for the global norm before updating; "
+      "speculative updates early and redoes the step if clipping turns out to apply.")
+      .allowed({"exact", "speculative"});
+  add("strata.threads", K::kInt, 0,
+      "CPU threads for updates; 0: all cores while no backward runs, and during overlap the "
+      "cores torch leaves free (at least one).")
+      .range(0, 4096);
+  add("strata.schedule", K::kString, kNull,
+      "static: CPU/GPU split from offload_optimizer.ratio; auto: split and overlap chosen by the "
+      "performance model. Not given: auto where a GPU exists, static otherwise.")
+      .allowed({"static", "auto"});
+  add("strata.hardware_profile", K::kString, kNull,
+      "Path of a JSON of measured rates for the performance model (not given: calibrate at "
+      "start).");
+  add("strata.trace", K::kObject, json::object(), "Chrome/Perfetto trace of the step pipeline.");
+  add("strata.trace.path", K::kString, kNull, "Trace file to write (not given: no trace).");
+  add("strata.trace.steps", K::kInt, 1, "Optimizer steps recorded in the trace.").min(1);
+  add("strata.progress", K::kString, "auto",
+      "auto: a progress bar on a terminal, periodic log lines otherwise; bar; log; off.")
+      .allowed({"auto", "bar", "log", "off"});
+
+  // ---- other DeepSpeed sections: accepted, not acted on -----------------------
+  add("activation_checkpointing", K::kObject, kNull, "DeepSpeed activation checkpointing.")
+      .ignored("use torch.utils.checkpoint in the model; strata does not configure it");
+  add("flops_profiler", K::kObject, kNull, "DeepSpeed FLOPS profiler.").ignored(kNoteMonitor);
+  add("tensorboard", K::kObject, kNull, "DeepSpeed TensorBoard monitor.").ignored(kNoteMonitor);
+  add("wandb", K::kObject, kNull, "DeepSpeed Weights & Biases monitor.").ignored(kNoteMonitor);
+  add("csv_monitor", K::kObject, kNull, "DeepSpeed CSV monitor.").ignored(kNoteMonitor);
+  add("comet", K::kObject, kNull, "DeepSpeed Comet monitor.").ignored(kNoteMonitor);
+  add("comms_logger", K::kObject, kNull, "DeepSpeed communication logger.").ignored(kNoteMonitor);
+  add("memory_breakdown", K::kBool, kNull, "DeepSpeed memory breakdown prints.")
+      .ignored(kNoteMonitor);
+  add("dump_state", K::kBool, kNull, "DeepSpeed: print its state after init.")
+      .ignored(kNoteMonitor);
+  add("elasticity", K::kObject, kNull, "DeepSpeed elastic training.").ignored(kNoteFeature);
+  add("amp", K::kObject, kNull, "DeepSpeed NVIDIA Apex AMP.")
+      .ignored("use fp16 or bf16; Apex AMP is not supported");
+  add("autotuning", K::kObject, kNull, "DeepSpeed autotuner.").ignored(kNoteFeature);
+  add("checkpoint", K::kObject, kNull, "DeepSpeed checkpoint options.")
+      .ignored("strata's checkpoints are always atomic and checksummed; no options yet");
+  add("compression_training", K::kObject, kNull, "DeepSpeed compression.").ignored(kNoteFeature);
+  add("data_efficiency", K::kObject, kNull, "DeepSpeed data efficiency.").ignored(kNoteFeature);
+  add("curriculum_learning", K::kObject, kNull, "DeepSpeed curriculum learning.")
+      .ignored(kNoteFeature);
+  add("sparse_attention", K::kObject, kNull, "DeepSpeed sparse attention.").ignored(kNoteFeature);
+  add("pipeline", K::kObject, kNull, "DeepSpeed pipeline parallelism.").ignored(kNoteFeature);
+  add("progressive_layer_drop", K::kObject, kNull, "DeepSpeed progressive layer drop.")
+      .ignored(kNoteFeature);
+  add("eigenvalue", K::kObject, kNull, "DeepSpeed eigenvalue computation.").ignored(kNoteFeature);
+  add("quantize_training", K::kObject, kNull, "DeepSpeed quantized training.")
+      .ignored(kNoteFeature);
+  add("weight_quantization", K::kObject, kNull, "DeepSpeed weight quantization.")
+      .ignored(kNoteFeature);
+  add("hybrid_engine", K::kObject, kNull, "DeepSpeed hybrid engine (RLHF).").ignored(kNoteFeature);
+  add("tensor_parallel", K::kObject, kNull, "DeepSpeed AutoTP training.").ignored(kNoteFeature);
+  add("torch_autocast", K::kObject, kNull, "DeepSpeed torch.autocast integration.")
+      .ignored("use fp16 or bf16, or torch.autocast in the script");
+  add("compile", K::kObject, kNull, "DeepSpeed torch.compile options.")
+      .ignored("call torch.compile on the model yourself");
+  add("nebula", K::kObject, kNull, "DeepSpeed Nebula checkpointing.").ignored(kNoteFeature);
+  add("timers", K::kObject, kNull, "DeepSpeed timers.").ignored(kNoteMonitor);
+  add("dataloader_drop_last", K::kBool, kNull,
+      "DeepSpeed: drop the last incomplete batch of the DataLoader it builds.")
+      .ignored("the DataLoader built from training_data keeps the last batch");
+  add("graph_harvesting", K::kBool, kNull, "DeepSpeed HPU graph harvesting.")
+      .ignored(kNoteNoEffect);
+  add("use_node_local_storage", K::kBool, kNull, "DeepSpeed: per-node checkpoint storage.")
+      .ignored(kNoteFeature);
+  add("load_universal_checkpoint", K::kBool, kNull, "DeepSpeed universal checkpoints.")
+      .ignored(kNoteFeature);
+  add("disable_allgather", K::kBool, kNull, "DeepSpeed: disable allgather.").ignored(kNoteComm);
+
+  std::vector<ConfigKey> out;
+  out.reserve(rows.size());
+  for (Row& row : rows) {
+    out.push_back(row.take());
+  }
+  return out;
+}
+
+}  // namespace
+
+const std::vector<ConfigKey>& config_schema() {
+  static const std::vector<ConfigKey> schema = build_schema();
+  return schema;
+}
+
+const ConfigKey* find_config_key(const std::string& path) {
+  const auto& index = config_detail::schema_index();
+  auto it = index.by_path.find(path);
+  return it == index.by_path.end() ? nullptr : it->second;
+}
+
+nlohmann::json config_schema_json() {
+  json rows = json::array();
+  for (const ConfigKey& key : config_schema()) {
+    json row = {
+        {"path", key.path},
+        {"type", key_type_name(key.type)},
+        {"default", key.default_value},
+        {"description", key.description},
+        {"allowed", key.allowed},
+        {"allow_auto", key.allow_auto},
+        {"support", key.support == KeySupport::kHonoured          ? "honoured"
+                    : key.support == KeySupport::kAcceptedIgnored ? "accepted_ignored"
+                                                                  : "deprecated_alias"},
+        {"alias_of", key.alias_of},
+        {"note", key.note},
+        {"applies_to", key.applies_to},
+        {"default_by_type", key.default_by_type},
+        {"accepts", config_detail::describe_allowed(key)},
+    };
+    row["min"] = key.min ? json(*key.min) : json(nullptr);
+    row["max"] = key.max ? json(*key.max) : json(nullptr);
+    rows.push_back(std::move(row));
+  }
+  return rows;
+}
+
+}  // namespace strata
