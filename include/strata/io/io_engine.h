@@ -6,12 +6,22 @@
 // io_uring and falls back, recording why in IoEngine::backend_note().
 //
 // Ownership: the caller owns every buffer and fd and keeps them valid until
-//   the ticket that uses them completes (wait() returned).
+//   the ticket that uses them completes (wait() returned, or poll() returned
+//   true). The engine owns its rings and threads; destroying it drains every
+//   outstanding batch first.
 // Alignment: with O_DIRECT files, buf, offset and len must be multiples of
-//   kDirectAlignment (4096); the engine checks and returns InvalidArgument.
-// Units: bytes.
-// Thread-safety: submit()/wait()/poll() may be called from several threads;
-//   a given ticket is waited on by one thread only.
+//   kDirectAlignment (4096); the engine checks and returns InvalidArgument
+//   from submit() without submitting any request of the batch.
+// Units: bytes, nanoseconds.
+// Thread-safety: every method may be called from several threads; a given
+//   ticket is waited on by one thread only. Requests of one batch, and of
+//   distinct batches, may complete in any order: the caller does not submit
+//   overlapping writes (or a read overlapping a write) at the same time.
+// Semantics: a batch succeeds only when every byte of every request moved.
+//   -EINTR/-EAGAIN are resubmitted, short transfers are continued from where
+//   they stopped, a transfer larger than asked or a read of 0 bytes (end of
+//   file) is an error. After the first error of a batch, its requests not
+//   yet started are skipped; wait() reports that first error.
 #pragma once
 
 #include <cstddef>
@@ -19,12 +29,18 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include <strata/status.h>
 
 namespace strata::io {
 
 inline constexpr size_t kDirectAlignment = 4096;
+// Largest block_size accepted (one io_uring SQE carries a 32-bit length).
+inline constexpr size_t kMaxBlockSize = size_t(1) << 30;
+// A registered (fixed) buffer covers at most this many bytes; larger regions
+// are registered as several pieces.
+inline constexpr size_t kMaxRegisteredPiece = size_t(1) << 30;
 
 enum class IoOp : uint8_t { kRead, kWrite };
 
@@ -42,20 +58,41 @@ using Ticket = uint64_t;
 struct IoOptions {
   enum class Backend { kAuto, kUring, kThreadPool };
   Backend backend = Backend::kAuto;
-  unsigned queue_depth = 32;          // aio.queue_depth: requests in flight per ring
-  size_t block_size = 1u << 20;       // aio.block_size: bytes per request
-  unsigned intra_op_parallelism = 1;  // aio.intra_op_parallelism: rings / worker threads
-  bool single_submit = false;         // aio.single_submit: one io_uring_submit per SQE
-  bool overlap_events = true;         // aio.overlap_events: reap while submitting
+  // aio.queue_depth: block requests in flight per ring (io_uring). The thread
+  // pool has one request in flight per worker thread.
+  unsigned queue_depth = 32;
+  // aio.block_size: bytes per request; a multiple of 4096, at most kMaxBlockSize.
+  size_t block_size = 1u << 20;
+  // aio.intra_op_parallelism (old name aio.thread_count): io_uring rings, each
+  // driven by its own thread; block requests of a batch are spread over them.
+  // The thread pool starts max(intra_op_parallelism, min(queue_depth, 8))
+  // workers, so its default keeps several requests in flight like a ring does.
+  unsigned intra_op_parallelism = 1;
+  bool single_submit = false;  // aio.single_submit: one io_uring_submit per SQE
+  // aio.overlap_events: refill the queue as completions arrive; false waits
+  // for the whole window of queue_depth requests before submitting more.
+  bool overlap_events = true;
+  // Record the service time of every block request (submit to completion);
+  // read back with IoEngine::take_latencies_ns(). For benchmarks.
+  bool record_latency = false;
 };
 
+// Counters since the engine was created. Invariants: read_ops + write_ops
+// counts block requests that completed successfully; bytes_* counts their
+// bytes; errors counts block requests that failed.
 struct IoStats {
   uint64_t bytes_read = 0;
   uint64_t bytes_written = 0;
-  uint64_t read_ops = 0;   // block-sized requests completed
+  uint64_t read_ops = 0;  // block-sized requests completed
   uint64_t write_ops = 0;
-  uint64_t retries = 0;    // -EINTR/-EAGAIN resubmits and short-transfer continuations
+  uint64_t retries = 0;           // -EINTR/-EAGAIN resubmits and short-transfer continuations
+  uint64_t errors = 0;            // block requests that failed
+  uint64_t fixed_buffer_ops = 0;  // block requests done with READ_FIXED/WRITE_FIXED
+  uint64_t submit_calls = 0;      // io_uring_submit/_and_wait calls (0 for the thread pool)
 };
+
+// Checks ranges and combinations of IoOptions; the message names the field.
+Status validate_io_options(const IoOptions& options);
 
 class IoEngine {
  public:
@@ -67,27 +104,40 @@ class IoEngine {
   virtual const std::string& backend_note() const = 0;
 
   // Registers an open fd (owned by the caller) for use in requests; `path` is
-  // used in error messages. Returns the handle for IoRequest::file.
+  // used in error messages. Returns the handle for IoRequest::file. `direct`
+  // (or O_DIRECT set on the fd) turns on the alignment checks.
   virtual Result<int> register_file(int fd, std::string path, bool direct) = 0;
+  // The file must have no request in flight.
   virtual Status unregister_file(int file) = 0;
 
   // Optional: register host memory for fixed-buffer I/O (io_uring). A region
-  // larger than 1 GiB is registered in pieces. Default: no-op.
+  // larger than kMaxRegisteredPiece is registered in pieces. Requests whose
+  // whole buffer lies in one registered piece use READ_FIXED/WRITE_FIXED.
+  // Fails (and the engine keeps working without fixed buffers) when
+  // RLIMIT_MEMLOCK is too low or the kernel refuses. Default: no-op.
   virtual Status register_buffer(void* base, size_t len) { return Status::Ok(); }
+  // Removes a region given to register_buffer(); no request may be using it.
+  virtual Status unregister_buffer(void* base) { return Status::Ok(); }
 
   // Submits a batch. All requests of the batch complete before wait() on the
   // returned ticket returns; the first error (with op, path, offset, len and
   // errno text) is returned by wait().
   virtual Result<Ticket> submit(std::span<const IoRequest> batch) = 0;
-  // Blocks until the batch completes.
+  // Blocks (without spinning) until the batch completes, then forgets the
+  // ticket. An unknown or already waited ticket is InvalidArgument.
   virtual Status wait(Ticket ticket) = 0;
   // Non-blocking: true when complete (then wait() returns at once).
   virtual Result<bool> poll(Ticket ticket) = 0;
 
-  // Drains every outstanding batch (used by close() and on errors).
+  // Blocks until every batch submitted so far has completed (used by close()
+  // and on errors). Their results are kept for wait().
   virtual void drain() = 0;
 
   virtual IoStats stats() const = 0;
+
+  // With IoOptions::record_latency: the service times of the block requests
+  // completed since the last call, in ns, in completion order. Else empty.
+  virtual std::vector<uint64_t> take_latencies_ns() { return {}; }
 
   // Synchronous conveniences.
   Status read(int file, void* buf, size_t len, uint64_t offset);
@@ -95,7 +145,8 @@ class IoEngine {
 };
 
 // Probes io_uring (unless options.backend says otherwise) and falls back to
-// the thread pool when it is missing or refused.
+// the thread pool when it is missing or refused. With kUring, an unavailable
+// io_uring is an error (kUnavailable) instead of a fallback.
 Result<std::unique_ptr<IoEngine>> make_io_engine(const IoOptions& options);
 
 }  // namespace strata::io

@@ -8,11 +8,29 @@
 // allocator with coalescing. With checksums on, each extent carries the XXH3
 // of its last written contents, verified after every read.
 //
+// Naming, locking, stale files: the file is created under a hidden temporary
+// name, locked (flock LOCK_EX), then renamed to its final name, so a
+// "strata-*.swap" file whose flock can be taken has no living owner: the
+// scan at creation removes exactly those (and reports how many on stderr and
+// in SwapFileStats::stale_removed). Files of other users that cannot be
+// opened are left alone and counted in stale_skipped.
+// O_DIRECT: tried first; when the file system refuses it (open or a first
+// aligned write fails with EINVAL) the file is used buffered and a warning is
+// printed once per directory; direct() tells which.
+//
 // Ownership: SwapFile owns the fd and the file; it borrows the IoEngine,
-//   which must outlive it.
+//   which must outlive it. The destructor drains the engine, unregisters the
+//   file, unlinks it (still holding the lock) and closes it.
+// Alignment: extents are 4 KiB aligned in offset and length; buffers passed
+//   to the I/O calls must be 4 KiB aligned when direct().
+// Units: bytes.
 // Thread-safety: allocate/free are internally locked; reads and writes of
 //   distinct extents may run concurrently; one extent is not read and written
 //   at the same time (the caller's pipeline guarantees it).
+// Checksums: XXH3-64 of the extent's whole length, recorded when a write is
+//   submitted (computed on the calling thread), checked by verify(). An
+//   extent never written since it was allocated has no checksum and verifies
+//   trivially. A mismatch is Corruption naming path, extent id and offset.
 #pragma once
 
 #include <cstddef>
@@ -39,6 +57,21 @@ struct SwapFileOptions {
   bool checksums = true;    // strata.verify_checksums
 };
 
+// Invariants (bytes): capacity == used_bytes + free_bytes;
+//   largest_free <= free_bytes; fragments == number of free ranges.
+struct SwapFileStats {
+  uint64_t capacity = 0;
+  uint64_t used_bytes = 0;
+  uint64_t free_bytes = 0;
+  uint64_t largest_free = 0;
+  uint64_t live_extents = 0;
+  uint64_t fragments = 0;
+  uint64_t checksums_verified = 0;
+  uint64_t checksum_mismatches = 0;
+  uint64_t stale_removed = 0;  // stale swap files of dead processes removed at creation
+  uint64_t stale_skipped = 0;  // candidates that could not be examined (other owner, EACCES)
+};
+
 class SwapFile {
  public:
   static Result<std::unique_ptr<SwapFile>> create(const SwapFileOptions& options, IoEngine* engine);
@@ -51,7 +84,12 @@ class SwapFile {
   uint64_t size() const;
   int file_handle() const;  // IoEngine handle
 
+  // First fit; `bytes` is rounded up to 4096. NoSpace when no free range is
+  // large enough (the message gives free bytes and fragments).
   Result<Extent> allocate(uint64_t bytes);
+  // Returns the extent and coalesces it with free neighbours. An extent that
+  // is not live in this file (double free, foreign extent) is reported on
+  // stderr and ignored.
   void free(const Extent& extent);
 
   // Async whole-extent I/O. `buf` holds extent.length bytes (4 KiB aligned).
@@ -66,6 +104,7 @@ class SwapFile {
   Status read(const Extent& extent, void* buf);
 
   IoEngine* engine() const;
+  SwapFileStats stats() const;
 
  private:
   struct Impl;
