@@ -1,15 +1,30 @@
 // strata/kernels/thread_pool.h — the private thread pool of the CPU kernels.
 //
 // Not OpenMP: torch shares the process-wide libgomp, and changing its thread
-// count changes torch's. Workers wait passively (condition variable), so an
-// idle pool costs no CPU while backward runs.
+// count changes torch's. Workers wait passively (condition variable, no
+// spinning), so an idle pool costs no CPU while backward runs.
+//
+// parallel_for(tasks, fn): the calling thread takes part; tasks are claimed
+// one at a time from an atomic counter, so a slow or descheduled thread does
+// not hold back the others. The call returns when every task has run and no
+// worker still touches fn. Workers that wake after all tasks are claimed do
+// not join, so a short call does not wait for sleeping threads to wake.
+//
+// Floating-point environment: for the duration of a call, workers run with
+// the caller's SSE control register (MXCSR: rounding mode, flush-to-zero,
+// denormals-are-zero), so a task's result does not depend on which thread ran
+// it (torch.set_flush_denormal sets these on the calling thread only).
 //
 // Ownership: the pool owns its threads; the destructor joins them.
 // Thread-safety: parallel_for() may be called from one thread at a time.
+//   A parallel_for() called from inside a task of the same pool runs its tasks
+//   serially on the calling thread (no deadlock). fn must not throw.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -19,8 +34,10 @@ namespace strata::kernels {
 
 class ThreadPool {
  public:
-  // threads == 0: one per online CPU. The calling thread takes part in
-  // parallel_for, so the pool starts threads-1 workers.
+  // threads == 0: one per CPU this process may run on (sched_getaffinity;
+  // the online CPU count if that fails). The calling thread takes part in
+  // parallel_for, so the pool starts threads-1 workers. If the OS refuses to
+  // start a thread, the pool runs with the threads it got (size() says so).
   explicit ThreadPool(unsigned threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -34,6 +51,7 @@ class ThreadPool {
   void parallel_for(size_t tasks, const std::function<void(size_t task)>& fn);
 
   // Linux thread ids of the workers (for tests reading /proc/self/task).
+  // Complete as soon as the constructor returns.
   std::vector<int> worker_tids() const;
 
  private:
@@ -44,14 +62,15 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::vector<int> tids_;
   mutable std::mutex mu_;
-  std::condition_variable cv_work_;
-  std::condition_variable cv_done_;
-  const std::function<void(size_t)>* fn_ = nullptr;
+  std::condition_variable cv_work_;   // workers: a new generation_ or stop_
+  std::condition_variable cv_done_;   // caller: active_ reached 0 / a tid was recorded
+  const std::function<void(size_t)>* fn_ = nullptr;  // valid while a call is open
   size_t tasks_ = 0;
-  size_t next_ = 0;
-  size_t done_ = 0;
-  uint64_t generation_ = 0;
-  unsigned active_ = 0;
+  std::atomic<size_t> next_{0};  // next task to claim; >= tasks_ when all claimed
+  uint64_t generation_ = 0;      // bumped by each parallel_for that uses workers
+  unsigned active_ = 0;          // workers inside run_tasks() for the open call
+  bool open_ = false;            // workers may still join the current call
+  unsigned fp_control_ = 0;      // the caller's MXCSR for the open call
   bool stop_ = false;
 };
 

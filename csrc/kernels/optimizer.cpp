@@ -1,0 +1,572 @@
+// The ISA-free driver of the optimizer kernels: argument checks, the fp32
+// scalars (computed in double once, like torch's Python-side math), tiling
+// over the thread pool, copy-out segments, grad_stats and the bound loop.
+#include <strata/kernels/cpu_features.h>
+#include <strata/kernels/optimizer.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels/kernel_impl.h"
+
+namespace strata::kernels {
+
+namespace {
+
+using detail::KernelTable;
+using detail::OutKind;
+using detail::Segment;
+
+// Elements per tile: 16K fp32 = 64 KiB per array, large enough that the
+// hardware prefetchers run at full stride and the per-tile work (copy-out
+// lookup, dispatch) is noise, small enough that two threads balance well on
+// records of a few MB.
+constexpr size_t kTile = size_t(1) << 14;
+
+// Copy-out pieces shorter than this are written from the updated master in
+// a second pass over the (cache-hot) tile instead of splitting the update:
+// a kernel call per piece costs ~25 ns of setup, which dominates below a few
+// dozen elements.
+constexpr size_t kMinFused = 64;
+
+bool valid_dtype(DType d) { return d == DType::kF32 || d == DType::kBF16 || d == DType::kF16; }
+
+bool valid_isa(Isa isa) {
+  return isa == Isa::kScalar || isa == Isa::kAvx2 || isa == Isa::kAvx512 || isa == Isa::kAuto;
+}
+
+bool finite_nonneg(double x) { return std::isfinite(x) && x >= 0.0; }
+
+// Copy-out ranges, ordered so a tile finds its ranges by binary search.
+// `max_end[i]` = max over ranges[0..i] of (offset + n): monotone, so the
+// first range that can reach into a tile is the first with max_end > begin.
+struct RangeIndex {
+  std::span<const CopyOut> ranges;
+  std::vector<CopyOut> sorted;      // used when the input is not sorted/disjoint
+  std::vector<size_t> max_end;      // empty when ranges are sorted and disjoint
+
+  size_t end_at(size_t i) const { return max_end.empty() ? ranges[i].offset + ranges[i].n : max_end[i]; }
+
+  void build(std::span<const CopyOut> in) {
+    bool simple = true;
+    for (size_t i = 1; i < in.size() && simple; ++i) {
+      simple = in[i].offset >= in[i - 1].offset + in[i - 1].n;
+    }
+    if (simple) {
+      ranges = in;
+      return;
+    }
+    sorted.assign(in.begin(), in.end());
+    std::stable_sort(sorted.begin(), sorted.end(),
+                     [](const CopyOut& a, const CopyOut& b) { return a.offset < b.offset; });
+    max_end.resize(sorted.size());
+    size_t running = 0;
+    for (size_t i = 0; i < sorted.size(); ++i) {
+      running = std::max(running, sorted[i].offset + sorted[i].n);
+      max_end[i] = running;
+    }
+    ranges = sorted;
+  }
+
+  // First range whose end may exceed `begin`.
+  size_t first_reaching(size_t begin) const {
+    size_t lo = 0, hi = ranges.size();
+    while (lo < hi) {
+      const size_t mid = lo + (hi - lo) / 2;
+      if (end_at(mid) > begin) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    return lo;
+  }
+};
+
+// Everything a tile needs; `run(seg, out)` applies the optimizer (or the
+// bound) to one segment.
+template <class RunSegment>
+struct TileRunner {
+  const StateView& state;
+  int slots;
+  const unsigned char* grad;
+  size_t grad_size;
+  OutKind out;
+  size_t out_size;
+  const RangeIndex& index;
+  const KernelTable& table;
+  RunSegment run;
+
+  Segment segment(size_t begin, size_t end, void* dst) const {
+    Segment s;
+    s.p = state.slot[0] + begin;
+    s.s1 = slots > 1 ? state.slot[1] + begin : nullptr;
+    s.s2 = slots > 2 ? state.slot[2] + begin : nullptr;
+    s.s3 = slots > 3 ? state.slot[3] + begin : nullptr;
+    s.g = grad + begin * grad_size;
+    s.out = dst;
+    s.n = end - begin;
+    return s;
+  }
+
+  void update(size_t begin, size_t end, void* dst, OutKind kind) const {
+    if (end > begin) {
+      run(segment(begin, end, dst), kind);
+    }
+  }
+
+  static void* dst_at(const CopyOut& r, size_t element, size_t out_size) {
+    return static_cast<unsigned char*>(r.dst) + (element - r.offset) * out_size;
+  }
+
+  // Pass 1 updates [begin, end), split at the boundaries of the long
+  // copy-out pieces so their converted store is fused into the update (from
+  // registers). Pass 2 writes every other piece — short ones, where a split
+  // would cost more than the data, and ones overlapping an earlier piece —
+  // from the just-updated master, still hot in L1/L2. Both passes make the
+  // same decisions, so each piece is written exactly once.
+  void tile(size_t begin, size_t end) const {
+    const auto& ranges = index.ranges;
+    const size_t first = index.first_reaching(begin);
+    size_t pos = begin;
+    bool any_deferred = false;
+    for (size_t i = first; i < ranges.size() && ranges[i].offset < end; ++i) {
+      const CopyOut& r = ranges[i];
+      const size_t rb = std::max(r.offset, begin);
+      const size_t re = std::min(r.offset + r.n, end);
+      if (re <= rb) {
+        continue;
+      }
+      if (re - rb >= kMinFused && rb >= pos) {
+        update(pos, rb, nullptr, OutKind::kNone);
+        update(rb, re, dst_at(r, rb, out_size), out);
+        pos = re;
+      } else {
+        any_deferred = true;
+      }
+    }
+    update(pos, end, nullptr, OutKind::kNone);
+    if (!any_deferred) {
+      return;
+    }
+    pos = begin;
+    for (size_t i = first; i < ranges.size() && ranges[i].offset < end; ++i) {
+      const CopyOut& r = ranges[i];
+      const size_t rb = std::max(r.offset, begin);
+      const size_t re = std::min(r.offset + r.n, end);
+      if (re <= rb) {
+        continue;
+      }
+      if (re - rb >= kMinFused && rb >= pos) {
+        pos = re;  // fused in pass 1
+        continue;
+      }
+      table.cast_from_f32(state.slot[0] + rb, dst_at(r, rb, out_size), out, re - rb);
+    }
+  }
+};
+
+template <class RunSegment>
+void run_tiles(const TileRunner<RunSegment>& runner, size_t n, ThreadPool* pool) {
+  const size_t tiles = (n + kTile - 1) / kTile;
+  auto one = [&runner, n](size_t t) {
+    const size_t begin = t * kTile;
+    runner.tile(begin, std::min(n, begin + kTile));
+  };
+  if (pool == nullptr || tiles == 1) {
+    for (size_t t = 0; t < tiles; ++t) {
+      one(t);
+    }
+    return;
+  }
+  pool->parallel_for(tiles, one);
+}
+
+Status check_hyper_value(bool ok, const char* field, double value, const char* rule) {
+  if (ok) {
+    return Status::Ok();
+  }
+  return invalid_argument(std::string("optimizer ") + field + " = " + std::to_string(value) +
+                          ": " + rule);
+}
+
+// Shared argument checks of optimizer_step and stream_bound_step.
+Status check_step_args(const OptimizerHyper& hyper, const StateView& state, const void* grad,
+                       DType grad_dtype, std::span<const CopyOut> copy_out, DType param_dtype,
+                       Isa isa, const KernelTable** table) {
+  STRATA_RETURN_IF_ERROR(validate_hyper(hyper));
+  if (!valid_dtype(grad_dtype)) {
+    return invalid_argument("optimizer_step: bad grad dtype " + std::to_string(int(grad_dtype)));
+  }
+  if (!valid_dtype(param_dtype)) {
+    return invalid_argument("optimizer_step: bad param dtype " + std::to_string(int(param_dtype)));
+  }
+  if (!valid_isa(isa)) {
+    return invalid_argument("optimizer_step: bad isa " + std::to_string(int(isa)));
+  }
+  *table = detail::table_for(isa);
+  if (*table == nullptr) {
+    return Status(StatusCode::kUnavailable,
+                  std::string("optimizer_step: this CPU cannot run the ") + isa_name(isa) +
+                      " kernels (cpu: " + cpu_features_string() + ")");
+  }
+  const int slots = state_slots(hyper);
+  if (state.n > 0) {
+    for (int s = 0; s < slots; ++s) {
+      if (state.slot[s] == nullptr) {
+        return invalid_argument(std::string("optimizer_step: ") + optimizer_name(hyper.kind) +
+                                (hyper.amsgrad && s == 3 ? " with amsgrad" : "") + " needs slot " +
+                                std::to_string(s) + " (of " + std::to_string(slots) +
+                                "), got nullptr");
+      }
+    }
+    if (grad == nullptr) {
+      return invalid_argument("optimizer_step: grad is nullptr with n = " + std::to_string(state.n));
+    }
+  }
+  for (size_t i = 0; i < copy_out.size(); ++i) {
+    const CopyOut& r = copy_out[i];
+    if (r.offset > state.n || r.n > state.n - r.offset) {
+      return invalid_argument("optimizer_step: copy_out[" + std::to_string(i) + "] = [" +
+                              std::to_string(r.offset) + ", +" + std::to_string(r.n) +
+                              ") is outside the record of " + std::to_string(state.n) +
+                              " elements");
+    }
+    if (r.n > 0 && r.dst == nullptr) {
+      return invalid_argument("optimizer_step: copy_out[" + std::to_string(i) + "].dst is nullptr");
+    }
+  }
+  return Status::Ok();
+}
+
+detail::AdamConsts adam_consts(const OptimizerHyper& h, const StepArgs& args) {
+  // torch: bias_correction1 = 1 - beta1 ** step; step_size = lr / bc1;
+  // bias_correction2_sqrt = math.sqrt(1 - beta2 ** step), all Python floats.
+  const double step = double(args.step);
+  const double bc1 = h.bias_correction ? 1.0 - std::pow(h.beta1, step) : 1.0;
+  const double bc2 = h.bias_correction ? 1.0 - std::pow(h.beta2, step) : 1.0;
+  const double step_size = h.lr / bc1;
+  detail::AdamConsts c{};
+  c.grad_mul = args.grad_mul;
+  c.beta1 = float(h.beta1);
+  c.one_minus_beta1 = float(1.0 - h.beta1);
+  c.beta2 = float(h.beta2);
+  c.one_minus_beta2 = float(1.0 - h.beta2);
+  c.eps = float(h.eps);
+  c.bc2_sqrt = float(std::sqrt(bc2));
+  c.neg_step_size = float(-step_size);
+  c.decay = float(1.0 - h.lr * h.weight_decay);
+  c.weight_decay = float(h.weight_decay);
+  c.decoupled = h.kind == OptimizerKind::kAdamW && h.weight_decay != 0.0;
+  c.l2 = h.kind == OptimizerKind::kAdam && h.weight_decay != 0.0;
+  c.amsgrad = h.amsgrad;
+  return c;
+}
+
+detail::SgdConsts sgd_consts(const OptimizerHyper& h, const StepArgs& args) {
+  detail::SgdConsts c{};
+  c.grad_mul = args.grad_mul;
+  c.weight_decay = float(h.weight_decay);
+  c.momentum = float(h.momentum);
+  c.one_minus_dampening = float(1.0 - h.dampening);
+  c.neg_lr = float(-h.lr);
+  c.has_weight_decay = h.weight_decay != 0.0;
+  c.has_momentum = h.momentum != 0.0;
+  c.first_step = args.step == 1;
+  c.nesterov = h.nesterov;
+  return c;
+}
+
+detail::AdagradConsts adagrad_consts(const OptimizerHyper& h, const StepArgs& args) {
+  // torch: clr = lr / (1 + (step - 1) * lr_decay), a Python float.
+  const double clr = h.lr / (1.0 + (double(args.step) - 1.0) * h.lr_decay);
+  detail::AdagradConsts c{};
+  c.grad_mul = args.grad_mul;
+  c.weight_decay = float(h.weight_decay);
+  c.eps = float(h.eps);
+  c.neg_clr = float(-clr);
+  c.has_weight_decay = h.weight_decay != 0.0;
+  return c;
+}
+
+template <class RunSegment>
+void drive(const OptimizerHyper& hyper, const StateView& state, const void* grad,
+           DType grad_dtype, std::span<const CopyOut> copy_out, DType param_dtype,
+           ThreadPool* pool, const KernelTable& table, RunSegment run) {
+  RangeIndex index;
+  index.build(copy_out);
+  const TileRunner<RunSegment> runner{state,
+                                      state_slots(hyper),
+                                      static_cast<const unsigned char*>(grad),
+                                      dtype_size(grad_dtype),
+                                      detail::out_kind(param_dtype),
+                                      dtype_size(param_dtype),
+                                      index,
+                                      table,
+                                      run};
+  run_tiles(runner, state.n, pool);
+}
+
+}  // namespace
+
+size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return 4;
+    case DType::kBF16: return 2;
+    case DType::kF16: return 2;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return "fp32";
+    case DType::kBF16: return "bf16";
+    case DType::kF16: return "fp16";
+  }
+  return "unknown";
+}
+
+const char* optimizer_name(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::kAdam: return "Adam";
+    case OptimizerKind::kAdamW: return "AdamW";
+    case OptimizerKind::kSgd: return "SGD";
+    case OptimizerKind::kAdagrad: return "Adagrad";
+  }
+  return "unknown";
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAuto: return "auto";
+  }
+  return "unknown";
+}
+
+Isa detect_isa() {
+  const CpuFeatures& f = cpu_features();
+  if (f.can_run_avx512()) {
+    return Isa::kAvx512;
+  }
+  if (f.can_run_avx2()) {
+    return Isa::kAvx2;
+  }
+  return Isa::kScalar;
+}
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2: return cpu_features().can_run_avx2();
+    case Isa::kAvx512: return cpu_features().can_run_avx512();
+    case Isa::kAuto: return true;
+  }
+  return false;
+}
+
+namespace detail {
+
+const KernelTable* table_for(Isa isa) {
+  if (isa == Isa::kAuto) {
+    isa = detect_isa();
+  }
+  if (!isa_supported(isa)) {
+    return nullptr;
+  }
+  switch (isa) {
+    case Isa::kScalar: return &scalar_table();
+    case Isa::kAvx2: return &avx2_table();
+    case Isa::kAvx512: return &avx512_table();
+    case Isa::kAuto: break;
+  }
+  return nullptr;
+}
+
+}  // namespace detail
+
+Status validate_hyper(const OptimizerHyper& h) {
+  switch (h.kind) {
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW:
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.lr), "lr", h.lr, "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.eps), "eps", h.eps, "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.beta1) && h.beta1 < 1.0, "beta1",
+                                               h.beta1, "must be in [0, 1)"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.beta2) && h.beta2 < 1.0, "beta2",
+                                               h.beta2, "must be in [0, 1)"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.weight_decay), "weight_decay",
+                                               h.weight_decay, "must be >= 0"));
+      return Status::Ok();
+    case OptimizerKind::kSgd:
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.lr), "lr", h.lr, "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.momentum), "momentum", h.momentum,
+                                               "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(std::isfinite(h.dampening), "dampening",
+                                               h.dampening, "must be finite"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.weight_decay), "weight_decay",
+                                               h.weight_decay, "must be >= 0"));
+      if (h.nesterov && (h.momentum <= 0.0 || h.dampening != 0.0)) {
+        return invalid_argument("optimizer SGD: nesterov requires momentum > 0 and dampening = 0");
+      }
+      return Status::Ok();
+    case OptimizerKind::kAdagrad:
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.lr), "lr", h.lr, "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.eps), "eps", h.eps, "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.lr_decay), "lr_decay", h.lr_decay,
+                                               "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.weight_decay), "weight_decay",
+                                               h.weight_decay, "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.initial_accumulator_value),
+                                               "initial_accumulator_value",
+                                               h.initial_accumulator_value, "must be >= 0"));
+      return Status::Ok();
+  }
+  return invalid_argument("optimizer: unknown kind " + std::to_string(int(h.kind)));
+}
+
+int state_slots(const OptimizerHyper& hyper) {
+  switch (hyper.kind) {
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW: return hyper.amsgrad ? 4 : 3;
+    case OptimizerKind::kSgd: return hyper.momentum != 0.0 ? 2 : 1;
+    case OptimizerKind::kAdagrad: return 2;
+  }
+  return 1;
+}
+
+float initial_slot_value(const OptimizerHyper& hyper, int slot) {
+  if (hyper.kind == OptimizerKind::kAdagrad && slot == 1) {
+    return float(hyper.initial_accumulator_value);
+  }
+  return 0.0f;
+}
+
+Status optimizer_step(const OptimizerHyper& hyper, const StepArgs& args, const StateView& state,
+                      const void* grad, DType grad_dtype, std::span<const CopyOut> copy_out,
+                      DType param_dtype, ThreadPool* pool, Isa isa) {
+  const KernelTable* table = nullptr;
+  STRATA_RETURN_IF_ERROR(
+      check_step_args(hyper, state, grad, grad_dtype, copy_out, param_dtype, isa, &table));
+  if (args.step < 1) {
+    return invalid_argument("optimizer_step: step = " + std::to_string(args.step) +
+                            " (1-based, must be >= 1)");
+  }
+  if (!std::isfinite(args.grad_mul)) {
+    return invalid_argument("optimizer_step: grad_mul = " + std::to_string(args.grad_mul) +
+                            " is not finite");
+  }
+  if (state.n == 0) {
+    return Status::Ok();
+  }
+  switch (hyper.kind) {
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW: {
+      const detail::AdamConsts c = adam_consts(hyper, args);
+      drive(hyper, state, grad, grad_dtype, copy_out, param_dtype, pool, *table,
+            [&c, table, grad_dtype](const Segment& s, OutKind out) {
+              table->adam(c, s, grad_dtype, out);
+            });
+      break;
+    }
+    case OptimizerKind::kSgd: {
+      const detail::SgdConsts c = sgd_consts(hyper, args);
+      drive(hyper, state, grad, grad_dtype, copy_out, param_dtype, pool, *table,
+            [&c, table, grad_dtype](const Segment& s, OutKind out) {
+              table->sgd(c, s, grad_dtype, out);
+            });
+      break;
+    }
+    case OptimizerKind::kAdagrad: {
+      const detail::AdagradConsts c = adagrad_consts(hyper, args);
+      drive(hyper, state, grad, grad_dtype, copy_out, param_dtype, pool, *table,
+            [&c, table, grad_dtype](const Segment& s, OutKind out) {
+              table->adagrad(c, s, grad_dtype, out);
+            });
+      break;
+    }
+  }
+  return Status::Ok();
+}
+
+Status stream_bound_step(const OptimizerHyper& hyper, const StateView& state, const void* grad,
+                         DType grad_dtype, std::span<const CopyOut> copy_out, DType param_dtype,
+                         ThreadPool* pool, Isa isa) {
+  const KernelTable* table = nullptr;
+  STRATA_RETURN_IF_ERROR(
+      check_step_args(hyper, state, grad, grad_dtype, copy_out, param_dtype, isa, &table));
+  if (state.n == 0) {
+    return Status::Ok();
+  }
+  // a = 0 comes from here, at run time: the compiler cannot drop the FMA.
+  const detail::BoundConsts c{0.0f, state_slots(hyper)};
+  drive(hyper, state, grad, grad_dtype, copy_out, param_dtype, pool, *table,
+        [&c, table, grad_dtype](const Segment& s, OutKind out) {
+          table->bound(c, s, grad_dtype, out);
+        });
+  return Status::Ok();
+}
+
+Status grad_stats_checked(const void* grad, DType dtype, size_t n, ThreadPool* pool, Isa isa,
+                          GradStats* out) {
+  if (out == nullptr) {
+    return invalid_argument("grad_stats: out is nullptr");
+  }
+  if (!valid_dtype(dtype)) {
+    return invalid_argument("grad_stats: bad dtype " + std::to_string(int(dtype)));
+  }
+  if (n > 0 && grad == nullptr) {
+    return invalid_argument("grad_stats: grad is nullptr with n = " + std::to_string(n));
+  }
+  if (!valid_isa(isa)) {
+    return invalid_argument("grad_stats: bad isa " + std::to_string(int(isa)));
+  }
+  const KernelTable* table = detail::table_for(isa);
+  if (table == nullptr) {
+    return Status(StatusCode::kUnavailable,
+                  std::string("grad_stats: this CPU cannot run the ") + isa_name(isa) + " kernels");
+  }
+  const size_t chunks = (n + kGradStatsChunk - 1) / kGradStatsChunk;
+  const auto* bytes = static_cast<const unsigned char*>(grad);
+  const size_t elem = dtype_size(dtype);
+  std::vector<double> partial(chunks, 0.0);
+  auto one = [&](size_t c) {
+    const size_t begin = c * kGradStatsChunk;
+    const size_t count = std::min(n - begin, kGradStatsChunk);
+    partial[c] = table->sum_squares(bytes + begin * elem, dtype, count);
+  };
+  if (pool == nullptr || chunks <= 1) {
+    for (size_t c = 0; c < chunks; ++c) {
+      one(c);
+    }
+  } else {
+    pool->parallel_for(chunks, one);
+  }
+  double sum = 0.0;
+  for (double p : partial) {
+    sum += p;  // chunk order, whatever thread computed each chunk
+  }
+  out->sum_sq = sum;
+  out->nonfinite = !std::isfinite(sum);
+  return Status::Ok();
+}
+
+GradStats grad_stats(const void* grad, DType dtype, size_t n, ThreadPool* pool, Isa isa) {
+  GradStats stats;
+  if (!isa_supported(isa)) {
+    isa = Isa::kAuto;
+  }
+  if (!grad_stats_checked(grad, dtype, n, pool, isa, &stats).ok()) {
+    stats.sum_sq = std::numeric_limits<double>::quiet_NaN();
+    stats.nonfinite = true;
+  }
+  return stats;
+}
+
+}  // namespace strata::kernels

@@ -1,0 +1,237 @@
+// ThreadPool: every task runs exactly once, the caller takes part, tasks are
+// claimed dynamically, idle workers sleep (passive wait) and nested calls do
+// not deadlock.
+#include <strata/kernels/thread_pool.h>
+
+#include <gtest/gtest.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
+namespace strata::kernels {
+namespace {
+
+int gettid_now() { return int(syscall(SYS_gettid)); }
+
+// Fields of /proc/self/task/<tid>/stat: state (3rd) and utime + stime
+// (14th, 15th) in clock ticks. The comm field may hold spaces, so parse
+// after the last ')'.
+struct TaskStat {
+  char state = '?';
+  long ticks = -1;
+};
+
+TaskStat read_task_stat(int tid) {
+  std::ifstream f("/proc/self/task/" + std::to_string(tid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  TaskStat st;
+  const auto close = text.rfind(')');
+  if (close == std::string::npos) {
+    return st;
+  }
+  std::istringstream in(text.substr(close + 2));
+  std::vector<std::string> fields;
+  std::string field;
+  while (in >> field) {
+    fields.push_back(field);
+  }
+  // fields[0] is the state (stat field 3); utime/stime are fields 14/15.
+  if (fields.size() > 13) {
+    st.state = fields[0][0];
+    st.ticks = std::stol(fields[11]) + std::stol(fields[12]);
+  }
+  return st;
+}
+
+TEST(ThreadPool, RunsEveryTaskExactlyOnce) {
+  for (unsigned threads : {1u, 2u, 3u, 5u}) {
+    ThreadPool pool(threads);
+    EXPECT_EQ(pool.size(), threads);
+    for (size_t tasks : {size_t(0), size_t(1), size_t(2), size_t(7), size_t(1000)}) {
+      std::vector<std::atomic<int>> hits(tasks);
+      pool.parallel_for(tasks, [&](size_t t) { hits[t].fetch_add(1); });
+      for (size_t t = 0; t < tasks; ++t) {
+        ASSERT_EQ(hits[t].load(), 1) << "threads " << threads << " tasks " << tasks << " task " << t;
+      }
+    }
+  }
+}
+
+TEST(ThreadPool, DefaultSizeIsTheUsableCpuCount) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  ASSERT_EQ(sched_getaffinity(0, sizeof(set), &set), 0);
+  ThreadPool pool;
+  EXPECT_EQ(pool.size(), unsigned(CPU_COUNT(&set)));
+  EXPECT_EQ(pool.worker_tids().size(), pool.size() - 1);
+}
+
+TEST(ThreadPool, WorkerTidsAreDistinctLiveThreadsOfThisProcess) {
+  ThreadPool pool(4);
+  const std::vector<int> tids = pool.worker_tids();
+  ASSERT_EQ(tids.size(), 3u);
+  std::set<int> unique(tids.begin(), tids.end());
+  EXPECT_EQ(unique.size(), tids.size());
+  EXPECT_EQ(unique.count(gettid_now()), 0u);
+  for (int tid : tids) {
+    EXPECT_GT(tid, 0);
+    EXPECT_NE(read_task_stat(tid).state, '?') << "no /proc/self/task/" << tid;
+  }
+}
+
+TEST(ThreadPool, CallerTakesPartAndWorkersRunTasks) {
+  ThreadPool pool(2);
+  const int caller = gettid_now();
+  const std::vector<int> workers = pool.worker_tids();
+  std::vector<int> ran_on(64, 0);
+  // Task 0 blocks until every other task is done: only a second thread that
+  // claims tasks dynamically can finish them (a static split would hang).
+  std::atomic<size_t> done{0};
+  pool.parallel_for(ran_on.size(), [&](size_t t) {
+    ran_on[t] = gettid_now();
+    if (t == 0) {
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+      while (done.load() < ran_on.size() - 1 && std::chrono::steady_clock::now() < give_up) {
+        std::this_thread::yield();
+      }
+    } else {
+      done.fetch_add(1);
+    }
+  });
+  EXPECT_EQ(done.load(), ran_on.size() - 1);
+  std::set<int> threads(ran_on.begin(), ran_on.end());
+  for (int tid : threads) {
+    EXPECT_TRUE(tid == caller || tid == workers[0]) << tid;
+  }
+  EXPECT_EQ(threads.size(), 2u) << "both the caller and the worker ran tasks";
+}
+
+TEST(ThreadPool, IdleWorkersSleepAndUseNoCpu) {
+  ThreadPool pool(3);
+  std::atomic<uint64_t> sink{0};
+  pool.parallel_for(64, [&](size_t t) {
+    uint64_t x = t;
+    for (int i = 0; i < 100000; ++i) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+    }
+    sink.fetch_add(x);
+  });
+  const std::vector<int> tids = pool.worker_tids();
+  // Wait (generously) for the workers to go back to sleep after the call.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  bool all_sleeping = false;
+  while (!all_sleeping && std::chrono::steady_clock::now() < give_up) {
+    all_sleeping = true;
+    for (int tid : tids) {
+      all_sleeping = all_sleeping && read_task_stat(tid).state == 'S';
+    }
+    if (!all_sleeping) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  ASSERT_TRUE(all_sleeping) << "workers should block in the kernel (state S) when idle";
+  std::vector<long> before;
+  for (int tid : tids) {
+    before.push_back(read_task_stat(tid).ticks);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (size_t i = 0; i < tids.size(); ++i) {
+    const TaskStat now = read_task_stat(tids[i]);
+    EXPECT_EQ(now.state, 'S');
+    // A spinning worker would accrue ~30 ticks (at 100 Hz) in 300 ms.
+    EXPECT_LE(now.ticks - before[i], 1) << "idle worker " << tids[i] << " used CPU";
+  }
+}
+
+TEST(ThreadPool, NestedCallRunsSeriallyWithoutDeadlock) {
+  ThreadPool pool(2);
+  std::vector<std::atomic<int>> hits(8 * 8);
+  pool.parallel_for(8, [&](size_t outer) {
+    pool.parallel_for(8, [&](size_t inner) { hits[outer * 8 + inner].fetch_add(1); });
+  });
+  for (auto& h : hits) {
+    EXPECT_EQ(h.load(), 1);
+  }
+}
+
+TEST(ThreadPool, ManyShortCallsBackToBack) {
+  ThreadPool pool(3);
+  uint64_t expected = 0;
+  std::atomic<uint64_t> total{0};
+  for (size_t call = 0; call < 3000; ++call) {
+    const size_t tasks = 1 + call % 5;
+    pool.parallel_for(tasks, [&](size_t t) { total.fetch_add(t + 1); });
+    expected += tasks * (tasks + 1) / 2;
+  }
+  EXPECT_EQ(total.load(), expected);
+}
+
+TEST(ThreadPool, ResultsWrittenByWorkersAreVisibleToTheCaller) {
+  ThreadPool pool(2);
+  std::vector<uint64_t> out(10000, 0);  // plain (non-atomic) writes
+  for (int round = 1; round <= 20; ++round) {
+    pool.parallel_for(out.size(), [&](size_t t) { out[t] = t * uint64_t(round); });
+    for (size_t t = 0; t < out.size(); ++t) {
+      ASSERT_EQ(out[t], t * uint64_t(round));
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// Regression guard: torch.set_flush_denormal() sets FTZ/DAZ on the calling
+// thread only; tasks run by workers must see the caller's mode, or results
+// would depend on which thread ran them.
+TEST(ThreadPool, WorkersRunWithTheCallersFpControl) {
+  ThreadPool pool(3);
+  const unsigned saved = _mm_getcsr();
+  const unsigned ftz_daz = 0x8040u;
+  for (unsigned mode : {0u, ftz_daz}) {
+    _mm_setcsr((saved & ~ftz_daz) | mode);
+    std::vector<unsigned> seen(256, 0);
+    std::vector<int> tid(256, 0);
+    pool.parallel_for(seen.size(), [&](size_t t) {
+      seen[t] = _mm_getcsr() & ftz_daz;
+      tid[t] = gettid_now();
+      std::this_thread::sleep_for(std::chrono::microseconds(50));  // let workers join
+    });
+    for (size_t t = 0; t < seen.size(); ++t) {
+      ASSERT_EQ(seen[t], mode) << "task " << t << " on tid " << tid[t];
+    }
+    std::set<int> threads(tid.begin(), tid.end());
+    EXPECT_GT(threads.size(), 1u) << "workers should have run some tasks";
+  }
+  _mm_setcsr(saved);
+  // Workers restore their own register after the call.
+  std::vector<unsigned> after(64, 0);
+  pool.parallel_for(after.size(), [&](size_t t) {
+    after[t] = _mm_getcsr() & ftz_daz;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  });
+  for (unsigned a : after) {
+    EXPECT_EQ(a, saved & ftz_daz);
+  }
+}
+#endif
+
+TEST(ThreadPool, DestroysCleanlyWithoutCalls) {
+  for (int i = 0; i < 20; ++i) {
+    ThreadPool pool(3);
+    EXPECT_EQ(pool.worker_tids().size(), 2u);
+  }
+}
+
+}  // namespace
+}  // namespace strata::kernels
