@@ -1,0 +1,372 @@
+// strata-bench-step: optimizer steps of the tiered engine against the bounds
+// measured in the same process.
+//
+// For a total size and placement it builds an engine with synthetic, never
+// materialised gradients (one deterministic buffer reused by every sub-group,
+// so the process holds no full gradient copy and no model), writes the state,
+// then alternates: one engine step, the I/O bound (a raw io_uring loop reading
+// and writing the same extents of the same swap file at the same block size
+// and queue depth, reads and writes concurrently as the pipeline runs them;
+// the bytes read are written back unchanged, so the state stays intact) and
+// the update bound (the same kernel, threads and element count on resident
+// data). Reports medians after a warm-up and ratio_to_bound =
+// step / max(io_bound, update_bound).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <random>
+
+#ifdef STRATA_HAVE_URING
+#include <liburing.h>
+#endif
+
+#include <strata/engine/engine.h>
+#include <strata/kernels/thread_pool.h>
+
+#include "common/bench_util.h"
+
+using namespace strata;
+using namespace strata::bench;
+
+namespace {
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+struct RawIo {
+  int fd = -1;
+  size_t block = 1 << 20;
+  unsigned depth = 32;
+  void* buf[3] = {nullptr, nullptr, nullptr};
+  size_t buf_bytes = 0;
+#ifdef STRATA_HAVE_URING
+  io_uring ring{};
+  bool ring_ok = false;
+#endif
+
+  bool open(const std::string& path, size_t max_record, size_t block_size, unsigned qd) {
+    block = block_size;
+    depth = qd;
+    fd = ::open(path.c_str(), O_RDWR | O_DIRECT);
+    if (fd < 0) fd = ::open(path.c_str(), O_RDWR);
+    if (fd < 0) return false;
+    buf_bytes = max_record;
+    for (auto& b : buf) {
+      if (posix_memalign(&b, 4096, buf_bytes) != 0) return false;
+      std::memset(b, 0, buf_bytes);
+    }
+#ifdef STRATA_HAVE_URING
+    ring_ok = io_uring_queue_init(std::max(depth * 2, 8u), &ring, 0) == 0;
+    return ring_ok;
+#else
+    return false;
+#endif
+  }
+  ~RawIo() {
+#ifdef STRATA_HAVE_URING
+    if (ring_ok) io_uring_queue_exit(&ring);
+#endif
+    for (auto b : buf) free(b);
+    if (fd >= 0) ::close(fd);
+  }
+
+  struct Op {
+    bool write;
+    uint64_t offset;
+    size_t len;
+    char* buf;
+  };
+
+  // Keeps `depth` requests in flight over `ops`; returns false on error.
+  bool run(const std::vector<Op>& ops) {
+#ifdef STRATA_HAVE_URING
+    size_t next = 0, inflight = 0;
+    while (next < ops.size() || inflight > 0) {
+      while (next < ops.size() && inflight < depth) {
+        io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+        if (!sqe) break;
+        const Op& op = ops[next++];
+        if (op.write) {
+          io_uring_prep_write(sqe, fd, op.buf, unsigned(op.len), op.offset);
+        } else {
+          io_uring_prep_read(sqe, fd, op.buf, unsigned(op.len), op.offset);
+        }
+        ++inflight;
+      }
+      io_uring_submit_and_wait(&ring, 1);
+      io_uring_cqe* cqe;
+      unsigned head, n = 0;
+      bool bad = false;
+      io_uring_for_each_cqe(&ring, head, cqe) {
+        if (cqe->res < 0) bad = true;
+        ++n;
+      }
+      io_uring_cq_advance(&ring, n);
+      inflight -= n;
+      if (bad) return false;
+    }
+    return true;
+#else
+    return false;
+#endif
+  }
+
+  // One continuous stream: the blocks of extent j are read interleaved with
+  // the blocks of extent j-1 being written back (the bytes just read). No
+  // barrier between extents: with at most `depth` requests in flight and
+  // submission in order, a block's read has completed long before its write
+  // is submitted (an extent is many blocks), and three rotating buffers keep
+  // a read from overwriting a buffer that is still being written.
+  bool pass(const std::vector<engine::Engine::RecordLocation>& recs) {
+    std::vector<const engine::Engine::RecordLocation*> nv;
+    for (const auto& r : recs) {
+      if (r.tier == tiers::TierKind::kNvme) nv.push_back(&r);
+    }
+    std::vector<Op> ops;
+    for (size_t j = 0; j <= nv.size(); ++j) {
+      const auto* rd = j < nv.size() ? nv[j] : nullptr;
+      const auto* wr = j >= 1 ? nv[j - 1] : nullptr;
+      uint64_t rlen = rd ? rd->bytes : 0, wlen = wr ? wr->bytes : 0;
+      char* rb = static_cast<char*>(buf[j % 3]);
+      char* wb = j >= 1 ? static_cast<char*>(buf[(j - 1) % 3]) : nullptr;
+      for (uint64_t off = 0; off < std::max(rlen, wlen); off += block) {
+        if (off < rlen) ops.push_back({false, rd->offset + off, size_t(std::min<uint64_t>(block, rlen - off)), rb + off});
+        if (off < wlen) ops.push_back({true, wr->offset + off, size_t(std::min<uint64_t>(block, wlen - off)), wb + off});
+      }
+    }
+    return run(ops);
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args args(argc, argv,
+            {{"params", "512M"}, {"config", ""}, {"path", "strata_swap"}, {"device", "nvme"},
+             {"steps", "5"}, {"warmup", "1"}, {"sub-group-size", "0"}, {"buffer-count", "0"},
+             {"grad-dtype", "bf16"}, {"threads", "0"}, {"tensor-size", "64M"}, {"verify", "2"},
+             {"json", "false"}},
+            "strata-bench-step [--params 512M] [--config ds.json] [--path DIR] [--device nvme|cpu|cxl]\n"
+            "  [--steps 5] [--warmup 1] [--sub-group-size N] [--buffer-count N] [--grad-dtype bf16|fp32]\n"
+            "  [--threads 0] [--tensor-size 64M] [--verify K sampled sub-groups] [--json]\n"
+            "Sizes take K/M/G suffixes as powers of 1024 (512M params = 536870912).");
+  const bool json = args.flag("json");
+  nlohmann::json cfg_json = nlohmann::json::object();
+  if (!args.get("config").empty()) {
+    std::ifstream f(args.get("config"));
+    cfg_json = nlohmann::json::parse(f, nullptr, false, true);
+    if (cfg_json.is_discarded()) {
+      std::cerr << "cannot parse " << args.get("config") << "\n";
+      return 2;
+    }
+  } else {
+    cfg_json = {{"zero_optimization", {{"sub_group_size", 16 << 20}, {"offload_optimizer", {{"buffer_count", 4}}}}},
+                {"aio", {{"block_size", 1 << 20}, {"queue_depth", 32}}}};
+  }
+  auto& off = cfg_json["zero_optimization"]["offload_optimizer"];
+  off["device"] = args.get("device");
+  if (args.get("device") == "nvme" || off.contains("nvme_path")) {
+    ::mkdir(args.get("path").c_str(), 0755);
+    off["nvme_path"] = args.get("path");
+  }
+  if (args.size("sub-group-size")) cfg_json["zero_optimization"]["sub_group_size"] = args.size("sub-group-size");
+  if (args.size("buffer-count")) off["buffer_count"] = args.size("buffer-count");
+  cfg_json["strata"]["threads"] = int(args.number("threads"));
+  auto cfg = Config::parse(cfg_json);
+  if (!cfg.ok()) {
+    std::cerr << cfg.status().to_string() << "\n";
+    return 2;
+  }
+  const uint64_t total = args.size("params");
+  const uint64_t tensor = std::max<uint64_t>(args.size("tensor-size"), 1);
+  const kernels::DType gd = args.get("grad-dtype") == "fp32" ? kernels::DType::kF32 : kernels::DType::kBF16;
+
+  engine::EngineOptions o;
+  o.config = cfg.value();
+  for (uint64_t done = 0, i = 0; done < total; ++i) {
+    uint64_t n = std::min(tensor, total - done);
+    o.params.push_back({"t" + std::to_string(i), int64_t(n), gd, 0, nullptr});
+    done += n;
+  }
+  kernels::OptimizerHyper h;
+  h.kind = kernels::OptimizerKind::kAdamW;
+  h.lr = 1e-4f;
+  h.weight_decay = 0.01f;
+  o.groups = {h};
+  // One deterministic gradient buffer, as large as the largest sub-group.
+  size_t max_numel = size_t(std::min<uint64_t>(total, uint64_t(o.config.get_int("zero_optimization.sub_group_size"))));
+  std::vector<uint16_t> g16;
+  std::vector<float> g32;
+  if (gd == kernels::DType::kF32) {
+    g32.resize(max_numel);
+    for (size_t k = 0; k < max_numel; ++k) g32[k] = std::sin(float(k) * 0.37f) * 1e-2f;
+  } else {
+    g16.resize(max_numel);
+    for (size_t k = 0; k < max_numel; ++k) {
+      float f = std::sin(float(k) * 0.37f) * 1e-2f;
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      g16[k] = uint16_t(bits >> 16);  // truncation is fine for synthetic data
+    }
+  }
+  const void* gptr = gd == kernels::DType::kF32 ? static_cast<const void*>(g32.data()) : g16.data();
+  o.grad_source = [gptr](const engine::SubGroup&) { return gptr; };
+
+  double t0 = now_seconds();
+  auto er = engine::Engine::create(std::move(o));
+  if (!er.ok()) {
+    std::cerr << "engine: " << er.status().to_string() << "\n";
+    return 1;
+  }
+  auto& eng = *er.value();
+  double init_s = now_seconds() - t0;
+  const auto& plan = eng.plan();
+  const auto locs = eng.record_locations();
+  std::string placement;
+  for (const auto& t : plan.tiers) {
+    if (!placement.empty()) placement += "+";
+    placement += tiers::tier_name(t.tier);
+  }
+  Table table({"step", "step_s", "io_bound_s", "update_bound_s", "ratio", "GB_moved"}, json);
+  table.note("params " + std::to_string(total) + " (" + format_bytes(double(total) * 12) + " of state), placement " +
+             placement + ", sub_group_size " + std::to_string(plan.sub_group_size) + ", buffer_count " +
+             std::to_string(plan.buffer_count) + ", " + std::to_string(plan.subgroups.size()) +
+             " sub-groups, init " + std::to_string(init_s) + " s");
+  auto st0 = eng.stats();
+  table.note("io backend " + st0.io_backend + (st0.io_note.empty() ? "" : " (" + st0.io_note + ")") + ", swap file " +
+             st0.swap_file_path + ", kernel " + st0.isa + " x" + std::to_string(st0.threads) + " threads");
+
+  // Bounds.
+  RawIo raw;
+  bool have_nvme = !st0.swap_file_path.empty();
+  bool raw_ok = false;
+  if (have_nvme) {
+    raw_ok = raw.open(st0.swap_file_path, plan.working_buffer_bytes,
+                      size_t(cfg.value().get_int("aio.block_size")), unsigned(cfg.value().get_int("aio.queue_depth")));
+    if (!raw_ok) table.note("raw io_uring loop unavailable: no I/O bound measured");
+  }
+  kernels::ThreadPool pool(st0.threads);
+  // Resident data for the update bound: a record of up to 8M elements (96 MiB,
+  // far beyond the caches) updated repeatedly until `total` elements are done.
+  const size_t bound_numel = std::min<size_t>(max_numel, size_t(8) << 20);
+  std::vector<float> resident(engine::slot_stride_for(bound_numel) * 3, 0.0f);
+  auto update_bound = [&]() {
+    double s = now_seconds();
+    kernels::StateView v;
+    size_t stride = engine::slot_stride_for(bound_numel);
+    for (int k = 0; k < 3; ++k) v.slot[k] = resident.data() + size_t(k) * stride;
+    uint64_t left = total;
+    kernels::StepArgs a;
+    while (left > 0) {
+      v.n = size_t(std::min<uint64_t>(left, bound_numel));
+      (void)kernels::optimizer_step(h, a, v, gptr, gd, {}, gd, &pool);
+      left -= v.n;
+    }
+    return now_seconds() - s;
+  };
+
+  std::vector<double> steps, ios, ups;
+  const int nsteps = int(args.number("steps")), warm = int(args.number("warmup"));
+  for (int s = 0; s < warm + nsteps; ++s) {
+    // A step ends when its write-back is done: sync() waits for the stores the
+    // engine defers into the next forward, so the step is timed whole and the
+    // raw pass below never races the engine's writes.
+    double a = now_seconds();
+    Status st = eng.step();
+    if (st.ok()) st = eng.sync();
+    double step_s = now_seconds() - a;
+    if (!st.ok()) {
+      std::cerr << "step: " << st.to_string() << "\n";
+      return 1;
+    }
+    double io_s = 0;
+    if (raw_ok) {
+      double b = now_seconds();
+      if (!raw.pass(locs)) {
+        std::cerr << "raw I/O pass failed\n";
+        return 1;
+      }
+      io_s = now_seconds() - b;
+    }
+    double up_s = update_bound();
+    double bound = std::max(io_s, up_s);
+    table.row({{"step", int64_t(s)},
+               {"step_s", step_s},
+               {"io_bound_s", io_s},
+               {"update_bound_s", up_s},
+               {"ratio", bound > 0 ? step_s / bound : 0.0},
+               {"GB_moved", double(plan.nvme_bytes) * 2 / 1e9},
+               {"warmup", int64_t(s < warm)}});
+    if (s >= warm) {
+      steps.push_back(step_s);
+      ios.push_back(io_s);
+      ups.push_back(up_s);
+    }
+  }
+  auto bd = eng.trace().last_breakdown();
+  table.note("last step breakdown: " + bd.to_string());
+
+  // Verification: sampled sub-groups against the scalar reference.
+  int verify = int(args.number("verify"));
+  int verified = 0, mismatched = 0;
+  if (verify > 0) {
+    std::mt19937 rng(7);
+    const auto& sgs = eng.subgroups();
+    for (int k = 0; k < verify; ++k) {
+      const auto& sg = sgs[k == 0 ? 0 : (k == 1 ? sgs.size() - 1 : rng() % sgs.size())];
+      std::vector<float> rec(sg.record_bytes / 4), ref(sg.record_bytes / 4, 0.0f);
+      if (!eng.read_record(sg.id, rec.data()).ok()) {
+        ++mismatched;
+        continue;
+      }
+      kernels::StateView v;
+      for (int q = 0; q < 3; ++q) v.slot[q] = ref.data() + size_t(q) * sg.slot_stride;
+      v.n = sg.numel;
+      for (int s = 1; s <= warm + nsteps; ++s) {
+        kernels::StepArgs a;
+        a.step = s;
+        (void)kernels::optimizer_step(h, a, v, gptr, gd, {}, gd, nullptr, kernels::Isa::kScalar);
+      }
+      bool same = true;
+      for (int q = 0; q < 3; ++q) {
+        same = same && std::memcmp(rec.data() + size_t(q) * sg.slot_stride, v.slot[q], sg.numel * 4) == 0;
+      }
+      ++verified;
+      mismatched += !same;
+    }
+    table.note("verified " + std::to_string(verified) + " sampled sub-groups against the scalar reference: " +
+               (mismatched ? std::to_string(mismatched) + " MISMATCHED" : "bit-identical"));
+  }
+
+  auto st = eng.stats();
+  double ms = median(steps), mio = median(ios), mup = median(ups);
+  double bound = std::max(mio, mup);
+  Table summary({"params", "placement", "step_s", "io_bound_s", "update_bound_s", "ratio_to_bound", "pool", "peak_rss"},
+                json);
+  summary.row({{"params", int64_t(total)},
+               {"placement", placement},
+               {"step_seconds", ms},
+               {"step_s", ms},
+               {"io_bound_seconds", mio},
+               {"io_bound_s", mio},
+               {"compute_bound_seconds", mup},
+               {"update_bound_s", mup},
+               {"ratio_to_bound", bound > 0 ? ms / bound : 0.0},
+               {"pinned_pool_bytes", int64_t(st.pool_reserved)},
+               {"pool", format_bytes(double(st.pool_reserved))},
+               {"peak_rss_bytes", int64_t(peak_rss_bytes())},
+               {"peak_rss", format_bytes(double(peak_rss_bytes()))},
+               {"verified_mismatches", int64_t(mismatched)}});
+  Status cst = eng.close();
+  return (cst.ok() && mismatched == 0) ? 0 : 1;
+}

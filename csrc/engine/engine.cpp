@@ -1,0 +1,959 @@
+#include <strata/engine/engine.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <thread>
+
+#include <strata/io/io_engine.h>
+#include <strata/kernels/thread_pool.h>
+#include <strata/memory/pinned_pool.h>
+#include <strata/tiers/tiers.h>
+
+#include "engine/convert.h"
+#include "engine/step_run.h"
+
+namespace strata::engine {
+
+using kernels::DType;
+using tiers::Tier;
+using tiers::TierKind;
+using tiers::TierTicket;
+
+struct Engine::Impl {
+  EngineOptions opts;
+  Plan plan;
+  std::vector<int> slots;  // per group
+  std::vector<int64_t> step_counts;
+
+  // Declaration order is destruction order in reverse: buffers are released
+  // before the pool, tiers (and their swap files) before the I/O engine.
+  std::unique_ptr<memory::PinnedPool> pool;
+  std::unique_ptr<io::IoEngine> io;
+  std::map<TierKind, std::unique_ptr<Tier>> tiers;
+  std::vector<uint32_t> handles;  // per sub-group, in its tier
+  std::vector<memory::PinnedBuffer> arenas_mem;
+  std::vector<GradSpan> arenas;
+  std::vector<int> arena_of_dtype = std::vector<int>(3, -1);
+  std::vector<memory::PinnedBuffer> work;
+  std::vector<size_t> param_grad_offset;
+  std::vector<std::vector<kernels::CopyOut>> copy_out;  // per sub-group
+  std::unique_ptr<kernels::ThreadPool> threads;
+  std::unique_ptr<kernels::ThreadPool> backward_threads;  // while backward runs
+  std::vector<std::vector<uint32_t>> subgroups_of_param;
+  std::vector<uint32_t> params_in_subgroup;  // distinct parameters per sub-group
+  std::unique_ptr<StepRun> run;              // the step in flight, if any
+  Trace trace;
+  Status error;
+  bool closed = false;
+  uint64_t steps = 0;
+
+  Tier* tier_of(const SubGroup& sg) { return tiers.at(sg.tier).get(); }
+  const void* grad_ptr(const SubGroup& sg) {
+    if (opts.grad_source) {
+      return opts.grad_source(sg);
+    }
+    const GradSpan& a = arenas[size_t(arena_of_dtype[size_t(sg.dtype)])];
+    return static_cast<const char*>(a.data) + sg.grad_offset * kernels::dtype_size(sg.dtype);
+  }
+  kernels::StateView view(const SubGroup& sg, float* record) const {
+    kernels::StateView v;
+    v.n = sg.numel;
+    for (int k = 0; k < slots[size_t(sg.group)] && k < 4; ++k) {
+      v.slot[k] = record + size_t(k) * sg.slot_stride;
+    }
+    return v;
+  }
+
+  kernels::ThreadPool* pool_for(bool backward_running) {
+    return backward_running && backward_threads ? backward_threads.get() : threads.get();
+  }
+  Status init_record(const SubGroup& sg, float* record);
+  Status update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool, int64_t step_id);
+  Status run_pipeline(StepRun& run);
+  // Starts a step run on the worker thread (step counts advance).
+  void start_run(bool gate, float grad_mul, bool collect_stats, bool backward_running);
+  // Waits until every update of the run in flight is done.
+  Status wait_updates();
+  // Joins the run in flight (stores included) and returns its status; an
+  // error poisons the engine.
+  Status sync();
+  // Gives access to a record outside a step: resident memory, or the record
+  // fetched into working buffer 0 (write back with put_record).
+  Result<float*> get_record(const SubGroup& sg);
+  Status put_record(const SubGroup& sg, float* record);
+  Status close();
+};
+
+Status Engine::Impl::init_record(const SubGroup& sg, float* record) {
+  const auto& hyper = opts.groups[size_t(sg.group)];
+  std::memset(record, 0, sg.record_bytes);
+  for (const auto& seg : sg.segments) {
+    const ParamInfo& p = opts.params[seg.param];
+    if (p.data == nullptr) {
+      continue;  // bench mode: masters start at zero
+    }
+    const char* src = static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
+    to_float(src, p.dtype, record + seg.offset, seg.numel);
+  }
+  for (int k = 1; k < slots[size_t(sg.group)]; ++k) {
+    float init = kernels::initial_slot_value(hyper, k);
+    if (init != 0.0f) {
+      std::fill_n(record + size_t(k) * sg.slot_stride, sg.numel, init);
+    }
+  }
+  return Status::Ok();
+}
+
+Status Engine::Impl::update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool,
+                            int64_t step_id) {
+  kernels::StepArgs args;
+  args.step = step_counts[size_t(sg.group)];
+  args.grad_mul = grad_mul;
+  int64_t t0 = now_ns();
+  Status st = kernels::optimizer_step(opts.groups[size_t(sg.group)], args, view(sg, record),
+                                      grad_ptr(sg), sg.dtype, copy_out[sg.id], sg.dtype, pool);
+  trace.record({EventKind::kUpdate, step_id, int32_t(sg.id), "cpu", uint64_t(sg.numel), t0, now_ns()});
+  return st.with_context("update of sub-group " + std::to_string(sg.id));
+}
+
+// The step pipeline. Consumes run.order as sub-groups become ready; for
+// sub-groups on fetch/store tiers it keeps up to work.size() records in
+// flight: fetch ahead (in ready order) into free working buffers, update,
+// store, and refill the buffer whose store was submitted one update earlier
+// (lag 1), so the drive reads and writes together. Stores still in flight
+// when every update is done complete in the background; the next sync point
+// waits for them (write-back deferred into the next forward).
+Status Engine::Impl::run_pipeline(StepRun& run) {
+  const auto& sgs = plan.subgroups;
+  const size_t nb = work.size();
+  enum class BufState { kFree, kFetching, kStoring };
+  struct Buf {
+    BufState state = BufState::kFree;
+    uint32_t sg = 0;
+    TierTicket ticket = 0;
+    int64_t start = 0;
+    uint64_t seq = 0;  // store order
+  };
+  std::vector<Buf> bufs(nb);
+  std::vector<int> buf_of(sgs.size(), -1);
+  std::vector<uint32_t> order;     // local copy of run.order
+  std::vector<uint32_t> to_fetch;  // fetch-tier sub-groups known and not yet fetched, in order
+  size_t to_fetch_head = 0, next_update = 0;
+  uint64_t store_seq = 0;
+  int64_t step_id = int64_t(steps);
+
+  auto finish = [&](size_t b) -> Status {
+    Buf& buf = bufs[b];
+    if (buf.state == BufState::kFree) {
+      return Status::Ok();
+    }
+    const SubGroup& sg = sgs[buf.sg];
+    const bool fetching = buf.state == BufState::kFetching;
+    buf.state = BufState::kFree;
+    Status st = tier_of(sg)->wait(buf.ticket);
+    trace.record({fetching ? EventKind::kFetch : EventKind::kStore, step_id, int32_t(sg.id),
+                  tiers::tier_name(sg.tier), sg.record_bytes, buf.start, now_ns()});
+    return st.with_context(std::string(fetching ? "fetch" : "store") + " of sub-group " + std::to_string(sg.id));
+  };
+  // Issues fetches for known sub-groups while buffers allow. A buffer being
+  // stored is reused only if it is not the newest store (unless `force`).
+  auto pump = [&](bool force) -> Status {
+    while (to_fetch_head < to_fetch.size()) {
+      int chosen = -1;
+      for (size_t b = 0; b < nb; ++b) {
+        if (bufs[b].state == BufState::kFree) {
+          chosen = int(b);
+          break;
+        }
+      }
+      if (chosen < 0) {
+        // The oldest store, if it is not the newest (or force).
+        uint64_t best = UINT64_MAX;
+        for (size_t b = 0; b < nb; ++b) {
+          if (bufs[b].state == BufState::kStoring && bufs[b].seq < best) {
+            best = bufs[b].seq;
+            chosen = int(b);
+          }
+        }
+        if (chosen < 0 || (!force && nb >= 2 && best + 1 == store_seq)) {
+          return Status::Ok();
+        }
+        STRATA_RETURN_IF_ERROR(finish(size_t(chosen)));
+      }
+      uint32_t id = to_fetch[to_fetch_head++];
+      Buf& buf = bufs[size_t(chosen)];
+      buf.sg = id;
+      buf.start = now_ns();
+      STRATA_ASSIGN_OR_RETURN(buf.ticket, tier_of(sgs[id])->submit_fetch(handles[id], work[size_t(chosen)].data()));
+      buf.state = BufState::kFetching;
+      buf_of[id] = chosen;
+      force = false;
+    }
+    return Status::Ok();
+  };
+
+  Status st;
+  bool collect = false;
+  for (;;) {
+    bool gate, closed, backward_running;
+    float grad_mul;
+    size_t known_before = order.size();
+    {
+      std::unique_lock<std::mutex> lock(run.mu);
+      run.cv.wait(lock, [&] {
+        return run.cancel || run.order.size() > order.size() ||
+               (run.gate && (next_update < order.size() || run.closed));
+      });
+      if (run.cancel) {
+        break;
+      }
+      order.insert(order.end(), run.order.begin() + long(order.size()), run.order.end());
+      gate = run.gate;
+      closed = run.closed;
+      grad_mul = run.grad_mul;
+      backward_running = run.backward_running;
+      collect = run.collect_stats;
+    }
+    for (size_t i = known_before; i < order.size(); ++i) {
+      const SubGroup& sg = sgs[order[i]];
+      if (!tier_of(sg)->resident()) {
+        to_fetch.push_back(sg.id);
+      }
+    }
+    st = pump(false);
+    if (!st.ok()) {
+      break;
+    }
+    if (collect) {
+      // Norm and inf/NaN of each sub-group as its gradients arrive; summed
+      // later in sub-group order, so the total does not depend on arrival.
+      for (size_t i = known_before; i < order.size(); ++i) {
+        const SubGroup& sg = sgs[order[i]];
+        kernels::GradStats g = kernels::grad_stats(grad_ptr(sg), sg.dtype, sg.numel, pool_for(backward_running));
+        std::lock_guard<std::mutex> lock(run.mu);
+        run.stats[sg.id] = g;
+        ++run.stats_done;
+        run.cv.notify_all();
+      }
+    }
+    if (!gate) {
+      continue;
+    }
+    while (next_update < order.size() && st.ok()) {
+      const SubGroup& sg = sgs[order[next_update]];
+      Tier* tier = tier_of(sg);
+      {
+        std::lock_guard<std::mutex> lock(run.mu);
+        backward_running = run.backward_running;
+        if (run.cancel) {
+          break;
+        }
+      }
+      if (tier->resident()) {
+        st = update(sg, tier->data(handles[sg.id]), grad_mul, pool_for(backward_running), step_id);
+        ++next_update;
+        continue;
+      }
+      if (buf_of[sg.id] < 0) {
+        st = pump(true);  // no buffer was free: make one
+        if (!st.ok()) {
+          break;
+        }
+      }
+      size_t b = size_t(buf_of[sg.id]);
+      st = finish(b);
+      if (!st.ok()) {
+        break;
+      }
+      float* record = work[b].as<float>();
+      st = update(sg, record, grad_mul, pool_for(backward_running), step_id);
+      if (!st.ok()) {
+        break;
+      }
+      Buf& buf = bufs[b];
+      buf.sg = sg.id;
+      buf.start = now_ns();
+      auto t = tier->submit_store(handles[sg.id], record);
+      if (!t.ok()) {
+        st = t.status();
+        break;
+      }
+      buf.ticket = t.value();
+      buf.state = BufState::kStoring;
+      buf.seq = store_seq++;
+      buf_of[sg.id] = -1;
+      ++next_update;
+      st = pump(false);
+    }
+    if (!st.ok() || (closed && next_update == order.size())) {
+      break;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(run.mu);
+    if (st.ok() && run.cancel) {
+      // A dropped step leaves every record as it was: fetched copies are
+      // discarded, nothing was stored.
+    }
+    run.status = st;
+    run.updates_done = true;
+    run.cv.notify_all();
+  }
+  // Drain: stores complete in the background; fetches of a cancelled or
+  // failed step are waited and dropped.
+  for (size_t b = 0; b < nb; ++b) {
+    Status s2 = finish(b);
+    if (st.ok()) {
+      st = s2;
+    }
+  }
+  return st;
+}
+
+Result<float*> Engine::Impl::get_record(const SubGroup& sg) {
+  Tier* tier = tier_of(sg);
+  if (tier->resident()) {
+    return tier->data(handles[sg.id]);
+  }
+  STRATA_RETURN_IF_ERROR(tier->fetch(handles[sg.id], work[0].data()));
+  return work[0].as<float>();
+}
+
+Status Engine::Impl::put_record(const SubGroup& sg, float* record) {
+  Tier* tier = tier_of(sg);
+  if (tier->resident()) {
+    return Status::Ok();
+  }
+  return tier->store(handles[sg.id], record);
+}
+
+Status Engine::Impl::close() {
+  if (closed) {
+    return Status::Ok();
+  }
+  Status st;
+  if (run) {
+    {
+      std::lock_guard<std::mutex> lock(run->mu);
+      if (!run->updates_done) {
+        run->cancel = true;  // a step never finished: leave the records as they were
+      }
+      run->cv.notify_all();
+    }
+    st = sync();
+  }
+  closed = true;
+  for (auto& [k, t] : tiers) {
+    t->drain();
+  }
+  tiers.clear();  // removes swap files
+  work.clear();
+  arenas.clear();
+  arenas_mem.clear();
+  io.reset();
+  threads.reset();
+  backward_threads.reset();
+  pool.reset();
+  return st;
+}
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() { close().ignore(); }
+
+Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
+  auto impl = std::make_unique<Impl>();
+  Impl& e = *impl;
+  e.opts = std::move(options);
+  const Config& cfg = e.opts.config;
+  if (e.opts.groups.empty()) {
+    return invalid_argument("engine needs at least one param group");
+  }
+
+  PlanInputs pin;
+  for (const auto& g : e.opts.groups) {
+    e.slots.push_back(kernels::state_slots(g));
+  }
+  pin.slots = e.slots;
+  for (const auto& p : e.opts.params) {
+    if (p.data == nullptr && !e.opts.grad_source) {
+      return invalid_argument("parameter " + p.name + " has no data pointer");
+    }
+    pin.params.push_back(PlanParam{p.numel, p.dtype, p.group});
+  }
+  STRATA_ASSIGN_OR_RETURN(e.plan, build_plan(cfg, pin));
+  e.step_counts.assign(e.opts.groups.size(), 0);
+
+  unsigned nthreads = unsigned(cfg.get_int("strata.threads"));
+  e.threads = std::make_unique<kernels::ThreadPool>(nthreads);
+
+  memory::PoolOptions po;
+  po.pin = cfg.get_bool("zero_optimization.offload_optimizer.pin_memory");
+  po.allow_unpinned = true;
+  // One slab sized from the plan, so reserved tracks requested.
+  uint64_t pool_bytes = e.plan.pool_bytes - (e.opts.grad_source ? e.plan.grad_bytes : 0);
+  po.slab_bytes = std::max<uint64_t>(pool_bytes, 1 << 20);
+  STRATA_ASSIGN_OR_RETURN(e.pool, memory::PinnedPool::create(po));
+
+  // Gradient arenas, one per dtype, zeroed.
+  std::vector<size_t> arena_numel(3, 0);
+  for (const auto& sg : e.plan.subgroups) {
+    arena_numel[size_t(sg.dtype)] = std::max(arena_numel[size_t(sg.dtype)], sg.grad_offset + sg.numel);
+  }
+  for (size_t d = 0; d < 3; ++d) {
+    if (arena_numel[d] == 0 || e.opts.grad_source) {
+      continue;
+    }
+    size_t bytes = arena_numel[d] * kernels::dtype_size(DType(d));
+    STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf, e.pool->allocate(bytes));
+    std::memset(buf.data(), 0, bytes);
+    e.arena_of_dtype[d] = int(e.arenas.size());
+    e.arenas.push_back(GradSpan{DType(d), buf.data(), arena_numel[d]});
+    e.arenas_mem.push_back(std::move(buf));
+  }
+  e.param_grad_offset.assign(e.opts.params.size(), 0);
+  for (const auto& sg : e.plan.subgroups) {
+    for (const auto& seg : sg.segments) {
+      if (seg.param_offset == 0) {
+        e.param_grad_offset[seg.param] = sg.grad_offset + seg.offset;
+      }
+    }
+  }
+  // Copy-out targets: the model's own parameter memory.
+  e.copy_out.resize(e.plan.subgroups.size());
+  for (const auto& sg : e.plan.subgroups) {
+    for (const auto& seg : sg.segments) {
+      const ParamInfo& p = e.opts.params[seg.param];
+      if (p.data == nullptr) {
+        continue;
+      }
+      void* dst = static_cast<char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
+      e.copy_out[sg.id].push_back(kernels::CopyOut{seg.offset, seg.numel, dst});
+    }
+  }
+
+  e.subgroups_of_param.assign(e.opts.params.size(), {});
+  e.params_in_subgroup.assign(e.plan.subgroups.size(), 0);
+  for (const auto& sg : e.plan.subgroups) {
+    for (const auto& seg : sg.segments) {
+      auto& list = e.subgroups_of_param[seg.param];
+      if (list.empty() || list.back() != sg.id) {
+        list.push_back(sg.id);
+        e.params_in_subgroup[sg.id] += 1;
+      }
+    }
+  }
+
+  // Tiers.
+  const uint64_t nvme_bytes = e.plan.bytes_on(TierKind::kNvme);
+  for (const auto& t : e.plan.tiers) {
+    switch (t.tier) {
+      case TierKind::kHost:
+        e.tiers[TierKind::kHost] = tiers::make_host_tier(e.pool.get());
+        break;
+      case TierKind::kNvme: {
+        io::IoOptions io;
+        io.block_size = size_t(cfg.get_int("aio.block_size"));
+        io.queue_depth = unsigned(cfg.get_int("aio.queue_depth"));
+        io.intra_op_parallelism = unsigned(cfg.get_int("aio.intra_op_parallelism"));
+        io.single_submit = cfg.get_bool("aio.single_submit");
+        io.overlap_events = cfg.get_bool("aio.overlap_events");
+        STRATA_ASSIGN_OR_RETURN(e.io, io::make_io_engine(io));
+        tiers::NvmeTierOptions no;
+        no.dir = cfg.get_string("zero_optimization.offload_optimizer.nvme_path");
+        no.tag = "rank" + std::to_string(e.opts.rank) + (e.opts.tag.empty() ? "" : "-" + e.opts.tag);
+        no.capacity = nvme_bytes;
+        no.checksums = cfg.get_bool("strata.verify_checksums");
+        STRATA_ASSIGN_OR_RETURN(e.tiers[TierKind::kNvme], tiers::make_nvme_tier(no, e.io.get()));
+        break;
+      }
+      case TierKind::kCxl: {
+        std::vector<int> nodes;
+        if (const auto* j = cfg.find("strata.cxl_nodes"); j && j->is_array()) {
+          for (const auto& n : *j) {
+            nodes.push_back(n.get<int>());
+          }
+        }
+        STRATA_ASSIGN_OR_RETURN(e.tiers[TierKind::kCxl], tiers::make_cxl_tier(nodes));
+        break;
+      }
+      case TierKind::kGpu:
+        return Status(StatusCode::kUnavailable, "the GPU tier needs a CUDA build and a device");
+    }
+  }
+  // Working buffers for fetch/store tiers.
+  if (e.plan.working_buffer_bytes > 0) {
+    for (size_t b = 0; b < std::max<size_t>(e.plan.buffer_count, 1); ++b) {
+      STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf, e.pool->allocate(e.plan.working_buffer_bytes));
+      if (e.io) {
+        STRATA_RETURN_IF_ERROR(e.io->register_buffer(buf.data(), buf.size()));
+      }
+      e.work.push_back(std::move(buf));
+    }
+  }
+  // Records, with their initial state written to the tier.
+  // Stores rotate through the working buffers so the drive writes while the
+  // next record is filled.
+  e.handles.resize(e.plan.subgroups.size());
+  std::vector<std::pair<Tier*, TierTicket>> pending(e.work.size(), {nullptr, 0});
+  size_t k = 0;
+  Status init_status;
+  for (const auto& sg : e.plan.subgroups) {
+    Tier* tier = e.tier_of(sg);
+    auto h = tier->add_record(sg.record_bytes);
+    if (!h.ok()) {
+      init_status = h.status();
+      break;
+    }
+    e.handles[sg.id] = h.value();
+    if (tier->resident()) {
+      init_status = e.init_record(sg, tier->data(e.handles[sg.id]));
+    } else {
+      size_t b = k++ % e.work.size();
+      if (pending[b].first) {
+        init_status = pending[b].first->wait(pending[b].second);
+        pending[b].first = nullptr;
+        if (!init_status.ok()) {
+          break;
+        }
+      }
+      float* buf = e.work[b].as<float>();
+      init_status = e.init_record(sg, buf);
+      if (init_status.ok()) {
+        auto t = tier->submit_store(e.handles[sg.id], buf);
+        if (t.ok()) {
+          pending[b] = {tier, t.value()};
+        } else {
+          init_status = t.status();
+        }
+      }
+    }
+    if (!init_status.ok()) {
+      break;
+    }
+  }
+  for (auto& [tier, ticket] : pending) {
+    if (tier) {
+      Status st = tier->wait(ticket);
+      if (init_status.ok()) {
+        init_status = st;
+      }
+    }
+  }
+  STRATA_RETURN_IF_ERROR(init_status.with_context("writing the initial optimizer state"));
+  if (const auto* t = cfg.find("strata.trace.steps"); t && t->is_number_integer()) {
+    e.trace.set_keep_steps(size_t(t->get<int64_t>()));
+  }
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+const Plan& Engine::plan() const { return impl_->plan; }
+const std::vector<SubGroup>& Engine::subgroups() const { return impl_->plan.subgroups; }
+const std::vector<GradSpan>& Engine::grad_arenas() const { return impl_->arenas; }
+size_t Engine::grad_offset(size_t param) const { return impl_->param_grad_offset.at(param); }
+
+Status Engine::zero_grads() {
+  STRATA_RETURN_IF_ERROR(impl_->wait_updates());
+  for (auto& a : impl_->arenas) {
+    std::memset(a.data, 0, a.numel * kernels::dtype_size(a.dtype));
+  }
+  return Status::Ok();
+}
+
+Status Engine::set_hyper(int group, const kernels::OptimizerHyper& hyper) {
+  if (impl_->run) {
+    std::lock_guard<std::mutex> lock(impl_->run->mu);
+    if (impl_->run->gate && !impl_->run->updates_done) {
+      return Status(StatusCode::kFailedPrecondition, "set_hyper while updates run");
+    }
+  }
+  if (group < 0 || size_t(group) >= impl_->opts.groups.size()) {
+    return invalid_argument("set_hyper: no param group " + std::to_string(group));
+  }
+  if (kernels::state_slots(hyper) != impl_->slots[size_t(group)]) {
+    return invalid_argument("set_hyper: the optimizer's state layout cannot change after creation");
+  }
+  impl_->opts.groups[size_t(group)] = hyper;
+  return Status::Ok();
+}
+
+void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool backward_running) {
+  run = std::make_unique<StepRun>();
+  StepRun& r = *run;
+  r.queued.assign(plan.subgroups.size(), 0);
+  r.waiting = params_in_subgroup;
+  r.gate = gate;
+  r.grad_mul = grad_mul;
+  r.collect_stats = collect_stats;
+  r.backward_running = backward_running;
+  r.stats.assign(plan.subgroups.size(), kernels::GradStats{});
+  r.start_ns = now_ns();
+  for (auto& c : step_counts) {
+    ++c;
+  }
+  trace.begin_step(int64_t(steps));
+  r.worker = std::thread([this, &r] {
+    Status st = run_pipeline(r);
+    int64_t end = now_ns();
+    if (r.backward_end_ns) {
+      trace.record({EventKind::kBackward, int64_t(steps), -1, "", 0, r.start_ns, r.backward_end_ns});
+    }
+    trace.record({EventKind::kStep, int64_t(steps), -1, "", 0, r.start_ns, end});
+    trace.end_step();
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (r.status.ok()) {
+      r.status = st;
+    }
+    r.finished = true;
+    r.cv.notify_all();
+  });
+}
+
+Status Engine::Impl::wait_updates() {
+  if (!run) {
+    return Status::Ok();
+  }
+  std::unique_lock<std::mutex> lock(run->mu);
+  run->cv.wait(lock, [&] { return run->updates_done; });
+  return run->status;
+}
+
+Status Engine::Impl::sync() {
+  if (!run) {
+    return Status::Ok();
+  }
+  run->worker.join();
+  Status st = run->status;
+  bool cancelled = run->cancel;
+  run.reset();
+  if (!st.ok()) {
+    for (auto& [k, t] : tiers) {
+      t->drain();
+    }
+    error = st;
+  } else if (!cancelled) {
+    ++steps;
+  }
+  return st;
+}
+
+static Status check_usable(const Status& error, bool closed) {
+  if (closed) {
+    return Status(StatusCode::kFailedPrecondition, "the engine is closed");
+  }
+  if (!error.ok()) {
+    return Status(StatusCode::kFailedPrecondition,
+                  "engine stopped by an earlier error (" + error.message() +
+                      "); reload the optimizer state before stepping again");
+  }
+  return Status::Ok();
+}
+
+Status Engine::begin_backward(const BackwardOptions& options) {
+  Impl& e = *impl_;
+  STRATA_RETURN_IF_ERROR(e.sync());
+  STRATA_RETURN_IF_ERROR(check_usable(e.error, e.closed));
+  if (options.threads > 0 && (!e.backward_threads || e.backward_threads->size() != options.threads)) {
+    e.backward_threads = std::make_unique<kernels::ThreadPool>(options.threads);
+  }
+  e.start_run(options.eager_update, options.grad_mul, !options.eager_update, /*backward_running=*/true);
+  return Status::Ok();
+}
+
+void Engine::mark_param_ready(size_t param) {
+  Impl& e = *impl_;
+  if (!e.run || param >= e.subgroups_of_param.size()) {
+    return;
+  }
+  StepRun& r = *e.run;
+  std::lock_guard<std::mutex> lock(r.mu);
+  bool added = false;
+  for (uint32_t sg : e.subgroups_of_param[param]) {
+    if (r.waiting[sg] > 0 && --r.waiting[sg] == 0 && !r.queued[sg]) {
+      r.queued[sg] = 1;
+      r.order.push_back(sg);
+      added = true;
+    }
+  }
+  if (r.order.size() == r.queued.size()) {
+    r.closed = true;
+  }
+  if (added) {
+    r.cv.notify_all();
+  }
+}
+
+Status Engine::end_backward() {
+  Impl& e = *impl_;
+  if (!e.run) {
+    return Status(StatusCode::kFailedPrecondition, "end_backward without begin_backward");
+  }
+  StepRun& r = *e.run;
+  std::lock_guard<std::mutex> lock(r.mu);
+  // Sub-groups some of whose parameters got no gradient: ready now, in plan order.
+  for (uint32_t sg = 0; sg < r.queued.size(); ++sg) {
+    if (!r.queued[sg]) {
+      r.queued[sg] = 1;
+      r.order.push_back(sg);
+    }
+  }
+  r.closed = true;
+  r.backward_running = false;
+  r.backward_end_ns = now_ns();
+  r.cv.notify_all();
+  return Status::Ok();
+}
+
+Status Engine::step(float grad_mul) {
+  Impl& e = *impl_;
+  bool begun = false;  // a run started by begin_backward() and not yet stepped
+  if (e.run) {
+    std::lock_guard<std::mutex> lock(e.run->mu);
+    begun = !e.run->stepped;
+  }
+  if (begun) {
+    StepRun& r = *e.run;
+    {
+      std::lock_guard<std::mutex> lock(r.mu);
+      if (!r.closed) {
+        return Status(StatusCode::kFailedPrecondition, "step() during backward: call end_backward() first");
+      }
+      r.stepped = true;
+      if (!r.gate) {
+        r.gate = true;
+        r.grad_mul = grad_mul;
+        r.cv.notify_all();
+      }
+    }
+  } else {
+    STRATA_RETURN_IF_ERROR(e.sync());
+    STRATA_RETURN_IF_ERROR(check_usable(e.error, e.closed));
+    e.start_run(/*gate=*/true, grad_mul, /*collect_stats=*/false, /*backward_running=*/false);
+    StepRun& r = *e.run;
+    std::lock_guard<std::mutex> lock(r.mu);
+    r.stepped = true;
+    for (uint32_t sg = 0; sg < r.queued.size(); ++sg) {
+      r.queued[sg] = 1;
+      r.order.push_back(sg);
+    }
+    r.closed = true;
+    r.cv.notify_all();
+  }
+  Status st = e.wait_updates();
+  if (!st.ok()) {
+    return e.sync();
+  }
+  return Status::Ok();
+}
+
+Status Engine::cancel_step() {
+  Impl& e = *impl_;
+  if (!e.run) {
+    return Status::Ok();
+  }
+  {
+    std::lock_guard<std::mutex> lock(e.run->mu);
+    if (e.run->gate && e.run->updates_done) {
+      return Status(StatusCode::kFailedPrecondition, "cancel_step after the updates ran");
+    }
+    e.run->cancel = true;
+    e.run->cv.notify_all();
+  }
+  Status st = e.sync();
+  for (auto& c : e.step_counts) {
+    --c;
+  }
+  return st;
+}
+
+Status Engine::sync() { return impl_->sync(); }
+
+Result<kernels::GradStats> Engine::grad_stats() {
+  Impl& e = *impl_;
+  std::vector<kernels::GradStats> per(e.plan.subgroups.size());
+  bool have = false;
+  if (e.run) {
+    std::unique_lock<std::mutex> lock(e.run->mu);
+    if (e.run->collect_stats) {
+      if (!e.run->closed) {
+        return Status(StatusCode::kFailedPrecondition, "grad_stats() during backward: call end_backward() first");
+      }
+      e.run->cv.wait(lock, [&] { return e.run->stats_done == per.size() || e.run->updates_done; });
+      if (e.run->stats_done == per.size()) {
+        per = e.run->stats;
+        have = true;
+      }
+    }
+  }
+  if (!have) {
+    for (const auto& sg : e.plan.subgroups) {
+      per[sg.id] = kernels::grad_stats(e.grad_ptr(sg), sg.dtype, sg.numel, e.threads.get());
+    }
+  }
+  kernels::GradStats total;  // fixed order: sub-group id
+  for (const auto& g : per) {
+    total.sum_sq += g.sum_sq;
+    total.nonfinite = total.nonfinite || g.nonfinite;
+  }
+  return total;
+}
+
+Status Engine::read_param_states(size_t param, const std::vector<float*>& bufs) {
+  Impl& e = *impl_;
+  STRATA_RETURN_IF_ERROR(e.sync());
+  if (param >= e.opts.params.size()) {
+    return invalid_argument("read_param_state: no parameter " + std::to_string(param));
+  }
+  for (uint32_t id : e.subgroups_of_param[param]) {
+    const SubGroup& sg = e.plan.subgroups[id];
+    if (bufs.size() > size_t(e.slots[size_t(sg.group)])) {
+      return invalid_argument("read_param_state: slot " + std::to_string(bufs.size() - 1) + " out of range (" +
+                              std::to_string(e.slots[size_t(sg.group)]) + " slots)");
+    }
+    STRATA_ASSIGN_OR_RETURN(float* rec, e.get_record(sg));
+    for (const auto& seg : sg.segments) {
+      if (seg.param != param) {
+        continue;
+      }
+      for (size_t k = 0; k < bufs.size(); ++k) {
+        if (bufs[k]) {
+          std::memcpy(bufs[k] + seg.param_offset, rec + k * sg.slot_stride + seg.offset, seg.numel * 4);
+        }
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+Status Engine::write_param_states(size_t param, const std::vector<const float*>& bufs) {
+  Impl& e = *impl_;
+  STRATA_RETURN_IF_ERROR(e.sync());
+  if (param >= e.opts.params.size()) {
+    return invalid_argument("write_param_state: no parameter " + std::to_string(param));
+  }
+  for (uint32_t id : e.subgroups_of_param[param]) {
+    const SubGroup& sg = e.plan.subgroups[id];
+    if (bufs.size() > size_t(e.slots[size_t(sg.group)])) {
+      return invalid_argument("write_param_state: slot " + std::to_string(bufs.size() - 1) + " out of range (" +
+                              std::to_string(e.slots[size_t(sg.group)]) + " slots)");
+    }
+    STRATA_ASSIGN_OR_RETURN(float* rec, e.get_record(sg));
+    for (const auto& seg : sg.segments) {
+      if (seg.param != param) {
+        continue;
+      }
+      for (size_t k = 0; k < bufs.size(); ++k) {
+        if (bufs[k]) {
+          std::memcpy(rec + k * sg.slot_stride + seg.offset, bufs[k] + seg.param_offset, seg.numel * 4);
+        }
+      }
+    }
+    STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
+  }
+  return Status::Ok();
+}
+
+Status Engine::read_param_state(size_t param, int slot, float* out) {
+  if (slot < 0 || slot >= 4) {
+    return invalid_argument("read_param_state: slot " + std::to_string(slot) + " out of range");
+  }
+  std::vector<float*> bufs(size_t(slot) + 1, nullptr);
+  bufs[size_t(slot)] = out;
+  return read_param_states(param, bufs);
+}
+
+Status Engine::write_param_state(size_t param, int slot, const float* in) {
+  if (slot < 0 || slot >= 4) {
+    return invalid_argument("write_param_state: slot " + std::to_string(slot) + " out of range");
+  }
+  std::vector<const float*> bufs(size_t(slot) + 1, nullptr);
+  bufs[size_t(slot)] = in;
+  return write_param_states(param, bufs);
+}
+
+Status Engine::read_record(uint32_t subgroup, float* out) {
+  Impl& e = *impl_;
+  STRATA_RETURN_IF_ERROR(e.sync());
+  if (subgroup >= e.plan.subgroups.size()) {
+    return invalid_argument("read_record: no sub-group " + std::to_string(subgroup));
+  }
+  const SubGroup& sg = e.plan.subgroups[subgroup];
+  STRATA_ASSIGN_OR_RETURN(float* rec, e.get_record(sg));
+  std::memcpy(out, rec, sg.record_bytes);
+  return Status::Ok();
+}
+
+std::vector<Engine::RecordLocation> Engine::record_locations() const {
+  const Impl& e = *impl_;
+  std::vector<RecordLocation> out;
+  for (const auto& sg : e.plan.subgroups) {
+    const Tier* t = e.tiers.at(sg.tier).get();
+    out.push_back({sg.tier, t->location(), t->record_offset(e.handles[sg.id]), sg.record_bytes});
+  }
+  return out;
+}
+
+Status Engine::sync_master_from_params() {
+  Impl& e = *impl_;
+  STRATA_RETURN_IF_ERROR(e.sync());
+  for (const auto& sg : e.plan.subgroups) {
+    STRATA_ASSIGN_OR_RETURN(float* rec, e.get_record(sg));
+    for (const auto& seg : sg.segments) {
+      const ParamInfo& p = e.opts.params[seg.param];
+      if (p.data == nullptr) {
+        continue;
+      }
+      const char* src = static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
+      to_float(src, p.dtype, rec + seg.offset, seg.numel);
+    }
+    STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
+  }
+  return Status::Ok();
+}
+
+int64_t Engine::step_count(int group) const { return impl_->step_counts.at(size_t(group)); }
+void Engine::set_step_count(int group, int64_t step) {
+  impl_->sync().ignore();  // an error is kept in error()
+  impl_->step_counts.at(size_t(group)) = step;
+}
+void Engine::clear_error() { impl_->error = Status::Ok(); }
+const Status& Engine::error() const { return impl_->error; }
+Trace& Engine::trace() { return impl_->trace; }
+
+EngineStats Engine::stats() const {
+  const Impl& e = *impl_;
+  EngineStats s;
+  s.steps = e.steps;
+  for (const auto& [k, t] : e.tiers) {
+    auto ts = t->stats();
+    if (!t->resident()) {
+      s.bytes_fetched += ts.bytes_fetched;
+      s.bytes_stored += ts.bytes_stored;
+    }
+    if (k == TierKind::kNvme) {
+      s.swap_file_bytes = ts.bytes;
+      s.swap_file_path = t->location();
+    }
+  }
+  if (e.io) {
+    auto is = e.io->stats();
+    s.io_bytes_read = is.bytes_read;
+    s.io_bytes_written = is.bytes_written;
+    s.io_backend = e.io->backend_name();
+    s.io_note = e.io->backend_note();
+  }
+  if (e.pool) {
+    auto ps = e.pool->stats();
+    s.pool_reserved = ps.reserved;
+    s.pool_requested = ps.requested;
+    s.pool_peak = ps.peak_in_use;
+    s.pool_pinned = ps.pinned;
+  }
+  s.isa = kernels::isa_name(kernels::detect_isa());
+  s.threads = e.threads ? e.threads->size() : 0;
+  return s;
+}
+
+Status Engine::close() { return impl_->close(); }
+
+}  // namespace strata::engine

@@ -1,0 +1,276 @@
+#include <strata/engine/plan.h>
+
+#include <strata/platform/meminfo.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <sstream>
+
+namespace strata::engine {
+namespace {
+
+constexpr size_t kSlotAlignFloats = 1024;  // 4 KiB of fp32
+
+std::string human(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 4) {
+    bytes /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), u ? "%.2f %s" : "%.0f %s", bytes, units[u]);
+  return buf;
+}
+
+}  // namespace
+
+size_t slot_stride_for(size_t numel) {
+  return (numel + kSlotAlignFloats - 1) / kSlotAlignFloats * kSlotAlignFloats;
+}
+
+size_t record_bytes_for(size_t numel, int slots) {
+  return slot_stride_for(numel) * size_t(slots) * sizeof(float);
+}
+
+uint64_t Plan::bytes_on(tiers::TierKind tier) const {
+  for (const auto& t : tiers) {
+    if (t.tier == tier) {
+      return t.bytes;
+    }
+  }
+  return 0;
+}
+
+Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
+  Plan plan;
+  const std::string device = config.get_string("zero_optimization.offload_optimizer.device");
+  const bool has_nvme_path = config.has("zero_optimization.offload_optimizer.nvme_path");
+  plan.buffer_count = size_t(config.get_int("zero_optimization.offload_optimizer.buffer_count"));
+  int64_t sgs = config.get_int("zero_optimization.sub_group_size");
+  if (sgs <= 0) {
+    return invalid_argument("zero_optimization.sub_group_size: must be positive");
+  }
+
+  uint64_t mem_available = in.mem_available;
+  if (mem_available == 0) {
+    auto ma = platform::mem_available_bytes();
+    mem_available = ma.ok() ? ma.value() : 0;
+  }
+  if (config.has("strata.dram_budget")) {
+    plan.dram_budget = uint64_t(config.get_int("strata.dram_budget"));
+  } else {
+    plan.dram_budget = mem_available / 4 * 3;  // default: 75% of MemAvailable
+  }
+
+  int max_slots = 0;
+  for (int s : in.slots) {
+    max_slots = std::max(max_slots, s);
+  }
+  if (max_slots <= 0) {
+    return invalid_argument("optimizer declares no state slots");
+  }
+  for (const auto& p : in.params) {
+    if (p.group < 0 || size_t(p.group) >= in.slots.size()) {
+      return invalid_argument("parameter names param group " + std::to_string(p.group) +
+                              " but there are " + std::to_string(in.slots.size()));
+    }
+    if (p.numel <= 0) {
+      return invalid_argument("parameter with no elements");
+    }
+  }
+
+  // Working buffers of fetch/store tiers must fit a quarter of the budget:
+  // DeepSpeed's default sub_group_size (1e9) would mean 12 GB records.
+  const bool may_fetch = device == "nvme" || device == "cxl" || has_nvme_path;
+  if (may_fetch) {
+    uint64_t per_elem = uint64_t(max_slots) * sizeof(float) * std::max<size_t>(plan.buffer_count, 1);
+    uint64_t cap = std::max<uint64_t>(plan.dram_budget / 4 / per_elem, kSlotAlignFloats);
+    cap = cap / kSlotAlignFloats * kSlotAlignFloats;
+    if (uint64_t(sgs) > cap) {
+      plan.notes.push_back("sub_group_size " + std::to_string(sgs) + " capped to " +
+                           std::to_string(cap) + " so that " + std::to_string(plan.buffer_count) +
+                           " working buffers fit a quarter of strata.dram_budget (" +
+                           human(double(plan.dram_budget)) + ")");
+      sgs = int64_t(cap);
+    }
+  }
+  plan.sub_group_size = size_t(sgs);
+
+  // Cut sub-groups: one group and one dtype each, at most sgs elements.
+  std::vector<size_t> arena_fill(3, 0);
+  SubGroup cur;
+  bool open = false;
+  auto close_cur = [&]() {
+    if (open && cur.numel > 0) {
+      cur.id = uint32_t(plan.subgroups.size());
+      cur.slot_stride = slot_stride_for(cur.numel);
+      cur.record_bytes = record_bytes_for(cur.numel, in.slots[size_t(cur.group)]);
+      cur.grad_offset = arena_fill[size_t(cur.dtype)];
+      arena_fill[size_t(cur.dtype)] += cur.numel;
+      plan.subgroups.push_back(std::move(cur));
+    }
+    cur = SubGroup{};
+    open = false;
+  };
+  for (size_t i = 0; i < in.params.size(); ++i) {
+    const auto& p = in.params[i];
+    plan.model_param_bytes += uint64_t(p.numel) * kernels::dtype_size(p.dtype);
+    if (open && (cur.group != p.group || cur.dtype != p.dtype)) {
+      close_cur();
+    }
+    size_t done = 0;
+    while (done < size_t(p.numel)) {
+      if (!open) {
+        cur.group = p.group;
+        cur.dtype = p.dtype;
+        open = true;
+      }
+      size_t take = std::min(size_t(p.numel) - done, size_t(sgs) - cur.numel);
+      cur.segments.push_back(Segment{i, done, cur.numel, take});
+      cur.numel += take;
+      done += take;
+      if (cur.numel == size_t(sgs)) {
+        close_cur();
+      }
+    }
+  }
+  close_cur();
+  // Each arena is one pool allocation, 4 KiB-aligned: count it rounded so the
+  // pool's single slab holds everything.
+  for (size_t d = 0; d < arena_fill.size(); ++d) {
+    uint64_t bytes = arena_fill[d] * kernels::dtype_size(kernels::DType(d));
+    plan.grad_bytes += (bytes + 4095) / 4096 * 4096;
+  }
+
+  // Placement.
+  const double ratio = config.get_number("zero_optimization.offload_optimizer.ratio");
+  if (ratio < 1.0 && !in.gpu_available) {
+    plan.notes.push_back("offload_optimizer.ratio " + std::to_string(ratio) +
+                         " asks for GPU updates, but no GPU is available: every sub-group is "
+                         "updated on the CPU");
+  }
+  size_t max_record = 0;
+  for (const auto& sg : plan.subgroups) {
+    max_record = std::max(max_record, sg.record_bytes);
+  }
+  uint64_t working = uint64_t(max_record) * plan.buffer_count;
+
+  tiers::TierKind primary = tiers::TierKind::kHost;
+  if (device == "nvme") {
+    primary = tiers::TierKind::kNvme;
+  } else if (device == "cxl") {
+    primary = tiers::TierKind::kCxl;
+  }
+
+  if (primary == tiers::TierKind::kNvme) {
+    uint64_t cache = uint64_t(config.get_int("strata.dram_cache_bytes"));
+    uint64_t cached = 0;
+    for (auto& sg : plan.subgroups) {
+      if (cached + sg.record_bytes <= cache) {
+        sg.tier = tiers::TierKind::kHost;
+        cached += sg.record_bytes;
+      } else {
+        sg.tier = tiers::TierKind::kNvme;
+      }
+    }
+  } else {
+    // cpu / none / cxl: keep state there while it fits the budget, spill the rest.
+    uint64_t used = 0;
+    bool spilled = false;
+    for (auto& sg : plan.subgroups) {
+      uint64_t need = sg.record_bytes;
+      uint64_t limit = plan.dram_budget > working ? plan.dram_budget - working : 0;
+      if (primary == tiers::TierKind::kCxl) {
+        limit = UINT64_MAX;  // CXL capacity is checked when the tier allocates
+      }
+      if (used + need <= limit || (!has_nvme_path && primary != tiers::TierKind::kCxl)) {
+        sg.tier = primary;
+        used += need;
+      } else {
+        sg.tier = tiers::TierKind::kNvme;
+        spilled = true;
+      }
+    }
+    if (primary == tiers::TierKind::kHost && used > plan.dram_budget) {
+      return Status(StatusCode::kNoSpace,
+                    "optimizer state needs " + human(double(used)) + " of host memory but "
+                    "strata.dram_budget is " + human(double(plan.dram_budget)) +
+                    "; set zero_optimization.offload_optimizer.nvme_path to spill the rest to "
+                    "NVMe, use device \"nvme\", or raise strata.dram_budget");
+    }
+    if (spilled) {
+      plan.notes.push_back("optimizer state does not fit strata.dram_budget (" +
+                           human(double(plan.dram_budget)) + "): part of it spills to NVMe at " +
+                           config.get_string("zero_optimization.offload_optimizer.nvme_path"));
+    }
+  }
+
+  // Totals per tier.
+  bool any_fetch = false;
+  for (const auto& sg : plan.subgroups) {
+    auto it = std::find_if(plan.tiers.begin(), plan.tiers.end(),
+                           [&](const TierBytes& t) { return t.tier == sg.tier; });
+    if (it == plan.tiers.end()) {
+      plan.tiers.push_back(TierBytes{sg.tier, 0, 0});
+      it = plan.tiers.end() - 1;
+    }
+    it->subgroups += 1;
+    it->bytes += sg.record_bytes;
+    if (sg.tier == tiers::TierKind::kNvme || sg.tier == tiers::TierKind::kCxl) {
+      any_fetch = true;
+    }
+  }
+  if (!any_fetch) {
+    working = 0;
+  }
+  plan.working_buffer_bytes = any_fetch ? max_record : 0;
+  plan.nvme_bytes = plan.bytes_on(tiers::TierKind::kNvme);
+  plan.pool_bytes = plan.bytes_on(tiers::TierKind::kHost) + working + plan.grad_bytes;
+  if (plan.nvme_bytes && !(device == "nvme" || has_nvme_path)) {
+    return internal_error("plan puts state on NVMe without an nvme_path");
+  }
+  return plan;
+}
+
+std::string Plan::to_string() const {
+  std::ostringstream os;
+  char line[160];
+  std::snprintf(line, sizeof(line), "%-8s %10s %14s\n", "tier", "subgroups", "state");
+  os << line;
+  for (const auto& t : tiers) {
+    std::snprintf(line, sizeof(line), "%-8s %10llu %14s\n", tiers::tier_name(t.tier),
+                  (unsigned long long)t.subgroups, human(double(t.bytes)).c_str());
+    os << line;
+  }
+  os << "sub_group_size " << sub_group_size << " elements, buffer_count " << buffer_count
+     << ", working buffer " << human(double(working_buffer_bytes)) << " each\n";
+  os << "host memory: pinned pool " << human(double(pool_bytes)) << " (of which gradients "
+     << human(double(grad_bytes)) << "), model parameters " << human(double(model_param_bytes))
+     << ", dram_budget " << human(double(dram_budget)) << "\n";
+  for (const auto& n : notes) {
+    os << "note: " << n << "\n";
+  }
+  return os.str();
+}
+
+nlohmann::json Plan::to_json() const {
+  nlohmann::json j;
+  j["sub_group_size"] = sub_group_size;
+  j["subgroups"] = subgroups.size();
+  j["buffer_count"] = buffer_count;
+  j["working_buffer_bytes"] = working_buffer_bytes;
+  j["dram_budget"] = dram_budget;
+  j["grad_bytes"] = grad_bytes;
+  j["model_param_bytes"] = model_param_bytes;
+  j["pool_bytes"] = pool_bytes;
+  j["nvme_bytes"] = nvme_bytes;
+  j["tiers"] = nlohmann::json::array();
+  for (const auto& t : tiers) {
+    j["tiers"].push_back({{"tier", tiers::tier_name(t.tier)}, {"subgroups", t.subgroups}, {"bytes", t.bytes}});
+  }
+  j["notes"] = notes;
+  return j;
+}
+
+}  // namespace strata::engine

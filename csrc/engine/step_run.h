@@ -1,0 +1,44 @@
+// One step in flight: the queue of sub-groups whose gradients are final, in
+// the order they became ready, and the gate that lets updates run.
+//
+// Producers (the thread driving the engine, autograd hooks) append to
+// `order` and flip the flags under `mu`; the pipeline worker consumes.
+// Invariants: every sub-group appears in `order` at most once;
+//   closed == (order.size() == number of sub-groups).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <strata/kernels/optimizer.h>
+#include <strata/status.h>
+
+namespace strata::engine {
+
+struct StepRun {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<uint32_t> order;       // ready sub-groups, in ready order
+  std::vector<uint8_t> queued;       // per sub-group
+  std::vector<uint32_t> waiting;     // per sub-group: parameters not yet ready
+  bool closed = false;               // every sub-group is in `order`
+  bool gate = false;                 // updates may run (grad_mul known)
+  float grad_mul = 1.0f;
+  bool cancel = false;               // drop the step (fp16 overflow): no update runs
+  bool backward_running = false;     // updates use the backward-time thread pool
+  bool collect_stats = false;        // gradient statistics per sub-group as they arrive
+  bool updates_done = false;         // worker finished every update (stores may be in flight)
+  bool finished = false;             // worker returned
+  bool stepped = false;              // step() has been called for this run
+  size_t stats_done = 0;             // sub-groups whose statistics are in `stats`
+  std::vector<kernels::GradStats> stats;
+  Status status;
+  int64_t start_ns = 0;
+  int64_t backward_end_ns = 0;
+  std::thread worker;
+};
+
+}  // namespace strata::engine

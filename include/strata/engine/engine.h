@@ -1,0 +1,170 @@
+// strata/engine/engine.h — the optimizer engine: sub-groups, placement and
+// the pipelined step.
+//
+// The flat space of trainable parameters is cut into sub-groups (one param
+// group and one dtype each, at most sub_group_size elements; a larger tensor
+// is split across consecutive sub-groups). Each sub-group owns one record of
+// fp32 state slots on a tier (see tiers/tier.h) and a range of the flat
+// gradient arena of its dtype. A step streams sub-groups through a pipeline
+// buffer_count deep: fetch (NVMe/CXL → DRAM working buffer) → update (CPU
+// kernel, new parameters copied into the model in the same pass) → store.
+//
+// Ownership: the engine owns its pool, I/O engine, swap files, tiers, the
+//   gradient arenas and its thread pool. Model parameter memory is borrowed:
+//   ParamInfo::data must stay valid (and not move) for the engine's life.
+// Thread-safety: one thread drives an engine (step, zero_grads, state
+//   access); several engines may live in one process.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <strata/config.h>
+#include <strata/engine/plan.h>
+#include <strata/engine/trace.h>
+#include <strata/kernels/optimizer.h>
+#include <strata/status.h>
+
+namespace strata::engine {
+
+struct ParamInfo {
+  std::string name;
+  int64_t numel = 0;
+  kernels::DType dtype = kernels::DType::kF32;
+  int group = 0;          // index into EngineOptions::groups
+  void* data = nullptr;   // model parameter memory (host), contiguous, numel elements of dtype
+};
+
+struct EngineOptions {
+  Config config;
+  std::vector<ParamInfo> params;                // in gradient-ready order
+  std::vector<kernels::OptimizerHyper> groups;  // one per param group
+  int rank = 0;
+  std::string tag;  // part of swap-file names; unique per engine in a process if given
+  // Benches and tests: when set, the engine allocates no gradient arenas and
+  // asks this for each sub-group's gradient (numel elements of its dtype)
+  // right before updating it. The pointer must stay valid until the update.
+  std::function<const void*(const SubGroup&)> grad_source;
+};
+
+struct GradSpan {
+  kernels::DType dtype;
+  void* data = nullptr;  // start of the arena
+  size_t numel = 0;
+};
+
+struct EngineStats {
+  uint64_t steps = 0;
+  uint64_t bytes_fetched = 0;  // from fetch/store tiers
+  uint64_t bytes_stored = 0;
+  uint64_t io_bytes_read = 0;  // as counted by the IoEngine
+  uint64_t io_bytes_written = 0;
+  uint64_t pool_reserved = 0;
+  uint64_t pool_requested = 0;
+  uint64_t pool_peak = 0;
+  bool pool_pinned = false;
+  uint64_t swap_file_bytes = 0;
+  std::string swap_file_path;
+  std::string io_backend;
+  std::string io_note;
+  std::string isa;
+  unsigned threads = 0;
+};
+
+class Engine {
+ public:
+  static Result<std::unique_ptr<Engine>> create(EngineOptions options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const Plan& plan() const;
+  const std::vector<SubGroup>& subgroups() const;
+
+  // Flat gradient arenas (one per dtype present). Parameter p's gradient is
+  // arena(dtype).data + grad_offset(p) elements, contiguous, numel elements.
+  const std::vector<GradSpan>& grad_arenas() const;
+  size_t grad_offset(size_t param) const;
+  Status zero_grads();
+
+  // Hyper-parameters may change between steps (LR schedulers).
+  Status set_hyper(int group, const kernels::OptimizerHyper& hyper);
+
+  // One optimizer step over every sub-group. grad_mul multiplies every
+  // gradient (clip coefficient / loss scale). Returns when every update is
+  // done and the model's parameters hold the new values; write-back of the
+  // last records continues in the background until the next sync point
+  // (begin_backward, the next step, state access, close). On error the
+  // engine is poisoned: further steps fail until state is reloaded.
+  Status step(float grad_mul = 1.0f);
+
+  // Overlap with backward. Between begin_backward() and end_backward(),
+  // mark_param_ready(p) (from any thread, e.g. autograd hooks) says p's
+  // gradient is final; a sub-group whose parameters are all final enters the
+  // pipeline at once. Eager mode updates it right away (only when the step
+  // needs no global quantity: no clipping, no fp16 overflow check); exact
+  // mode prefetches its state and computes its gradient statistics, and the
+  // updates run when step(grad_mul) supplies the clip/scale factor. Results
+  // are bit-identical to a step without overlap.
+  struct BackwardOptions {
+    bool eager_update = false;
+    float grad_mul = 1.0f;  // eager mode only
+    unsigned threads = 1;   // update threads while backward runs (cores torch leaves free)
+  };
+  Status begin_backward(const BackwardOptions& options);
+  void mark_param_ready(size_t param);
+  Status end_backward();
+  // Drops the step begun by begin_backward (fp16 overflow): no record changes.
+  Status cancel_step();
+  // Waits for the step in flight, write-back included.
+  Status sync();
+
+  // Global gradient statistics over every sub-group (fixed order).
+  Result<kernels::GradStats> grad_stats();
+
+  // State access by parameter, for checkpoints and state_dict. slot 0 is the
+  // master weights. Buffers hold numel floats.
+  Status read_param_state(size_t param, int slot, float* out);
+  Status write_param_state(size_t param, int slot, const float* in);
+  // All slots in one pass over the parameter's records (one fetch and at
+  // most one store per sub-group): slot k goes to/comes from bufs[k]; a null
+  // entry skips that slot.
+  Status read_param_states(size_t param, const std::vector<float*>& bufs);
+  Status write_param_states(size_t param, const std::vector<const float*>& bufs);
+  // A whole sub-group record (record_bytes, all slots) and where it lives.
+  Status read_record(uint32_t subgroup, float* out);
+  struct RecordLocation {
+    tiers::TierKind tier;
+    std::string path;     // swap file for NVMe, else ""
+    uint64_t offset = 0;  // bytes into path
+    uint64_t bytes = 0;
+  };
+  std::vector<RecordLocation> record_locations() const;
+  // Re-reads the master weights from the model parameters (after the model's
+  // weights were loaded).
+  Status sync_master_from_params();
+  int64_t step_count(int group) const;
+  void set_step_count(int group, int64_t step);
+
+  // Called after a successful reload of state: clears the poison.
+  void clear_error();
+  const Status& error() const;
+
+  EngineStats stats() const;
+  Trace& trace();
+
+  // Drains in-flight I/O and releases pool, swap files and threads. Safe to
+  // call twice; the destructor calls it.
+  Status close();
+
+ private:
+  struct Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace strata::engine

@@ -1,0 +1,88 @@
+// strata/engine/plan.h — sub-groups and where their state lives.
+//
+// build_plan() is pure: from the config, the parameters and the optimizer's
+// slot count it cuts sub-groups and assigns each to a tier, following the
+// offload_optimizer.device rules of docs/config.md. It needs no model and no
+// hardware, so `python -m strata plan --params 7e9` uses it directly.
+//
+// Units: elements for numel, bytes for everything called *_bytes.
+// Invariants: sum(subgroup.numel) == trainable elements;
+//   record_bytes == slots * slot_stride * 4, slot_stride % 1024 == 0.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <strata/config.h>
+#include <strata/kernels/optimizer.h>
+#include <strata/status.h>
+#include <strata/tiers/tier.h>
+
+namespace strata::engine {
+
+// A piece of one parameter inside a sub-group.
+struct Segment {
+  size_t param = 0;         // index into the engine's params
+  size_t param_offset = 0;  // elements into the parameter
+  size_t offset = 0;        // elements into the sub-group
+  size_t numel = 0;
+};
+
+struct SubGroup {
+  uint32_t id = 0;
+  int group = 0;
+  kernels::DType dtype = kernels::DType::kF32;
+  size_t numel = 0;
+  size_t slot_stride = 0;    // floats per slot (numel rounded up to 1024)
+  size_t record_bytes = 0;
+  size_t grad_offset = 0;    // elements into the gradient arena of dtype
+  tiers::TierKind tier = tiers::TierKind::kHost;
+  std::vector<Segment> segments;
+};
+
+struct PlanParam {
+  int64_t numel = 0;
+  kernels::DType dtype = kernels::DType::kF32;
+  int group = 0;
+};
+
+struct PlanInputs {
+  std::vector<PlanParam> params;  // gradient-ready order
+  std::vector<int> slots;         // fp32 slots per group (master included)
+  bool gpu_available = false;
+  uint64_t mem_available = 0;     // bytes, MemAvailable (0: read /proc/meminfo)
+};
+
+struct TierBytes {
+  tiers::TierKind tier;
+  uint64_t subgroups = 0;
+  uint64_t bytes = 0;
+};
+
+struct Plan {
+  std::vector<SubGroup> subgroups;
+  std::vector<TierBytes> tiers;    // one row per tier used
+  size_t sub_group_size = 0;       // effective (after the DRAM cap)
+  size_t buffer_count = 0;
+  size_t working_buffer_bytes = 0; // each
+  uint64_t dram_budget = 0;
+  uint64_t grad_bytes = 0;         // flat gradient arenas
+  uint64_t model_param_bytes = 0;
+  uint64_t pool_bytes = 0;         // predicted pinned pool (host records + working buffers + grads)
+  uint64_t nvme_bytes = 0;
+  std::vector<std::string> notes;  // spills, caps, warnings (shown once)
+
+  uint64_t bytes_on(tiers::TierKind tier) const;
+  std::string to_string() const;   // readable table
+  nlohmann::json to_json() const;
+};
+
+Result<Plan> build_plan(const Config& config, const PlanInputs& inputs);
+
+// Record layout helpers.
+size_t slot_stride_for(size_t numel);
+size_t record_bytes_for(size_t numel, int slots);
+
+}  // namespace strata::engine
