@@ -1,0 +1,283 @@
+// strata._C — the one Python binding.
+//
+// Tensors cross this boundary as (address, numel, dtype) triples that
+// python/strata checks (contiguous, CPU, dtype) before calling in; they become
+// spans here and nowhere else. The module includes no torch header, so it does
+// not depend on the ABI of the torch it runs beside. Status errors become
+// Python exceptions: ConfigError (ValueError), StrataIOError (OSError),
+// StrataError (RuntimeError). Long calls release the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <strata/config.h>
+#include <strata/engine/engine.h>
+#include <strata/engine/plan.h>
+#include <strata/kernels/optimizer.h>
+#include <strata/kernels/thread_pool.h>
+
+#include "torch/convert.h"
+
+namespace py = pybind11;
+using namespace strata;
+
+namespace strata::pybind {
+
+void bind_system(py::module_& m);
+
+namespace {
+
+struct EngineHolder {
+  std::unique_ptr<engine::Engine> engine;
+};
+
+// A writable byte view of an engine-owned buffer; keeps the engine alive.
+struct HostBuffer {
+  std::shared_ptr<EngineHolder> owner;
+  void* data;
+  size_t bytes;
+};
+
+class PyEngine {
+ public:
+  PyEngine(const std::string& config_text, const py::list& params, const py::list& groups, int rank,
+           const std::string& tag, int world_size) {
+    engine::EngineOptions o;
+    o.config = config_from_text(config_text, /*check_paths=*/true, world_size);
+    for (const auto& item : params) {
+      auto t = item.cast<py::tuple>();
+      engine::ParamInfo p;
+      p.name = t[0].cast<std::string>();
+      p.numel = t[1].cast<int64_t>();
+      p.dtype = dtype_from_name(t[2].cast<std::string>());
+      p.group = t[3].cast<int>();
+      p.data = reinterpret_cast<void*>(t[4].cast<uintptr_t>());
+      o.params.push_back(std::move(p));
+    }
+    for (const auto& g : groups) {
+      o.groups.push_back(hyper_from_dict(g.cast<py::dict>()));
+    }
+    o.rank = rank;
+    o.tag = tag;
+    auto result = [&] {
+      py::gil_scoped_release release;
+      return engine::Engine::create(std::move(o));
+    }();
+    holder_ = std::make_shared<EngineHolder>();
+    holder_->engine = unwrap(std::move(result));
+  }
+
+  engine::Engine& e() {
+    if (!holder_ || !holder_->engine) {
+      throw StrataError("the engine is closed");
+    }
+    return *holder_->engine;
+  }
+
+  HostBuffer grad_arena(const std::string& dtype) {
+    auto d = dtype_from_name(dtype);
+    for (const auto& a : e().grad_arenas()) {
+      if (a.dtype == d) {
+        return HostBuffer{holder_, a.data, a.numel * kernels::dtype_size(d)};
+      }
+    }
+    throw ConfigError("no gradient arena of dtype " + dtype);
+  }
+
+  void step(float grad_mul) {
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = e().step(grad_mul);
+    }
+    check(st);
+  }
+
+  void close() {
+    if (holder_ && holder_->engine) {
+      Status st;
+      {
+        py::gil_scoped_release release;
+        st = holder_->engine->close();
+      }
+      holder_->engine.reset();
+      check(st);
+    }
+  }
+
+  std::shared_ptr<EngineHolder> holder_;
+};
+
+}  // namespace
+}  // namespace strata::pybind
+
+using namespace strata::pybind;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "strata core binding (torch-free)";
+  register_exceptions(m);
+  m.attr("__version__") = STRATA_VERSION;
+
+  py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
+      .def_buffer([](HostBuffer& b) {
+        return py::buffer_info(b.data, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {py::ssize_t(b.bytes)}, {py::ssize_t(1)}, false);
+      })
+      .def_property_readonly("address", [](const HostBuffer& b) { return uintptr_t(b.data); })
+      .def_property_readonly("nbytes", [](const HostBuffer& b) { return b.bytes; });
+
+  // ---- config ----
+  m.def("parse_config", &parse_config_py, py::arg("text"), py::arg("auto_values") = "{}",
+        py::arg("world_size") = 1, py::arg("check_paths") = true, py::arg("name") = "config",
+        "Validate JSON text (comments allowed; `name` is used in messages, e.g. the file);\n"
+        "returns (filled_json_text, warnings). Raises ConfigError.");
+  m.def("config_schema", &config_schema_py, "The schema table as a list of dicts.");
+  m.def("config_markdown", [] { return config_schema_markdown(); },
+        "docs/config.md as generated from the schema table.");
+
+  // ---- kernels ----
+  m.def("detect_isa", [] { return std::string(kernels::isa_name(kernels::detect_isa())); });
+  m.def("optimizer_step", &optimizer_step_py, py::arg("hyper"), py::arg("step"), py::arg("grad_mul"),
+        py::arg("slots"), py::arg("n"), py::arg("grad"), py::arg("grad_dtype"), py::arg("copy_out"),
+        py::arg("param_dtype"), py::arg("threads") = 1, py::arg("isa") = "auto",
+        "One optimizer step on raw buffers (addresses as ints). For tests and benches.");
+  m.def("grad_stats", &grad_stats_py, py::arg("grad"), py::arg("dtype"), py::arg("n"),
+        py::arg("threads") = 1, "(sum of squares, any inf/nan) over a gradient buffer.");
+
+  // ---- plan ----
+  m.def("build_plan", &build_plan_py, py::arg("config"), py::arg("params"), py::arg("slots"),
+        py::arg("gpu_available") = false, py::arg("mem_available") = 0,
+        "Plan without a model: params is a list of (numel, dtype, group). Returns (text, json).");
+
+  // ---- engine ----
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init<const std::string&, const py::list&, const py::list&, int, const std::string&, int>(),
+           py::arg("config"), py::arg("params"), py::arg("groups"), py::arg("rank") = 0,
+           py::arg("tag") = "", py::arg("world_size") = 1)
+      .def("grad_arena", &PyEngine::grad_arena, py::arg("dtype"))
+      .def("grad_offset", [](PyEngine& s, size_t i) { return s.e().grad_offset(i); })
+      .def("zero_grads",
+           [](PyEngine& s) {
+             Status st;
+             {
+               py::gil_scoped_release release;
+               st = s.e().zero_grads();
+             }
+             check(st);
+           })
+      .def("set_hyper", [](PyEngine& s, int g, const py::dict& h) { check(s.e().set_hyper(g, hyper_from_dict(h))); })
+      .def("step", &PyEngine::step, py::arg("grad_mul") = 1.0f)
+      .def(
+          "begin_backward",
+          [](PyEngine& s, bool eager, float grad_mul, unsigned threads) {
+            engine::Engine::BackwardOptions o;
+            o.eager_update = eager;
+            o.grad_mul = grad_mul;
+            o.threads = threads;
+            Status st;
+            {
+              py::gil_scoped_release release;
+              st = s.e().begin_backward(o);
+            }
+            check(st);
+          },
+          py::arg("eager"), py::arg("grad_mul") = 1.0f, py::arg("threads") = 1)
+      .def("mark_param_ready", [](PyEngine& s, size_t i) { s.e().mark_param_ready(i); })
+      .def("end_backward", [](PyEngine& s) { check(s.e().end_backward()); })
+      .def("cancel_step",
+           [](PyEngine& s) {
+             Status st;
+             {
+               py::gil_scoped_release release;
+               st = s.e().cancel_step();
+             }
+             check(st);
+           })
+      .def("sync",
+           [](PyEngine& s) {
+             Status st;
+             {
+               py::gil_scoped_release release;
+               st = s.e().sync();
+             }
+             check(st);
+           })
+      .def("grad_stats",
+           [](PyEngine& s) {
+             Result<kernels::GradStats> r = [&] {
+               py::gil_scoped_release release;
+               return s.e().grad_stats();
+             }();
+             auto g = unwrap(std::move(r));
+             return py::make_tuple(g.sum_sq, g.nonfinite);
+           })
+      .def("read_param_state",
+           [](PyEngine& s, size_t i, int slot, uintptr_t out) {
+             Status st;
+             {
+               py::gil_scoped_release release;
+               st = s.e().read_param_state(i, slot, reinterpret_cast<float*>(out));
+             }
+             check(st);
+           })
+      .def("write_param_state",
+           [](PyEngine& s, size_t i, int slot, uintptr_t in) {
+             Status st;
+             {
+               py::gil_scoped_release release;
+               st = s.e().write_param_state(i, slot, reinterpret_cast<const float*>(in));
+             }
+             check(st);
+           })
+      .def("read_param_states",
+           [](PyEngine& s, size_t i, const std::vector<uintptr_t>& outs) {
+             std::vector<float*> p;
+             for (auto a : outs) p.push_back(reinterpret_cast<float*>(a));
+             Status st;
+             {
+               py::gil_scoped_release release;
+               st = s.e().read_param_states(i, p);
+             }
+             check(st);
+           },
+           "Every slot of one parameter in one pass over its records: outs[k] receives slot k "
+           "(0 = master), or is 0 to skip it.")
+      .def("write_param_states",
+           [](PyEngine& s, size_t i, const std::vector<uintptr_t>& ins) {
+             std::vector<const float*> p;
+             for (auto a : ins) p.push_back(reinterpret_cast<const float*>(a));
+             Status st;
+             {
+               py::gil_scoped_release release;
+               st = s.e().write_param_states(i, p);
+             }
+             check(st);
+           })
+      .def("sync_master_from_params",
+           [](PyEngine& s) {
+             Status st;
+             {
+               py::gil_scoped_release release;
+               st = s.e().sync_master_from_params();
+             }
+             check(st);
+           })
+      .def("step_count", [](PyEngine& s, int g) { return s.e().step_count(g); })
+      .def("set_step_count", [](PyEngine& s, int g, int64_t n) { s.e().set_step_count(g, n); })
+      .def("clear_error", [](PyEngine& s) { s.e().clear_error(); })
+      .def("error", [](PyEngine& s) { return s.e().error().to_string(); })
+      .def("plan_text", [](PyEngine& s) { return s.e().plan().to_string(); })
+      .def("plan_json", [](PyEngine& s) { return s.e().plan().to_json().dump(); })
+      .def("subgroups", [](PyEngine& s) { return subgroups_py(s.e()); })
+      .def("stats", [](PyEngine& s) { return stats_py(s.e()); })
+      .def("breakdown", [](PyEngine& s) { return s.e().trace().last_breakdown().to_json().dump(); })
+      .def("trace_json", [](PyEngine& s) { return s.e().trace().chrome_json().dump(); })
+      .def("write_trace", [](PyEngine& s, const std::string& path) { check(s.e().trace().write_chrome(path)); })
+      .def("close", &PyEngine::close)
+      .def_property_readonly("closed", [](PyEngine& s) { return !s.holder_ || !s.holder_->engine; });
+
+  bind_system(m);
+}

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Fine-tune a small GPT on the Python standard library's sources with the optimizer state on
+strata's NVMe tier (or whatever tier the config names).
+
+    PYTHONPATH=python /usr/bin/python3 examples/finetune_gpt.py --config examples/configs/nvme.json
+
+Ends with a summary: loss first -> last, median step time, bytes the engine read and wrote on
+its swap file, peak RSS; and writes the step trace, a timeline picture and a loss curve into
+--out.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import strata  # noqa: E402
+import strata.optim  # noqa: E402
+from strata.progress import Progress  # noqa: E402
+
+from gpt import GPT, Batches, param_count, stdlib_corpus  # noqa: E402
+
+SIZES = {
+    "tiny": dict(d_model=128, n_layer=2, n_head=4, seq_len=64),
+    "small": dict(d_model=256, n_layer=4, n_head=4, seq_len=128),
+    "medium": dict(d_model=384, n_layer=6, n_head=6, seq_len=128),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "nvme.json"))
+    ap.add_argument("--out", default="demo_out", help="folder for trace, pictures and summary")
+    ap.add_argument("--size", default="medium", choices=sorted(SIZES))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--max-seconds", type=float, default=180.0, help="stop training after this long")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--progress", default=None, help="auto, bar, log or off (default: the config's)")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, args.threads))
+    os.makedirs(args.out, exist_ok=True)
+
+    cfg = strata.load_config(args.config)
+    opt_params = cfg.get("optimizer", {}).get("params", {})
+    batch = int(cfg.get("train_micro_batch_size_per_gpu") or 16)
+    trace_cfg = strata.config.get(cfg, "strata.trace", {}) or {}
+    trace_path = os.path.join(args.out, "trace.json")
+    progress_mode = args.progress or strata.config.get(cfg, "strata.progress", "auto")
+
+    model = GPT(**SIZES[args.size], dropout=0.0)
+    data = Batches(stdlib_corpus(), model.seq_len, batch, seed=args.seed)
+    n_params = param_count(model)
+    print(f"strata {strata.__version__}: GPT-{args.size} with {n_params / 1e6:.2f}M parameters, "
+          f"batch {batch}x{model.seq_len} bytes, torch {torch.__version__} on {args.threads} threads")
+
+    opt = strata.optim.OffloadAdamW(
+        model.parameters(), lr=float(opt_params.get("lr", 6e-4)),
+        betas=tuple(opt_params.get("betas", (0.9, 0.95))), eps=float(opt_params.get("eps", 1e-8)),
+        weight_decay=float(opt_params.get("weight_decay", 0.1)), config=args.config)
+    st = opt.stats()
+    print(opt.plan().rstrip())
+    if st["swap_file_path"]:
+        print(f"swap file {st['swap_file_path']} ({st['swap_file_bytes'] / 2**20:.1f} MiB, "
+              f"{st['io_backend']}); update kernel {st['isa']} on {st['threads']} threads")
+
+    losses, step_times, opt_times = [], [], []
+    start = time.monotonic()
+    with Progress(args.steps, "train", unit="step", mode=progress_mode) as bar:
+        for step in range(args.steps):
+            t0 = time.perf_counter()
+            x, y = data.next()
+            loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            losses.append(loss.item())
+            step_times.append(t2 - t0)
+            opt_times.append(t2 - t1)
+            bar.update(1, loss=losses[-1], step_s=step_times[-1])
+            if time.monotonic() - start > args.max_seconds:
+                break
+    opt.write_trace(trace_path)
+    breakdown = opt.step_breakdown()
+    st = opt.stats()
+    opt.close()
+
+    k = max(1, min(10, len(losses) // 5))
+    first, last = statistics.mean(losses[:k]), statistics.mean(losses[-k:])
+    warm = step_times[1:] or step_times
+    summary = {
+        "params": n_params,
+        "steps": len(losses),
+        "loss_first": first,
+        "loss_last": last,
+        "median_step_s": statistics.median(warm),
+        "median_optimizer_step_s": statistics.median(opt_times[1:] or opt_times),
+        "swap_bytes_read": st["io_bytes_read"],
+        "swap_bytes_written": st["io_bytes_written"],
+        "io_backend": st["io_backend"],
+        "pinned_pool_bytes": st["pool_reserved"],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "last_step_breakdown": breakdown,
+    }
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(args.out, "losses.json"), "w") as f:
+        json.dump(losses, f)
+
+    pictures = []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(range(1, len(losses) + 1), losses, lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/byte)")
+        ax.set_title(f"GPT-{args.size} on stdlib sources, optimizer state via strata")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        loss_png = os.path.join(args.out, "loss.png")
+        fig.savefig(loss_png, dpi=110)
+        plt.close(fig)
+        pictures.append(loss_png)
+        try:
+            from strata import report
+
+            timeline_png = os.path.join(args.out, "timeline.png")
+            report.render(trace_path, timeline_png)
+            pictures.append(timeline_png)
+        except ImportError:
+            pass
+    except ImportError:
+        print("matplotlib is not installed: no pictures (make deps installs python3-matplotlib)")
+
+    gib = 2.0**30
+    print("\n=== summary ===")
+    print(f"steps              {summary['steps']}")
+    print(f"loss               {first:.3f} -> {last:.3f} (mean of first/last {k} steps)")
+    print(f"median step        {summary['median_step_s'] * 1e3:.1f} ms "
+          f"(optimizer {summary['median_optimizer_step_s'] * 1e3:.1f} ms)")
+    print(f"swap file I/O      read {st['io_bytes_read'] / gib:.2f} GiB, "
+          f"written {st['io_bytes_written'] / gib:.2f} GiB ({st['io_backend'] or 'no swap file'})")
+    print(f"pinned pool        {st['pool_reserved'] / 2**20:.1f} MiB")
+    print(f"peak RSS           {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"trace              {trace_path}")
+    for p in pictures:
+        print(f"picture            {p}")
+    print(f"summary            {os.path.join(args.out, 'summary.json')}")
+    if not last < first:
+        print("warning: the loss did not go down", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

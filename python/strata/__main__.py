@@ -1,0 +1,203 @@
+"""Command line: ``python -m strata info|plan|report``.
+
+    python -m strata info [--config ds.json] [--path DIR] [--json]
+    python -m strata plan --config ds.json --params 7e9 [--dtype bf16] [--json]
+    python -m strata report TRACE.json -o step.png
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from . import _C
+from . import config as _config
+
+
+def _bytes(n):
+    return _C.format_bytes(int(n))
+
+
+def _blas_in_use():
+    """Which BLAS library torch loaded (Debian's torch uses whatever libblas.so.3 points at)."""
+    libs = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if "/" in line else ""
+                base = os.path.basename(path)
+                if "blas" in base or "mkl" in base or "blis" in base:
+                    libs.add(os.path.realpath(path))
+    except OSError:
+        pass
+    return sorted(libs)
+
+
+def _torch_info():
+    try:
+        import torch
+    except ImportError:
+        return {"torch": None}
+    torch.zeros(2, 2) @ torch.zeros(2, 2)  # make sure BLAS is loaded
+    info = {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "blas": _blas_in_use(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [],
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            info["cuda_devices"].append({"name": p.name, "memory": p.total_memory})
+    return info
+
+
+def cmd_info(args):
+    swap_dir = args.path
+    cfg = None
+    if args.config:
+        cfg = _config.load_config(args.config, quiet=False)
+        swap_dir = swap_dir or _config.get(cfg, "zero_optimization.offload_optimizer.nvme_path")
+    swap_dir = swap_dir or os.getcwd()
+    sysinfo = _C.system_info(swap_dir)
+    tinfo = _torch_info()
+    if args.json:
+        out = {"strata": _C.__version__, "system": sysinfo, "torch": tinfo}
+        if cfg is not None:
+            out["config"] = cfg
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    uring = "available" if sysinfo["io_uring_available"] else (
+        "not compiled in" if not sysinfo["io_uring_compiled"] else "unavailable")
+    print(f"strata {_C.__version__}")
+    print(f"  io_uring        {uring}" + (f" ({sysinfo['io_uring_reason']})" if sysinfo["io_uring_reason"] else ""))
+    print(f"  swap I/O        {'io_uring' if sysinfo['io_uring_available'] else 'thread-pool pread/pwrite'}")
+    if sysinfo.get("direct_io") is not None:
+        print(f"  O_DIRECT        {'yes' if sysinfo['direct_io'] else 'refused (buffered fallback)'} on {swap_dir}")
+    else:
+        print(f"  O_DIRECT        unknown on {swap_dir}: {sysinfo.get('direct_io_error', '')}")
+    print(f"  CPU SIMD        {sysinfo['simd']} ({sysinfo['cpus']} CPUs)")
+    print(f"  memory          {_bytes(sysinfo['mem_total'])} total, {_bytes(sysinfo['mem_available'])} available")
+    if sysinfo["memlock_unlimited"]:
+        ml = "unlimited"
+    else:
+        ml = f"{_bytes(sysinfo['memlock_soft'])} (hard {_bytes(sysinfo['memlock_hard'])})"
+    if sysinfo["cap_ipc_lock"]:
+        ml += ", CAP_IPC_LOCK held (not enforced)"
+    print(f"  RLIMIT_MEMLOCK  {ml}")
+    print("  NUMA nodes")
+    for line in sysinfo["numa_text"].strip().splitlines():
+        print(f"    {line}")
+    cxl = sysinfo["cxl_nodes"]
+    print(f"  CXL/memory-only nodes: {', '.join(map(str, cxl)) if cxl else 'none'}")
+    print(f"  CUDA            {'compiled in' if sysinfo['cuda_compiled'] else 'not compiled in'}; "
+          f"devices: {', '.join(d['name'] for d in tinfo.get('cuda_devices', [])) or 'none'}")
+    print(f"  torch           {tinfo.get('torch') or 'not importable'}"
+          + (f", {tinfo['torch_threads']} intra-op threads" if tinfo.get("torch") else ""))
+    if tinfo.get("torch"):
+        blas = tinfo["blas"]
+        print(f"  BLAS            {', '.join(blas) if blas else 'unknown'}")
+        if blas and not any("openblas" in b or "mkl" in b or "blis" in b for b in blas):
+            print("                  (reference BLAS: matmuls ~90x slower; install libopenblas0-pthread)")
+    if cfg is not None:
+        print(f"\nconfig {args.config} (defaults filled):")
+        _print_config(cfg)
+    return 0
+
+
+def _print_config(cfg):
+    rows = _config.schema()
+    width = max(len(r["path"]) for r in rows)
+    for r in rows:
+        if r["type"] == "object" and r["default"] is None:
+            continue
+        value = _config.get(cfg, r["path"])
+        if value is None and r["default"] is None and r["support"] != "honoured":
+            continue
+        mark = "" if value == r["default"] else " *"
+        shown = json.dumps(value) if value is not None else "-"
+        print(f"  {r['path']:<{width}}  {shown:<14}{mark:2} {r['description']}")
+    print("  (* differs from the default)")
+
+
+def _slots_for(cfg):
+    kind = (_config.get(cfg, "optimizer.type") or "AdamW").lower()
+    params = _config.get(cfg, "optimizer.params", {}) or {}
+    if kind in ("adam", "adamw"):
+        return 4 if params.get("amsgrad") else 3
+    if kind == "sgd":
+        return 2 if params.get("momentum", 0) else 1
+    if kind == "adagrad":
+        return 2
+    return 3
+
+
+def cmd_plan(args):
+    cfg = _config.load_config(args.config, quiet=True, check_paths=False)
+    n = int(float(args.params))
+    if n <= 0:
+        raise SystemExit("--params must be positive")
+    text, plan_json = _C.build_plan(json.dumps(cfg), [(n, args.dtype, 0)], [_slots_for(cfg)],
+                                    False, int(float(args.mem_available)) if args.mem_available else 0)
+    plan = json.loads(plan_json)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print(f"plan for {n:,} {args.dtype} parameters with {args.config}:")
+        print(text.rstrip())
+    return 0
+
+
+def cmd_report(args):
+    from . import report
+
+    out = args.output or (os_path_stem(args.trace) + ".png")
+    lanes = report.render(args.trace, out, title=args.title, steps=None if args.all_steps else 1)
+    print(f"wrote {out} ({len(lanes)} lanes: {', '.join(lanes)})")
+    return 0
+
+
+def os_path_stem(path):
+    root, _ = os.path.splitext(path)
+    return root
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m strata", description="strata command line")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="what this machine offers strata (and a config with its defaults)")
+    p.add_argument("--config", help="a DeepSpeed-style JSON config to validate and show with defaults")
+    p.add_argument("--path", help="folder to probe for O_DIRECT (default: the config's nvme_path or .)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("plan", help="sub-groups, tiers and host memory for a model size, no model needed")
+    p.add_argument("--config", required=True)
+    p.add_argument("--params", required=True, help="number of trainable parameters, e.g. 7e9")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--mem-available", help="bytes of MemAvailable to plan for (default: this machine)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("report", help="render an engine trace as a timeline picture")
+    p.add_argument("trace", help="Chrome/Perfetto trace JSON written by the engine")
+    p.add_argument("-o", "--output", help="PNG to write (default: next to the trace)")
+    p.add_argument("--title")
+    p.add_argument("--all-steps", action="store_true", help="draw every step the trace kept (default: the last)")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("export", help="write a checkpoint's weights as a plain torch state_dict")
+    p.add_argument("checkpoint", help="checkpoint folder (uses its 'latest') or a tag folder")
+    p.add_argument("-o", "--output", required=True, help="output file, e.g. model.pt")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of floating-point tensors (default fp32: the master weights)")
+    p.add_argument("--tag", help="checkpoint tag (default: the one in the 'latest' file)")
+    p.set_defaults(fn=lambda a: __import__("strata.export", fromlist=["cmd_export"]).cmd_export(a))
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (_C.ConfigError, _C.StrataError, OSError) as exc:
+        print(f"strata: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

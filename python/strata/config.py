@@ -1,0 +1,127 @@
+"""Configuration: DeepSpeed-style JSON validated by strata's one C++ schema.
+
+``load_config`` accepts a path, a dict or None and returns the config with every default
+filled in. Errors raise ``strata.ConfigError`` (a ValueError) naming the JSON path, the bad
+value and what is allowed. Warnings (unknown keys, keys accepted but not acted on) are logged
+once per process.
+"""
+
+import json
+import logging
+import os
+
+from . import _C
+
+log = logging.getLogger("strata")
+_warned = set()
+
+
+def warn_once(message):
+    if message in _warned:
+        return
+    _warned.add(message)
+    # With no logging configured, Python's last-resort handler prints it to stderr.
+    log.warning("strata: %s", message)
+
+
+def _text(config):
+    """(JSON text, name for messages). Files are parsed by the C++ parser itself, so
+    comments and a byte-order mark are accepted and syntax errors name line and column."""
+    if config is None:
+        return "{}", "config"
+    if isinstance(config, dict):
+        try:
+            return json.dumps(config, allow_nan=False), "config"
+        except ValueError as exc:
+            raise _C.ConfigError(f"config holds a value JSON cannot express: {exc}") from exc
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode("utf-8", errors="replace"), path
+        except OSError as exc:
+            raise _C.ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    raise _C.ConfigError(f"config must be a path, a dict or None, not {type(config).__name__}")
+
+
+def _read(config):
+    """The user's config as a dict (not validated, no defaults)."""
+    if isinstance(config, dict):
+        return json.loads(_text(config)[0])
+    text, name = _text(config)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return _strip_comments_and_load(text, name)
+
+
+def _strip_comments_and_load(text, name):
+    out, i, n, in_str = [], 0, len(text), False
+    while i < n:
+        c = text[i]
+        if in_str:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+            out.append(c)
+        elif text.startswith("//", i):
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+            continue
+        else:
+            out.append(c)
+        i += 1
+    try:
+        return json.loads("".join(out).lstrip("\ufeff"))
+    except json.JSONDecodeError as exc:
+        raise _C.ConfigError(f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+
+
+def load_config(config=None, *, auto_values=None, world_size=1, quiet=False, check_paths=True):
+    """Validate and fill a config. Returns a dict.
+
+    check_paths=False skips the checks of paths on this machine (nvme_path), for tools that
+    inspect a config meant for another machine.
+    """
+    text, name = _text(config)
+    text, warnings = _C.parse_config(text, json.dumps(auto_values or {}), int(world_size),
+                                     bool(check_paths), name)
+    if not quiet:
+        for w in warnings:
+            warn_once(w)
+    return json.loads(text)
+
+
+def get(cfg, path, default=None):
+    node = cfg
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return default if node is None else node
+
+
+def set_path(cfg, path, value):
+    parts = path.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def schema():
+    """The schema table: a list of dicts (path, type, default, description, ...)."""
+    rows = _C.config_schema()
+    for r in rows:
+        if r["default"] is not None:
+            r["default"] = json.loads(r["default"])
+    return rows

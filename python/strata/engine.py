@@ -1,0 +1,708 @@
+"""The DeepSpeed-style training engine returned by ``strata.initialize``.
+
+``Engine`` wraps the model (``engine.module``) and a strata optimizer whose state lives on the
+tiers the config names. The training loop is DeepSpeed's:
+
+    loss = engine(batch)     # forward (fp16.auto_cast casts floating inputs to fp16)
+    engine.backward(loss)    # loss / gradient_accumulation_steps (x loss scale with fp16)
+    engine.step()            # acts at accumulation boundaries only
+
+At a boundary ``step()`` reads the global gradient statistics from the engine (sum of squares
+and inf/NaN, in a fixed order), skips the step on an fp16 overflow (lowering the loss scale and
+counting it), folds the loss-scale inverse and the clip coefficient
+``min(1, gradient_clipping / (norm + 1e-6))`` into one gradient multiplier that the C++ update
+applies on the fly, runs the update, zeroes the gradients, and steps the LR schedule
+(``lr_scheduler.step()`` is skipped on overflow, as in DeepSpeed). ``global_steps`` counts
+boundaries (skipped ones too), ``micro_steps`` calls to ``step()``.
+
+See docs/deepspeed.md for what is honoured and what is accepted without effect.
+"""
+
+import logging
+import math
+import os
+import time
+
+import torch
+
+from . import checkpoint as _ckpt
+from . import comm
+from . import config as _config
+from . import loss_scaler as _loss_scaler
+from . import lr_schedules
+from ._torch_compat import note_optimizer_step
+from .optim import (OffloadAdagrad, OffloadAdam, OffloadAdamW, OffloadSGD, _OffloadOptimizer)
+
+log = logging.getLogger("strata")
+
+_engine_counter = 0
+
+
+class _ClientOptimizer:
+    """A client optimizer strata cannot offload, run as given on the model's parameters.
+
+    The engine still does gradient accumulation, fp16 loss scaling (the gradients are unscaled
+    in place before ``step``), clipping and the schedule; the optimizer's state stays wherever
+    it keeps it.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self._pending_grad_mul = None
+        self._poisoned = None
+        self.closed = False
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def _params(self):
+        seen = set()
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def grad_stats(self):
+        total = 0.0
+        for p in self._params():
+            if p.grad is not None:
+                total += float(p.grad.detach().double().pow(2).sum())
+        return total, not math.isfinite(total)
+
+    def grad_arenas(self):
+        return [p.grad for p in self._params() if p.grad is not None]
+
+    def step(self, closure=None):
+        mul = self._pending_grad_mul
+        self._pending_grad_mul = None
+        if mul is not None and mul != 1.0:
+            with torch.no_grad():
+                for p in self._params():
+                    if p.grad is not None:
+                        p.grad.mul_(mul)
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none=None):
+        for p in self._params():
+            if p.grad is not None:
+                p.grad.detach_()
+                p.grad.zero_()
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd):
+        self.optimizer.load_state_dict(sd)
+
+    def close(self):
+        self.closed = True
+
+
+def _named_unique_params(module):
+    """name -> parameter for the module's parameters, the first name of tied ones."""
+    out = {}
+    for name, p in module.named_parameters():
+        out.setdefault(id(p), name)
+    return out
+
+
+_TORCH_TO_STRATA = {
+    torch.optim.AdamW: OffloadAdamW,
+    torch.optim.Adam: OffloadAdam,
+    torch.optim.SGD: OffloadSGD,
+    torch.optim.Adagrad: OffloadAdagrad,
+}
+
+
+class Engine(torch.nn.Module):
+    """The engine; build it with ``strata.initialize`` (see the module doc)."""
+
+    def __init__(self, *, module, config, optimizer=None, model_parameters=None,
+                 lr_scheduler=None, training_data=None, collate_fn=None, args=None):
+        super().__init__()
+        global _engine_counter
+        _engine_counter += 1
+        self._tag = f"e{_engine_counter}"
+        self.module = module
+        self._config = config
+        self._closed = False
+        self.world_size = comm.get_world_size()
+        self.global_rank = comm.get_rank()
+        self.local_rank = comm.get_local_rank()
+        if args is not None and getattr(args, "local_rank", None) not in (None, -1):
+            self.local_rank = int(args.local_rank)
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self._boundary_override = None
+        self._global_grad_norm = None
+        self._step_applied = False
+        self._client_torch_optimizer = None
+        self._timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+        self._progress = _config.get(config, "strata.progress", "auto")
+
+        self._check_module(module)
+        self.device = self._module_device(module)
+        fp32_sources = self._cast_module()
+        self._check_grad_accum_dtype()
+        self._load_hook = None
+        self.optimizer = self._configure_optimizer(optimizer, model_parameters, fp32_sources)
+        del fp32_sources
+        try:
+            self.lr_scheduler = self._configure_lr_scheduler(lr_scheduler)
+            self.loss_scaler = _loss_scaler.from_config(config, rank0=self.global_rank == 0)
+            self.training_dataloader = self._configure_dataloader(training_data, collate_fn)
+        except BaseException:
+            self.close()  # release the optimizer's pool and swap file now, not at GC
+            raise
+        if hasattr(module, "register_load_state_dict_post_hook"):
+            self._load_hook = module.register_load_state_dict_post_hook(self._after_module_load)
+
+    # ---- set-up ------------------------------------------------------------
+    @staticmethod
+    def _check_module(module):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"strata.initialize: model must be a torch.nn.Module, not "
+                            f"{type(module).__name__}")
+        for name, m in module.named_modules():
+            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse and any(
+                    p.requires_grad for p in m.parameters()):
+                raise ValueError(
+                    f"strata: {name or 'the model'} ({type(m).__name__}) produces sparse "
+                    "gradients (sparse=True); strata needs dense gradients — construct it with "
+                    "sparse=False")
+
+    @staticmethod
+    def _module_device(module):
+        devices = {p.device for p in module.parameters()}
+        if len(devices) > 1:
+            raise ValueError("strata: the model's parameters live on several devices "
+                             f"({', '.join(sorted(str(d) for d in devices))}); move the model "
+                             "to one device first")
+        dev = next(iter(devices)) if devices else torch.device("cpu")
+        if dev.type == "meta":
+            raise ValueError(
+                "strata: the model's parameters are on the meta device (shape only, no memory); "
+                "materialise the model first (model.to_empty(device='cpu') and load its "
+                "weights) — strata.zero.Init does not defer parameter creation")
+        return dev
+
+    def _cast_module(self):
+        """fp16/bf16: cast the module as DeepSpeed does, keeping references to the fp32
+        weights so that the masters start from them, not from their rounded copies."""
+        target = None
+        if self.fp16_enabled():
+            target = torch.float16
+        elif self.bfloat16_enabled():
+            target = torch.bfloat16
+        if target is None:
+            return {}
+        sources = {id(p): p.data for p in self.module.parameters()
+                   if p.dtype == torch.float32 and p.requires_grad}
+        self.module.to(target)
+        return sources
+
+    def _check_grad_accum_dtype(self):
+        want = _config.get(self._config, "data_types.grad_accum_dtype")
+        if not want:
+            return
+        names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        dtypes = {p.dtype for p in self.module.parameters() if p.requires_grad}
+        if any(d != names[want] for d in dtypes):
+            _config.warn_once(
+                f"data_types.grad_accum_dtype: {want!r} differs from the parameters' dtype "
+                f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))}); the "
+                "engine accumulates gradients in the parameters' dtype (torch gives .grad the "
+                "dtype of its parameter), so the value has no effect yet")
+
+    def _configure_optimizer(self, client, model_parameters, fp32_sources):
+        cfg = self._config
+        params = model_parameters if model_parameters is not None else self.module.parameters()
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        params = list(params)
+        if client is not None and cfg.get("optimizer"):
+            _config.warn_once("a client optimizer was passed to initialize(): the config's "
+                              "optimizer section is not used (as in DeepSpeed)")
+        if client is None:
+            if not cfg.get("optimizer"):
+                return None
+            opt = self._optimizer_from_config(params)
+        elif isinstance(client, _OffloadOptimizer):
+            opt = client
+            opt._param_names = self._names_by_id()
+            opt.config = cfg
+            opt._tag = opt._tag or self._tag
+            opt._rebuild()  # on this engine's tiers; masters kept (also across the cast)
+            fp32_sources = {}
+        elif isinstance(client, torch.optim.Optimizer):
+            opt = self._convert_torch_optimizer(client)
+        elif callable(client):
+            made = client(params)
+            return self._configure_optimizer(made, model_parameters, fp32_sources)
+        else:
+            raise TypeError(f"strata.initialize: optimizer must be a torch.optim.Optimizer or "
+                            f"a callable that builds one, not {type(client).__name__}")
+        if isinstance(opt, _OffloadOptimizer) and fp32_sources:
+            b = opt._b
+            for i, p in enumerate(b.managed):
+                src = fp32_sources.get(id(p))
+                if src is not None:
+                    opt._write_slot(i, 0, src.contiguous().view(-1))
+            opt._mark_synced()
+        return opt
+
+    def _names_by_id(self):
+        return {pid: name for pid, name in _named_unique_params(self.module).items()}
+
+    def _optimizer_from_config(self, params):
+        sec = self._config["optimizer"]
+        kind = sec["type"]
+        p = dict(sec.get("params") or {})
+        common = dict(config=self._config, tag=self._tag, rank=self.global_rank)
+        if kind in ("Adam", "AdamW"):
+            adamw = True if kind == "AdamW" else bool(p.get("adam_w_mode", True))
+            # torch_adam is warned about by the config parser (accepted, not acted on).
+            klass = OffloadAdamW if adamw else OffloadAdam
+            opt = klass.__new__(klass)
+            opt._param_names = self._names_by_id()
+            klass.__init__(opt, params, lr=p.get("lr", 1e-3),
+                           betas=tuple(p.get("betas", (0.9, 0.999))), eps=p.get("eps", 1e-8),
+                           weight_decay=p.get("weight_decay", 0.0),
+                           amsgrad=bool(p.get("amsgrad", False)),
+                           bias_correction=bool(p.get("bias_correction", True)), **common)
+            return opt
+        if kind == "SGD":
+            if p.get("lr") is None:
+                raise _config._C.ConfigError("optimizer.params.lr: missing; SGD needs a "
+                                             "learning rate (a number >= 0)")
+            opt = OffloadSGD.__new__(OffloadSGD)
+            opt._param_names = self._names_by_id()
+            OffloadSGD.__init__(opt, params, lr=p["lr"], momentum=p.get("momentum", 0.0),
+                                dampening=p.get("dampening", 0.0),
+                                weight_decay=p.get("weight_decay", 0.0),
+                                nesterov=bool(p.get("nesterov", False)), **common)
+            return opt
+        if kind == "Adagrad":
+            opt = OffloadAdagrad.__new__(OffloadAdagrad)
+            opt._param_names = self._names_by_id()
+            OffloadAdagrad.__init__(opt, params, lr=p.get("lr", 1e-2),
+                                    lr_decay=p.get("lr_decay", 0.0),
+                                    weight_decay=p.get("weight_decay", 0.0),
+                                    initial_accumulator_value=p.get("initial_accumulator_value",
+                                                                    0.0),
+                                    eps=p.get("eps", 1e-10), **common)
+            return opt
+        raise _config._C.ConfigError(f"optimizer.type: {kind!r} is not one of Adam, AdamW, SGD, "
+                                     "Adagrad")
+
+    def _convert_torch_optimizer(self, client):
+        klass = _TORCH_TO_STRATA.get(type(client))
+        if klass is OffloadAdam and client.defaults.get("decoupled_weight_decay"):
+            klass = OffloadAdamW  # torch >= 2.6: Adam(decoupled_weight_decay=True) is AdamW
+        if klass is None:
+            _config.warn_once(
+                f"client optimizer {type(client).__name__} is not one strata can offload (Adam, "
+                "AdamW, SGD, Adagrad): it runs as given on the model's parameters, its state "
+                "stays where torch keeps it and offload_optimizer does not apply to it")
+            return _ClientOptimizer(client)
+        for g in client.param_groups:
+            if g.get("maximize"):
+                raise ValueError(f"strata: {type(client).__name__}(maximize=True) is not "
+                                 "supported by strata's kernels")
+            if klass is OffloadAdagrad and g.get("initial_accumulator_value", 0) != \
+                    client.defaults.get("initial_accumulator_value", 0):
+                raise ValueError("strata: Adagrad's initial_accumulator_value must be the same "
+                                 "for every param group")
+        had_state = len(client.state) > 0
+        saved = client.state_dict() if had_state else None
+        d = client.defaults
+        opt = klass.__new__(klass)
+        opt._param_names = self._names_by_id()
+        common = dict(config=self._config, tag=self._tag, rank=self.global_rank)
+        # The client's own group dicts become the strata optimizer's, so a scheduler built on
+        # the client optimizer changes the learning rate strata uses.
+        groups = client.param_groups
+        if klass in (OffloadAdamW, OffloadAdam):
+            klass.__init__(opt, groups, lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                           weight_decay=d["weight_decay"], amsgrad=d.get("amsgrad", False),
+                           **common)
+        elif klass is OffloadSGD:
+            klass.__init__(opt, groups, lr=d["lr"], momentum=d.get("momentum", 0.0),
+                           dampening=d.get("dampening", 0.0),
+                           weight_decay=d.get("weight_decay", 0.0),
+                           nesterov=d.get("nesterov", False), **common)
+        else:
+            klass.__init__(opt, groups, lr=d["lr"], lr_decay=d.get("lr_decay", 0.0),
+                           weight_decay=d.get("weight_decay", 0.0),
+                           initial_accumulator_value=d.get("initial_accumulator_value", 0.0),
+                           eps=d.get("eps", 1e-10), **common)
+        if saved is not None:
+            opt.load_state_dict(saved)
+        client.state.clear()  # the state now lives in strata's engine
+        self._client_torch_optimizer = client
+        _config.warn_once(f"client optimizer torch.optim.{type(client).__name__} runs as "
+                          f"strata.optim.{klass.__name__} with the same param groups; its "
+                          "state lives on strata's tiers")
+        return opt
+
+    def _configure_lr_scheduler(self, client):
+        if client is not None:
+            if self.optimizer is None:
+                raise ValueError("strata.initialize: an lr_scheduler needs an optimizer")
+            if callable(client) and not hasattr(client, "step"):
+                return client(self.optimizer)
+            return client
+        if self._config.get("scheduler"):
+            if self.optimizer is None:
+                raise _config._C.ConfigError("scheduler: a schedule needs an optimizer (give an "
+                                             "optimizer section or pass one to initialize)")
+            return lr_schedules.from_config(self.optimizer, self._config)
+        return None
+
+    def _configure_dataloader(self, training_data, collate_fn):
+        if training_data is None:
+            return None
+        from torch.utils.data import DataLoader, RandomSampler
+
+        sampler = None
+        if self.world_size > 1:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(training_data, num_replicas=self.world_size,
+                                         rank=self.global_rank)
+        elif hasattr(training_data, "__len__"):
+            sampler = RandomSampler(training_data)
+        return DataLoader(training_data, batch_size=self.train_micro_batch_size_per_gpu(),
+                          sampler=sampler, collate_fn=collate_fn)
+
+    def _after_module_load(self, module, incompatible_keys):
+        # module.load_state_dict after the optimizer was built: the masters follow the new
+        # weights (the version check at the next step would catch it too; this is immediate).
+        opt = self.__dict__.get("optimizer")
+        if isinstance(opt, _OffloadOptimizer) and not opt.closed:
+            opt.sync_masters()
+
+    # ---- config accessors (DeepSpeed's names) --------------------------------
+    @property
+    def config(self):
+        return self._config
+
+    def train_batch_size(self):
+        return int(self._config["train_batch_size"])
+
+    def train_micro_batch_size_per_gpu(self):
+        return int(self._config["train_micro_batch_size_per_gpu"])
+
+    def gradient_accumulation_steps(self):
+        return int(self._config["gradient_accumulation_steps"])
+
+    def gradient_clipping(self):
+        return float(_config.get(self._config, "gradient_clipping", 0.0))
+
+    def steps_per_print(self):
+        return int(_config.get(self._config, "steps_per_print", 10))
+
+    def fp16_enabled(self):
+        return bool(_config.get(self._config, "fp16.enabled", False))
+
+    def bfloat16_enabled(self):
+        return bool(_config.get(self._config, "bf16.enabled", False))
+
+    bf16_enabled = bfloat16_enabled
+
+    def zero_optimization_stage(self):
+        return int(_config.get(self._config, "zero_optimization.stage", 0))
+
+    def zero_offload_optimizer(self):
+        return _config.get(self._config, "zero_optimization.offload_optimizer")
+
+    def wall_clock_breakdown(self):
+        return bool(_config.get(self._config, "wall_clock_breakdown", False))
+
+    def optimizer_name(self):
+        return _config.get(self._config, "optimizer.type")
+
+    def scheduler_name(self):
+        return _config.get(self._config, "scheduler.type")
+
+    def get_lr(self):
+        if self.optimizer is None:
+            return []
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self):
+        return self._global_grad_norm
+
+    @property
+    def loss_scale(self):
+        return self.loss_scaler.cur_scale if self.loss_scaler is not None else 1.0
+
+    def get_loss_scale(self):
+        return self.loss_scale
+
+    def was_step_applied(self):
+        return self._step_applied
+
+    def is_gradient_accumulation_boundary(self):
+        if self._boundary_override is not None:
+            return self._boundary_override
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        self._boundary_override = is_boundary
+
+    # ---- training -----------------------------------------------------------
+    def forward(self, *inputs, **kwargs):
+        _ckpt.kill_point("forward")
+        t0 = time.perf_counter()
+        if self.fp16_enabled() and _config.get(self._config, "fp16.auto_cast", False):
+            inputs, kwargs = _cast_inputs(inputs, torch.float16), \
+                {k: _cast_inputs((v,), torch.float16)[0] for k, v in kwargs.items()}
+        out = self.module(*inputs, **kwargs)
+        self._timers["forward"] += time.perf_counter() - t0
+        return out
+
+    def backward(self, loss, retain_graph=False, scale_wrt_gas=True):
+        """Backward of ``loss`` / gradient_accumulation_steps (x the fp16 loss scale).
+        Returns the loss as scaled for accumulation (as DeepSpeed does)."""
+        self._require_open()
+        _ckpt.kill_point("backward")
+        t0 = time.perf_counter()
+        gas = self.gradient_accumulation_steps()
+        if scale_wrt_gas and gas > 1:
+            loss = loss / gas
+        to_backward = loss
+        if self.loss_scaler is not None:
+            to_backward = self.loss_scaler.scale_loss(loss.float())
+        to_backward.backward(retain_graph=retain_graph)
+        self._timers["backward"] += time.perf_counter() - t0
+        return loss
+
+    def zero_grad(self, set_to_none=None):
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
+
+    def step(self, lr_kwargs=None):
+        """Count a micro step; at an accumulation boundary, update the parameters."""
+        self._require_open()
+        t0 = time.perf_counter()
+        if self.is_gradient_accumulation_boundary():
+            if self.optimizer is None:
+                raise RuntimeError("strata: step() without an optimizer: give an optimizer "
+                                   "section in the config or pass one to initialize()")
+            self._take_model_step(lr_kwargs)
+        self.micro_steps += 1
+        self._timers["step"] += time.perf_counter() - t0
+
+    def _take_model_step(self, lr_kwargs):
+        opt = self.optimizer
+        _ckpt.kill_point("step_begin")
+        if self.world_size > 1:
+            for arena in opt.grad_arenas():
+                comm.all_reduce(arena)
+        sum_sq, nonfinite = opt.grad_stats()
+        scale = self.loss_scaler.cur_scale if self.loss_scaler is not None else 1.0
+        divisor = scale * self.world_size
+        overflow = bool(nonfinite) and self.loss_scaler is not None
+        if overflow:
+            self._global_grad_norm = float("inf")
+            self.skipped_steps += 1
+            self._step_applied = False
+            opt.zero_grad()
+            self.loss_scaler.update_scale(True)
+        else:
+            norm = math.sqrt(sum_sq) / divisor if math.isfinite(sum_sq) else float("nan")
+            self._global_grad_norm = norm
+            grad_mul = 1.0 / divisor
+            clip = self.gradient_clipping()
+            if clip > 0 and math.isfinite(norm):
+                coef = clip / (norm + 1e-6)
+                if coef < 1.0:
+                    grad_mul *= coef
+            opt._pending_grad_mul = grad_mul
+            with _ckpt.kill_during("update") as arm:
+                opt._engine_step_hook = arm
+                try:
+                    opt.step()
+                finally:
+                    opt._engine_step_hook = None
+            _ckpt.kill_point("step_end")
+            if self._client_torch_optimizer is not None:
+                note_optimizer_step(self._client_torch_optimizer)
+            opt.zero_grad()
+            self._step_applied = True
+            if self.loss_scaler is not None:
+                self.loss_scaler.update_scale(False)
+            if self.lr_scheduler is not None:
+                try:
+                    self.lr_scheduler.step(**(lr_kwargs or {}))
+                except TypeError:
+                    self.lr_scheduler.step(self.train_batch_size())
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        if self.global_rank == 0 and self.steps_per_print() > 0 \
+                and self.global_steps % self.steps_per_print() == 0:
+            self._report_progress()
+
+    def _report_progress(self):
+        if self._progress == "off":
+            return
+        lr = [float(x) for x in self.get_lr()]
+        line = (f"[strata] step={self.global_steps}, skipped={self.skipped_steps}, "
+                f"lr={[float(f'{x:.6g}') for x in lr]}")
+        if self.loss_scaler is not None:
+            line += f", loss_scale={self.loss_scale:g}"
+        if self._global_grad_norm is not None:
+            line += f", grad_norm={self._global_grad_norm:.6g}"
+        print(line, flush=True)
+        if self.wall_clock_breakdown():
+            n = max(1, self.steps_per_print())
+            t = self._timers
+            extra = ""
+            if isinstance(self.optimizer, _OffloadOptimizer):
+                bd = self.optimizer.step_breakdown()
+                extra = (f" | optimizer wall: {bd.get('wall_s', 0) * 1e3:.2f} compute: "
+                         f"{bd.get('compute_busy_s', 0) * 1e3:.2f} io: "
+                         f"{bd.get('io_busy_s', 0) * 1e3:.2f} stall: "
+                         f"{bd.get('stall_s', 0) * 1e3:.2f}")
+            print(f"[strata] time (ms, mean over {n} steps) | forward: "
+                  f"{t['forward'] * 1e3 / n:.2f} | backward: {t['backward'] * 1e3 / n:.2f} | "
+                  f"step: {t['step'] * 1e3 / n:.2f}{extra}", flush=True)
+            self._timers = {k: 0.0 for k in t}
+
+    # ---- checkpoints -----------------------------------------------------------
+    def _param_names_in_engine_order(self):
+        opt = self.optimizer
+        names = _named_unique_params(self.module)
+        out = []
+        for i, p in enumerate(opt._b.managed):
+            out.append(names.get(id(p), f"param{i}"))
+        return out
+
+    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True,
+                        exclude_frozen_parameters=False):
+        """Write ``save_dir/tag`` (default ``global_step<N>``) atomically; returns True."""
+        self._require_open()
+        if self.world_size > 1 and self.global_rank != 0:
+            comm.barrier()  # rank 0 writes the replicated state
+            return True
+        ok = _ckpt.save(self, save_dir, tag=tag, client_state=client_state,
+                        save_latest=save_latest,
+                        exclude_frozen_parameters=exclude_frozen_parameters)
+        if self.world_size > 1:
+            comm.barrier()
+        return ok
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True,
+                        load_optimizer_states=True, load_lr_scheduler_states=True,
+                        load_module_only=False, custom_load_fn=None):
+        """Load ``load_dir/tag`` (default: the tag in ``load_dir/latest``). Returns
+        ``(load_path, client_state)``, or ``(None, None)`` when there is nothing to load."""
+        self._require_open()
+        if custom_load_fn is not None:
+            _config.warn_once("load_checkpoint(custom_load_fn=...): not supported by strata; "
+                              "the checkpoint is loaded the usual way")
+        return _ckpt.load(self, load_dir, tag=tag, load_module_strict=load_module_strict,
+                          load_optimizer_states=load_optimizer_states,
+                          load_lr_scheduler_states=load_lr_scheduler_states,
+                          load_module_only=load_module_only)
+
+    def module_state_dict(self, destination=None, prefix="", keep_vars=False,
+                          exclude_frozen_parameters=False):
+        sd = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if exclude_frozen_parameters:
+            for name, p in self.module.named_parameters():
+                if not p.requires_grad:
+                    sd.pop(prefix + name, None)
+        return sd
+
+    def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin",
+                         exclude_frozen_parameters=False):
+        """The module's weights as a plain torch state_dict file (DeepSpeed's name)."""
+        os.makedirs(save_dir, exist_ok=True)
+        path = os.path.join(save_dir, save_filename)
+        if self.global_rank == 0:
+            torch.save(self.module_state_dict(
+                exclude_frozen_parameters=exclude_frozen_parameters), path)
+        return True
+
+    save_fp16_model = save_16bit_model
+
+    def sync_master_from_params(self):
+        """Re-read every fp32 master from the model's weights (after changing weights through
+        ``.data``; other changes are noticed automatically)."""
+        if isinstance(self.optimizer, _OffloadOptimizer):
+            self.optimizer.sync_masters()
+
+    # ---- strata extras and lifecycle ------------------------------------------------
+    def stats(self):
+        return self.optimizer.stats() if isinstance(self.optimizer, _OffloadOptimizer) else {}
+
+    def plan(self):
+        return self.optimizer.plan() if isinstance(self.optimizer, _OffloadOptimizer) else ""
+
+    def _require_open(self):
+        if self._closed:
+            raise RuntimeError("strata: the engine is closed")
+
+    def close(self):
+        """Drain I/O and release the optimizer's pool and swap files. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+        opt = self.__dict__.get("optimizer")
+        if opt is not None:
+            opt.close()
+
+    destroy = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __getattr__(self, name):
+        # nn.Module keeps submodules in _modules; DeepSpeed's engine forwards unknown
+        # attributes to the wrapped module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        modules = self.__dict__.get("_modules", {})
+        if "module" in modules and hasattr(modules["module"], name):
+            return getattr(modules["module"], name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+
+def _cast_inputs(values, dtype):
+    out = []
+    for v in values:
+        if torch.is_tensor(v) and v.is_floating_point():
+            out.append(v.to(dtype))
+        elif isinstance(v, (list, tuple)):
+            out.append(type(v)(_cast_inputs(v, dtype)))
+        elif isinstance(v, dict):
+            out.append({k: _cast_inputs((x,), dtype)[0] for k, x in v.items()})
+        else:
+            out.append(v)
+    return tuple(out)
+

@@ -1,0 +1,27 @@
+"""``DeepSpeedCPUAdam`` with DeepSpeed's arguments, on strata's kernels and tiers."""
+
+from ...config import warn_once
+from ...optim import OffloadAdamW
+
+
+class DeepSpeedCPUAdam(OffloadAdamW):
+    """``DeepSpeedCPUAdam(model_params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999),
+    eps=1e-8, weight_decay=0, amsgrad=False, adamw_mode=True, fp32_optimizer_states=True)``.
+
+    A strata offloaded optimizer: AdamW (decoupled weight decay) with ``adamw_mode=True``, Adam
+    with L2 weight decay otherwise. State is always fp32 (``fp32_optimizer_states=False`` is
+    accepted and warned about once). Built directly, the state lives in pinned DRAM unless
+    ``config=`` says otherwise.
+    """
+
+    def __init__(self, model_params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0, amsgrad=False, adamw_mode=True, fp32_optimizer_states=True, *,
+                 config=None, tag="", rank=0):
+        if not fp32_optimizer_states:
+            warn_once("DeepSpeedCPUAdam(fp32_optimizer_states=False): strata keeps optimizer "
+                      "state in fp32 always")
+        self._kind = "adamw" if adamw_mode else "adam"
+        self.adam_w_mode = bool(adamw_mode)
+        super().__init__(model_params, lr, betas, eps, weight_decay, amsgrad,
+                         bias_correction=bias_correction, config=config, default_device="cpu",
+                         tag=tag, rank=rank)

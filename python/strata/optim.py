@@ -1,0 +1,747 @@
+"""torch.optim drop-ins whose state lives in strata's C++ engine.
+
+``OffloadAdamW``, ``OffloadAdam``, ``OffloadSGD`` and ``OffloadAdagrad`` behave like
+``torch.optim.AdamW``, ``Adam``, ``SGD`` and ``Adagrad``: param groups with their own
+hyper-parameters, LR schedulers, ``zero_grad``, ``state_dict``/``load_state_dict`` with torch's
+state names (``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, ``momentum_buffer``, ``sum``). The
+difference is where the state lives: the fp32 master weights and the optimizer's slots sit on
+the tier the config names (NVMe by default, under ``./strata_swap``) and are streamed through the
+engine at every step; the model's parameters are written by the engine's fused copy-out after
+each step.
+
+Gradients: every trainable parameter's ``.grad`` is a view into the engine's flat gradient
+arena, so backward accumulates straight into the buffer the engine reads. ``zero_grad`` zeroes
+the arena and keeps the views (``set_to_none`` is ignored). If something replaces a ``.grad``
+(for example ``model.zero_grad(set_to_none=True)`` followed by backward), the next ``step``
+copies it into the arena and restores the view; a parameter whose ``.grad`` is None at ``step``
+is updated with a zero gradient (torch would skip it). Sparse gradients are refused.
+
+Parameters with ``requires_grad=False`` get no state and no gradient buffer. Parameters must be
+contiguous CPU tensors of float32, bfloat16 or float16 (GPU parameters arrive with the GPU
+work). Tied parameters (one storage reached twice) are updated once.
+
+The model's weights are the source of truth for the fp32 masters:
+
+- a parameter changed in place after the optimizer was built (``model.load_state_dict``, an
+  in-place copy under ``torch.no_grad()``) bumps torch's version counter; the next ``step``
+  sees it and re-reads that parameter's master from the model, so stale masters never
+  overwrite loaded weights. Changes made through ``.data`` bypass the counter: call
+  ``sync_masters()`` after them;
+- a parameter whose memory was replaced (``model.half()``, ``p.data = ...``), a frozen
+  parameter that was unfrozen (``requires_grad_(True)``), a trainable one that was frozen, and
+  ``add_param_group`` rebuild the engine at the next ``step``: existing state is carried over
+  parameter by parameter, new parameters start fresh with their own step count (as in torch),
+  parameters whose memory changed take their master from the new weights.
+
+Call ``close()`` (or use ``with``) to drain I/O and remove the swap file; it also runs at
+garbage collection.
+"""
+
+import json
+import os
+import weakref
+
+import torch
+
+from . import _C
+from . import config as _config
+from ._torch_compat import dtype_name, tensor_from_buffer
+
+DEFAULT_SWAP_DIR = "strata_swap"
+
+# Every open strata optimizer, so that helpers (zero.GatheredParameters) can find the ones
+# that manage a given parameter.
+_live = weakref.WeakSet()
+
+
+def _default_config(config, default_device):
+    cfg = _config._read(config) if config is not None else {}
+    off = cfg.setdefault("zero_optimization", {}).setdefault("offload_optimizer", {})
+    if "device" not in off and not cfg["zero_optimization"].get("cpu_offload"):
+        off["device"] = default_device
+    if off.get("device") == "nvme" and "nvme_path" not in off:
+        os.makedirs(DEFAULT_SWAP_DIR, exist_ok=True)
+        off["nvme_path"] = DEFAULT_SWAP_DIR
+    return cfg
+
+
+def _world_size():
+    # The batch rule (train = micro x accumulation x world) needs the world size.
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _storage_key(p):
+    return (p.data_ptr(), p.dtype, p.numel())
+
+
+class _Built:
+    """One C++ engine and the Python views that go with it."""
+
+    def __init__(self):
+        self.engine = None
+        self.managed = []      # parameters in gradient-ready order (engine param index)
+        self.index = {}        # id(param) -> engine param index
+        self.cohort_of = []    # engine param index -> engine group (cohort)
+        self.cohort_group = []  # cohort -> torch param group index
+        self.ptrs = []         # engine param index -> (data_ptr, dtype, numel) at build time
+        self.versions = []     # engine param index -> param._version when masters last matched
+        self.arenas = {}
+        self.views = []
+
+
+class _OffloadOptimizer(torch.optim.Optimizer):
+    """Common machinery of strata's optimizers; subclasses name the kind and hyper keys."""
+
+    _kind = None
+
+    def __init__(self, params, defaults, *, config=None, default_device="nvme", tag="", rank=0):
+        self._b = None
+        self._pending_grad_mul = None
+        self._poisoned = None  # why steps are refused (an incomplete checkpoint load)
+        self._forced_steps = None
+        super().__init__(params, defaults)
+        self._user_config = _default_config(config, default_device)
+        self.config = _config.load_config(self._user_config, world_size=_world_size())
+        self._tag = tag
+        self._rank = rank
+        if not hasattr(self, "_param_names"):
+            self._param_names = {}  # id(param) -> name (error messages); the Engine sets it
+        self._b = self._build(None)
+        _live.add(self)
+
+    # ---- subclass hooks -------------------------------------------------
+    def _hyper(self, group):
+        raise NotImplementedError  # subclasses
+
+    def _state_names(self, group):
+        """torch's names of the state slots after the master (slot 1, 2, ...)."""
+        raise NotImplementedError  # subclasses
+
+    def _has_step_in_state(self):
+        return True
+
+    # ---- construction -------------------------------------------------
+    def _trainable(self):
+        """(param, group index) of every trainable parameter, deduplicated by storage."""
+        seen = set()
+        out = []
+        devices = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                key = _storage_key(p)
+                if key in seen:
+                    continue  # tied parameter: updated once
+                seen.add(key)
+                devices.setdefault(str(p.device), p)
+                out.append((p, gi))
+        if len(devices) > 1:
+            raise ValueError(
+                "strata: the parameters live on several devices "
+                f"({', '.join(sorted(devices))}); one optimizer needs them all on one device "
+                "(move the model with .to(device) before building it)")
+        for p, _ in out:
+            self._check_param(p)
+        return out
+
+    @staticmethod
+    def _check_param(p):
+        if p.device.type == "meta":
+            raise ValueError(
+                "strata: a parameter is on the meta device (shape only, no memory); materialise "
+                "the model first (for example model.to_empty(device='cpu') and load its weights) "
+                "— strata.zero.Init does not defer parameter creation")
+        if p.device.type != "cpu":
+            raise ValueError(
+                f"strata: parameter on {p.device} — this build updates CPU parameters only "
+                "(GPU parameters arrive with the GPU tier)"
+            )
+        if p.is_sparse:
+            raise ValueError("strata: sparse parameters are not supported")
+        if not p.is_contiguous():
+            raise ValueError("strata: parameters must be contiguous")
+        dtype_name(p.dtype)
+
+    def _build(self, prev, resync=()):
+        """A new engine for the current trainable parameters.
+
+        With ``prev``, state is copied from the previous engine parameter by parameter;
+        parameters in ``resync`` (ids) take their master from the model instead.
+        """
+        trainable = self._trainable()
+        # Gradients become ready roughly in reverse registration order.
+        trainable.reverse()
+        b = _Built()
+        b.managed = [p for p, _ in trainable]
+        b.index = {id(p): i for i, p in enumerate(b.managed)}
+
+        # Cohorts (engine groups): parameters of one torch group that share a step count.
+        # A parameter that joins a group whose members have already stepped gets a cohort of
+        # its own starting at step 0, as torch keeps a step count per parameter.
+        old_steps = {}
+        if prev is not None and prev.engine is not None and not prev.engine.closed:
+            old_steps = {c: prev.engine.step_count(c) for c in range(len(prev.cohort_group))}
+        cohort_key_to_index = {}
+        cohort_steps = []
+        for p, gi in trainable:
+            if self._forced_steps is not None:
+                steps = int(self._forced_steps.get(id(p), 0))
+                key = ("step", gi, steps)
+            elif prev is not None and id(p) in prev.index:
+                old_c = prev.cohort_of[prev.index[id(p)]]
+                key = ("old", old_c)
+                steps = old_steps.get(old_c, 0)
+                if steps == 0:
+                    key = ("new", gi)
+            else:
+                key = ("new", gi)
+                steps = 0
+            if key not in cohort_key_to_index:
+                cohort_key_to_index[key] = len(b.cohort_group)
+                b.cohort_group.append(gi)
+                cohort_steps.append(steps)
+            b.cohort_of.append(cohort_key_to_index[key])
+        if not b.cohort_group:
+            b.cohort_group = [0]
+            cohort_steps = [0]
+
+        specs = [
+            (self._name_of(p, i), p.numel(), dtype_name(p.dtype), b.cohort_of[i], p.data_ptr())
+            for i, p in enumerate(b.managed)
+        ]
+        hypers = [self._hyper(self.param_groups[g]) for g in b.cohort_group]
+        # The binding re-validates the config as for one process; with several ranks
+        # train_batch_size (micro x accumulation x world) would not check out there, and the
+        # engine does not use it.
+        engine_cfg = {k: v for k, v in self.config.items() if k != "train_batch_size"}
+        b.engine = _C.Engine(json.dumps(engine_cfg), specs, hypers, self._rank, self._tag)
+        try:
+            for c, steps in enumerate(cohort_steps):
+                b.engine.set_step_count(c, steps)
+            for note in json.loads(b.engine.plan_json()).get("notes", []):
+                if note.startswith("sub_group_size"):
+                    # DeepSpeed's default sub_group_size (1e9) is meant as "large"; the cap
+                    # that keeps working buffers in budget is expected, not a problem.
+                    _config.log.info("strata: %s", note)
+                else:
+                    _config.warn_once(note)
+            for dt in {p.dtype for p in b.managed}:
+                b.arenas[dt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(dt)), dt)
+            for i, p in enumerate(b.managed):
+                off = b.engine.grad_offset(i)
+                b.views.append(b.arenas[p.dtype][off: off + p.numel()].view_as(p))
+            b.ptrs = [_storage_key(p) for p in b.managed]
+            b.versions = [p._version for p in b.managed]
+            if prev is not None and prev.engine is not None and not prev.engine.closed:
+                self._copy_state(prev, b, resync)
+        except BaseException:
+            b.engine.close()
+            raise
+        self._attach_grads(b, copy_existing=True)
+        return b
+
+    def _copy_state(self, prev, b, resync):
+        """Carry state over from ``prev`` to ``b``, one parameter at a time."""
+        buf = None
+        for i, p in enumerate(b.managed):
+            j = prev.index.get(id(p))
+            if j is None:
+                continue  # new parameter: fresh state, master from the model
+            if prev.managed[j].numel() != p.numel():
+                continue
+            nslots = 1 + len(self._state_names(self.param_groups[b.cohort_group[b.cohort_of[i]]]))
+            if buf is None or buf.numel() < p.numel():
+                buf = torch.empty(p.numel(), dtype=torch.float32)
+            t = buf[: p.numel()]
+            first = 1 if id(p) in resync else 0
+            for slot in range(first, nslots):
+                prev.engine.read_param_state(j, slot, t.data_ptr())
+                b.engine.write_param_state(i, slot, t.data_ptr())
+
+    def _name_of(self, p, i):
+        name = self._param_names.get(id(p))
+        if name:
+            return name
+        return f"param{i}"
+
+    def _attach_grads(self, b, copy_existing):
+        for p, view in zip(b.managed, b.views):
+            g = p.grad
+            if g is not None and g.data_ptr() == view.data_ptr():
+                continue
+            if g is None:
+                view.zero_()
+            elif copy_existing:
+                if g.is_sparse:
+                    raise ValueError(
+                        f"strata: parameter {self._name_of(p, b.index[id(p)])} has a sparse "
+                        "gradient (for example nn.Embedding(sparse=True)); strata needs dense "
+                        "gradients — construct the layer with sparse=False")
+                view.copy_(g)
+            p.grad = view
+
+    def _refresh(self):
+        """Notice changes made to the parameters since the last step (see the module doc)."""
+        b = self._b
+        changed_storage = set()
+        rebuild = False
+        trainable_ids = set()
+        seen = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    key = _storage_key(p)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    trainable_ids.add(id(p))
+        if trainable_ids != set(b.index):
+            rebuild = True
+        for i, p in enumerate(b.managed):
+            if _storage_key(p) != b.ptrs[i]:
+                changed_storage.add(id(p))
+                rebuild = True
+        if rebuild:
+            self._rebuild(resync=changed_storage)
+            return
+        for i, p in enumerate(b.managed):
+            if p._version != b.versions[i]:
+                self._sync_master(b, i, p)
+
+    def _sync_master(self, b, i, p):
+        t = p.detach().to(torch.float32).contiguous().view(-1)
+        b.engine.write_param_state(i, 0, t.data_ptr())
+        b.versions[i] = p._version
+
+    def _set_steps(self, steps):
+        """Set each parameter's step count (``{id(param): step}``), splitting cohorts when
+        parameters of one cohort need different counts (rebuilds the engine; the state is
+        then overwritten by the caller)."""
+        b = self._b
+        cohort_step = {}
+        consistent = True
+        for i, p in enumerate(b.managed):
+            s = int(steps.get(id(p), 0))
+            if cohort_step.setdefault(b.cohort_of[i], s) != s:
+                consistent = False
+        if consistent:
+            for c, s in cohort_step.items():
+                b.engine.set_step_count(c, s)
+            return
+        self._forced_steps = steps
+        try:
+            self._rebuild()
+        finally:
+            self._forced_steps = None
+
+    def _mark_synced(self):
+        """The masters match the model now (after a checkpoint load)."""
+        b = self._b
+        b.versions = [p._version for p in b.managed]
+
+    def _rebuild(self, resync=()):
+        old = self._b
+        # _build attaches the new views, copying the gradients from the old arena (still alive).
+        new = self._build(old, resync=set(resync))
+        self._b = new
+        self._release(old, keep_grads=False)
+
+    # ---- torch.optim.Optimizer API ------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step. The DeepSpeed-style Engine passes its gradient multiplier
+        (loss scale and clip coefficient) through ``_pending_grad_mul``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_mul = self._pending_grad_mul
+        self._pending_grad_mul = None
+        self._require_open()
+        if self._poisoned:
+            raise RuntimeError(f"strata: optimizer step refused: {self._poisoned}; load a "
+                               "checkpoint (or state dict) successfully before stepping again")
+        self._prepare()
+        b = self._b
+        for c, gi in enumerate(b.cohort_group):
+            b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
+        hook = getattr(self, "_engine_step_hook", None)
+        if hook is not None:
+            hook()  # test hook: arms a kill that lands inside the C++ step
+        b.engine.step(1.0 if grad_mul is None else float(grad_mul))
+        return loss
+
+    def _prepare(self):
+        """Bring the engine up to date with the model and gather the gradients."""
+        self._require_open()
+        self._refresh()
+        self._attach_grads(self._b, copy_existing=True)
+
+    def grad_stats(self):
+        """(sum of squares, any inf/nan) over every gradient, in the engine's fixed order."""
+        self._prepare()
+        return self._b.engine.grad_stats()
+
+    def grad_arenas(self):
+        """The flat gradient buffers (one tensor per dtype), for collective operations."""
+        self._require_open()
+        return list(self._b.arenas.values())
+
+    def zero_grad(self, set_to_none=None):
+        self._require_open()
+        self._b.engine.zero_grads()
+        self._attach_grads(self._b, copy_existing=False)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if self._b is not None:  # after __init__: rebuild now, keeping state
+            self._require_open()
+            self._rebuild()
+
+    def sync_masters(self, params=None):
+        """Re-read the fp32 masters of ``params`` (default: all) from the model's weights."""
+        self._require_open()
+        self._refresh()
+        b = self._b
+        targets = b.managed if params is None else list(params)
+        for p in targets:
+            i = b.index.get(id(p))
+            if i is not None:
+                self._sync_master(b, i, p)
+
+    def manages(self, p):
+        return self._b is not None and id(p) in self._b.index
+
+    def state_dict(self):
+        """torch-compatible: tensors in memory (costs RAM equal to the state; large runs
+        should use the engine's streaming checkpoints, ``Engine.save_checkpoint``)."""
+        self._require_open()
+        self._refresh()
+        b = self._b
+        packed = {}
+        groups = []
+        index = 0
+        seen = set()
+        for gi, group in enumerate(self.param_groups):
+            g = {k: v for k, v in group.items() if k != "params"}
+            g["params"] = []
+            names = self._state_names(group)
+            for p in group["params"]:
+                g["params"].append(index)
+                i = b.index.get(id(p))
+                if i is not None and i not in seen:
+                    seen.add(i)
+                    entry = {}
+                    if self._has_step_in_state():
+                        entry["step"] = torch.tensor(float(b.engine.step_count(b.cohort_of[i])))
+                    for slot, name in enumerate(names, start=1):
+                        t = torch.empty(p.numel(), dtype=torch.float32)
+                        b.engine.read_param_state(i, slot, t.data_ptr())
+                        entry[name] = t.view(p.shape)
+                    if not self._has_step_in_state():
+                        entry["strata_step"] = b.engine.step_count(b.cohort_of[i])
+                        if not names:
+                            entry["momentum_buffer"] = None  # torch's SGD without momentum
+                    if p.dtype != torch.float32:
+                        t = torch.empty(p.numel(), dtype=torch.float32)
+                        b.engine.read_param_state(i, 0, t.data_ptr())
+                        entry["master"] = t.view(p.shape)
+                    packed[index] = entry
+                index += 1
+            groups.append(g)
+        return {"state": packed, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        self._require_open()
+        self._refresh()
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(groups)} parameter groups, the optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi}: loaded state has {len(saved['params'])} parameters, "
+                    f"the optimizer has {len(group['params'])}"
+                )
+        b = self._b
+        state = state_dict["state"]
+        # Model weights are the source of truth for the masters: re-sync first,
+        # then overwrite with saved masters where present (non-fp32 models).
+        b.engine.sync_master_from_params()
+        cohort_step = {}
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            for k, v in saved.items():
+                if k != "params":
+                    group[k] = v
+            names = self._state_names(group)
+            for saved_idx, p in zip(saved["params"], group["params"]):
+                i = b.index.get(id(p))
+                entry = state.get(saved_idx, state.get(str(saved_idx)))
+                if i is None or entry is None:
+                    continue
+                for slot, name in enumerate(names, start=1):
+                    if name not in entry or entry[name] is None:
+                        continue
+                    t = entry[name].detach().to(torch.float32).contiguous().view(-1)
+                    if t.numel() != p.numel():
+                        raise ValueError(f"state {name} of parameter {saved_idx} has "
+                                         f"{t.numel()} elements, expected {p.numel()}")
+                    b.engine.write_param_state(i, slot, t.data_ptr())
+                if "master" in entry:
+                    t = entry["master"].detach().to(torch.float32).contiguous().view(-1)
+                    b.engine.write_param_state(i, 0, t.data_ptr())
+                if "step" in entry:
+                    step = int(float(entry["step"]))
+                elif "strata_step" in entry:
+                    step = int(entry["strata_step"])
+                else:
+                    # torch's SGD keeps no step: a saved momentum buffer means it has stepped.
+                    step = 1 if any(entry.get(n) is not None for n in names) else 0
+                c = b.cohort_of[i]
+                cohort_step[c] = max(cohort_step.get(c, 0), step)
+        for c, step in cohort_step.items():
+            b.engine.set_step_count(c, step)
+        for c, gi in enumerate(b.cohort_group):
+            b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
+        self._mark_synced()
+        b.engine.clear_error()
+        self._poisoned = None
+
+    # ---- streaming state access (checkpoints) ----------------------------
+    def _slot_names(self, i):
+        b = self._b
+        return ["master"] + self._state_names(self.param_groups[b.cohort_group[b.cohort_of[i]]])
+
+    def _read_slot(self, i, slot, out):
+        """Copy slot ``slot`` of engine parameter ``i`` into the fp32 tensor ``out``."""
+        self._b.engine.read_param_state(i, slot, out.data_ptr())
+
+    def _write_slot(self, i, slot, src):
+        self._b.engine.write_param_state(i, slot, src.data_ptr())
+
+    # ---- strata extras --------------------------------------------------
+    def stats(self):
+        """Engine counters: bytes moved, pool, swap file, backend."""
+        self._require_open()
+        return self._b.engine.stats()
+
+    def plan(self):
+        self._require_open()
+        return self._b.engine.plan_text()
+
+    def step_breakdown(self):
+        self._require_open()
+        return json.loads(self._b.engine.breakdown())
+
+    def write_trace(self, path):
+        self._require_open()
+        self._b.engine.write_trace(os.fspath(path))
+
+    @property
+    def closed(self):
+        return self._b is None or self._b.engine is None or self._b.engine.closed
+
+    def _require_open(self):
+        if self.closed:
+            raise RuntimeError("strata: the optimizer is closed")
+
+    def _release(self, b, keep_grads=True):
+        if b is None or b.engine is None or b.engine.closed:
+            return
+        if keep_grads:
+            for p, view in zip(b.managed, b.views):
+                if p.grad is not None and p.grad.data_ptr() == view.data_ptr():
+                    # The arena is about to be freed: keep the values, drop the view.
+                    p.grad = p.grad.clone()
+        b.arenas = {}
+        b.views = []
+        b.engine.close()
+
+    def _close_engine(self):
+        b = self._b
+        if b is not None and b.engine is not None and not b.engine.closed:
+            trace_path = _config.get(self.config, "strata.trace.path")
+            if trace_path:
+                os.makedirs(os.path.dirname(os.path.abspath(trace_path)), exist_ok=True)
+                b.engine.write_trace(trace_path)
+            self._release(b, keep_grads=True)
+
+    def close(self):
+        """Drain in-flight I/O, remove the swap file, release the pinned pool."""
+        self._close_engine()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self._close_engine()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __getstate__(self):
+        raise TypeError("strata optimizers cannot be pickled; use state_dict()")
+
+
+def _check_adam_args(lr, betas, eps, weight_decay):
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if eps < 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    for b in betas:
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter: {b}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class OffloadAdamW(_OffloadOptimizer):
+    """AdamW (decoupled weight decay) with the state on strata's tiers.
+
+    ``bias_correction=False`` is DeepSpeed's switch (no bias correction); it may also be set
+    per param group.
+    """
+
+    _kind = "adamw"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, bias_correction=True, config=None, default_device="nvme",
+                 tag="", rank=0):
+        _check_adam_args(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, bias_correction=bias_correction)
+        super().__init__(params, defaults, config=config, default_device=default_device, tag=tag,
+                         rank=rank)
+
+    def _hyper(self, group):
+        return {
+            "kind": self._kind,
+            "lr": float(group["lr"]),
+            "betas": tuple(float(b) for b in group["betas"]),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "amsgrad": bool(group.get("amsgrad", False)),
+            "bias_correction": bool(group.get("bias_correction", True)),
+        }
+
+    def _state_names(self, group):
+        names = ["exp_avg", "exp_avg_sq"]
+        if group.get("amsgrad"):
+            names.append("max_exp_avg_sq")
+        return names
+
+
+class OffloadAdam(OffloadAdamW):
+    """Adam (L2 weight decay added to the gradient) with the state on strata's tiers."""
+
+    _kind = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, bias_correction=True, config=None, default_device="nvme",
+                 tag="", rank=0):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
+                         bias_correction=bias_correction, config=config,
+                         default_device=default_device, tag=tag, rank=rank)
+
+
+class OffloadSGD(_OffloadOptimizer):
+    """SGD (momentum, dampening, Nesterov, L2 weight decay) with the state on strata's tiers.
+
+    State: the fp32 master and, with momentum, ``momentum_buffer`` (torch's name). The momentum
+    of a group cannot change between 0 and non-zero after construction (the state layout is
+    fixed).
+    """
+
+    _kind = "sgd"
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, config=None, default_device="nvme", tag="", rank=0):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov)
+        super().__init__(params, defaults, config=config, default_device=default_device, tag=tag,
+                         rank=rank)
+
+    def _hyper(self, group):
+        return {
+            "kind": "sgd",
+            "lr": float(group["lr"]),
+            "momentum": float(group["momentum"]),
+            "dampening": float(group["dampening"]),
+            "weight_decay": float(group["weight_decay"]),
+            "nesterov": bool(group["nesterov"]),
+        }
+
+    def _state_names(self, group):
+        return ["momentum_buffer"] if group["momentum"] != 0 else []
+
+    def _has_step_in_state(self):
+        return False  # torch's SGD keeps no step count
+
+
+class OffloadAdagrad(_OffloadOptimizer):
+    """Adagrad (lr_decay, initial_accumulator_value, L2 weight decay) with the state on
+    strata's tiers. State: the fp32 master and ``sum`` (torch's name)."""
+
+    _kind = "adagrad"
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, *, config=None,
+                 default_device="nvme", tag="", rank=0):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if lr_decay < 0.0:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if initial_accumulator_value < 0.0:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if eps < 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value)
+        super().__init__(params, defaults, config=config, default_device=default_device, tag=tag,
+                         rank=rank)
+
+    def _hyper(self, group):
+        return {
+            "kind": "adagrad",
+            "lr": float(group["lr"]),
+            "lr_decay": float(group["lr_decay"]),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "initial_accumulator_value": float(group["initial_accumulator_value"]),
+        }
+
+    def _state_names(self, group):
+        return ["sum"]
+
+
+def sync_params(params):
+    """Re-read the masters of ``params`` from the model in every open strata optimizer that
+    manages them (after changing weights through ``.data``)."""
+    params = list(params)
+    for opt in list(_live):
+        if opt.closed:
+            continue
+        mine = [p for p in params if opt.manages(p)]
+        if mine:
+            opt.sync_masters(mine)

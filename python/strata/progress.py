@@ -1,0 +1,110 @@
+"""Progress for long work: a bar on a terminal, periodic log lines otherwise.
+
+``strata.progress`` in the config (or the ``mode`` argument) picks: ``auto`` (bar when stderr
+is a terminal, log lines otherwise), ``bar``, ``log`` or ``off``. Log lines carry no terminal
+control characters, so batch jobs and CI logs stay readable. Only rank 0 shows progress
+unless told otherwise.
+"""
+
+import os
+import sys
+import time
+
+
+def _rank():
+    for var in ("RANK", "LOCAL_RANK"):
+        if var in os.environ:
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                pass
+    return 0
+
+
+def resolve_mode(mode="auto", stream=None):
+    stream = stream or sys.stderr
+    if mode not in ("auto", "bar", "log", "off"):
+        raise ValueError(f"progress mode {mode!r} is not one of auto, bar, log, off")
+    if mode == "auto":
+        mode = "bar" if hasattr(stream, "isatty") and stream.isatty() else "log"
+    if mode == "bar":
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            mode = "log"
+    return mode
+
+
+def _fmt_eta(seconds):
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class Progress:
+    """``with Progress(total, "train", unit="step") as p: p.update(1, loss=...)``"""
+
+    def __init__(self, total, desc, *, unit="it", mode="auto", stream=None, interval=10.0,
+                 all_ranks=False, scale=1.0):
+        self.stream = stream or sys.stderr
+        self.mode = resolve_mode(mode, self.stream)
+        if not all_ranks and _rank() != 0:
+            self.mode = "off"
+        self.total, self.desc, self.unit = total, desc, unit
+        self.interval, self.scale = interval, scale
+        self.n = 0
+        self.start = time.monotonic()
+        self.last_log = self.start
+        self.postfix = {}
+        self._bar = None
+        if self.mode == "bar":
+            import tqdm
+
+            self._bar = tqdm.tqdm(total=total, desc=desc, unit=unit, file=self.stream,
+                                  dynamic_ncols=True, unit_scale=scale != 1.0)
+
+    def update(self, n=1, **postfix):
+        self.n += n
+        self.postfix.update(postfix)
+        if self.mode == "bar":
+            if postfix:
+                self._bar.set_postfix({k: _short(v) for k, v in self.postfix.items()}, refresh=False)
+            self._bar.update(n)
+        elif self.mode == "log":
+            now = time.monotonic()
+            if now - self.last_log >= self.interval or (self.total and self.n >= self.total):
+                self.last_log = now
+                self._log_line(now)
+
+    def _log_line(self, now):
+        elapsed = now - self.start
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.n) / rate if self.total and rate > 0 else None
+        total = f"/{self.total}" if self.total else ""
+        extra = " ".join(f"{k}={_short(v)}" for k, v in self.postfix.items())
+        print(f"[strata] {self.desc}: {self.n}{total} {self.unit} | {rate:.2f} {self.unit}/s | "
+              f"elapsed {_fmt_eta(elapsed)} | eta {_fmt_eta(eta)}" + (f" | {extra}" if extra else ""),
+              file=self.stream, flush=True)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.mode == "log" and self.n and (not self.total or self.n < self.total):
+            self._log_line(time.monotonic())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _short(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return v

@@ -1,0 +1,84 @@
+"""Exact resume under SIGKILL: a training subprocess killed at chosen points (forward,
+backward, inside the optimizer step, around every stage of save_checkpoint, while loading)
+and resumed from its latest checkpoint each time ends bit-identical to an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "workers", "resume_train.py")
+
+# Every phase: forward, backward, the optimizer step (before, during the C++ update and
+# write-back, after), save (start, after a parameter's state, after the model file, before and
+# after the rename, after `latest`), and load.
+STRESS_POINTS = [
+    "forward:1", "backward:2", "step_begin:1", "update:1", "step_end:1", "save_begin:1",
+    "save_state:2", "save_model:1", "save_before_rename:1", "save_after_rename:1",
+    "save_after_latest:1", "load_begin:1", "forward:4", "update:2", "backward:5",
+    "save_state:7", "step_end:3", "save_before_rename:2", "save_after_rename:2", "update:3",
+]
+SHORT_POINTS = ["backward:3", "update:2", "save_before_rename:2"]
+
+
+def run_worker(tmp, name, steps, kill=None):
+    env = dict(os.environ)
+    env.pop("STRATA_TEST_KILL_AT", None)
+    if kill:
+        env["STRATA_TEST_KILL_AT"] = kill
+    swap = os.path.join(tmp, "swap")
+    os.makedirs(swap, exist_ok=True)
+    out = os.path.join(tmp, f"{name}.pt")
+    proc = subprocess.run(
+        [sys.executable, WORKER, "--ckpt", os.path.join(tmp, name), "--swap", swap, "--out", out,
+         "--steps", str(steps)],
+        env=env, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def assert_identical(a_path, b_path):
+    a, b = torch.load(a_path), torch.load(b_path)
+    assert a["steps"] == b["steps"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i in a["optimizer"]["state"]:
+        for name, t in a["optimizer"]["state"][i].items():
+            assert torch.equal(t, b["optimizer"]["state"][i][name]), (i, name)
+    assert torch.equal(a["rng"], b["rng"])
+
+
+def kill_and_resume(tmp_path, points, steps):
+    tmp = str(tmp_path)
+    ref, ref_out = run_worker(tmp, "reference", steps)
+    assert ref.returncode == 0, ref.stderr
+    resumed_from = []
+    for point in points:
+        proc, _ = run_worker(tmp, "killed", steps, kill=point)
+        assert proc.returncode == -signal.SIGKILL, \
+            f"{point}: expected SIGKILL, got rc {proc.returncode}\n{proc.stderr[-2000:]}"
+        for line in proc.stdout.splitlines():
+            if line.startswith("resumed from step"):
+                resumed_from.append(int(line.split()[-1]))
+    final, out = run_worker(tmp, "killed", steps)
+    assert final.returncode == 0, final.stderr
+    assert_identical(ref_out, out)
+    assert max(resumed_from) > 0, "later runs resumed from a checkpoint"
+    # Nothing but complete checkpoints and `latest` is left behind.
+    names = os.listdir(os.path.join(tmp, "killed"))
+    assert "latest" in names
+    return resumed_from
+
+
+def test_kill_at_three_points_and_resume_bit_identical(tmp_path):
+    kill_and_resume(tmp_path, SHORT_POINTS, steps=5)
+
+
+@pytest.mark.stress
+def test_kill_at_twenty_points_covering_every_phase_and_resume_bit_identical(tmp_path):
+    resumed = kill_and_resume(tmp_path, STRESS_POINTS, steps=14)
+    assert len(STRESS_POINTS) == 20
+    print(f"20/20 kills resumed; resumed from steps {resumed}")

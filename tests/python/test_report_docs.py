@@ -1,0 +1,74 @@
+"""What a user sees: the timeline report, progress output, and docs that match the schema."""
+
+import io
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+import strata
+import strata.optim
+from strata import _C, report
+from strata.progress import Progress
+from conftest import ROOT, nvme_config
+
+
+def test_report_has_the_engine_lanes(swap_dir, tmp_path):
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64))
+    opt = strata.optim.OffloadAdamW(model.parameters(), config=nvme_config(swap_dir, strata__trace__steps=2))
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 64)).sum().backward()
+        opt.step()
+    trace = tmp_path / "trace.json"
+    opt.write_trace(trace)
+    opt.close()
+    events, other = report.load_trace(trace)
+    fig, lanes = report.build_figure(events, other)
+    assert lanes == ["NVMe read", "CPU update", "NVMe write"]
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == lanes
+    assert len(ax.patches) >= 3  # a bar per sub-group and stage of the last step
+    fig_all, _ = report.build_figure(events, other, steps=None)
+    assert len(fig_all.axes[0].patches) >= 2 * len(ax.patches)
+    assert any("bound" in (l.get_label() or "") for l in ax.get_lines())
+    caption = " ".join(t.get_text() for t in fig.texts)
+    assert "I/O busy" in caption and "stall" in caption
+    out = tmp_path / "step.png"
+    assert report.render(trace, out) == lanes
+    assert out.stat().st_size > 1000
+
+
+def test_progress_log_mode_has_no_control_characters():
+    buf = io.StringIO()  # not a terminal: auto -> log lines
+    with Progress(5, "train", unit="step", stream=buf, interval=0.0) as p:
+        for i in range(5):
+            p.update(1, loss=1.0 / (i + 1))
+    text = buf.getvalue()
+    assert "[strata] train: 5/5 step" in text
+    assert "\r" not in text and "\x1b" not in text
+
+
+def test_progress_bar_mode_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    buf = Tty()
+    with Progress(3, "train", unit="step", stream=buf) as p:
+        for _ in range(3):
+            p.update(1)
+    assert p.mode == "bar"
+    assert "\r" in buf.getvalue()  # tqdm redraws the line
+
+
+def test_config_doc_matches_the_schema():
+    path = os.path.join(ROOT, "docs", "config.md")
+    with open(path) as f:
+        doc = f.read()
+    assert doc == _C.config_markdown(), "docs/config.md is stale: regenerate it from the schema"
+    keys = {r["path"] for r in _C.config_schema()}
+    documented = set(re.findall(r"^\|\s*`([A-Za-z0-9_.]+)`\s*\|", doc, flags=re.M))
+    assert keys <= documented, sorted(keys - documented)
+    assert documented <= keys, sorted(documented - keys)
