@@ -19,10 +19,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
-#include <memory>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -35,10 +35,13 @@ namespace bench = strata::bench;
 
 const char* kUsage =
     "strata-bench-adam [--sizes 1M,4M,16M,64M,256M] [--grad-dtype fp32,bf16,fp16]\n"
-    "                  [--param-out none,bf16,fp16,fp32] [--threads 0] [--isa auto|avx512|avx2|scalar]\n"
-    "                  [--optimizer adamw|adam|sgd|adagrad] [--iters 10] [--scalar-iters 1] [--json]\n"
+    "                  [--param-out none,bf16,fp16,fp32] [--threads 0] [--isa "
+    "auto|avx512|avx2|scalar]\n"
+    "                  [--optimizer adamw|adam|sgd|adagrad] [--iters 10] [--scalar-iters 1]\n"
+    "                  [--scalar-max-size 64M] [--json]\n"
     "  sizes are parameter counts (1M = 2^20); --threads 0 = every usable CPU;\n"
-    "  --scalar-iters 0 skips the scalar reference rows.";
+    "  --scalar-iters 0 skips the scalar reference rows; sizes above --scalar-max-size\n"
+    "  skip them too (the reference runs ~20x slower than the bound: seconds per run).";
 
 // Anonymous memory with transparent huge pages where the kernel allows them
 // (fewer TLB misses for both the kernel and the bound: same buffers).
@@ -157,11 +160,13 @@ int main(int argc, char** argv) {
                     {"optimizer", "adamw"},
                     {"iters", "10"},
                     {"scalar-iters", "1"},
+                    {"scalar-max-size", "64M"},
                     {"json", "false"}},
                    kUsage);
   const bool json = args.flag("json");
   const int iters = std::max(1, int(args.number("iters")));
-  const int scalar_iters = std::max(0, int(args.number("scalar-iters")));
+  const int scalar_iters_arg = std::max(0, int(args.number("scalar-iters")));
+  const uint64_t scalar_max = args.size("scalar-max-size");
   const Isa isa = parse_isa(args.get("isa"));
   if (!isa_supported(isa)) {
     std::fprintf(stderr, "--isa %s: this CPU cannot run it (%s)\n", args.get("isa").c_str(),
@@ -201,17 +206,19 @@ int main(int argc, char** argv) {
   bench::Table table({"kernel", "isa", "grad_dtype", "param_out", "numel", "threads", "time_ms",
                       "gparams_per_s", "gbps", "ratio_to_bound", "best_ratio"},
                      json);
-  table.note(std::string("optimizer ") + optimizer_name(hyper.kind) + ", " +
-             std::to_string(slots) + " fp32 slots, isa " + isa_name(run_isa) + ", threads " +
-             std::to_string(pool.size()) + ", cpu: " + cpu_features_string());
-  table.note(std::to_string(iters) + " runs each (scalar: " + std::to_string(scalar_iters) +
-             "), kernel and bound back to back on the same buffers; time_ms = median run;"
+  table.note(std::string("optimizer ") + optimizer_name(hyper.kind) + ", " + std::to_string(slots) +
+             " fp32 slots, isa " + isa_name(run_isa) + ", threads " + std::to_string(pool.size()) +
+             ", cpu: " + cpu_features_string());
+  table.note(std::to_string(iters) + " runs each (scalar: " + std::to_string(scalar_iters_arg) +
+             ", up to " + std::to_string(scalar_max) +
+             " params); kernel and bound back to back on the same buffers; time_ms = median run;"
              " ratio_to_bound = median over the runs of (bound time / kernel time) of each pair;"
              " best_ratio = fastest bound / fastest kernel");
 
   int64_t step = 0;
   for (const auto& size_text : args.list("sizes")) {
     const size_t n = bench::parse_size(size_text);
+    const int scalar_iters = n <= scalar_max ? scalar_iters_arg : 0;
     std::vector<std::unique_ptr<Region>> state;
     for (int s = 0; s < slots; ++s) {
       state.push_back(std::make_unique<Region>(n * sizeof(float)));
@@ -223,9 +230,8 @@ int main(int argc, char** argv) {
       view.slot[s] = state[size_t(s)]->as<float>();
       const float init = s == 0 ? 1.0f : initial_slot_value(hyper, s);
       float* x = view.slot[s];
-      fill(pool, n, 17 + uint64_t(s), 1.0f, [x, s, init](size_t i, float r) {
-        x[i] = s == 0 ? r * init : init;
-      });
+      fill(pool, n, 17 + uint64_t(s), 1.0f,
+           [x, s, init](size_t i, float r) { x[i] = s == 0 ? r * init : init; });
     }
     view.n = n;
     // Fault the copy-out pages in once, outside any timing.
@@ -236,9 +242,15 @@ int main(int argc, char** argv) {
       uint16_t* g16 = grad.as<uint16_t>();
       fill(pool, n, 99, 0.01f, [&](size_t i, float r) {
         switch (gd) {
-          case DType::kF32: g32[i] = r; break;
-          case DType::kBF16: g16[i] = float_to_bf16_bits(r); break;
-          case DType::kF16: g16[i] = float_to_fp16_bits(r); break;
+          case DType::kF32:
+            g32[i] = r;
+            break;
+          case DType::kBF16:
+            g16[i] = float_to_bf16_bits(r);
+            break;
+          case DType::kF16:
+            g16[i] = float_to_fp16_bits(r);
+            break;
         }
       });
       for (const auto& [has_out, od] : param_outs) {

@@ -60,19 +60,33 @@ inline STRATA_KERNEL_INLINE void store_out(void* out, size_t i, typename V::F x,
 template <DType GD, class Fn>
 inline void dispatch_out(detail::OutKind out, Fn& f) {
   switch (out) {
-    case detail::OutKind::kNone: f.template operator()<GD, detail::OutKind::kNone>(); break;
-    case detail::OutKind::kF32: f.template operator()<GD, detail::OutKind::kF32>(); break;
-    case detail::OutKind::kBF16: f.template operator()<GD, detail::OutKind::kBF16>(); break;
-    case detail::OutKind::kF16: f.template operator()<GD, detail::OutKind::kF16>(); break;
+    case detail::OutKind::kNone:
+      f.template operator()<GD, detail::OutKind::kNone>();
+      break;
+    case detail::OutKind::kF32:
+      f.template operator()<GD, detail::OutKind::kF32>();
+      break;
+    case detail::OutKind::kBF16:
+      f.template operator()<GD, detail::OutKind::kBF16>();
+      break;
+    case detail::OutKind::kF16:
+      f.template operator()<GD, detail::OutKind::kF16>();
+      break;
   }
 }
 
 template <class Fn>
 inline void dispatch_types(DType grad, detail::OutKind out, Fn&& f) {
   switch (grad) {
-    case DType::kF32: dispatch_out<DType::kF32>(out, f); break;
-    case DType::kBF16: dispatch_out<DType::kBF16>(out, f); break;
-    case DType::kF16: dispatch_out<DType::kF16>(out, f); break;
+    case DType::kF32:
+      dispatch_out<DType::kF32>(out, f);
+      break;
+    case DType::kBF16:
+      dispatch_out<DType::kBF16>(out, f);
+      break;
+    case DType::kF16:
+      dispatch_out<DType::kF16>(out, f);
+      break;
   }
 }
 
@@ -120,8 +134,8 @@ void adam_run(const detail::AdamConsts& c, const detail::Segment& s) {
     // exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     const F mv = V::fma(g, one_minus_beta1, V::mul(V::template load<kTail>(m + i, cnt), beta1));
     // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    const F vv = V::fma(V::mul(one_minus_beta2, g), g,
-                        V::mul(V::template load<kTail>(v + i, cnt), beta2));
+    const F vv =
+        V::fma(V::mul(one_minus_beta2, g), g, V::mul(V::template load<kTail>(v + i, cnt), beta2));
     F vden = vv;
     if (c.amsgrad) {
       // torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
@@ -195,7 +209,7 @@ void adagrad_run(const detail::AdagradConsts& c, const detail::Segment& s) {
     }
     // state_sum.addcmul_(grad, grad, value=1): fma(1 * g, g, sum), 1 * g == g
     const F sv = V::fma(g, g, V::template load<kTail>(sum + i, cnt));
-    const F stdv = V::add(V::sqrt(sv), eps);  // state_sum.sqrt().add_(eps)
+    const F stdv = V::add(V::sqrt(sv), eps);            // state_sum.sqrt().add_(eps)
     pv = V::add(pv, V::div(V::mul(neg_clr, g), stdv));  // param.addcdiv_(grad, std, value=-clr)
     V::template store<kTail>(sum + i, sv, cnt);
     V::template store<kTail>(p + i, pv, cnt);
@@ -262,8 +276,7 @@ void sgd_entry(const detail::SgdConsts& c, const detail::Segment& s, DType grad,
 template <class V>
 void adagrad_entry(const detail::AdagradConsts& c, const detail::Segment& s, DType grad,
                    detail::OutKind out) {
-  dispatch_types(grad, out,
-                 [&]<DType GD, detail::OutKind OK>() { adagrad_run<V, GD, OK>(c, s); });
+  dispatch_types(grad, out, [&]<DType GD, detail::OutKind OK>() { adagrad_run<V, GD, OK>(c, s); });
 }
 
 template <class V>
@@ -271,10 +284,18 @@ void bound_entry(const detail::BoundConsts& c, const detail::Segment& s, DType g
                  detail::OutKind out) {
   dispatch_types(grad, out, [&]<DType GD, detail::OutKind OK>() {
     switch (c.slots) {
-      case 1: bound_run<V, GD, OK, 1>(c, s); break;
-      case 2: bound_run<V, GD, OK, 2>(c, s); break;
-      case 3: bound_run<V, GD, OK, 3>(c, s); break;
-      default: bound_run<V, GD, OK, 4>(c, s); break;
+      case 1:
+        bound_run<V, GD, OK, 1>(c, s);
+        break;
+      case 2:
+        bound_run<V, GD, OK, 2>(c, s);
+        break;
+      case 3:
+        bound_run<V, GD, OK, 3>(c, s);
+        break;
+      default:
+        bound_run<V, GD, OK, 4>(c, s);
+        break;
     }
   });
 }
@@ -282,18 +303,31 @@ void bound_entry(const detail::BoundConsts& c, const detail::Segment& s, DType g
 template <class V>
 void cast_from_f32_entry(const float* src, void* dst, detail::OutKind out, size_t n) {
   switch (out) {
-    case detail::OutKind::kNone: break;
-    case detail::OutKind::kF32: cast_from_f32_run<V, detail::OutKind::kF32>(src, dst, n); break;
-    case detail::OutKind::kBF16: cast_from_f32_run<V, detail::OutKind::kBF16>(src, dst, n); break;
-    case detail::OutKind::kF16: cast_from_f32_run<V, detail::OutKind::kF16>(src, dst, n); break;
+    case detail::OutKind::kNone:
+      break;
+    case detail::OutKind::kF32:
+      cast_from_f32_run<V, detail::OutKind::kF32>(src, dst, n);
+      break;
+    case detail::OutKind::kBF16:
+      cast_from_f32_run<V, detail::OutKind::kBF16>(src, dst, n);
+      break;
+    case detail::OutKind::kF16:
+      cast_from_f32_run<V, detail::OutKind::kF16>(src, dst, n);
+      break;
   }
 }
 
 template <class V>
 void cast_to_f32_entry(const void* src, DType dtype, float* dst, size_t n) {
   switch (dtype) {
-    case DType::kF32: cast_to_f32_run<V, DType::kF32>(src, dst, n); break;
-    case DType::kBF16: cast_to_f32_run<V, DType::kBF16>(src, dst, n); break;
-    case DType::kF16: cast_to_f32_run<V, DType::kF16>(src, dst, n); break;
+    case DType::kF32:
+      cast_to_f32_run<V, DType::kF32>(src, dst, n);
+      break;
+    case DType::kBF16:
+      cast_to_f32_run<V, DType::kBF16>(src, dst, n);
+      break;
+    case DType::kF16:
+      cast_to_f32_run<V, DType::kF16>(src, dst, n);
+      break;
   }
 }

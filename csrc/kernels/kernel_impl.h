@@ -28,12 +28,12 @@ struct AdamConsts {
   float beta1, one_minus_beta1;
   float beta2, one_minus_beta2;
   float eps;
-  float bc2_sqrt;        // sqrt(1 - beta2^step), or 1
-  float neg_step_size;   // -(lr / (1 - beta1^step))
-  float decay;           // AdamW: 1 - lr * weight_decay
-  float weight_decay;    // Adam: L2 coefficient
-  bool decoupled;        // AdamW with weight_decay != 0: p *= decay first
-  bool l2;               // Adam with weight_decay != 0: g += wd * p
+  float bc2_sqrt;       // sqrt(1 - beta2^step), or 1
+  float neg_step_size;  // -(lr / (1 - beta1^step))
+  float decay;          // AdamW: 1 - lr * weight_decay
+  float weight_decay;   // Adam: L2 coefficient
+  bool decoupled;       // AdamW with weight_decay != 0: p *= decay first
+  bool l2;              // Adam with weight_decay != 0: g += wd * p
   bool amsgrad;
 };
 
@@ -58,8 +58,8 @@ struct AdagradConsts {
 };
 
 struct BoundConsts {
-  float a;     // s = g * a + s; 0 keeps finite state unchanged
-  int slots;   // state arrays touched (1..4)
+  float a;    // s = g * a + s; 0 keeps finite state unchanged
+  int slots;  // state arrays touched (1..4)
 };
 
 struct Segment {
@@ -95,9 +95,12 @@ const KernelTable* table_for(Isa isa);
 
 inline OutKind out_kind(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return OutKind::kF32;
-    case DType::kBF16: return OutKind::kBF16;
-    case DType::kF16: return OutKind::kF16;
+    case DType::kF32:
+      return OutKind::kF32;
+    case DType::kBF16:
+      return OutKind::kBF16;
+    case DType::kF16:
+      return OutKind::kF16;
   }
   return OutKind::kNone;
 }

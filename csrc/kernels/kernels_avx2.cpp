@@ -109,9 +109,12 @@ struct V {
 // Eight fp32 values starting at x + i as fp32, whatever the input dtype.
 inline __m256 load8(const void* x, DType dtype, size_t i) {
   switch (dtype) {
-    case DType::kF32: return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-    case DType::kBF16: return V::load_bf16<false>(static_cast<const uint16_t*>(x) + i, 8);
-    case DType::kF16: return V::load_f16<false>(static_cast<const uint16_t*>(x) + i, 8);
+    case DType::kF32:
+      return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+    case DType::kBF16:
+      return V::load_bf16<false>(static_cast<const uint16_t*>(x) + i, 8);
+    case DType::kF16:
+      return V::load_f16<false>(static_cast<const uint16_t*>(x) + i, 8);
   }
   return _mm256_setzero_ps();
 }
@@ -150,7 +153,7 @@ double sum_squares(const void* x, DType dtype, size_t n) {
   acc[1] = _mm256_add_pd(acc[1], acc[3]);
   acc[0] = _mm256_add_pd(acc[0], acc[1]);  // lane j += lane j + 4
   __m128d h = _mm_add_pd(_mm256_castpd256_pd128(acc[0]), _mm256_extractf128_pd(acc[0], 1));  // + 2
-  h = _mm_add_sd(h, _mm_unpackhi_pd(h, h));  // + 1
+  h = _mm_add_sd(h, _mm_unpackhi_pd(h, h));                                                  // + 1
   return _mm_cvtsd_f64(h);
 }
 

@@ -102,9 +102,12 @@ struct V {
 template <bool kTail>
 inline __m512 load16(const void* x, DType dtype, size_t i, size_t cnt) {
   switch (dtype) {
-    case DType::kF32: return V::load<kTail>(static_cast<const float*>(x) + i, cnt);
-    case DType::kBF16: return V::load_bf16<kTail>(static_cast<const uint16_t*>(x) + i, cnt);
-    case DType::kF16: return V::load_f16<kTail>(static_cast<const uint16_t*>(x) + i, cnt);
+    case DType::kF32:
+      return V::load<kTail>(static_cast<const float*>(x) + i, cnt);
+    case DType::kBF16:
+      return V::load_bf16<kTail>(static_cast<const uint16_t*>(x) + i, cnt);
+    case DType::kF16:
+      return V::load_f16<kTail>(static_cast<const uint16_t*>(x) + i, cnt);
   }
   return _mm512_setzero_ps();
 }
@@ -112,7 +115,8 @@ inline __m512 load16(const void* x, DType dtype, size_t i, size_t cnt) {
 // 16 values into two accumulators of 8 doubles (lanes base..base+7, +8..+15).
 inline void accumulate16(__m512d& lo_acc, __m512d& hi_acc, __m512 f) {
   const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
-  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+  const __m512d hi =
+      _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
   lo_acc = _mm512_fmadd_pd(lo, lo, lo_acc);  // exact product: same as add(mul)
   hi_acc = _mm512_fmadd_pd(hi, hi, hi_acc);
 }
@@ -137,9 +141,10 @@ double sum_squares(const void* x, DType dtype, size_t n) {
   acc0 = _mm512_add_pd(acc0, acc2);  // lane j += lane j + 16
   acc1 = _mm512_add_pd(acc1, acc3);
   acc0 = _mm512_add_pd(acc0, acc1);  // lane j += lane j + 8
-  const __m256d q = _mm256_add_pd(_mm512_castpd512_pd256(acc0), _mm512_extractf64x4_pd(acc0, 1));  // + 4
-  __m128d h = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));  // + 2
-  h = _mm_add_sd(h, _mm_unpackhi_pd(h, h));  // + 1
+  const __m256d q =
+      _mm256_add_pd(_mm512_castpd512_pd256(acc0), _mm512_extractf64x4_pd(acc0, 1));  // + 4
+  __m128d h = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));    // + 2
+  h = _mm_add_sd(h, _mm_unpackhi_pd(h, h));                                          // + 1
   return _mm_cvtsd_f64(h);
 }
 

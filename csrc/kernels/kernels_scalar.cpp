@@ -57,7 +57,7 @@ uint16_t float_to_fp16_bits(float value) {
   if (a >= 0x477FF000u) {  // >= 65520: rounds to inf
     return uint16_t(sign | 0x7C00u);
   }
-  if (a >= 0x38800000u) {  // >= 2^-14: fp16 normal
+  if (a >= 0x38800000u) {                  // >= 2^-14: fp16 normal
     uint32_t r = (a - 0x38000000u) >> 13;  // rebias 127 -> 15, drop 13 bits
     const uint32_t rem = a & 0x1FFFu;
     if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) {
@@ -153,9 +153,12 @@ struct V {
 
 float load_element(const void* x, DType dtype, size_t i) {
   switch (dtype) {
-    case DType::kF32: return static_cast<const float*>(x)[i];
-    case DType::kBF16: return bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]);
-    case DType::kF16: return fp16_bits_to_float(static_cast<const uint16_t*>(x)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(x)[i];
+    case DType::kBF16:
+      return bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]);
+    case DType::kF16:
+      return fp16_bits_to_float(static_cast<const uint16_t*>(x)[i]);
   }
   return 0.0f;
 }

@@ -45,10 +45,12 @@ bool finite_nonneg(double x) { return std::isfinite(x) && x >= 0.0; }
 // first range that can reach into a tile is the first with max_end > begin.
 struct RangeIndex {
   std::span<const CopyOut> ranges;
-  std::vector<CopyOut> sorted;      // used when the input is not sorted/disjoint
-  std::vector<size_t> max_end;      // empty when ranges are sorted and disjoint
+  std::vector<CopyOut> sorted;  // used when the input is not sorted/disjoint
+  std::vector<size_t> max_end;  // empty when ranges are sorted and disjoint
 
-  size_t end_at(size_t i) const { return max_end.empty() ? ranges[i].offset + ranges[i].n : max_end[i]; }
+  size_t end_at(size_t i) const {
+    return max_end.empty() ? ranges[i].offset + ranges[i].n : max_end[i];
+  }
 
   void build(std::span<const CopyOut> in) {
     bool simple = true;
@@ -189,8 +191,8 @@ Status check_hyper_value(bool ok, const char* field, double value, const char* r
   if (ok) {
     return Status::Ok();
   }
-  return invalid_argument(std::string("optimizer ") + field + " = " + std::to_string(value) +
-                          ": " + rule);
+  return invalid_argument(std::string("optimizer ") + field + " = " + std::to_string(value) + ": " +
+                          rule);
 }
 
 // Shared argument checks of optimizer_step and stream_bound_step.
@@ -224,7 +226,8 @@ Status check_step_args(const OptimizerHyper& hyper, const StateView& state, cons
       }
     }
     if (grad == nullptr) {
-      return invalid_argument("optimizer_step: grad is nullptr with n = " + std::to_string(state.n));
+      return invalid_argument("optimizer_step: grad is nullptr with n = " +
+                              std::to_string(state.n));
     }
   }
   for (size_t i = 0; i < copy_out.size(); ++i) {
@@ -293,9 +296,9 @@ detail::AdagradConsts adagrad_consts(const OptimizerHyper& h, const StepArgs& ar
 }
 
 template <class RunSegment>
-void drive(const OptimizerHyper& hyper, const StateView& state, const void* grad,
-           DType grad_dtype, std::span<const CopyOut> copy_out, DType param_dtype,
-           ThreadPool* pool, const KernelTable& table, RunSegment run) {
+void drive(const OptimizerHyper& hyper, const StateView& state, const void* grad, DType grad_dtype,
+           std::span<const CopyOut> copy_out, DType param_dtype, ThreadPool* pool,
+           const KernelTable& table, RunSegment run) {
   RangeIndex index;
   index.build(copy_out);
   const TileRunner<RunSegment> runner{state,
@@ -314,38 +317,52 @@ void drive(const OptimizerHyper& hyper, const StateView& state, const void* grad
 
 size_t dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return 4;
-    case DType::kBF16: return 2;
-    case DType::kF16: return 2;
+    case DType::kF32:
+      return 4;
+    case DType::kBF16:
+      return 2;
+    case DType::kF16:
+      return 2;
   }
   return 0;
 }
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "fp32";
-    case DType::kBF16: return "bf16";
-    case DType::kF16: return "fp16";
+    case DType::kF32:
+      return "fp32";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF16:
+      return "fp16";
   }
   return "unknown";
 }
 
 const char* optimizer_name(OptimizerKind kind) {
   switch (kind) {
-    case OptimizerKind::kAdam: return "Adam";
-    case OptimizerKind::kAdamW: return "AdamW";
-    case OptimizerKind::kSgd: return "SGD";
-    case OptimizerKind::kAdagrad: return "Adagrad";
+    case OptimizerKind::kAdam:
+      return "Adam";
+    case OptimizerKind::kAdamW:
+      return "AdamW";
+    case OptimizerKind::kSgd:
+      return "SGD";
+    case OptimizerKind::kAdagrad:
+      return "Adagrad";
   }
   return "unknown";
 }
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kScalar: return "scalar";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAuto: return "auto";
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAuto:
+      return "auto";
   }
   return "unknown";
 }
@@ -363,10 +380,14 @@ Isa detect_isa() {
 
 bool isa_supported(Isa isa) {
   switch (isa) {
-    case Isa::kScalar: return true;
-    case Isa::kAvx2: return cpu_features().can_run_avx2();
-    case Isa::kAvx512: return cpu_features().can_run_avx512();
-    case Isa::kAuto: return true;
+    case Isa::kScalar:
+      return true;
+    case Isa::kAvx2:
+      return cpu_features().can_run_avx2();
+    case Isa::kAvx512:
+      return cpu_features().can_run_avx512();
+    case Isa::kAuto:
+      return true;
   }
   return false;
 }
@@ -381,10 +402,14 @@ const KernelTable* table_for(Isa isa) {
     return nullptr;
   }
   switch (isa) {
-    case Isa::kScalar: return &scalar_table();
-    case Isa::kAvx2: return &avx2_table();
-    case Isa::kAvx512: return &avx512_table();
-    case Isa::kAuto: break;
+    case Isa::kScalar:
+      return &scalar_table();
+    case Isa::kAvx2:
+      return &avx2_table();
+    case Isa::kAvx512:
+      return &avx512_table();
+    case Isa::kAuto:
+      break;
   }
   return nullptr;
 }
@@ -406,10 +431,10 @@ Status validate_hyper(const OptimizerHyper& h) {
       return Status::Ok();
     case OptimizerKind::kSgd:
       STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.lr), "lr", h.lr, "must be >= 0"));
-      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.momentum), "momentum", h.momentum,
-                                               "must be >= 0"));
-      STRATA_RETURN_IF_ERROR(check_hyper_value(std::isfinite(h.dampening), "dampening",
-                                               h.dampening, "must be finite"));
+      STRATA_RETURN_IF_ERROR(
+          check_hyper_value(finite_nonneg(h.momentum), "momentum", h.momentum, "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(check_hyper_value(std::isfinite(h.dampening), "dampening", h.dampening,
+                                               "must be finite"));
       STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.weight_decay), "weight_decay",
                                                h.weight_decay, "must be >= 0"));
       if (h.nesterov && (h.momentum <= 0.0 || h.dampening != 0.0)) {
@@ -419,8 +444,8 @@ Status validate_hyper(const OptimizerHyper& h) {
     case OptimizerKind::kAdagrad:
       STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.lr), "lr", h.lr, "must be >= 0"));
       STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.eps), "eps", h.eps, "must be >= 0"));
-      STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.lr_decay), "lr_decay", h.lr_decay,
-                                               "must be >= 0"));
+      STRATA_RETURN_IF_ERROR(
+          check_hyper_value(finite_nonneg(h.lr_decay), "lr_decay", h.lr_decay, "must be >= 0"));
       STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.weight_decay), "weight_decay",
                                                h.weight_decay, "must be >= 0"));
       STRATA_RETURN_IF_ERROR(check_hyper_value(finite_nonneg(h.initial_accumulator_value),
@@ -434,9 +459,12 @@ Status validate_hyper(const OptimizerHyper& h) {
 int state_slots(const OptimizerHyper& hyper) {
   switch (hyper.kind) {
     case OptimizerKind::kAdam:
-    case OptimizerKind::kAdamW: return hyper.amsgrad ? 4 : 3;
-    case OptimizerKind::kSgd: return hyper.momentum != 0.0 ? 2 : 1;
-    case OptimizerKind::kAdagrad: return 2;
+    case OptimizerKind::kAdamW:
+      return hyper.amsgrad ? 4 : 3;
+    case OptimizerKind::kSgd:
+      return hyper.momentum != 0.0 ? 2 : 1;
+    case OptimizerKind::kAdagrad:
+      return 2;
   }
   return 1;
 }

@@ -39,7 +39,7 @@
 namespace strata::kernels {
 
 enum class DType : uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
-size_t dtype_size(DType dtype);   // 4, 2, 2; 0 for a value outside the enum
+size_t dtype_size(DType dtype);       // 4, 2, 2; 0 for a value outside the enum
 const char* dtype_name(DType dtype);  // "fp32", "bf16", "fp16"
 
 enum class OptimizerKind : uint8_t { kAdam, kAdamW, kSgd, kAdagrad };
@@ -51,7 +51,7 @@ struct OptimizerHyper {
   OptimizerKind kind = OptimizerKind::kAdamW;
   double lr = 1e-3;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  double weight_decay = 0.0;  // Adam/SGD/Adagrad: L2 added to the gradient; AdamW: decoupled
+  double weight_decay = 0.0;    // Adam/SGD/Adagrad: L2 added to the gradient; AdamW: decoupled
   bool bias_correction = true;  // false: DeepSpeed's bias_correction=False (bc1 = bc2 = 1)
   bool amsgrad = false;
   double momentum = 0.0, dampening = 0.0;  // SGD
@@ -76,7 +76,7 @@ const char* isa_name(Isa isa);  // "scalar", "avx2", "avx512", "auto"
 
 struct StateView {
   float* slot[4] = {nullptr, nullptr, nullptr, nullptr};  // slot[0] = master
-  size_t n = 0;  // elements per slot
+  size_t n = 0;                                           // elements per slot
 };
 
 // Elements [offset, offset + n) of the master weights are written to dst in
@@ -90,9 +90,9 @@ struct CopyOut {
 };
 
 struct StepArgs {
-  int64_t step = 1;      // 1-based step count of this sub-group (bias correction;
-                         // SGD: step 1 initialises the momentum buffer with the gradient)
-  float grad_mul = 1.0f; // gradients are multiplied by this (clip / loss scale); finite
+  int64_t step = 1;       // 1-based step count of this sub-group (bias correction;
+                          // SGD: step 1 initialises the momentum buffer with the gradient)
+  float grad_mul = 1.0f;  // gradients are multiplied by this (clip / loss scale); finite
 };
 
 // One optimizer step over a record. grad holds state.n elements of

@@ -62,8 +62,8 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::vector<int> tids_;
   mutable std::mutex mu_;
-  std::condition_variable cv_work_;   // workers: a new generation_ or stop_
-  std::condition_variable cv_done_;   // caller: active_ reached 0 / a tid was recorded
+  std::condition_variable cv_work_;  // workers: a new generation_ or stop_
+  std::condition_variable cv_done_;  // caller: active_ reached 0 / a tid was recorded
   const std::function<void(size_t)>* fn_ = nullptr;  // valid while a call is open
   size_t tasks_ = 0;
   std::atomic<size_t> next_{0};  // next task to claim; >= tasks_ when all claimed

@@ -347,7 +347,8 @@ TEST(KernelsReference, AdamWHandComputedFirstStep) {
     s.slot[1] = &m;
     s.slot[2] = &v;
     s.n = 1;
-    ASSERT_TRUE(optimizer_step(h, StepArgs{}, s, &g, DType::kF32, {}, DType::kF32, nullptr, isa).ok());
+    ASSERT_TRUE(
+        optimizer_step(h, StepArgs{}, s, &g, DType::kF32, {}, DType::kF32, nullptr, isa).ok());
     EXPECT_NEAR(p, 0.899000002, 1e-7) << isa_name(isa);
     EXPECT_NEAR(m, 0.05, 1e-9);
     EXPECT_NEAR(v, 0.00025, 1e-9);
@@ -428,7 +429,8 @@ TEST(KernelsReference, AdamL2AmsgradAndNoBiasCorrectionMatchDouble) {
         g[i] = (t == 3 ? 0.01f : 1.0f) * normal(rng);  // v shrinks at t = 3: max_v matters
       }
       ASSERT_TRUE(
-          optimizer_step(h, StepArgs{t, 1.0f}, s, g.data(), DType::kF32, {}, DType::kF32, nullptr).ok());
+          optimizer_step(h, StepArgs{t, 1.0f}, s, g.data(), DType::kF32, {}, DType::kF32, nullptr)
+              .ok());
       const double bc1 = bias_correction ? 1.0 - std::pow(h.beta1, t) : 1.0;
       const double bc2 = bias_correction ? 1.0 - std::pow(h.beta2, t) : 1.0;
       for (size_t i = 0; i < n; ++i) {
@@ -467,7 +469,8 @@ TEST(KernelsReference, SgdMomentumNesterovMatchDouble) {
         x = normal(rng);
       }
       ASSERT_TRUE(
-          optimizer_step(h, StepArgs{t, 1.0f}, s, g.data(), DType::kF32, {}, DType::kF32, nullptr).ok());
+          optimizer_step(h, StepArgs{t, 1.0f}, s, g.data(), DType::kF32, {}, DType::kF32, nullptr)
+              .ok());
       for (size_t i = 0; i < n; ++i) {
         double d = double(g[i]) + h.weight_decay * dp[i];
         dbuf[i] = t == 1 ? d : h.momentum * dbuf[i] + (1.0 - h.dampening) * d;
@@ -475,7 +478,8 @@ TEST(KernelsReference, SgdMomentumNesterovMatchDouble) {
         dp[i] -= h.lr * d;
       }
       for (size_t i = 0; i < n; ++i) {
-        ASSERT_NEAR(buf[i], dbuf[i], 1e-5 + 1e-5 * std::fabs(dbuf[i])) << "step " << t << " i " << i;
+        ASSERT_NEAR(buf[i], dbuf[i], 1e-5 + 1e-5 * std::fabs(dbuf[i]))
+            << "step " << t << " i " << i;
         ASSERT_NEAR(p[i], dp[i], 1e-5 + 1e-5 * std::fabs(dp[i])) << "step " << t << " i " << i;
       }
     }
@@ -501,7 +505,8 @@ TEST(KernelsReference, AdagradMatchDouble) {
       x = normal(rng);
     }
     ASSERT_TRUE(
-        optimizer_step(h, StepArgs{t, 1.0f}, s, g.data(), DType::kF32, {}, DType::kF32, nullptr).ok());
+        optimizer_step(h, StepArgs{t, 1.0f}, s, g.data(), DType::kF32, {}, DType::kF32, nullptr)
+            .ok());
     const double clr = h.lr / (1.0 + (t - 1) * h.lr_decay);
     for (size_t i = 0; i < n; ++i) {
       const double gi = double(g[i]) + h.weight_decay * dp[i];
@@ -546,8 +551,8 @@ TEST(KernelsArgs, BadArgumentsAreInvalidAndTouchNothing) {
   s.slot[2] = v.data();
   s.n = 8;
   auto step = [&](const OptimizerHyper& hh, const StateView& ss, const void* grad,
-                  std::span<const CopyOut> co, StepArgs args = StepArgs{},
-                  DType gd = DType::kF32, DType od = DType::kBF16) {
+                  std::span<const CopyOut> co, StepArgs args = StepArgs{}, DType gd = DType::kF32,
+                  DType od = DType::kBF16) {
     return optimizer_step(hh, args, ss, grad, gd, co, od, nullptr).code();
   };
   const StatusCode kInvalid = StatusCode::kInvalidArgument;
@@ -568,10 +573,10 @@ TEST(KernelsArgs, BadArgumentsAreInvalidAndTouchNothing) {
   EXPECT_EQ(step(h, s, g.data(), {}, StepArgs{1, INFINITY}), kInvalid);
   EXPECT_EQ(step(h, s, g.data(), {}, StepArgs{}, DType(7)), kInvalid);
   EXPECT_EQ(step(h, s, g.data(), {}, StepArgs{}, DType::kF32, DType(9)), kInvalid);
-  EXPECT_EQ(optimizer_step(h, StepArgs{}, s, g.data(), DType::kF32, {}, DType::kF32, nullptr,
-                           Isa(42))
-                .code(),
-            kInvalid);
+  EXPECT_EQ(
+      optimizer_step(h, StepArgs{}, s, g.data(), DType::kF32, {}, DType::kF32, nullptr, Isa(42))
+          .code(),
+      kInvalid);
   auto with = [&h](auto edit) {
     OptimizerHyper x = h;
     edit(x);
@@ -602,13 +607,16 @@ TEST(KernelsArgs, BadArgumentsAreInvalidAndTouchNothing) {
 TEST(KernelsArgs, EmptyRecordIsANoOp) {
   OptimizerHyper h;
   StateView empty;  // all slots null, n = 0
-  EXPECT_TRUE(optimizer_step(h, StepArgs{}, empty, nullptr, DType::kF32, {}, DType::kF32, nullptr).ok());
+  EXPECT_TRUE(
+      optimizer_step(h, StepArgs{}, empty, nullptr, DType::kF32, {}, DType::kF32, nullptr).ok());
   CopyOut none{0, 0, nullptr};
   EXPECT_TRUE(
-      optimizer_step(h, StepArgs{}, empty, nullptr, DType::kF32, {&none, 1}, DType::kF32, nullptr).ok());
+      optimizer_step(h, StepArgs{}, empty, nullptr, DType::kF32, {&none, 1}, DType::kF32, nullptr)
+          .ok());
   CopyOut some{0, 1, &h};
   EXPECT_EQ(
-      optimizer_step(h, StepArgs{}, empty, nullptr, DType::kF32, {&some, 1}, DType::kF32, nullptr).code(),
+      optimizer_step(h, StepArgs{}, empty, nullptr, DType::kF32, {&some, 1}, DType::kF32, nullptr)
+          .code(),
       StatusCode::kInvalidArgument);
 }
 
@@ -657,8 +665,9 @@ TEST(KernelsArgs, UnsupportedIsaIsUnavailable) {
   s.slot[1] = &m;
   s.slot[2] = &v;
   s.n = 1;
-  EXPECT_EQ(optimizer_step(h, StepArgs{}, s, &g, DType::kF32, {}, DType::kF32, nullptr, missing).code(),
-            StatusCode::kUnavailable);
+  EXPECT_EQ(
+      optimizer_step(h, StepArgs{}, s, &g, DType::kF32, {}, DType::kF32, nullptr, missing).code(),
+      StatusCode::kUnavailable);
 }
 
 TEST(CpuFeatures, ConsistentWithDetectedIsa) {

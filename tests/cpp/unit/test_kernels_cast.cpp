@@ -61,30 +61,30 @@ TEST(CastFp16, KnownBitPatterns) {
       {-2.0f, 0xC000},
       {0.0f, 0x0000},
       {-0.0f, 0x8000},
-      {65504.0f, 0x7BFF},                       // largest finite
-      {65519.99f, 0x7BFF},                      // below the overflow tie
-      {65520.0f, 0x7C00},                       // tie between 65504 and inf: to even (inf)
-      {1e10f, 0x7C00},                          // overflow
+      {65504.0f, 0x7BFF},   // largest finite
+      {65519.99f, 0x7BFF},  // below the overflow tie
+      {65520.0f, 0x7C00},   // tie between 65504 and inf: to even (inf)
+      {1e10f, 0x7C00},      // overflow
       {-1e10f, 0xFC00},
-      {std::ldexp(1.0f, -14), 0x0400},          // smallest normal
-      {std::ldexp(1.0f, -24), 0x0001},          // smallest denormal
-      {std::ldexp(1.0f, -25), 0x0000},          // tie with 0: to even (0)
-      {std::ldexp(1.5f, -25), 0x0001},          // above the tie
-      {std::ldexp(3.0f, -25), 0x0002},          // 1.5 ulp: tie, odd below: up
-      {std::ldexp(1023.0f, -24), 0x03FF},       // largest denormal
-      {std::ldexp(1023.5f, -24), 0x0400},       // rounds into the normals
+      {std::ldexp(1.0f, -14), 0x0400},     // smallest normal
+      {std::ldexp(1.0f, -24), 0x0001},     // smallest denormal
+      {std::ldexp(1.0f, -25), 0x0000},     // tie with 0: to even (0)
+      {std::ldexp(1.5f, -25), 0x0001},     // above the tie
+      {std::ldexp(3.0f, -25), 0x0002},     // 1.5 ulp: tie, odd below: up
+      {std::ldexp(1023.0f, -24), 0x03FF},  // largest denormal
+      {std::ldexp(1023.5f, -24), 0x0400},  // rounds into the normals
       {std::ldexp(-5.0f, -24), 0x8005},
-      {1.0f + std::ldexp(1.0f, -11), 0x3C00},   // tie, even below
-      {1.0f + std::ldexp(3.0f, -11), 0x3C02},   // tie, odd below: up
+      {1.0f + std::ldexp(1.0f, -11), 0x3C00},  // tie, even below
+      {1.0f + std::ldexp(3.0f, -11), 0x3C02},  // tie, odd below: up
       {1.0f + std::ldexp(1.0f, -11) + std::ldexp(1.0f, -20), 0x3C01},
-      {float_of(0x00000001u), 0x0000},          // fp32 denormals vanish, sign kept
+      {float_of(0x00000001u), 0x0000},  // fp32 denormals vanish, sign kept
       {float_of(0x80400000u), 0x8000},
       {INFINITY, 0x7C00},
       {-INFINITY, 0xFC00},
-      {float_of(0x7FC00000u), 0x7E00},          // quiet NaN
-      {float_of(0xFFC00000u), 0xFE00},          // sign kept
-      {float_of(0x7F800001u), 0x7E00},          // signalling NaN: made quiet
-      {float_of(0x7FA02000u), 0x7F01},          // top payload bits kept: 0x202000 >> 13
+      {float_of(0x7FC00000u), 0x7E00},  // quiet NaN
+      {float_of(0xFFC00000u), 0xFE00},  // sign kept
+      {float_of(0x7F800001u), 0x7E00},  // signalling NaN: made quiet
+      {float_of(0x7FA02000u), 0x7F01},  // top payload bits kept: 0x202000 >> 13
   };
   for (const Case& c : cases) {
     EXPECT_EQ(float_to_fp16_bits(c.in), c.out) << std::hexfloat << c.in;
@@ -164,14 +164,15 @@ TEST(Cast, RandomValuesRoundToNearestEven) {
     }
     const uint16_t b = float_to_bf16_bits(x);
     if (std::isfinite(bf16_bits_to_float(b))) {
-      expect_nearest_even(x, b, [](uint16_t h) { return double(bf16_bits_to_float(h)); }, "bf16");
+      expect_nearest_even(
+          x, b, [](uint16_t h) { return double(bf16_bits_to_float(h)); }, "bf16");
     }
     const float small = std::ldexp(std::fmod(std::fabs(x), 1.0f) + 1.0f, int(rng() % 44) - 28) *
                         ((u & 1) ? -1.0f : 1.0f);  // within and around the fp16 range
     const uint16_t f = float_to_fp16_bits(small);
     if (std::isfinite(fp16_bits_to_float(f))) {
-      expect_nearest_even(small, f, [](uint16_t h) { return double(fp16_bits_to_float(h)); },
-                          "fp16");
+      expect_nearest_even(
+          small, f, [](uint16_t h) { return double(fp16_bits_to_float(h)); }, "fp16");
     }
   }
 }
@@ -201,13 +202,12 @@ TEST(Cast, SimdVariantsEqualScalarRules) {
   for (Isa isa : isas) {
     for (DType dt : {DType::kBF16, DType::kF16}) {
       std::vector<float> want(halves.size() - 1), got(halves.size() - 1);
-      ASSERT_TRUE(cast_to_f32(halves.data() + 1, dt, want.data(), want.size(), nullptr,
-                              Isa::kScalar)
-                      .ok());
+      ASSERT_TRUE(
+          cast_to_f32(halves.data() + 1, dt, want.data(), want.size(), nullptr, Isa::kScalar).ok());
       ASSERT_TRUE(cast_to_f32(halves.data() + 1, dt, got.data(), got.size(), nullptr, isa).ok());
       for (size_t i = 0; i < want.size(); ++i) {
-        ASSERT_EQ(bits_of(got[i]), bits_of(want[i])) << isa_name(isa) << " " << dtype_name(dt)
-                                                     << " half " << std::hex << halves[i + 1];
+        ASSERT_EQ(bits_of(got[i]), bits_of(want[i]))
+            << isa_name(isa) << " " << dtype_name(dt) << " half " << std::hex << halves[i + 1];
       }
       const size_t n = floats.size() - 1;
       std::vector<uint16_t> w(n), g(n);

@@ -98,9 +98,15 @@ inline void fill_grad(Buffer& b, DType dtype, size_t n, std::mt19937_64& rng, fl
       x = 3e-6f * normal(rng);
     }
     switch (dtype) {
-      case DType::kF32: b.f32()[i] = x; break;
-      case DType::kBF16: b.u16()[i] = float_to_bf16_bits(x); break;
-      case DType::kF16: b.u16()[i] = float_to_fp16_bits(x); break;
+      case DType::kF32:
+        b.f32()[i] = x;
+        break;
+      case DType::kBF16:
+        b.u16()[i] = float_to_bf16_bits(x);
+        break;
+      case DType::kF16:
+        b.u16()[i] = float_to_fp16_bits(x);
+        break;
     }
   }
 }

@@ -64,7 +64,8 @@ TEST(ThreadPool, RunsEveryTaskExactlyOnce) {
       std::vector<std::atomic<int>> hits(tasks);
       pool.parallel_for(tasks, [&](size_t t) { hits[t].fetch_add(1); });
       for (size_t t = 0; t < tasks; ++t) {
-        ASSERT_EQ(hits[t].load(), 1) << "threads " << threads << " tasks " << tasks << " task " << t;
+        ASSERT_EQ(hits[t].load(), 1)
+            << "threads " << threads << " tasks " << tasks << " task " << t;
       }
     }
   }
