@@ -6,11 +6,12 @@
 #include <thread>
 
 #include <strata/io/io_engine.h>
+#include <strata/kernels/cast.h>
 #include <strata/kernels/thread_pool.h>
 #include <strata/memory/pinned_pool.h>
 #include <strata/tiers/tiers.h>
 
-#include "engine/convert.h"
+#include "engine/kill_point.h"
 #include "engine/step_run.h"
 
 namespace strata::engine {
@@ -94,7 +95,7 @@ Status Engine::Impl::init_record(const SubGroup& sg, float* record) {
       continue;  // bench mode: masters start at zero
     }
     const char* src = static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
-    to_float(src, p.dtype, record + seg.offset, seg.numel);
+    STRATA_RETURN_IF_ERROR(kernels::cast_to_f32(src, p.dtype, record + seg.offset, seg.numel, threads.get()));
   }
   for (int k = 1; k < slots[size_t(sg.group)]; ++k) {
     float init = kernels::initial_slot_value(hyper, k);
@@ -107,6 +108,7 @@ Status Engine::Impl::init_record(const SubGroup& sg, float* record) {
 
 Status Engine::Impl::update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool,
                             int64_t step_id) {
+  kill_point("engine_update");
   kernels::StepArgs args;
   args.step = step_counts[size_t(sg.group)];
   args.grad_mul = grad_mul;
@@ -281,6 +283,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       }
       buf.ticket = t.value();
       buf.state = BufState::kStoring;
+      kill_point("engine_store");
       buf.seq = store_seq++;
       buf_of[sg.id] = -1;
       ++next_update;
@@ -622,6 +625,14 @@ Status Engine::Impl::sync() {
   if (!run) {
     return Status::Ok();
   }
+  {
+    std::lock_guard<std::mutex> lock(run->mu);
+    if (!run->stepped && !run->cancel) {
+      // Joining now would wait forever for a gate only step() opens.
+      return Status(StatusCode::kFailedPrecondition,
+                    "a step begun by begin_backward() is in flight: call step() or cancel_step() first");
+    }
+  }
   run->worker.join();
   Status st = run->status;
   bool cancelled = run->cancel;
@@ -904,7 +915,7 @@ Status Engine::sync_master_from_params() {
         continue;
       }
       const char* src = static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
-      to_float(src, p.dtype, rec + seg.offset, seg.numel);
+      STRATA_RETURN_IF_ERROR(kernels::cast_to_f32(src, p.dtype, rec + seg.offset, seg.numel, e.threads.get()));
     }
     STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
   }

@@ -147,6 +147,7 @@ class Engine(torch.nn.Module):
         self._client_torch_optimizer = None
         self._timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self._progress = _config.get(config, "strata.progress", "auto")
+        self._overlap_backward = bool(_config.get(config, "strata.overlap_backward", True))
 
         self._check_module(module)
         self.device = self._module_device(module)
@@ -482,9 +483,21 @@ class Engine(torch.nn.Module):
         to_backward = loss
         if self.loss_scaler is not None:
             to_backward = self.loss_scaler.scale_loss(loss.float())
-        to_backward.backward(retain_graph=retain_graph)
+        if self._overlap_this_backward(retain_graph):
+            # The last backward before the update: sub-groups enter the optimizer's pipeline
+            # as their gradients become final. Clipping and fp16 need the global norm first,
+            # so they prefetch during backward and update in step() (exact mode).
+            exact = self.gradient_clipping() > 0 or self.loss_scaler is not None
+            self.optimizer.backward(to_backward, exact=exact, retain_graph=retain_graph)
+        else:
+            to_backward.backward(retain_graph=retain_graph)
         self._timers["backward"] += time.perf_counter() - t0
         return loss
+
+    def _overlap_this_backward(self, retain_graph):
+        return (self._overlap_backward and not retain_graph and self.world_size == 1
+                and isinstance(self.optimizer, _OffloadOptimizer)
+                and self.is_gradient_accumulation_boundary())
 
     def zero_grad(self, set_to_none=None):
         if self.optimizer is not None:
@@ -516,6 +529,8 @@ class Engine(torch.nn.Module):
             self._global_grad_norm = float("inf")
             self.skipped_steps += 1
             self._step_applied = False
+            if isinstance(opt, _OffloadOptimizer):
+                opt.cancel_step()  # an overlapped backward prefetched state: drop that step
             opt.zero_grad()
             self.loss_scaler.update_scale(True)
         else:

@@ -45,7 +45,7 @@ import torch
 
 from . import _C
 from . import config as _config
-from ._torch_compat import dtype_name, tensor_from_buffer
+from ._torch_compat import dtype_name, has_post_accumulate_grad_hook, tensor_from_buffer
 
 DEFAULT_SWAP_DIR = "strata_swap"
 
@@ -90,6 +90,8 @@ class _Built:
         self.versions = []     # engine param index -> param._version when masters last matched
         self.arenas = {}
         self.views = []
+        self.hooks = []         # gradient-ready hooks (overlap with backward)
+        self.hook_refs = []     # AccumulateGrad nodes kept alive (torch < 2.1)
 
 
 class _OffloadOptimizer(torch.optim.Optimizer):
@@ -100,6 +102,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults, *, config=None, default_device="nvme", tag="", rank=0):
         self._b = None
         self._pending_grad_mul = None
+        self._overlap = None  # "eager" / "exact" while a backward-overlapped step is pending
+        self._overlap_active = False
         self._poisoned = None  # why steps are refused (an incomplete checkpoint load)
         self._forced_steps = None
         super().__init__(params, defaults)
@@ -350,6 +354,76 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._b = new
         self._release(old, keep_grads=False)
 
+    # ---- overlap with backward -----------------------------------------
+    def _install_hooks(self, b):
+        """One hook per managed parameter that reports its gradient final to the engine."""
+        if b.hooks:
+            return
+        engine = b.engine
+
+        def ready(i):
+            def hook(*_):
+                if self._overlap_active:
+                    engine.mark_param_ready(i)
+            return hook
+
+        for i, p in enumerate(b.managed):
+            if has_post_accumulate_grad_hook():
+                b.hooks.append(p.register_post_accumulate_grad_hook(ready(i)))
+            else:
+                # torch < 2.1: the parameter's AccumulateGrad node runs once per backward,
+                # after every gradient contribution to it was summed (as DDP uses it).
+                acc = p.expand_as(p).grad_fn.next_functions[0][0]
+                b.hook_refs.append(acc)
+                b.hooks.append(acc.register_hook(ready(i)))
+
+    def backward(self, loss, *, exact=False, retain_graph=False):
+        """``loss.backward()`` with this step's updates overlapped with it.
+
+        Call it for the last backward before ``step()`` (at the accumulation boundary).
+        Eager (default): a sub-group is updated as soon as all its gradients are final, while
+        backward goes on; the model's parameters are written once every use of them in this
+        backward is over. Exact (``exact=True``, needed with gradient clipping or fp16 loss
+        scaling): state is prefetched and gradient statistics computed during backward; the
+        updates run in ``step()`` once the clip/scale factor is known. Either way the result is
+        bit-identical to ``loss.backward(); step()``. Update threads during backward: the cores
+        torch leaves free, at least one."""
+        self._require_open()
+        if self._overlap is not None:
+            raise RuntimeError("strata: backward() again before step(): one overlapped backward per step")
+        if self._poisoned:
+            raise RuntimeError(f"strata: optimizer step refused: {self._poisoned}")
+        self._prepare()
+        b = self._b
+        for c, gi in enumerate(b.cohort_group):
+            b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
+        self._install_hooks(b)
+        threads = max(1, (os.cpu_count() or 1) - torch.get_num_threads())
+        b.engine.begin_backward(not exact, 1.0, threads)
+        self._overlap_active = True
+        try:
+            loss.backward(retain_graph=retain_graph)
+        except BaseException:
+            self._overlap_active = False
+            b.engine.end_backward()
+            try:
+                b.engine.cancel_step()
+            except Exception as exc:  # eager updates already ran: the state is part-stepped
+                self._poisoned = f"backward failed after some eager updates ran ({exc})"
+            raise
+        finally:
+            self._overlap_active = False
+        b.engine.end_backward()
+        self._overlap = "exact" if exact else "eager"
+        return loss
+
+    def cancel_step(self):
+        """Drop the step begun by an exact ``backward()`` (fp16 overflow): no state changes."""
+        if self._overlap is None:
+            return
+        self._overlap = None
+        self._b.engine.cancel_step()
+
     # ---- torch.optim.Optimizer API ------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -362,6 +436,17 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         grad_mul = self._pending_grad_mul
         self._pending_grad_mul = None
         self._require_open()
+        if self._overlap is not None:
+            # Completes the step begun by backward(): hyper-parameters were set then.
+            mode, self._overlap = self._overlap, None
+            if mode == "eager" and grad_mul not in (None, 1.0):
+                raise RuntimeError("strata: an eager overlapped step cannot apply a gradient "
+                                   "multiplier (clipping, loss scale): use backward(exact=True)")
+            hook = getattr(self, "_engine_step_hook", None)
+            if hook is not None:
+                hook()  # test hook: arms a kill that lands inside the C++ step
+            self._b.engine.step(1.0 if grad_mul is None else float(grad_mul))
+            return loss
         if self._poisoned:
             raise RuntimeError(f"strata: optimizer step refused: {self._poisoned}; load a "
                                "checkpoint (or state dict) successfully before stepping again")
@@ -383,6 +468,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
 
     def grad_stats(self):
         """(sum of squares, any inf/nan) over every gradient, in the engine's fixed order."""
+        if self._overlap is not None:
+            return self._b.engine.grad_stats()  # gathered during backward
         self._prepare()
         return self._b.engine.grad_stats()
 
@@ -393,6 +480,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none=None):
         self._require_open()
+        if self._overlap is not None:
+            raise RuntimeError("strata: zero_grad() between an overlapped backward() and step()")
         self._b.engine.zero_grads()
         self._attach_grads(self._b, copy_existing=False)
 
@@ -560,6 +649,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                 if p.grad is not None and p.grad.data_ptr() == view.data_ptr():
                     # The arena is about to be freed: keep the values, drop the view.
                     p.grad = p.grad.clone()
+        for h in b.hooks:
+            h.remove()
+        b.hooks, b.hook_refs = [], []
         b.arenas = {}
         b.views = []
         b.engine.close()
