@@ -44,6 +44,11 @@ struct Engine::Impl {
   std::vector<std::vector<uint32_t>> subgroups_of_param;
   std::vector<uint32_t> params_in_subgroup;  // distinct parameters per sub-group
   std::unique_ptr<StepRun> run;              // the step in flight, if any
+  // After a failed step: per sub-group, records lost until fully rewritten.
+  // lost[sg] => written[sg] counts (segment, slot) pairs rewritten so far.
+  std::vector<uint8_t> lost;
+  std::vector<uint8_t> rewrite_started;
+  std::vector<std::vector<uint8_t>> written;
   Trace trace;
   Status error;
   bool closed = false;
@@ -79,6 +84,49 @@ struct Engine::Impl {
   // Joins the run in flight (stores included) and returns its status; an
   // error poisons the engine.
   Status sync();
+  void mark_all_lost() {
+    lost.assign(plan.subgroups.size(), 1);
+    rewrite_started.assign(plan.subgroups.size(), 0);
+    written.assign(plan.subgroups.size(), {});
+    for (const auto& sg : plan.subgroups) {
+      written[sg.id].assign(sg.segments.size() * size_t(slots[size_t(sg.group)]), 0);
+    }
+  }
+  // A record to modify and put back: as stored, or, for a lost record, an
+  // empty one the first time (its old contents are unknown).
+  Result<float*> record_for_write(const SubGroup& sg) {
+    if (lost.empty() || !lost[sg.id]) {
+      return get_record(sg);
+    }
+    Tier* tier = tier_of(sg);
+    float* rec = tier->resident() ? tier->data(handles[sg.id]) : work[0].as<float>();
+    if (!rewrite_started[sg.id]) {
+      std::memset(rec, 0, sg.record_bytes);
+      rewrite_started[sg.id] = 1;
+    } else if (!tier->resident()) {
+      STRATA_RETURN_IF_ERROR(tier->fetch(handles[sg.id], rec));
+    }
+    return rec;
+  }
+  void note_written(const SubGroup& sg, size_t segment, size_t slot) {
+    if (!lost.empty() && lost[sg.id]) {
+      written[sg.id][segment * size_t(slots[size_t(sg.group)]) + slot] = 1;
+    }
+  }
+  void note_record_stored(const SubGroup& sg) {
+    if (!lost.empty() && lost[sg.id] &&
+        std::all_of(written[sg.id].begin(), written[sg.id].end(), [](uint8_t w) { return w != 0; })) {
+      lost[sg.id] = 0;
+    }
+  }
+  Status check_readable(const SubGroup& sg) const {
+    if (!lost.empty() && lost[sg.id]) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "sub-group " + std::to_string(sg.id) + " lost its state in a failed step (" + error.message() +
+                        "); reload every parameter's state before reading it");
+    }
+    return Status::Ok();
+  }
   // Gives access to a record outside a step: resident memory, or the record
   // fetched into working buffer 0 (write back with put_record).
   Result<float*> get_record(const SubGroup& sg);
@@ -315,6 +363,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
 }
 
 Result<float*> Engine::Impl::get_record(const SubGroup& sg) {
+  STRATA_RETURN_IF_ERROR(check_readable(sg));
   Tier* tier = tier_of(sg);
   if (tier->resident()) {
     return tier->data(handles[sg.id]);
@@ -462,6 +511,9 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
         io.single_submit = cfg.get_bool("aio.single_submit");
         io.overlap_events = cfg.get_bool("aio.overlap_events");
         STRATA_ASSIGN_OR_RETURN(e.io, io::make_io_engine(io));
+        if (e.opts.wrap_io) {
+          e.io = e.opts.wrap_io(std::move(e.io));
+        }
         tiers::NvmeTierOptions no;
         no.dir = cfg.get_string("zero_optimization.offload_optimizer.nvme_path");
         no.tag = "rank" + std::to_string(e.opts.rank) + (e.opts.tag.empty() ? "" : "-" + e.opts.tag);
@@ -642,6 +694,7 @@ Status Engine::Impl::sync() {
       t->drain();
     }
     error = st;
+    mark_all_lost();
   } else if (!cancelled) {
     ++steps;
   }
@@ -848,18 +901,21 @@ Status Engine::write_param_states(size_t param, const std::vector<const float*>&
       return invalid_argument("write_param_state: slot " + std::to_string(bufs.size() - 1) + " out of range (" +
                               std::to_string(e.slots[size_t(sg.group)]) + " slots)");
     }
-    STRATA_ASSIGN_OR_RETURN(float* rec, e.get_record(sg));
-    for (const auto& seg : sg.segments) {
+    STRATA_ASSIGN_OR_RETURN(float* rec, e.record_for_write(sg));
+    for (size_t si = 0; si < sg.segments.size(); ++si) {
+      const auto& seg = sg.segments[si];
       if (seg.param != param) {
         continue;
       }
       for (size_t k = 0; k < bufs.size(); ++k) {
         if (bufs[k]) {
           std::memcpy(rec + k * sg.slot_stride + seg.offset, bufs[k] + seg.param_offset, seg.numel * 4);
+          e.note_written(sg, si, k);
         }
       }
     }
     STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
+    e.note_record_stored(sg);
   }
   return Status::Ok();
 }
@@ -908,16 +964,19 @@ Status Engine::sync_master_from_params() {
   Impl& e = *impl_;
   STRATA_RETURN_IF_ERROR(e.sync());
   for (const auto& sg : e.plan.subgroups) {
-    STRATA_ASSIGN_OR_RETURN(float* rec, e.get_record(sg));
-    for (const auto& seg : sg.segments) {
+    STRATA_ASSIGN_OR_RETURN(float* rec, e.record_for_write(sg));
+    for (size_t si = 0; si < sg.segments.size(); ++si) {
+      const auto& seg = sg.segments[si];
       const ParamInfo& p = e.opts.params[seg.param];
       if (p.data == nullptr) {
         continue;
       }
       const char* src = static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
       STRATA_RETURN_IF_ERROR(kernels::cast_to_f32(src, p.dtype, rec + seg.offset, seg.numel, e.threads.get()));
+      e.note_written(sg, si, 0);
     }
     STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
+    e.note_record_stored(sg);
   }
   return Status::Ok();
 }
@@ -927,7 +986,19 @@ void Engine::set_step_count(int group, int64_t step) {
   impl_->sync().ignore();  // an error is kept in error()
   impl_->step_counts.at(size_t(group)) = step;
 }
-void Engine::clear_error() { impl_->error = Status::Ok(); }
+Status Engine::clear_error() {
+  Impl& e = *impl_;
+  for (size_t id = 0; id < e.lost.size(); ++id) {
+    if (e.lost[id]) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "cannot resume: the state of sub-group " + std::to_string(id) +
+                        " was not fully reloaded after the failed step (" + e.error.message() + ")");
+    }
+  }
+  e.lost.clear();
+  e.error = Status::Ok();
+  return Status::Ok();
+}
 const Status& Engine::error() const { return impl_->error; }
 Trace& Engine::trace() { return impl_->trace; }
 

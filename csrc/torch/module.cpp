@@ -27,6 +27,7 @@ using namespace strata;
 namespace strata::pybind {
 
 void bind_system(py::module_& m);
+void bind_model(py::module_& m);
 
 namespace {
 
@@ -267,7 +268,7 @@ PYBIND11_MODULE(_C, m) {
            })
       .def("step_count", [](PyEngine& s, int g) { return s.e().step_count(g); })
       .def("set_step_count", [](PyEngine& s, int g, int64_t n) { s.e().set_step_count(g, n); })
-      .def("clear_error", [](PyEngine& s) { s.e().clear_error(); })
+      .def("clear_error", [](PyEngine& s) { check(s.e().clear_error()); })
       .def("error", [](PyEngine& s) { return s.e().error().to_string(); })
       .def("plan_text", [](PyEngine& s) { return s.e().plan().to_string(); })
       .def("plan_json", [](PyEngine& s) { return s.e().plan().to_json().dump(); })
@@ -280,4 +281,5 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("closed", [](PyEngine& s) { return !s.holder_ || !s.holder_->engine; });
 
   bind_system(m);
+  bind_model(m);
 }

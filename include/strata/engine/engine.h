@@ -26,6 +26,7 @@
 #include <strata/config.h>
 #include <strata/engine/plan.h>
 #include <strata/engine/trace.h>
+#include <strata/io/io_engine.h>
 #include <strata/kernels/optimizer.h>
 #include <strata/status.h>
 
@@ -49,6 +50,9 @@ struct EngineOptions {
   // asks this for each sub-group's gradient (numel elements of its dtype)
   // right before updating it. The pointer must stay valid until the update.
   std::function<const void*(const SubGroup&)> grad_source;
+  // Tests: wraps the I/O engine the NVMe tier uses (e.g. in a
+  // FaultInjectionEngine) — the engine's own seam, no syscall patching.
+  std::function<std::unique_ptr<io::IoEngine>(std::unique_ptr<io::IoEngine>)> wrap_io;
 };
 
 struct GradSpan {
@@ -150,8 +154,11 @@ class Engine {
   int64_t step_count(int group) const;
   void set_step_count(int group, int64_t step);
 
-  // Called after a successful reload of state: clears the poison.
-  void clear_error();
+  // After a failed step every record counts as lost: reads of it fail, and
+  // writes start from an empty record. Once every slot of every parameter was
+  // written again (write_param_state[s]), clear_error() lifts the poison; it
+  // fails, naming a sub-group, while some state is still missing.
+  Status clear_error();
   const Status& error() const;
 
   EngineStats stats() const;
