@@ -44,6 +44,7 @@ struct Engine::Impl {
   std::vector<std::vector<uint32_t>> subgroups_of_param;
   std::vector<uint32_t> params_in_subgroup;  // distinct parameters per sub-group
   std::unique_ptr<StepRun> run;              // the step in flight, if any
+  std::vector<uint32_t> observed_order;      // ready order of the last complete step
   // After a failed step: per sub-group, records lost until fully rewritten.
   // lost[sg] => written[sg] counts (segment, slot) pairs rewritten so far.
   std::vector<uint8_t> lost;
@@ -243,9 +244,22 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
     return Status::Ok();
   };
 
-  Status st;
+  // State does not depend on gradients: records are fetched in the expected
+  // order (the order gradients became ready in the previous step) from the
+  // start, and each update waits only for its own sub-group to be ready.
+  const std::vector<uint32_t>& expected = run.expected;
+  for (uint32_t id : expected) {
+    if (!tier_of(sgs[id])->resident()) {
+      to_fetch.push_back(id);
+    }
+  }
+  Status st = pump(false);
   bool collect = false;
+  const size_t n = expected.size();
   for (;;) {
+    if (!st.ok()) {
+      break;
+    }
     bool gate, closed, backward_running;
     float grad_mul;
     size_t known_before = order.size();
@@ -253,7 +267,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       std::unique_lock<std::mutex> lock(run.mu);
       run.cv.wait(lock, [&] {
         return run.cancel || run.order.size() > order.size() ||
-               (run.gate && (next_update < order.size() || run.closed));
+               (run.gate && (next_update == n || run.queued[expected[next_update]]));
       });
       if (run.cancel) {
         break;
@@ -265,16 +279,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       backward_running = run.backward_running;
       collect = run.collect_stats;
     }
-    for (size_t i = known_before; i < order.size(); ++i) {
-      const SubGroup& sg = sgs[order[i]];
-      if (!tier_of(sg)->resident()) {
-        to_fetch.push_back(sg.id);
-      }
-    }
-    st = pump(false);
-    if (!st.ok()) {
-      break;
-    }
+    (void)closed;
     if (collect) {
       // Norm and inf/NaN of each sub-group as its gradients arrive; summed
       // later in sub-group order, so the total does not depend on arrival.
@@ -290,14 +295,14 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
     if (!gate) {
       continue;
     }
-    while (next_update < order.size() && st.ok()) {
-      const SubGroup& sg = sgs[order[next_update]];
+    while (next_update < n && st.ok()) {
+      const SubGroup& sg = sgs[expected[next_update]];
       Tier* tier = tier_of(sg);
       {
         std::lock_guard<std::mutex> lock(run.mu);
         backward_running = run.backward_running;
-        if (run.cancel) {
-          break;
+        if (run.cancel || !run.queued[sg.id]) {
+          break;  // cancelled, or its gradients are not final yet
         }
       }
       if (tier->resident()) {
@@ -337,15 +342,14 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       ++next_update;
       st = pump(false);
     }
-    if (!st.ok() || (closed && next_update == order.size())) {
+    if (!st.ok() || next_update == n) {
       break;
     }
   }
   {
     std::lock_guard<std::mutex> lock(run.mu);
-    if (st.ok() && run.cancel) {
-      // A dropped step leaves every record as it was: fetched copies are
-      // discarded, nothing was stored.
+    if (st.ok() && run.from_backward && run.order.size() == sgs.size()) {
+      observed_order = run.order;  // the next step prefetches in this order
     }
     run.status = st;
     run.updates_done = true;
@@ -641,7 +645,16 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
   r.grad_mul = grad_mul;
   r.collect_stats = collect_stats;
   r.backward_running = backward_running;
+  r.from_backward = backward_running;
   r.stats.assign(plan.subgroups.size(), kernels::GradStats{});
+  if (observed_order.size() == plan.subgroups.size()) {
+    r.expected = observed_order;
+  } else {
+    r.expected.resize(plan.subgroups.size());
+    for (uint32_t i = 0; i < r.expected.size(); ++i) {
+      r.expected[i] = i;
+    }
+  }
   r.start_ns = now_ns();
   for (auto& c : step_counts) {
     ++c;

@@ -21,6 +21,7 @@ namespace strata::engine {
 struct StepRun {
   std::mutex mu;
   std::condition_variable cv;
+  std::vector<uint32_t> expected;    // processing order: the last step's ready order (fixed)
   std::vector<uint32_t> order;       // ready sub-groups, in ready order
   std::vector<uint8_t> queued;       // per sub-group
   std::vector<uint32_t> waiting;     // per sub-group: parameters not yet ready
@@ -33,6 +34,7 @@ struct StepRun {
   bool updates_done = false;         // worker finished every update (stores may be in flight)
   bool finished = false;             // worker returned
   bool stepped = false;              // step() has been called for this run
+  bool from_backward = false;        // begun by begin_backward(): `order` is an observed ready order
   size_t stats_done = 0;             // sub-groups whose statistics are in `stats`
   std::vector<kernels::GradStats> stats;
   Status status;
