@@ -27,6 +27,7 @@ using namespace strata;
 namespace strata::pybind {
 
 void bind_system(py::module_& m);
+void bind_model(py::module_& m);
 void bind_cuda(py::module_& m);
 
 namespace {
@@ -281,5 +282,6 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("closed", [](PyEngine& s) { return !s.holder_ || !s.holder_->engine; });
 
   bind_system(m);
+  bind_model(m);
   bind_cuda(m);
 }

@@ -138,15 +138,93 @@ def cmd_plan(args):
     n = int(float(args.params))
     if n <= 0:
         raise SystemExit("--params must be positive")
-    text, plan_json = _C.build_plan(json.dumps(cfg), [(n, args.dtype, 0)], [_slots_for(cfg)],
-                                    False, int(float(args.mem_available)) if args.mem_available else 0)
+    mem = int(float(args.mem_available)) if args.mem_available else 0
+    params, slots = [(n, args.dtype, 0)], [_slots_for(cfg)]
+    profile = _C.load_hardware_profile(args.hardware) if args.hardware else None
+    gpu = bool(profile and profile.get("gpu_update_params_per_s", 0) > 0)
+    text, plan_json = _C.build_plan(json.dumps(cfg), params, slots, gpu, mem)
     plan = json.loads(plan_json)
+    choice = None
+    if profile is not None:
+        choice = _C.predict_step(json.dumps(cfg), params, slots, profile,
+                                 backward_seconds=args.backward_seconds if args.backward_seconds is not None else -1.0,
+                                 forward_seconds=args.forward_seconds if args.forward_seconds is not None else -1.0,
+                                 gpu=gpu, mem_available=mem)
+        plan["schedule"] = _schedule_summary(choice, args.hardware, args.backward_seconds, args.forward_seconds)
     if args.json:
+        if choice is not None:
+            plan["schedule"]["candidates"] = choice["candidates"]
         print(json.dumps(plan, indent=2))
     else:
         print(f"plan for {n:,} {args.dtype} parameters with {args.config}:")
         print(text.rstrip())
+        if choice is not None:
+            _print_schedule(plan["schedule"], choice)
     return 0
+
+
+def _schedule_summary(choice, path, backward=None, forward=None):
+    """The chosen schedule of ``_C.predict_step`` in a few plain fields."""
+    c, p = choice["chosen"], choice["prediction"]
+    prof = choice["profile"]
+    out = {
+        "hardware_profile": path,
+        "profile_name": prof.get("name", ""),
+        "mode": choice["schedule_mode"],
+        "name": c["name"],
+        "cpu_fraction": c["cpu_fraction"],
+        "subgroups": c["subgroups"],
+        "gap_k": c["gap_k"] or None,
+        "gap_family": c.get("gap_family"),
+        "overlap": c["overlap"],
+        "backward_seconds": backward if backward is not None else prof.get("backward_seconds", 0.0),
+        "forward_seconds": forward if forward is not None else prof.get("forward_seconds", 0.0),
+        "predicted": {k: p[k] for k in ("updates_done_s", "step_s", "exposed_s", "iteration_s", "bound")},
+        "notes": choice["notes"],
+    }
+    if "simulated" in choice:
+        out["simulated"] = {k: choice["simulated"][k] for k in ("updates_done_s", "step_s", "exposed_s")}
+    return out
+
+
+def _print_schedule(s, choice):
+    sg = s["subgroups"]
+    gpu = sg["gpu_streamed"] + sg["gpu_resident"]
+    gap = ""
+    if s["gap_k"]:
+        gap = f", gap k={s['gap_k']} ({s['gap_family']})"
+    print(f"\nschedule (strata.schedule {s['mode']}, hardware {s['hardware_profile']}"
+          + (f": {s['profile_name']}" if s["profile_name"] else "") + ")")
+    print(f"  chosen      {s['name']}: {sg['cpu']} sub-groups on the CPU ({s['cpu_fraction'] * 100:.0f}%), "
+          f"{gpu} on the GPU ({sg['gpu_streamed']} streamed, {sg['gpu_resident']} resident){gap}; "
+          f"overlap {s['overlap']}")
+    p = s["predicted"]
+    bw = s["backward_seconds"]
+    print(f"  predicted   step {p['step_s']:.3f} s (updates done {p['updates_done_s']:.3f} s after backward, "
+          f"bound: {p['bound']}); exposed beyond backward {p['exposed_s']:.3f} s"
+          + (f"; iteration {p['iteration_s']:.3f} s with backward {bw:g} s" if p["iteration_s"] else ""))
+    if "simulated" in s:
+        q = s["simulated"]
+        print(f"  simulated   step {q['step_s']:.3f} s (updates done {q['updates_done_s']:.3f} s), "
+              f"exposed {q['exposed_s']:.3f} s")
+    cands = choice["candidates"]
+    feasible = sorted((c for c in cands if c["prediction"]["feasible"]), key=lambda c: c["prediction"]["exposed_s"])
+    shown = feasible[:8]
+    for c in feasible:  # always show the all-CPU and static rows for comparison
+        if c not in shown and (c["name"] == "all-cpu" or c["name"].startswith("static")):
+            shown.append(c)
+    print(f"  {'candidate':<22} {'overlap':<7} {'cpu%':>5} {'step_s':>9} {'exposed_s':>10} {'bound':<5}")
+    for c in shown:
+        mark = "*" if c["name"] == s["name"] and c["overlap"] == s["overlap"] else " "
+        pr = c["prediction"]
+        print(f"{mark} {c['name']:<22} {c['overlap']:<7} {c['cpu_fraction'] * 100:5.0f} {pr['step_s']:9.3f} "
+              f"{pr['exposed_s']:10.3f} {pr['bound']:<5}")
+    infeasible = [c for c in cands if not c["prediction"]["feasible"]]
+    if infeasible:
+        print(f"  ({len(infeasible)} of {len(cands)} candidates infeasible, e.g. {infeasible[0]['name']}: "
+              f"{infeasible[0]['prediction']['infeasible_reason']})")
+    for note in s["notes"]:
+        print(f"  note: {note}")
 
 
 def cmd_report(args):
@@ -176,6 +254,13 @@ def main(argv=None):
     p.add_argument("--params", required=True, help="number of trainable parameters, e.g. 7e9")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mem-available", help="bytes of MemAvailable to plan for (default: this machine)")
+    p.add_argument("--hardware", metavar="PROFILE",
+                   help="hardware-profile JSON (benchmarks/profiles/): show the CPU/GPU split, gap k, overlap "
+                        "and step time the performance model chooses for that machine")
+    p.add_argument("--backward-seconds", type=float,
+                   help="backward time per step for the overlap prediction (default: the profile's)")
+    p.add_argument("--forward-seconds", type=float,
+                   help="forward time per step: hides deferred write-back (default: the profile's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("report", help="render an engine trace as a timeline picture")
@@ -191,6 +276,14 @@ def main(argv=None):
                    help="dtype of floating-point tensors (default fp32: the master weights)")
     p.add_argument("--tag", help="checkpoint tag (default: the one in the 'latest' file)")
     p.set_defaults(fn=lambda a: __import__("strata.export", fromlist=["cmd_export"]).cmd_export(a))
+    # Everything after `launch` goes to torch.distributed.run (no option of our own: the odd
+    # prefix character keeps argparse from reading --nproc_per_node and friends).
+    p = sub.add_parser("launch", prefix_chars="\x01", add_help=False,
+                       help="run a training script on several processes: torch.distributed.run "
+                            "(torchrun) with defaults that work on Python 3.11 + torch 1.13")
+    p.add_argument("args", nargs=argparse.REMAINDER,
+                   help="torchrun's arguments, e.g. --nproc_per_node 2 train.py --lr 1e-4")
+    p.set_defaults(fn=lambda a: __import__("strata.comm", fromlist=["launch"]).launch(a.args))
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
