@@ -7,6 +7,14 @@ strata's NVMe tier (or whatever tier the config names).
 Ends with a summary: loss first -> last, median step time, bytes the engine read and wrote on
 its swap file, peak RSS; and writes the step trace, a timeline picture and a loss curve into
 --out.
+
+Data parallel on CPU processes (Gloo), with the same config (its zero_optimization.stage says
+how the optimizer state is sharded across ranks; docs/distributed.md):
+
+    PYTHONPATH=python /usr/bin/python3 -m strata launch --nproc_per_node 2 examples/finetune_gpt.py
+
+(or ``torchrun --redirects 2 --tee 2 --nproc_per_node 2 ...``). Each rank trains on its own
+batches; rank 0 prints, writes --out and reports the loss averaged over the ranks.
 """
 
 import argparse
@@ -23,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import strata  # noqa: E402
+import strata.comm  # noqa: E402
 import strata.optim  # noqa: E402
+import strata.sharded  # noqa: E402
 from strata.progress import Progress  # noqa: E402
 
 from gpt import GPT, Batches, param_count, stdlib_corpus  # noqa: E402
@@ -35,6 +45,28 @@ SIZES = {
 }
 
 
+def optimizer_bound(cfg, st, n_params, trace_path):
+    """The optimizer step from the trace against its own bound on this machine, measured now:
+    max(bytes moved / the drive's mixed read+write rate, elements / the CPU kernel's rate),
+    with the rates from strata's calibration on the same swap folder."""
+    if not st["swap_file_path"]:
+        return None
+    from strata import _C
+
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    steps = [e["dur"] / 1e6 for e in events if e.get("ph") == "X" and e.get("cat") == "step"]
+    if not steps:
+        return None
+    swap_dir = os.path.dirname(st["swap_file_path"])
+    prof = _C.calibrate(json.dumps(cfg), swap_dir, 0.0, 256 << 20)
+    io_s = 2 * st["swap_file_bytes"] / prof["nvme_duplex_bytes_per_s"]
+    update_s = n_params / prof["cpu_update_params_per_s"]["fp32"]
+    step_s = statistics.median(steps)
+    b = max(io_s, update_s)
+    return {"step_s": step_s, "io_s": io_s, "update_s": update_s, "bound_s": b, "ratio": step_s / b}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "nvme.json"))
@@ -42,10 +74,18 @@ def main(argv=None):
     ap.add_argument("--size", default="medium", choices=sorted(SIZES))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--max-seconds", type=float, default=180.0, help="stop training after this long")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: the cores, shared by the local ranks)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", default=None, help="auto, bar, log or off (default: the config's)")
     args = ap.parse_args(argv)
+
+    # Several processes (strata launch / torchrun): torch.distributed on Gloo, output on rank 0.
+    distributed = strata.comm.init_distributed(dist_backend="gloo")
+    rank, world = strata.comm.get_rank(), strata.comm.get_world_size()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // strata.comm.get_local_world_size())
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
@@ -59,19 +99,24 @@ def main(argv=None):
     progress_mode = args.progress or strata.config.get(cfg, "strata.progress", "auto")
 
     model = GPT(**SIZES[args.size], dropout=0.0)
-    data = Batches(stdlib_corpus(), model.seq_len, batch, seed=args.seed)
+    data = Batches(stdlib_corpus(), model.seq_len, batch, seed=args.seed + rank)
     n_params = param_count(model)
-    print(f"strata {strata.__version__}: GPT-{args.size} with {n_params / 1e6:.2f}M parameters, "
-          f"batch {batch}x{model.seq_len} bytes, torch {torch.__version__} on {args.threads} threads")
+    say(f"strata {strata.__version__}: GPT-{args.size} with {n_params / 1e6:.2f}M parameters, "
+          f"batch {batch}x{model.seq_len} bytes, torch {torch.__version__} on {args.threads} threads"
+        + (f", {world} ranks (ZeRO stage {strata.config.get(cfg, 'zero_optimization.stage', 0)})"
+           if distributed else ""))
 
-    opt = strata.optim.OffloadAdamW(
+    # With several ranks each keeps its shard of the optimizer state (as the config's stage
+    # says) on its own tiers: its own swap file, pinned pool and NUMA node.
+    klass = strata.sharded.ShardedOffloadAdamW if distributed else strata.optim.OffloadAdamW
+    opt = klass(
         model.parameters(), lr=float(opt_params.get("lr", 6e-4)),
         betas=tuple(opt_params.get("betas", (0.9, 0.95))), eps=float(opt_params.get("eps", 1e-8)),
         weight_decay=float(opt_params.get("weight_decay", 0.1)), config=args.config)
     st = opt.stats()
-    print(opt.plan().rstrip())
+    say(opt.plan().rstrip())
     if st["swap_file_path"]:
-        print(f"swap file {st['swap_file_path']} ({st['swap_file_bytes'] / 2**20:.1f} MiB, "
+        say(f"swap file {st['swap_file_path']} ({st['swap_file_bytes'] / 2**20:.1f} MiB, "
               f"{st['io_backend']}); update kernel {st['isa']} on {st['threads']} threads")
 
     losses, step_times, opt_times = [], [], []
@@ -86,16 +131,25 @@ def main(argv=None):
             t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
-            losses.append(loss.item())
+            value = loss.detach().reshape(1)
+            over = time.monotonic() - start > args.max_seconds
+            if distributed:
+                # the loss of the global batch; every rank stops at the same step
+                both = torch.tensor([float(value), 1.0 if over else 0.0], dtype=torch.float64)
+                strata.comm.all_reduce(both)
+                value, over = both[:1] / world, bool(both[1] > 0)
+            losses.append(value.item())
             step_times.append(t2 - t0)
             opt_times.append(t2 - t1)
             bar.update(1, loss=losses[-1], step_s=step_times[-1])
-            if time.monotonic() - start > args.max_seconds:
+            if over:
                 break
-    opt.write_trace(trace_path)
+    if rank == 0:
+        opt.write_trace(trace_path)
     breakdown = opt.step_breakdown()
     st = opt.stats()
     opt.close()
+    bound = optimizer_bound(cfg, st, n_params, trace_path)
 
     k = max(1, min(10, len(losses) // 5))
     first, last = statistics.mean(losses[:k]), statistics.mean(losses[-k:])
@@ -113,7 +167,16 @@ def main(argv=None):
         "pinned_pool_bytes": st["pool_reserved"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "last_step_breakdown": breakdown,
+        "optimizer_step_bound": bound,
     }
+    if distributed:
+        summary["world_size"] = world
+        summary["zero_stage"] = st["stage"]
+        summary["shard_numel"] = st["shard_numel"]
+        strata.comm.barrier()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0 if last < first else 1
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(args.out, "losses.json"), "w") as f:
@@ -156,6 +219,10 @@ def main(argv=None):
           f"(optimizer {summary['median_optimizer_step_s'] * 1e3:.1f} ms)")
     print(f"swap file I/O      read {st['io_bytes_read'] / gib:.2f} GiB, "
           f"written {st['io_bytes_written'] / gib:.2f} GiB ({st['io_backend'] or 'no swap file'})")
+    if bound:
+        print(f"optimizer step     {bound['step_s'] * 1e3:.1f} ms (trace, median of kept steps) vs bound "
+              f"{bound['bound_s'] * 1e3:.1f} ms = max(I/O {bound['io_s'] * 1e3:.1f}, update "
+              f"{bound['update_s'] * 1e3:.1f}) measured now: ratio {bound['ratio']:.2f}")
     print(f"pinned pool        {st['pool_reserved'] / 2**20:.1f} MiB")
     print(f"peak RSS           {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
     print(f"trace              {trace_path}")

@@ -39,6 +39,10 @@ Config make_config(const std::string& device, const std::string& dir, int64_t su
   if (!dir.empty()) {
     j["zero_optimization"]["offload_optimizer"]["nvme_path"] = dir;
   }
+  if (device == "cxl") {
+    // No CPU-less node here: node 0 exercises the tier's code path (not a CXL measurement).
+    j["strata"]["cxl_nodes"] = {0};
+  }
   auto c = Config::parse(j);
   EXPECT_TRUE(c.ok()) << c.status().to_string();
   return c.value();
@@ -122,7 +126,12 @@ TEST(Engine, PlacementInvarianceIsBitIdentical) {
   auto dram = run("cpu", "", 4096, 20);
   auto nvme = run("nvme", dir.path.string(), 4096, 20);
   auto mixed = run("nvme", dir.path.string(), 4096, 20, /*dram_cache=*/200000);
+  auto cxl = run("cxl", "", 4096, 20);
   ASSERT_FALSE(dram.empty());
+  ASSERT_EQ(cxl.size(), dram.size()) << "the cxl tier (bound to node 0) did not run";
+  for (size_t i = 0; i < dram.size(); ++i) {
+    ASSERT_EQ(0, std::memcmp(dram[i].data(), cxl[i].data(), dram[i].size() * 4)) << "cxl, param " << i;
+  }
   ASSERT_EQ(dram.size(), nvme.size());
   for (size_t i = 0; i < dram.size(); ++i) {
     ASSERT_EQ(0, std::memcmp(dram[i].data(), nvme[i].data(), dram[i].size() * 4)) << "param " << i;
