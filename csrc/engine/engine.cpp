@@ -449,7 +449,14 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   // One slab sized from the plan, so reserved tracks requested.
   uint64_t pool_bytes = e.plan.pool_bytes - (e.opts.grad_source ? e.plan.grad_bytes : 0);
   po.slab_bytes = std::max<uint64_t>(pool_bytes, 1 << 20);
+  auto report = [&](const char* phase, uint64_t done, uint64_t total) {
+    if (e.opts.progress) {
+      e.opts.progress(phase, done, total);
+    }
+  };
+  report("pinning memory", 0, po.slab_bytes);
   STRATA_ASSIGN_OR_RETURN(e.pool, memory::PinnedPool::create(po));
+  report("pinning memory", po.slab_bytes, po.slab_bytes);
 
   // Gradient arenas, one per dtype, zeroed.
   std::vector<size_t> arena_numel(3, 0);
@@ -557,7 +564,13 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   std::vector<std::pair<Tier*, TierTicket>> pending(e.work.size(), {nullptr, 0});
   size_t k = 0;
   Status init_status;
+  uint64_t state_total = 0, state_done = 0;
   for (const auto& sg : e.plan.subgroups) {
+    state_total += sg.record_bytes;
+  }
+  for (const auto& sg : e.plan.subgroups) {
+    report("writing the initial optimizer state", state_done, state_total);
+    state_done += sg.record_bytes;
     Tier* tier = e.tier_of(sg);
     auto h = tier->add_record(sg.record_bytes);
     if (!h.ok()) {
@@ -600,6 +613,7 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
     }
   }
   STRATA_RETURN_IF_ERROR(init_status.with_context("writing the initial optimizer state"));
+  report("writing the initial optimizer state", state_total, state_total);
   if (const auto* t = cfg.find("strata.trace.steps"); t && t->is_number_integer()) {
     e.trace.set_keep_steps(size_t(t->get<int64_t>()));
   }

@@ -46,8 +46,23 @@ struct HostBuffer {
 class PyEngine {
  public:
   PyEngine(const std::string& config_text, const py::list& params, const py::list& groups, int rank,
-           const std::string& tag, int world_size) {
+           const std::string& tag, int world_size, const py::object& progress) {
     engine::EngineOptions o;
+    if (!progress.is_none()) {
+      // The callable is released with the GIL held, wherever the options die.
+      std::shared_ptr<py::object> cb(new py::object(progress), [](py::object* p) {
+        py::gil_scoped_acquire gil;
+        delete p;
+      });
+      o.progress = [cb](const char* phase, uint64_t done, uint64_t total) {
+        py::gil_scoped_acquire gil;
+        try {
+          (*cb)(phase, done, total);
+        } catch (py::error_already_set& e) {
+          e.discard_as_unraisable("strata engine progress callback");
+        }
+      };
+    }
     o.config = config_from_text(config_text, /*check_paths=*/true, world_size);
     for (const auto& item : params) {
       auto t = item.cast<py::tuple>();
@@ -156,9 +171,10 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- engine ----
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init<const std::string&, const py::list&, const py::list&, int, const std::string&, int>(),
+      .def(py::init<const std::string&, const py::list&, const py::list&, int, const std::string&, int,
+                    const py::object&>(),
            py::arg("config"), py::arg("params"), py::arg("groups"), py::arg("rank") = 0,
-           py::arg("tag") = "", py::arg("world_size") = 1)
+           py::arg("tag") = "", py::arg("world_size") = 1, py::arg("progress") = py::none())
       .def("grad_arena", &PyEngine::grad_arena, py::arg("dtype"))
       .def("grad_offset", [](PyEngine& s, size_t i) { return s.e().grad_offset(i); })
       .def("zero_grads",

@@ -45,6 +45,7 @@ import torch
 
 from . import _C
 from . import config as _config
+from .progress import EngineProgress
 from ._torch_compat import dtype_name, has_post_accumulate_grad_hook, tensor_from_buffer
 
 DEFAULT_SWAP_DIR = "strata_swap"
@@ -222,7 +223,12 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         # train_batch_size (micro x accumulation x world) would not check out there, and the
         # engine does not use it.
         engine_cfg = {k: v for k, v in self.config.items() if k != "train_batch_size"}
-        b.engine = _C.Engine(json.dumps(engine_cfg), specs, hypers, self._rank, self._tag)
+        progress = EngineProgress(_config.get(self.config, "strata.progress", "auto"))
+        try:
+            b.engine = _C.Engine(json.dumps(engine_cfg), specs, hypers, self._rank, self._tag,
+                                 progress=progress)
+        finally:
+            progress.close()
         try:
             for c, steps in enumerate(cohort_steps):
                 b.engine.set_step_count(c, steps)

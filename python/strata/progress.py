@@ -108,3 +108,32 @@ def _short(v):
     if isinstance(v, float):
         return f"{v:.4g}"
     return v
+
+
+class EngineProgress:
+    """Callable for ``_C.Engine(progress=...)``: one bar (or log lines) per phase of the
+    engine's creation — pinning the pool, writing the initial state to the tiers — shown only
+    for work of at least ``min_bytes``, in MiB."""
+
+    def __init__(self, mode="auto", min_bytes=256 << 20):
+        self.mode, self.min_bytes = mode, min_bytes
+        self.phase, self.bar, self.last = None, None, 0
+
+    def __call__(self, phase, done, total):
+        if total < self.min_bytes:
+            return
+        if phase != self.phase:
+            self.close()
+            self.phase, self.last = phase, 0
+            self.bar = Progress(total >> 20, phase, unit="MiB", mode=self.mode, interval=5.0)
+        step = (done >> 20) - self.last
+        if step > 0:
+            self.bar.update(step)
+            self.last += step
+        if done >= total:
+            self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.phase = None, None

@@ -72,3 +72,34 @@ def test_config_doc_matches_the_schema():
     documented = set(re.findall(r"^\|\s*`([A-Za-z0-9_.]+)`\s*\|", doc, flags=re.M))
     assert keys <= documented, sorted(keys - documented)
     assert documented <= keys, sorted(documented - keys)
+
+
+def test_engine_reports_progress_of_long_creation_work(swap_dir):
+    import json
+
+    from strata.progress import EngineProgress
+
+    calls = []
+    params = [torch.zeros(100_000), torch.zeros(50_000)]
+    cfg = strata.load_config(nvme_config(swap_dir))
+    specs = [(f"p{i}", p.numel(), "float32", 0, p.data_ptr()) for i, p in enumerate(params)]
+    eng = _C.Engine(json.dumps(cfg), specs, [{"kind": "adamw"}],
+                    progress=lambda phase, done, total: calls.append((phase, done, total)))
+    eng.close()
+    phases = [c[0] for c in calls]
+    assert "pinning memory" in phases and "writing the initial optimizer state" in phases
+    last = [c for c in calls if c[0] == "writing the initial optimizer state"][-1]
+    assert last[1] == last[2] >= 12 * 150_000
+    # The bar/log helper: log lines (not a terminal) with the phase and MiB.
+    buf = io.StringIO()
+    prog = EngineProgress(mode="log", min_bytes=0)
+    prog.bar_stream = buf
+    import strata.progress as sp
+    orig = sp.Progress
+    sp.Progress = lambda *a, **k: orig(*a, **{**k, "stream": buf, "interval": 0.0})
+    try:
+        prog("writing the initial optimizer state", 0, 64 << 20)
+        prog("writing the initial optimizer state", 64 << 20, 64 << 20)
+    finally:
+        sp.Progress = orig
+    assert "[strata] writing the initial optimizer state: 64/64 MiB" in buf.getvalue()

@@ -50,6 +50,10 @@ struct EngineOptions {
   // asks this for each sub-group's gradient (numel elements of its dtype)
   // right before updating it. The pointer must stay valid until the update.
   std::function<const void*(const SubGroup&)> grad_source;
+  // Long work at creation reports here (phase, done, total; bytes): pinning
+  // the pool, writing the initial state to the tiers. Called on the creating
+  // thread; may be empty.
+  std::function<void(const char* phase, uint64_t done, uint64_t total)> progress;
   // Tests: wraps the I/O engine the NVMe tier uses (e.g. in a
   // FaultInjectionEngine) — the engine's own seam, no syscall patching.
   std::function<std::unique_ptr<io::IoEngine>(std::unique_ptr<io::IoEngine>)> wrap_io;
