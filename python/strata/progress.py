@@ -59,6 +59,7 @@ class Progress:
         self.start = time.monotonic()
         self.last_log = self.start
         self.postfix = {}
+        self.printed = False
         self._bar = None
         if self.mode == "bar":
             import tqdm
@@ -75,7 +76,9 @@ class Progress:
             self._bar.update(n)
         elif self.mode == "log":
             now = time.monotonic()
-            if now - self.last_log >= self.interval or (self.total and self.n >= self.total):
+            done = self.total and self.n >= self.total
+            # Work that finished within a second needs no line of its own.
+            if now - self.last_log >= self.interval or (done and (self.printed or now - self.start >= 1.0)):
                 self.last_log = now
                 self._log_line(now)
 
@@ -85,6 +88,7 @@ class Progress:
         eta = (self.total - self.n) / rate if self.total and rate > 0 else None
         total = f"/{self.total}" if self.total else ""
         extra = " ".join(f"{k}={_short(v)}" for k, v in self.postfix.items())
+        self.printed = True
         print(f"[strata] {self.desc}: {self.n}{total} {self.unit} | {rate:.2f} {self.unit}/s | "
               f"elapsed {_fmt_eta(elapsed)} | eta {_fmt_eta(eta)}" + (f" | {extra}" if extra else ""),
               file=self.stream, flush=True)
@@ -93,7 +97,8 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.mode == "log" and self.n and (not self.total or self.n < self.total):
+        elif self.mode == "log" and self.n and (not self.total or self.n < self.total) \
+                and (self.printed or time.monotonic() - self.start >= 1.0):
             self._log_line(time.monotonic())
 
     def __enter__(self):
