@@ -149,7 +149,9 @@ def main(argv=None):
     breakdown = opt.step_breakdown()
     st = opt.stats()
     opt.close()
-    bound = optimizer_bound(cfg, st, n_params, trace_path)
+    # Several ranks: rank 0's step (its trace) against the bound for its shard.
+    bound = optimizer_bound(cfg, st, st.get("shard_numel", n_params), trace_path) \
+        if rank == 0 else None
 
     k = max(1, min(10, len(losses) // 5))
     first, last = statistics.mean(losses[:k]), statistics.mean(losses[-k:])

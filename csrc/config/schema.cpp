@@ -115,8 +115,10 @@ class Row {
 
 // Notes shared by several accepted-but-ignored keys.
 const char* const kNoteComm =
-    "gradient communication tuning for DeepSpeed's buckets; strata's data-parallel sharding "
-    "(torch.distributed) does not use buckets, so the value has no effect";
+    "DeepSpeed's gradient-communication tuning; a single process has no gradient communication, "
+    "so the value has no effect there. With several ranks (torch.distributed) strata acts on "
+    "overlap_comm, reduce_bucket_size, allgather_bucket_size, reduce_scatter and "
+    "contiguous_gradients (docs/distributed.md), not on the others";
 const char* const kNoteStage3 =
     "ZeRO-3 parameter partitioning is not implemented: parameters stay whole on every rank";
 const char* const kNoteMonitor =
@@ -399,7 +401,10 @@ std::vector<ConfigKey> build_schema() {
       .ignored(kNoteComm);
   add("zero_optimization.contiguous_gradients", K::kBool, kNull,
       "DeepSpeed: copy gradients into a contiguous buffer.")
-      .ignored("strata always copies gradients into flat per-sub-group buffers", {true, false});
+      .ignored("one process: strata always copies gradients into flat per-sub-group buffers; with "
+               "several ranks at ZeRO stage 1 it picks one flat gradient buffer (true) or torch's "
+               "own .grad tensors copied into buckets (false) (docs/distributed.md)",
+               {true, false});
   add("zero_optimization.allgather_partitions", K::kBool, kNull,
       "DeepSpeed: allgather instead of broadcasts after the step.")
       .ignored(kNoteComm);

@@ -15,6 +15,13 @@ Layout of ``save_dir/tag/`` (see docs/checkpoints.md):
   state; ``rng_state.pt``: torch (CPU and CUDA), numpy and Python RNG states;
   ``client_state.pt``: the ``client_state`` given to ``save_checkpoint``.
 
+Several ranks (docs/distributed.md): ``save`` is a collective. With the optimizer state sharded
+(ZeRO stage 1 and 2) each rank writes ``optimizer_state.rank<RRRRR>.bin`` (its slices, slot after
+slot, with their extents and checksums in the manifest under each parameter's ``shards``)
+instead of ``optimizer_state.bin``; every rank writes ``rng_state.rank<RRRRR>.pt``; rank 0 writes
+the rest and the manifest. Loading reads, for every slice the loading rank owns, the saved pieces
+that overlap it, so any world size and stage loads any other (re-sharding).
+
 Atomicity: everything is written into a hidden temporary directory next to the tag, each file
 fsynced, then the directory fsynced, renamed to ``tag`` (an existing ``tag`` is swapped out with
 ``renameat2(RENAME_EXCHANGE)`` and removed), and the parent fsynced; ``latest`` is then
@@ -577,16 +584,171 @@ def _write_optimizer_state(opt, path, names):
     return w.close(), params
 
 
-def save(engine, save_dir, tag=None, client_state=None, save_latest=True,
-         exclude_frozen_parameters=False):
-    """``Engine.save_checkpoint``: write ``save_dir/tag`` atomically (see the module doc)."""
+def _is_sharded(opt):
+    """A data-parallel optimizer whose engine holds only this rank's slices."""
+    b = getattr(opt, "_b", None)
+    return b is not None and getattr(b, "full", True) is False
+
+
+def _class_name(opt):
+    from .sharded import ShardedMixin
+
+    klass = type(opt)
+    if isinstance(opt, ShardedMixin):  # the checkpoint names the optimizer, not its sharding
+        klass = next(k for k in klass.__mro__[1:] if not issubclass(k, ShardedMixin))
+    return klass.__name__
+
+
+def shard_file(rank):
+    return f"optimizer_state.rank{rank:05d}.bin"
+
+
+def rng_file(rank):
+    return f"rng_state.rank{rank:05d}.pt"
+
+
+def _write_optimizer_shard(opt, path, names):
+    """Stream this rank's slices of every parameter's slots into ``path`` (one pass over each
+    slice's records); returns (file entry, per-slice entries)."""
+    b = opt._b
+    w = _HashingWriter(path)
+    params = []
+    offset = 0
+    buf = None
+    try:
+        for j, (i, po, _, n) in enumerate(b.slices):
+            slot_names = opt._slot_names(i)
+            if buf is None or buf.numel() < len(slot_names) * n:
+                buf = torch.empty(len(slot_names) * n, dtype=torch.float32)
+            rows = [buf[k * n:(k + 1) * n] for k in range(len(slot_names))]
+            b.engine.read_param_states(j, [r.data_ptr() for r in rows])
+            slots = []
+            for slot_name, t in zip(slot_names, rows):
+                mv = memoryview(t.numpy()).cast("B")
+                digest = hashlib.blake2b(mv, digest_size=16).hexdigest()
+                w.write(mv)
+                slots.append({"name": slot_name, "offset": offset, "bytes": len(mv),
+                              "blake2b": digest})
+                offset += len(mv)
+            params.append({"name": names[i], "start": po, "numel": n, "slots": slots})
+            kill_point("save_state")
+    except BaseException:
+        w.f.close()
+        raise
+    return w.close(), params
+
+
+def _base_manifest(engine, tag):
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tag": tag,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions(),
+        "byteorder": sys.byteorder,
+        "world_size": engine.world_size,
+        "rank": engine.global_rank,
+        "config": engine.config,
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "micro_steps": engine.micro_steps,
+        "skipped_steps": engine.skipped_steps,
+        "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler else None,
+    }
+
+
+def _write_rest(engine, tmp, files, manifest, client_state, exclude_frozen_parameters):
+    """The model, engine, RNG and client files (rank 0's, with several ranks)."""
+    opt = engine.optimizer
+    entries, metadata, excluded = _model_entries(engine.module, exclude_frozen_parameters)
+    files[MODEL_FILE] = write_tensor_file(os.path.join(tmp, MODEL_FILE), entries, metadata)
+    manifest["model"] = {
+        "file": MODEL_FILE,
+        "tensors": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
+                    for n, s, d, _, _ in entries],
+        "excluded_frozen": excluded,
+    }
+    kill_point("save_model")
+
+    sched = engine.lr_scheduler
+    sched_state = sched.state_dict() if sched is not None and hasattr(sched, "state_dict") \
+        else None
+    manifest["lr_scheduler"] = {"class": type(sched).__name__ if sched is not None else None,
+                                "state": _jsonable(sched_state)}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] \
+        if opt is not None else []
+    files[ENGINE_FILE] = _torch_save_file({
+        "optimizer_param_groups": groups,
+        "lr_scheduler": sched_state,
+        "loss_scaler": manifest["loss_scaler"],
+    }, os.path.join(tmp, ENGINE_FILE))
+    files[RNG_FILE] = _torch_save_file(_rng_state(), os.path.join(tmp, RNG_FILE))
+    files[CLIENT_FILE] = _torch_save_file(dict(client_state or {}),
+                                          os.path.join(tmp, CLIENT_FILE))
+
+
+def _finalize(save_dir, tmp, final, tag, manifest, files):
+    manifest["files"] = files
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    kill_point("save_before_rename")
+    if os.path.lexists(final):
+        if _renameat2_exchange(tmp, final):
+            _fsync_dir(save_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            old = os.path.join(save_dir, f".{tag}{_OLD_MARK}{os.getpid()}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            _fsync_dir(save_dir)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(save_dir)
+
+
+def _single_optimizer(engine, tmp, files, manifest):
+    """The whole optimizer state in one file (one process, or ZeRO stage 0 on rank 0)."""
     from .optim import _OffloadOptimizer
 
+    opt = engine.optimizer
+    if isinstance(opt, _OffloadOptimizer):
+        opt._prepare()
+        names = engine._param_names_in_engine_order()
+        entry, params = _write_optimizer_state(opt, os.path.join(tmp, OPTIMIZER_FILE), names)
+        files[OPTIMIZER_FILE] = entry
+        manifest["optimizer"] = {
+            "class": _class_name(opt),
+            "kind": opt._kind,
+            "file": OPTIMIZER_FILE,
+            "dtype": "float32",
+            "params": params,
+            "subgroups": opt._b.engine.subgroups(),
+        }
+    elif opt is not None:
+        files[TORCH_OPTIMIZER_FILE] = _torch_save_file(opt.state_dict(),
+                                                       os.path.join(tmp, TORCH_OPTIMIZER_FILE))
+        manifest["optimizer"] = {"class": type(opt.optimizer).__name__, "kind": "torch",
+                                 "file": TORCH_OPTIMIZER_FILE, "params": []}
+    else:
+        manifest["optimizer"] = None
+
+
+def save(engine, save_dir, tag=None, client_state=None, save_latest=True,
+         exclude_frozen_parameters=False):
+    """``Engine.save_checkpoint``: write ``save_dir/tag`` atomically (see the module doc).
+    With several ranks every rank must call it (``_save_ranks``)."""
     tag = _check_tag(tag if tag is not None else f"global_step{engine.global_steps}")
     save_dir = os.fspath(save_dir)
     if engine.micro_steps % engine.gradient_accumulation_steps() != 0:
         _config.warn_once("save_checkpoint between gradient accumulation boundaries: the "
                           "gradients accumulated since the last optimizer step are not saved")
+    if engine.world_size > 1:
+        return _save_ranks(engine, save_dir, tag, client_state, save_latest,
+                           exclude_frozen_parameters)
     os.makedirs(save_dir, exist_ok=True)
     _clean_stale(save_dir)
     kill_point("save_begin")
@@ -595,89 +757,14 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True,
     os.mkdir(tmp)
     try:
         files = {}
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "tag": tag,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": _versions(),
-            "byteorder": sys.byteorder,
-            "world_size": engine.world_size,
-            "rank": engine.global_rank,
-            "config": engine.config,
-            "global_steps": engine.global_steps,
-            "global_samples": engine.global_samples,
-            "micro_steps": engine.micro_steps,
-            "skipped_steps": engine.skipped_steps,
-            "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler else None,
-        }
-        opt = engine.optimizer
-        if isinstance(opt, _OffloadOptimizer):
-            opt._prepare()
-            names = engine._param_names_in_engine_order()
-            entry, params = _write_optimizer_state(opt, os.path.join(tmp, OPTIMIZER_FILE), names)
-            files[OPTIMIZER_FILE] = entry
-            manifest["optimizer"] = {
-                "class": type(opt).__name__,
-                "kind": opt._kind,
-                "file": OPTIMIZER_FILE,
-                "dtype": "float32",
-                "params": params,
-                "subgroups": opt._b.engine.subgroups(),
-            }
-        elif opt is not None:
-            files[TORCH_OPTIMIZER_FILE] = _torch_save_file(opt.state_dict(),
-                                                           os.path.join(tmp, TORCH_OPTIMIZER_FILE))
-            manifest["optimizer"] = {"class": type(opt.optimizer).__name__, "kind": "torch",
-                                     "file": TORCH_OPTIMIZER_FILE, "params": []}
+        manifest = _base_manifest(engine, tag)
+        if _is_sharded(engine.optimizer):
+            # a data-parallel optimizer run as one rank: its one shard is everything
+            _write_shards(engine, tmp, files, manifest, [_local_shard(engine, tmp)])
         else:
-            manifest["optimizer"] = None
-
-        entries, metadata, excluded = _model_entries(engine.module, exclude_frozen_parameters)
-        files[MODEL_FILE] = write_tensor_file(os.path.join(tmp, MODEL_FILE), entries, metadata)
-        manifest["model"] = {
-            "file": MODEL_FILE,
-            "tensors": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
-                        for n, s, d, _, _ in entries],
-            "excluded_frozen": excluded,
-        }
-        kill_point("save_model")
-
-        sched = engine.lr_scheduler
-        sched_state = sched.state_dict() if sched is not None and hasattr(sched, "state_dict") \
-            else None
-        manifest["lr_scheduler"] = {"class": type(sched).__name__ if sched is not None else None,
-                                    "state": _jsonable(sched_state)}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] \
-            if opt is not None else []
-        files[ENGINE_FILE] = _torch_save_file({
-            "optimizer_param_groups": groups,
-            "lr_scheduler": sched_state,
-            "loss_scaler": manifest["loss_scaler"],
-        }, os.path.join(tmp, ENGINE_FILE))
-        files[RNG_FILE] = _torch_save_file(_rng_state(), os.path.join(tmp, RNG_FILE))
-        files[CLIENT_FILE] = _torch_save_file(dict(client_state or {}),
-                                              os.path.join(tmp, CLIENT_FILE))
-        manifest["files"] = files
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        kill_point("save_before_rename")
-        if os.path.lexists(final):
-            if _renameat2_exchange(tmp, final):
-                _fsync_dir(save_dir)
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                old = os.path.join(save_dir, f".{tag}{_OLD_MARK}{os.getpid()}")
-                os.rename(final, old)
-                os.rename(tmp, final)
-                _fsync_dir(save_dir)
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(save_dir)
+            _single_optimizer(engine, tmp, files, manifest)
+        _write_rest(engine, tmp, files, manifest, client_state, exclude_frozen_parameters)
+        _finalize(save_dir, tmp, final, tag, manifest, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -685,6 +772,132 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True,
     if save_latest:
         _write_latest(save_dir, tag)
     kill_point("save_after_latest")
+    return True
+
+
+def _local_shard(engine, tmp):
+    """This rank's shard file; returns what rank 0 needs for the manifest."""
+    opt = engine.optimizer
+    opt._prepare()
+    rank = opt._dp.rank
+    names = engine._param_names_in_engine_order()
+    name = shard_file(rank)
+    entry, params = _write_optimizer_shard(opt, os.path.join(tmp, name), names)
+    return {"rank": rank, "file": name, "entry": entry, "params": params,
+            "subgroups": opt._b.engine.subgroups()}
+
+
+def _write_shards(engine, tmp, files, manifest, shards):
+    """The manifest's optimizer section for per-rank shard files: every parameter by name and
+    shape with its step and, per shard, the slice it holds and the slot extents in that file."""
+    opt = engine.optimizer
+    b = opt._b
+    names = engine._param_names_in_engine_order()
+    by_name = {}
+    for sh in shards:
+        files[sh["file"]] = sh["entry"]
+        for sp in sh["params"]:
+            by_name.setdefault(sp["name"], []).append(
+                {"rank": sh["rank"], "file": sh["file"], "start": sp["start"],
+                 "numel": sp["numel"], "slots": sp["slots"]})
+    params = []
+    for i, p in enumerate(b.managed):
+        parts = sorted(by_name.get(names[i], []), key=lambda s: s["start"])
+        params.append({
+            "name": names[i],
+            "shape": list(p.shape),
+            "numel": p.numel(),
+            "dtype": str(p.dtype).replace("torch.", ""),
+            "group": b.cohort_group[b.cohort_of[i]],
+            "step": b.engine.step_count(b.cohort_of[i]),
+            "slot_names": opt._slot_names(i),
+            "shards": parts,
+        })
+    manifest["optimizer"] = {
+        "class": _class_name(opt),
+        "kind": opt._kind,
+        "sharded": True,
+        "stage": opt._dp.stage,
+        "world_size": len(shards),
+        "shard_files": [sh["file"] for sh in shards],
+        "dtype": "float32",
+        "params": params,
+        "subgroups": {str(sh["rank"]): sh["subgroups"] for sh in shards},
+    }
+
+
+def _save_ranks(engine, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+    """Several ranks (a collective): rank 0 makes the temporary directory; every rank writes
+    its shard of the optimizer state (stage 1 and 2) and its RNG state into it; rank 0 writes
+    the model, engine, client files and the manifest, renames, and writes ``latest``. A failure
+    on any rank makes every rank raise, and nothing replaces the previous checkpoint."""
+    from . import comm
+
+    rank, world = engine.global_rank, engine.world_size
+    kill_point("save_begin")
+    tmp, err = None, None
+    if rank == 0:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            _clean_stale(save_dir)
+            tmp = os.path.join(save_dir,
+                               f".{tag}{_TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
+            os.mkdir(tmp)
+        except OSError as exc:
+            err = f"rank 0: {exc}"
+    box = [(tmp, err)]
+    comm.broadcast_object_list(box, src=0)
+    tmp, err = box[0]
+    if err is not None:
+        raise CheckpointError(f"save_checkpoint to {save_dir}: {err}")
+    final = os.path.join(save_dir, tag)
+    try:
+        mine, err = {}, None
+        try:
+            if _is_sharded(engine.optimizer):
+                mine["shard"] = _local_shard(engine, tmp)
+            mine["rng"] = (rng_file(rank),
+                           _torch_save_file(_rng_state(), os.path.join(tmp, rng_file(rank))))
+        except Exception as exc:  # every rank learns of it below, then it is raised
+            err = f"rank {rank}: {type(exc).__name__}: {exc}"
+        parts = [None] * world
+        comm.all_gather_object(parts, (mine, err))
+        errors = [e for _, e in parts if e is not None]
+        if errors:
+            raise CheckpointError(f"save_checkpoint to {final} failed: {'; '.join(errors)}")
+        err = None
+        if rank == 0:
+            try:
+                files = {}
+                manifest = _base_manifest(engine, tag)
+                if _is_sharded(engine.optimizer):
+                    _write_shards(engine, tmp, files, manifest, [m["shard"] for m, _ in parts])
+                else:
+                    _single_optimizer(engine, tmp, files, manifest)  # replicated: rank 0's
+                manifest["rng_files"] = {}
+                for r, (m, _) in enumerate(parts):
+                    name, entry = m["rng"]
+                    files[name] = entry
+                    manifest["rng_files"][str(r)] = name
+                _write_rest(engine, tmp, files, manifest, client_state,
+                            exclude_frozen_parameters)
+                _finalize(save_dir, tmp, final, tag, manifest, files)
+            except Exception as exc:
+                err = f"rank 0: {type(exc).__name__}: {exc}"
+        box = [err]
+        comm.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise CheckpointError(f"save_checkpoint to {final} failed: {box[0]}")
+    except BaseException:
+        if rank == 0 and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0:
+        kill_point("save_after_rename")
+        if save_latest:
+            _write_latest(save_dir, tag)
+        kill_point("save_after_latest")
+    comm.barrier()  # `latest` is written before any rank goes on (and may load it)
     return True
 
 
@@ -823,6 +1036,8 @@ def _check_optimizer(engine, tag_dir, manifest):
     if info.get("kind") == "torch":
         raise CheckpointError(f"{tag_dir}: the checkpoint holds the state of a client torch "
                               f"optimizer ({info.get('class')}), the engine runs {type(opt).__name__}")
+    if info.get("sharded") or _is_sharded(opt):
+        return _check_optimizer_pieces(engine, tag_dir, manifest, info)
     path = os.path.join(tag_dir, info.get("file", OPTIMIZER_FILE))
     entry = manifest.get("files", {}).get(OPTIMIZER_FILE)
     if entry is None:
@@ -866,10 +1081,189 @@ def _check_optimizer(engine, tag_dir, manifest):
     return ("strata", path, [saved[n] for n in names], [b.managed[i] for i in range(len(names))])
 
 
+def _saved_pieces(tag_dir, info):
+    """name -> (saved entry, [(start, numel, path, slots)]): where each parameter's state is,
+    for the one-file layout and the per-rank shard layout alike."""
+    out = {}
+    for p in info["params"]:
+        if info.get("sharded"):
+            pieces = [(s["start"], s["numel"], os.path.join(tag_dir, s["file"]), s["slots"])
+                      for s in p.get("shards", [])]
+        else:
+            pieces = [(0, p["numel"], os.path.join(tag_dir, info.get("file", OPTIMIZER_FILE)),
+                       p["slots"])]
+        out[p["name"]] = (p, pieces)
+    return out
+
+
+def _check_optimizer_pieces(engine, tag_dir, manifest, info):
+    """Validation for a sharded checkpoint, or for loading into a sharded optimizer: by
+    parameter name and shape, whatever world size saved it (re-sharding)."""
+    opt = engine.optimizer
+    files = manifest.get("files", {})
+    saved = _saved_pieces(tag_dir, info)
+    sizes = {}
+    for _, pieces in saved.values():
+        for _, _, path, _ in pieces:
+            if path in sizes:
+                continue
+            entry = files.get(os.path.basename(path))
+            if entry is None:
+                raise CheckpointError(f"{path}: not listed in the manifest")
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                raise CheckpointError(f"{path}: missing") from None
+            if size != entry["bytes"]:
+                raise CheckpointError(f"{path}: {size} bytes, the manifest says {entry['bytes']} "
+                                      "(truncated or replaced)")
+            sizes[path] = size
+    opt._refresh()
+    names = engine._param_names_in_engine_order()
+    b = opt._b
+    where = os.path.join(tag_dir, MANIFEST)
+    missing = [n for n in names if n not in saved]
+    extra = [n for n in saved if n not in set(names)]
+    if missing or extra:
+        raise CheckpointError(
+            f"{where}: the trainable parameters differ from the checkpoint's"
+            + (f"; without saved state: {', '.join(missing[:10])}" if missing else "")
+            + (f"; saved but not trainable here: {', '.join(extra[:10])}" if extra else "")
+            + " (load_optimizer_states=False loads the weights only)")
+    for i, n in enumerate(names):
+        p = b.managed[i]
+        sp, pieces = saved[n]
+        if list(sp["shape"]) != list(p.shape):
+            raise CheckpointError(f"{where}: parameter {n!r} has shape {sp['shape']} in the "
+                                  f"checkpoint, {list(p.shape)} here")
+        want = opt._slot_names(i)
+        have = sp.get("slot_names") or [s["name"] for s in sp["slots"]]
+        if want != have:
+            raise CheckpointError(
+                f"{where}: parameter {n!r} has state slots {have} in the checkpoint "
+                f"({info.get('class')}), this optimizer ({_class_name(opt)}) keeps {want}; "
+                "load_optimizer_states=False loads the weights only")
+        at = 0
+        for start, numel, path, slots in sorted(pieces, key=lambda x: x[0]):
+            if start != at:
+                raise CheckpointError(f"{where}: the shards of parameter {n!r} do not cover "
+                                      f"elements {at}..{start}")
+            if [s["name"] for s in slots] != want:
+                raise CheckpointError(f"{path}: parameter {n!r} has slots "
+                                      f"{[s['name'] for s in slots]}, expected {want}")
+            for slot in slots:
+                if slot["bytes"] != 4 * numel or slot["offset"] + slot["bytes"] > sizes[path]:
+                    raise CheckpointError(f"{path}: parameter {n!r} slot {slot['name']} has an "
+                                          "extent outside the file or of the wrong size")
+            at = start + numel
+        if at != p.numel():
+            raise CheckpointError(f"{where}: the shards of parameter {n!r} cover {at} of its "
+                                  f"{p.numel()} elements")
+    return ("pieces", [saved[n] for n in names], [b.managed[i] for i in range(len(names))])
+
+
+def _read_piece(f, path, name, slot, start, numel, lo, out):
+    """Elements [max(start, lo), ...) of one saved slot extent (which holds elements
+    [start, start + numel) of the parameter) into ``out`` (which holds elements
+    [lo, lo + out.numel())), checking the whole extent's checksum."""
+    hi = lo + out.numel()
+    a, e = max(start, lo), min(start + numel, hi)
+    h = hashlib.blake2b(digest_size=16)
+    f.seek(slot["offset"])
+    if a == start and e == start + numel:  # the whole extent is wanted: read it in place
+        mv = memoryview(out[a - lo:e - lo].numpy()).cast("B")
+        got = f.readinto(mv)
+        if got != len(mv):
+            raise CheckpointError(f"{path}: short read of parameter {name!r} slot "
+                                  f"{slot['name']} at offset {slot['offset']} (file truncated)")
+        h.update(mv)
+    else:  # part of it: stream it all through a chunk (for the checksum), keep the overlap
+        chunk = torch.empty(_CHUNK // 4, dtype=torch.float32)
+        mv = memoryview(chunk.numpy()).cast("B")
+        pos = start  # parameter element at the start of the next chunk
+        left = slot["bytes"]
+        while left > 0:
+            k = f.readinto(mv[:min(len(mv), left)])
+            if not k:
+                raise CheckpointError(f"{path}: short read of parameter {name!r} slot "
+                                      f"{slot['name']} (file truncated)")
+            h.update(mv[:k])
+            m = k // 4
+            ca, ce = max(a, pos), min(e, pos + m)
+            if ca < ce:
+                out[ca - lo:ce - lo].copy_(chunk[ca - pos:ce - pos])
+            pos += m
+            left -= k
+    if h.hexdigest() != slot["blake2b"]:
+        raise CheckpointError(f"{path}: checksum mismatch in parameter {name!r} slot "
+                              f"{slot['name']} (bytes {slot['offset']}.."
+                              f"{slot['offset'] + slot['bytes']}): the file is corrupted")
+
+
+def read_master(tag_dir, manifest, name):
+    """The fp32 master weights of parameter ``name`` (shaped as saved), from a one-file or a
+    per-rank (sharded) checkpoint, every byte checked against the manifest; None when the
+    checkpoint holds no strata optimizer state for it (for export tools)."""
+    info = manifest.get("optimizer") or {}
+    if info.get("kind") in (None, "torch"):
+        return None
+    saved = _saved_pieces(os.fspath(tag_dir), info)
+    if name not in saved:
+        return None
+    sp, pieces = saved[name]
+    out = torch.empty(sp["numel"], dtype=torch.float32)
+    for start, numel, path, slots in pieces:
+        slot = next(s for s in slots if s["name"] == "master")
+        with open(path, "rb", buffering=0) as f:
+            _read_piece(f, path, name, slot, start, numel, 0, out)
+    return out.view(sp["shape"])
+
+
+def _apply_pieces(engine, plan):
+    _, saved, params = plan
+    opt = engine.optimizer
+    opt._set_steps({id(p): int(sp.get("step", 0)) for p, (sp, _) in zip(params, saved)})
+    b = opt._b
+    sharded = _is_sharded(opt)
+    handles = {}
+    buf = None
+    try:
+        for p, (sp, pieces) in zip(params, saved):
+            i = b.index[id(p)]
+            if sharded:
+                j = b.slice_of.get(i)
+                if j is None:
+                    continue  # no part of it on this rank
+                _, lo, _, n = b.slices[j]
+            else:
+                j, lo, n = i, 0, p.numel()
+            nslots = len(sp.get("slot_names") or sp["slots"])
+            if buf is None or buf.numel() < nslots * n:
+                buf = torch.empty(nslots * n, dtype=torch.float32)
+            rows = [buf[k * n:(k + 1) * n] for k in range(nslots)]
+            for start, numel, path, slots in pieces:
+                if start >= lo + n or start + numel <= lo:
+                    continue
+                f = handles.get(path)
+                if f is None:
+                    f = handles[path] = open(path, "rb", buffering=0)
+                for k, slot in enumerate(slots):
+                    _read_piece(f, path, sp["name"], slot, start, numel, lo, rows[k])
+            b.engine.write_param_states(j, [r.data_ptr() for r in rows])
+    finally:
+        for f in handles.values():
+            f.close()
+    opt._mark_synced()
+    b.engine.clear_error()
+
+
 def _apply_optimizer(engine, plan):
     opt = engine.optimizer
     if plan[0] == "torch":
         opt.load_state_dict(torch_load_trusted(plan[1]))
+        return
+    if plan[0] == "pieces":
+        _apply_pieces(engine, plan)
         return
     _, path, saved, params = plan
     # Step counts: parameters of one group that stepped a different number of times get
@@ -902,23 +1296,47 @@ def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_sta
                               "loaded (pass tag= to load a given checkpoint)")
             return None, None
     kill_point("load_begin")
-    tag_dir = resolve_tag_dir(load_dir, str(tag))
-    manifest = read_manifest(tag_dir)
-    # Everything small is verified before anything is touched.
-    engine_state = torch_load_trusted(verify_file(tag_dir, manifest, ENGINE_FILE))
-    rng = torch_load_trusted(verify_file(tag_dir, manifest, RNG_FILE))
-    client_state = torch_load_trusted(verify_file(tag_dir, manifest, CLIENT_FILE))
-    model_reader = _check_model(engine, verify_file(tag_dir, manifest, MODEL_FILE), manifest,
-                                load_module_strict)
     opt = engine.optimizer
     with_optimizer = opt is not None and load_optimizer_states and not load_module_only
     plan = None
-    if with_optimizer:
-        groups = engine_state.get("optimizer_param_groups") or []
-        if len(groups) != len(opt.param_groups):
-            raise CheckpointError(f"{os.path.join(tag_dir, ENGINE_FILE)}: {len(groups)} param "
-                                  f"groups saved, the optimizer has {len(opt.param_groups)}")
-        plan = _check_optimizer(engine, tag_dir, manifest)
+    failure = None
+    try:
+        tag_dir = resolve_tag_dir(load_dir, str(tag))
+        manifest = read_manifest(tag_dir)
+        # Everything small is verified before anything is touched.
+        engine_state = torch_load_trusted(verify_file(tag_dir, manifest, ENGINE_FILE))
+        # Several ranks: each rank its own RNG state when the checkpoint has one for its rank
+        # (saved with several ranks), else rank 0's.
+        rng_name = (manifest.get("rng_files") or {}).get(str(engine.global_rank), RNG_FILE) \
+            if engine.world_size > 1 else RNG_FILE
+        rng = torch_load_trusted(verify_file(tag_dir, manifest, rng_name))
+        client_state = torch_load_trusted(verify_file(tag_dir, manifest, CLIENT_FILE))
+        model_reader = _check_model(engine, verify_file(tag_dir, manifest, MODEL_FILE), manifest,
+                                    load_module_strict)
+        if with_optimizer:
+            groups = engine_state.get("optimizer_param_groups") or []
+            if len(groups) != len(opt.param_groups):
+                raise CheckpointError(f"{os.path.join(tag_dir, ENGINE_FILE)}: {len(groups)} "
+                                      f"param groups saved, the optimizer has "
+                                      f"{len(opt.param_groups)}")
+            plan = _check_optimizer(engine, tag_dir, manifest)
+    except Exception as exc:
+        failure = exc
+    if engine.world_size > 1:
+        # Every rank checked what it will read; all go on, or all raise (a rank that went on
+        # alone would wait forever in the collectives of the load).
+        from . import comm
+
+        verdicts = [None] * engine.world_size
+        comm.all_gather_object(verdicts, None if failure is None else
+                               f"{type(failure).__name__}: {failure}")
+        if failure is None:
+            bad = [(r, v) for r, v in enumerate(verdicts) if v is not None]
+            if bad:
+                raise CheckpointError(f"load_checkpoint from {load_dir}: rank {bad[0][0]} "
+                                      f"failed: {bad[0][1]}")
+    if failure is not None:
+        raise failure
 
     # From here on state changes: a failure leaves the optimizer refusing to step until a load
     # succeeds, never half-loaded and reported as fine.

@@ -15,6 +15,12 @@ applies on the fly, runs the update, zeroes the gradients, and steps the LR sche
 (``lr_scheduler.step()`` is skipped on overflow, as in DeepSpeed). ``global_steps`` counts
 boundaries (skipped ones too), ``micro_steps`` calls to ``step()``.
 
+Several ranks (torch.distributed initialised, e.g. by ``python -m strata launch``): every rank
+starts from rank 0's weights, the optimizer is strata.sharded's data-parallel version (ZeRO
+stage 0, 1 or 2: gradients reduced in buckets, the state sharded across ranks), the gradient
+statistics are global, ``save_checkpoint``/``load_checkpoint`` are collectives (each rank its
+shard), and only rank 0 prints. See docs/distributed.md.
+
 See docs/deepspeed.md for what is honoured and what is accepted without effect.
 """
 
@@ -30,6 +36,7 @@ from . import comm
 from . import config as _config
 from . import loss_scaler as _loss_scaler
 from . import lr_schedules
+from . import sharded as _sharded
 from ._torch_compat import note_optimizer_step
 from .optim import (OffloadAdagrad, OffloadAdam, OffloadAdamW, OffloadSGD, _OffloadOptimizer)
 
@@ -151,6 +158,9 @@ class Engine(torch.nn.Module):
 
         self._check_module(module)
         self.device = self._module_device(module)
+        if self.world_size > 1:
+            comm.quiet_other_ranks()  # rank-0-only warnings, unless STRATA_LOG_ALL_RANKS=1
+            self._broadcast_module()
         fp32_sources = self._cast_module()
         self._check_grad_accum_dtype()
         self._load_hook = None
@@ -194,6 +204,28 @@ class Engine(torch.nn.Module):
                 "materialise the model first (model.to_empty(device='cpu') and load its "
                 "weights) — strata.zero.Init does not defer parameter creation")
         return dev
+
+    def _broadcast_module(self):
+        """Several ranks: every rank starts from rank 0's weights and buffers (as DeepSpeed's
+        engine does), before any cast, so the fp32 masters agree too."""
+        with torch.no_grad():
+            seen = set()
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                if t.data_ptr() in seen or t.numel() == 0:
+                    continue
+                seen.add(t.data_ptr())
+                comm.broadcast(t.data, 0)
+
+    def _dp_class(self, klass):
+        """Several ranks: the data-parallel version of a strata optimizer class
+        (strata.sharded: ZeRO stage 0, 1 or 2 as the config says)."""
+        return _sharded.sharded_class(klass) if self.world_size > 1 else klass
+
+    def _new_optimizer(self, klass):
+        opt = klass.__new__(klass)
+        opt._param_names = self._names_by_id()
+        opt._dp_synced_init = True  # _broadcast_module already gave every rank rank 0's weights
+        return opt
 
     def _cast_module(self):
         """fp16/bf16: cast the module as DeepSpeed does, keeping references to the fp32
@@ -241,7 +273,11 @@ class Engine(torch.nn.Module):
             opt._param_names = self._names_by_id()
             opt.config = cfg
             opt._tag = opt._tag or self._tag
-            opt._rebuild()  # on this engine's tiers; masters kept (also across the cast)
+            if self.world_size > 1:
+                opt._rank = self.global_rank
+                _sharded.shard(opt)  # this rank's shard on this engine's tiers
+            else:
+                opt._rebuild()  # on this engine's tiers; masters kept (also across the cast)
             fp32_sources = {}
         elif isinstance(client, torch.optim.Optimizer):
             opt = self._convert_torch_optimizer(client)
@@ -271,9 +307,8 @@ class Engine(torch.nn.Module):
         if kind in ("Adam", "AdamW"):
             adamw = True if kind == "AdamW" else bool(p.get("adam_w_mode", True))
             # torch_adam is warned about by the config parser (accepted, not acted on).
-            klass = OffloadAdamW if adamw else OffloadAdam
-            opt = klass.__new__(klass)
-            opt._param_names = self._names_by_id()
+            klass = self._dp_class(OffloadAdamW if adamw else OffloadAdam)
+            opt = self._new_optimizer(klass)
             klass.__init__(opt, params, lr=p.get("lr", 1e-3),
                            betas=tuple(p.get("betas", (0.9, 0.999))), eps=p.get("eps", 1e-8),
                            weight_decay=p.get("weight_decay", 0.0),
@@ -284,22 +319,21 @@ class Engine(torch.nn.Module):
             if p.get("lr") is None:
                 raise _config._C.ConfigError("optimizer.params.lr: missing; SGD needs a "
                                              "learning rate (a number >= 0)")
-            opt = OffloadSGD.__new__(OffloadSGD)
-            opt._param_names = self._names_by_id()
-            OffloadSGD.__init__(opt, params, lr=p["lr"], momentum=p.get("momentum", 0.0),
-                                dampening=p.get("dampening", 0.0),
-                                weight_decay=p.get("weight_decay", 0.0),
-                                nesterov=bool(p.get("nesterov", False)), **common)
+            klass = self._dp_class(OffloadSGD)
+            opt = self._new_optimizer(klass)
+            klass.__init__(opt, params, lr=p["lr"], momentum=p.get("momentum", 0.0),
+                           dampening=p.get("dampening", 0.0),
+                           weight_decay=p.get("weight_decay", 0.0),
+                           nesterov=bool(p.get("nesterov", False)), **common)
             return opt
         if kind == "Adagrad":
-            opt = OffloadAdagrad.__new__(OffloadAdagrad)
-            opt._param_names = self._names_by_id()
-            OffloadAdagrad.__init__(opt, params, lr=p.get("lr", 1e-2),
-                                    lr_decay=p.get("lr_decay", 0.0),
-                                    weight_decay=p.get("weight_decay", 0.0),
-                                    initial_accumulator_value=p.get("initial_accumulator_value",
-                                                                    0.0),
-                                    eps=p.get("eps", 1e-10), **common)
+            klass = self._dp_class(OffloadAdagrad)
+            opt = self._new_optimizer(klass)
+            klass.__init__(opt, params, lr=p.get("lr", 1e-2),
+                           lr_decay=p.get("lr_decay", 0.0),
+                           weight_decay=p.get("weight_decay", 0.0),
+                           initial_accumulator_value=p.get("initial_accumulator_value", 0.0),
+                           eps=p.get("eps", 1e-10), **common)
             return opt
         raise _config._C.ConfigError(f"optimizer.type: {kind!r} is not one of Adam, AdamW, SGD, "
                                      "Adagrad")
@@ -325,17 +359,18 @@ class Engine(torch.nn.Module):
         had_state = len(client.state) > 0
         saved = client.state_dict() if had_state else None
         d = client.defaults
-        opt = klass.__new__(klass)
-        opt._param_names = self._names_by_id()
+        base_klass = klass
+        klass = self._dp_class(klass)
+        opt = self._new_optimizer(klass)
         common = dict(config=self._config, tag=self._tag, rank=self.global_rank)
         # The client's own group dicts become the strata optimizer's, so a scheduler built on
         # the client optimizer changes the learning rate strata uses.
         groups = client.param_groups
-        if klass in (OffloadAdamW, OffloadAdam):
+        if base_klass in (OffloadAdamW, OffloadAdam):
             klass.__init__(opt, groups, lr=d["lr"], betas=d["betas"], eps=d["eps"],
                            weight_decay=d["weight_decay"], amsgrad=d.get("amsgrad", False),
                            **common)
-        elif klass is OffloadSGD:
+        elif base_klass is OffloadSGD:
             klass.__init__(opt, groups, lr=d["lr"], momentum=d.get("momentum", 0.0),
                            dampening=d.get("dampening", 0.0),
                            weight_decay=d.get("weight_decay", 0.0),
@@ -350,7 +385,7 @@ class Engine(torch.nn.Module):
         client.state.clear()  # the state now lives in strata's engine
         self._client_torch_optimizer = client
         _config.warn_once(f"client optimizer torch.optim.{type(client).__name__} runs as "
-                          f"strata.optim.{klass.__name__} with the same param groups; its "
+                          f"strata.optim.{base_klass.__name__} with the same param groups; its "
                           "state lives on strata's tiers")
         return opt
 
@@ -483,7 +518,12 @@ class Engine(torch.nn.Module):
         to_backward = loss
         if self.loss_scaler is not None:
             to_backward = self.loss_scaler.scale_loss(loss.float())
-        if self._overlap_this_backward(retain_graph):
+        if self.world_size > 1 and isinstance(self.optimizer, _sharded.ShardedMixin):
+            # Data parallel: the optimizer reduces gradients bucket by bucket (during this
+            # backward at stage 2, or with overlap_comm at the boundary; see strata.sharded).
+            self.optimizer.backward(to_backward, retain_graph=retain_graph,
+                                    boundary=self.is_gradient_accumulation_boundary())
+        elif self._overlap_this_backward(retain_graph):
             # The last backward before the update: sub-groups enter the optimizer's pipeline
             # as their gradients become final. Clipping and fp16 need the global norm first,
             # so they prefetch during backward and update in step() (exact mode).
@@ -519,8 +559,12 @@ class Engine(torch.nn.Module):
         opt = self.optimizer
         _ckpt.kill_point("step_begin")
         if self.world_size > 1:
-            for arena in opt.grad_arenas():
-                comm.all_reduce(arena)
+            if isinstance(opt, _sharded.ShardedMixin):
+                opt.reduce_gradients()  # buckets still pending; the shard's sums kept
+            else:
+                for arena in opt.grad_arenas():  # a client optimizer: whole gradients
+                    comm.all_reduce(arena)
+        # With several ranks the statistics are global: each rank's shard, all-reduced.
         sum_sq, nonfinite = opt.grad_stats()
         scale = self.loss_scaler.cur_scale if self.loss_scaler is not None else 1.0
         divisor = scale * self.world_size
@@ -606,15 +650,11 @@ class Engine(torch.nn.Module):
                         exclude_frozen_parameters=False):
         """Write ``save_dir/tag`` (default ``global_step<N>``) atomically; returns True."""
         self._require_open()
-        if self.world_size > 1 and self.global_rank != 0:
-            comm.barrier()  # rank 0 writes the replicated state
-            return True
-        ok = _ckpt.save(self, save_dir, tag=tag, client_state=client_state,
-                        save_latest=save_latest,
-                        exclude_frozen_parameters=exclude_frozen_parameters)
-        if self.world_size > 1:
-            comm.barrier()
-        return ok
+        # Several ranks: a collective; each rank writes its shard of the optimizer state and
+        # its RNG state, rank 0 the rest and the manifest (docs/checkpoints.md).
+        return _ckpt.save(self, save_dir, tag=tag, client_state=client_state,
+                          save_latest=save_latest,
+                          exclude_frozen_parameters=exclude_frozen_parameters)
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True,
                         load_optimizer_states=True, load_lr_scheduler_states=True,

@@ -34,57 +34,33 @@ def export_checkpoint(checkpoint, output, dtype="fp32", tag=None):
     model_path = _ckpt.verify_file(tag_dir, manifest, _ckpt.MODEL_FILE)
     reader = _ckpt.TensorFileReader(model_path)
 
-    info = manifest.get("optimizer") or {}
-    masters = {}
-    opt_path = None
-    if info.get("kind") not in (None, "torch"):
-        opt_path = os.path.join(tag_dir, info.get("file", _ckpt.OPTIMIZER_FILE))
-        entry = manifest["files"].get(_ckpt.OPTIMIZER_FILE)
-        if entry is None or not os.path.exists(opt_path):
-            raise _ckpt.CheckpointError(f"{opt_path}: missing")
-        if os.path.getsize(opt_path) != entry["bytes"]:
-            raise _ckpt.CheckpointError(f"{opt_path}: {os.path.getsize(opt_path)} bytes, the "
-                                        f"manifest says {entry['bytes']} (truncated or replaced)")
-        for p in info.get("params", []):
-            slot = next((s for s in p["slots"] if s["name"] == "master"), None)
-            if slot is not None:
-                masters[p["name"]] = (p, slot)
-
     names = reader.names()
-    opt_file = open(opt_path, "rb", buffering=0) if opt_path else None
+    entries = []
+    for name in names:
+        lt = reader.meta(name)
+        dt = target if lt.dtype.is_floating_point else lt.dtype
+        sid = (lt.key, lt.offset, lt.shape)
+
+        def produce(name=name, lt=lt, dt=dt):
+            # The fp32 master from the optimizer state (one file or per-rank shards,
+            # every byte checked), else the model file's tensor.
+            master = _ckpt.read_master(tag_dir, manifest, name)
+            t = master.reshape(lt.shape) if master is not None else reader.tensor(name)
+            return t.to(dt).contiguous()
+
+        entries.append((name, tuple(lt.shape), dt, sid, produce))
+    # Tied parameters: the first name has the master; later names share its storage.
+    out_dir = os.path.dirname(os.path.abspath(output))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{output}.tmp-{os.getpid()}"
     try:
-        entries = []
-        for name in names:
-            lt = reader.meta(name)
-            dt = target if lt.dtype.is_floating_point else lt.dtype
-            sid = (lt.key, lt.offset, lt.shape)
-
-            def produce(name=name, lt=lt, dt=dt):
-                if name in masters:
-                    p, slot = masters[name]
-                    t = torch.empty(p["numel"], dtype=torch.float32)
-                    _ckpt.read_slot(opt_file, opt_path, p, slot, t)
-                    t = t.view(lt.shape)
-                else:
-                    t = reader.tensor(name)
-                return t.to(dt).contiguous()
-
-            entries.append((name, tuple(lt.shape), dt, sid, produce))
-        # Tied parameters: the first name has the master; later names share its storage.
-        out_dir = os.path.dirname(os.path.abspath(output))
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = f"{output}.tmp-{os.getpid()}"
-        try:
-            _ckpt.write_tensor_file(tmp, entries, reader.metadata)
-            os.replace(tmp, output)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _ckpt._fsync_dir(out_dir)
-    finally:
-        if opt_file is not None:
-            opt_file.close()
+        _ckpt.write_tensor_file(tmp, entries, reader.metadata)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _ckpt._fsync_dir(out_dir)
     return len(entries)
 
 

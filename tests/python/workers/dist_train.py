@@ -2,7 +2,8 @@
 
 Each rank trains on its own half of every global batch; gradients are averaged across ranks, so
 the weights must equal a single process training on the whole batch, and be the same on both
-ranks. Rank 0 also saves a checkpoint (the state is replicated; rank 0 writes it).
+ranks. Both ranks then save a checkpoint (ZeRO stage 2: each writes its shard of the optimizer
+state; rank 0 the rest), which one process loads.
 """
 
 import os
