@@ -175,6 +175,19 @@ class Engine(torch.nn.Module):
             raise
         if hasattr(module, "register_load_state_dict_post_hook"):
             self._load_hook = module.register_load_state_dict_post_hook(self._after_module_load)
+        self._report_threads()
+
+    def _report_threads(self):
+        """Say at start which threads will share the cores, so oversubscription is visible."""
+        if self.global_rank != 0 or self._progress == "off" or not isinstance(self.optimizer, _OffloadOptimizer):
+            return
+        st = self.optimizer.stats()
+        cores = os.cpu_count() or 1
+        during = max(1, cores - torch.get_num_threads())
+        io = st.get("io_backend") or "none (state in memory)"
+        print(f"[strata] threads: update {st.get('threads')} ({st.get('isa')}), "
+              f"{during if self._overlap_backward and self.world_size == 1 else 0} while backward runs; "
+              f"torch intra-op {torch.get_num_threads()}; I/O {io}; {cores} CPUs", flush=True)
 
     # ---- set-up ------------------------------------------------------------
     @staticmethod
