@@ -546,6 +546,23 @@ def _model_entries(module, exclude_frozen):
     return entries, getattr(sd, "_metadata", None), sorted(frozen)
 
 
+def _state_progress(opt, phase, total_bytes):
+    """Progress (bar or log lines, as ``strata.progress`` says) for moving large optimizer
+    state; silent below 256 MiB."""
+    from .progress import EngineProgress
+
+    mode = _config.get(getattr(opt, "config", {}) or {}, "strata.progress", "auto")
+    prog = EngineProgress(mode)
+    state = {"done": 0}
+
+    def advance(nbytes):
+        state["done"] += nbytes
+        prog(phase, state["done"], total_bytes)
+
+    advance(0)
+    return advance, prog.close
+
+
 def _write_optimizer_state(opt, path, names):
     """Stream every parameter's slots into ``path``; returns (file entry, params list)."""
     b = opt._b
@@ -553,6 +570,8 @@ def _write_optimizer_state(opt, path, names):
     params = []
     offset = 0
     buf = None
+    total = sum(p.numel() * 4 * len(opt._slot_names(i)) for i, p in enumerate(b.managed))
+    advance, done = _state_progress(opt, "saving optimizer state", total)
     try:
         for i, p in enumerate(b.managed):
             n = p.numel()
@@ -577,10 +596,13 @@ def _write_optimizer_state(opt, path, names):
                 "step": b.engine.step_count(b.cohort_of[i]),
                 "slots": slots,
             })
+            advance(n * 4 * len(slots))
             kill_point("save_state")
     except BaseException:
         w.f.close()
         raise
+    finally:
+        done()
     return w.close(), params
 
 
@@ -1227,9 +1249,12 @@ def _apply_pieces(engine, plan):
     sharded = _is_sharded(opt)
     handles = {}
     buf = None
+    total = sum(4 * p.numel() * len(sp.get("slot_names") or sp["slots"]) for p, (sp, _) in zip(params, saved))
+    advance, done = _state_progress(opt, "loading optimizer state", total)
     try:
         for p, (sp, pieces) in zip(params, saved):
             i = b.index[id(p)]
+            advance(4 * p.numel() * len(sp.get("slot_names") or sp["slots"]))
             if sharded:
                 j = b.slice_of.get(i)
                 if j is None:
@@ -1251,6 +1276,7 @@ def _apply_pieces(engine, plan):
                     _read_piece(f, path, sp["name"], slot, start, numel, lo, rows[k])
             b.engine.write_param_states(j, [r.data_ptr() for r in rows])
     finally:
+        done()
         for f in handles.values():
             f.close()
     opt._mark_synced()
