@@ -565,8 +565,13 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     f"param group {gi}: loaded state has {len(saved['params'])} parameters, "
                     f"the optimizer has {len(group['params'])}"
                 )
+        self._load_saved_state(groups, state_dict["state"])
+
+    def _load_saved_state(self, groups, state):
+        """Write a torch-format state (``groups`` and ``state`` of a state_dict, already
+        checked against this optimizer's groups) into the engine, through ``_write_slot`` so a
+        sharded optimizer keeps only its slices."""
         b = self._b
-        state = state_dict["state"]
         # Model weights are the source of truth for the masters: re-sync first,
         # then overwrite with saved masters where present (non-fp32 models).
         b.engine.sync_master_from_params()
@@ -588,10 +593,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     if t.numel() != p.numel():
                         raise ValueError(f"state {name} of parameter {saved_idx} has "
                                          f"{t.numel()} elements, expected {p.numel()}")
-                    b.engine.write_param_state(i, slot, t.data_ptr())
+                    self._write_slot(i, slot, t)
                 if "master" in entry:
-                    t = entry["master"].detach().to(torch.float32).contiguous().view(-1)
-                    b.engine.write_param_state(i, 0, t.data_ptr())
+                    self._write_slot(i, 0, entry["master"].detach().to(torch.float32).contiguous().view(-1))
                 if "step" in entry:
                     step = int(float(entry["step"]))
                 elif "strata_step" in entry:

@@ -1097,45 +1097,7 @@ class ShardedMixin:
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {gi}: loaded state has {len(saved['params'])} "
                                  f"parameters, the optimizer has {len(group['params'])}")
-        b = self._b
-        state = state_dict["state"]
-        b.engine.sync_master_from_params()
-        cohort_step = {}
-        for saved, group in zip(groups, self.param_groups):
-            for k, v in saved.items():
-                if k != "params":
-                    group[k] = v
-            names = self._state_names(group)
-            for saved_idx, p in zip(saved["params"], group["params"]):
-                i = b.index.get(id(p))
-                entry = state.get(saved_idx, state.get(str(saved_idx)))
-                if i is None or entry is None:
-                    continue
-                for slot, name in enumerate(names, start=1):
-                    if name not in entry or entry[name] is None:
-                        continue
-                    t = entry[name].detach().to(torch.float32).contiguous().view(-1)
-                    if t.numel() != p.numel():
-                        raise ValueError(f"state {name} of parameter {saved_idx} has "
-                                         f"{t.numel()} elements, expected {p.numel()}")
-                    self._write_slot(i, slot, t)
-                if "master" in entry:
-                    self._write_slot(i, 0, entry["master"].detach().to(torch.float32))
-                if "step" in entry:
-                    step = int(float(entry["step"]))
-                elif "strata_step" in entry:
-                    step = int(entry["strata_step"])
-                else:
-                    step = 1 if any(entry.get(n) is not None for n in names) else 0
-                c = b.cohort_of[i]
-                cohort_step[c] = max(cohort_step.get(c, 0), step)
-        for c, step in cohort_step.items():
-            b.engine.set_step_count(c, step)
-        for c, gi in enumerate(b.cohort_group):
-            b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
-        self._mark_synced()
-        b.engine.clear_error()
-        self._poisoned = None
+        self._load_saved_state(groups, state_dict["state"])
 
     # ---- lifecycle and stats ----------------------------------------------------------
     def _release(self, b, keep_grads=True):
