@@ -317,7 +317,10 @@ std::vector<ConfigKey> build_schema() {
   add("bfloat16", K::kObject, kNull, "Old name of bf16.").alias("bf16");
   add("data_types", K::kObject, json::object(), "Data types of internal buffers.");
   add("data_types.grad_accum_dtype", K::kString, kNull,
-      "dtype of the flat gradient buffers gradients accumulate in (not given: fp32).")
+      "dtype the flat gradient buffers accumulate gradients in across micro-steps, and the "
+      "update reads (not given: each parameter's own dtype, as DeepSpeed does under ZeRO). "
+      "fp32 with bf16/fp16 parameters: each backward's gradient is added into fp32 buffers "
+      "and .grad is None afterwards.")
       .allowed({"fp32", "fp16", "bf16"});
 
   // ---- ZeRO ------------------------------------------------------------------

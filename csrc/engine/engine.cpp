@@ -60,8 +60,8 @@ struct Engine::Impl {
     if (opts.grad_source) {
       return opts.grad_source(sg);
     }
-    const GradSpan& a = arenas[size_t(arena_of_dtype[size_t(sg.dtype)])];
-    return static_cast<const char*>(a.data) + sg.grad_offset * kernels::dtype_size(sg.dtype);
+    const GradSpan& a = arenas[size_t(arena_of_dtype[size_t(sg.grad_dtype)])];
+    return static_cast<const char*>(a.data) + sg.grad_offset * kernels::dtype_size(sg.grad_dtype);
   }
   kernels::StateView view(const SubGroup& sg, float* record) const {
     kernels::StateView v;
@@ -163,7 +163,7 @@ Status Engine::Impl::update(const SubGroup& sg, float* record, float grad_mul, k
   args.grad_mul = grad_mul;
   int64_t t0 = now_ns();
   Status st = kernels::optimizer_step(opts.groups[size_t(sg.group)], args, view(sg, record),
-                                      grad_ptr(sg), sg.dtype, copy_out[sg.id], sg.dtype, pool);
+                                      grad_ptr(sg), sg.grad_dtype, copy_out[sg.id], sg.dtype, pool);
   trace.record({EventKind::kUpdate, step_id, int32_t(sg.id), "cpu", uint64_t(sg.numel), t0, now_ns()});
   return st.with_context("update of sub-group " + std::to_string(sg.id));
 }
@@ -285,7 +285,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       // later in sub-group order, so the total does not depend on arrival.
       for (size_t i = known_before; i < order.size(); ++i) {
         const SubGroup& sg = sgs[order[i]];
-        kernels::GradStats g = kernels::grad_stats(grad_ptr(sg), sg.dtype, sg.numel, pool_for(backward_running));
+        kernels::GradStats g = kernels::grad_stats(grad_ptr(sg), sg.grad_dtype, sg.numel, pool_for(backward_running));
         std::lock_guard<std::mutex> lock(run.mu);
         run.stats[sg.id] = g;
         ++run.stats_done;
@@ -458,10 +458,10 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   STRATA_ASSIGN_OR_RETURN(e.pool, memory::PinnedPool::create(po));
   report("pinning memory", po.slab_bytes, po.slab_bytes);
 
-  // Gradient arenas, one per dtype, zeroed.
+  // Gradient arenas, one per gradient dtype, zeroed.
   std::vector<size_t> arena_numel(3, 0);
   for (const auto& sg : e.plan.subgroups) {
-    arena_numel[size_t(sg.dtype)] = std::max(arena_numel[size_t(sg.dtype)], sg.grad_offset + sg.numel);
+    arena_numel[size_t(sg.grad_dtype)] = std::max(arena_numel[size_t(sg.grad_dtype)], sg.grad_offset + sg.numel);
   }
   for (size_t d = 0; d < 3; ++d) {
     if (arena_numel[d] == 0 || e.opts.grad_source) {
@@ -624,6 +624,10 @@ const Plan& Engine::plan() const { return impl_->plan; }
 const std::vector<SubGroup>& Engine::subgroups() const { return impl_->plan.subgroups; }
 const std::vector<GradSpan>& Engine::grad_arenas() const { return impl_->arenas; }
 size_t Engine::grad_offset(size_t param) const { return impl_->param_grad_offset.at(param); }
+kernels::DType Engine::grad_dtype(size_t param) const {
+  const auto& sgs = impl_->subgroups_of_param.at(param);
+  return sgs.empty() ? impl_->opts.params.at(param).dtype : impl_->plan.subgroups[sgs.front()].grad_dtype;
+}
 
 Status Engine::zero_grads() {
   STRATA_RETURN_IF_ERROR(impl_->wait_updates());
@@ -878,7 +882,7 @@ Result<kernels::GradStats> Engine::grad_stats() {
   }
   if (!have) {
     for (const auto& sg : e.plan.subgroups) {
-      per[sg.id] = kernels::grad_stats(e.grad_ptr(sg), sg.dtype, sg.numel, e.threads.get());
+      per[sg.id] = kernels::grad_stats(e.grad_ptr(sg), sg.grad_dtype, sg.numel, e.threads.get());
     }
   }
   kernels::GradStats total;  // fixed order: sub-group id

@@ -305,7 +305,7 @@ StepShape step_shape_from_plan(const Plan& plan, const Config& config, bool gpu)
     SubGroupLoad l;
     l.numel = sg.numel;
     l.record_bytes = sg.record_bytes;
-    l.grad_dtype = sg.dtype;  // the engine's gradient arena has the sub-group's dtype
+    l.grad_dtype = sg.grad_dtype;  // the dtype of the engine's gradient arena
     l.tier = sg.tier;
     shape.subgroups.push_back(l);
   }

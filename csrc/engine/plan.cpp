@@ -42,6 +42,20 @@ uint64_t Plan::bytes_on(tiers::TierKind tier) const {
   return 0;
 }
 
+kernels::DType grad_dtype_for(const Config& config, kernels::DType param) {
+  if (!config.has("data_types.grad_accum_dtype")) {
+    return param;
+  }
+  const std::string name = config.get_string("data_types.grad_accum_dtype");
+  if (name == "bf16") {
+    return kernels::DType::kBF16;
+  }
+  if (name == "fp16") {
+    return kernels::DType::kF16;
+  }
+  return kernels::DType::kF32;  // the schema admits fp32, fp16, bf16 only
+}
+
 Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   Plan plan;
   const std::string device = config.get_string("zero_optimization.offload_optimizer.device");
@@ -97,7 +111,8 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   }
   plan.sub_group_size = size_t(sgs);
 
-  // Cut sub-groups: one group and one dtype each, at most sgs elements.
+  // Cut sub-groups: one group and one dtype each, at most sgs elements; each
+  // takes the next range of the arena of its gradient dtype.
   std::vector<size_t> arena_fill(3, 0);
   SubGroup cur;
   bool open = false;
@@ -106,8 +121,9 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
       cur.id = uint32_t(plan.subgroups.size());
       cur.slot_stride = slot_stride_for(cur.numel);
       cur.record_bytes = record_bytes_for(cur.numel, in.slots[size_t(cur.group)]);
-      cur.grad_offset = arena_fill[size_t(cur.dtype)];
-      arena_fill[size_t(cur.dtype)] += cur.numel;
+      cur.grad_dtype = grad_dtype_for(config, cur.dtype);
+      cur.grad_offset = arena_fill[size_t(cur.grad_dtype)];
+      arena_fill[size_t(cur.grad_dtype)] += cur.numel;
       plan.subgroups.push_back(std::move(cur));
     }
     cur = SubGroup{};

@@ -213,6 +213,7 @@ py::list subgroups_py(engine::Engine& e) {
     d["id"] = sg.id;
     d["group"] = sg.group;
     d["dtype"] = kernels::dtype_name(sg.dtype);
+    d["grad_dtype"] = kernels::dtype_name(sg.grad_dtype);
     d["numel"] = sg.numel;
     d["record_bytes"] = sg.record_bytes;
     d["grad_offset"] = sg.grad_offset;

@@ -177,6 +177,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("tag") = "", py::arg("world_size") = 1, py::arg("progress") = py::none())
       .def("grad_arena", &PyEngine::grad_arena, py::arg("dtype"))
       .def("grad_offset", [](PyEngine& s, size_t i) { return s.e().grad_offset(i); })
+      .def("grad_dtype", [](PyEngine& s, size_t i) { return std::string(kernels::dtype_name(s.e().grad_dtype(i))); })
       .def("zero_grads",
            [](PyEngine& s) {
              Status st;

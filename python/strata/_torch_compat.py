@@ -14,6 +14,18 @@ def dtype_name(dtype):
         ) from None
 
 
+_FROM_NAME = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FROM_NAME.update({v: k for k, v in DTYPE_NAMES.items()})
+
+
+def dtype_from_name(name):
+    """torch dtype of a name the engine or the config uses (fp32/bf16/fp16, float32, ...)."""
+    try:
+        return _FROM_NAME[name]
+    except KeyError:
+        raise TypeError(f"strata: unknown dtype name {name!r}") from None
+
+
 def tensor_from_buffer(buffer, dtype):
     """A tensor viewing a writable buffer-protocol object (no copy)."""
     import warnings

@@ -162,7 +162,6 @@ class Engine(torch.nn.Module):
             comm.quiet_other_ranks()  # rank-0-only warnings, unless STRATA_LOG_ALL_RANKS=1
             self._broadcast_module()
         fp32_sources = self._cast_module()
-        self._check_grad_accum_dtype()
         self._load_hook = None
         self.optimizer = self._configure_optimizer(optimizer, model_parameters, fp32_sources)
         del fp32_sources
@@ -254,19 +253,6 @@ class Engine(torch.nn.Module):
                    if p.dtype == torch.float32 and p.requires_grad}
         self.module.to(target)
         return sources
-
-    def _check_grad_accum_dtype(self):
-        want = _config.get(self._config, "data_types.grad_accum_dtype")
-        if not want:
-            return
-        names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        dtypes = {p.dtype for p in self.module.parameters() if p.requires_grad}
-        if any(d != names[want] for d in dtypes):
-            _config.warn_once(
-                f"data_types.grad_accum_dtype: {want!r} differs from the parameters' dtype "
-                f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))}); the "
-                "engine accumulates gradients in the parameters' dtype (torch gives .grad the "
-                "dtype of its parameter), so the value has no effect yet")
 
     def _configure_optimizer(self, client, model_parameters, fp32_sources):
         cfg = self._config

@@ -16,6 +16,13 @@ the arena and keeps the views (``set_to_none`` is ignored). If something replace
 copies it into the arena and restores the view; a parameter whose ``.grad`` is None at ``step``
 is updated with a zero gradient (torch would skip it). Sparse gradients are refused.
 
+``data_types.grad_accum_dtype`` different from a parameter's dtype (say fp32 gradients for bf16
+parameters): torch gives ``.grad`` its parameter's dtype, so it cannot be a view of the arena.
+A hook that runs when each backward has accumulated the parameter's gradient adds ``.grad``
+into the arena (in the arena's dtype) and sets ``.grad`` to None, as DeepSpeed's ZeRO does;
+gradients accumulate across micro-steps in the arena's dtype, and the update reads them from
+there. A ``.grad`` set by other means is added in at the next ``step``/``grad_stats``.
+
 Parameters with ``requires_grad=False`` get no state and no gradient buffer. Parameters must be
 contiguous CPU tensors of float32, bfloat16 or float16 (GPU parameters arrive with the GPU
 work). Tied parameters (one storage reached twice) are updated once.
@@ -46,7 +53,8 @@ import torch
 from . import _C
 from . import config as _config
 from .progress import EngineProgress
-from ._torch_compat import dtype_name, has_post_accumulate_grad_hook, tensor_from_buffer
+from ._torch_compat import (dtype_from_name, dtype_name, has_post_accumulate_grad_hook,
+                            tensor_from_buffer)
 
 DEFAULT_SWAP_DIR = "strata_swap"
 
@@ -89,9 +97,11 @@ class _Built:
         self.cohort_group = []  # cohort -> torch param group index
         self.ptrs = []         # engine param index -> (data_ptr, dtype, numel) at build time
         self.versions = []     # engine param index -> param._version when masters last matched
-        self.arenas = {}
-        self.views = []
-        self.hooks = []         # gradient-ready hooks (overlap with backward)
+        self.arenas = {}        # gradient dtype -> flat arena tensor
+        self.views = []         # engine param index -> its range of the arena, shaped like it
+        self.fold = []          # engine param index -> True when .grad is added into the view
+                                # (gradient dtype != parameter dtype) instead of being it
+        self.hooks = []         # per-parameter hooks: fold, and gradient-ready (overlap)
         self.hook_refs = []     # AccumulateGrad nodes kept alive (torch < 2.1)
 
 
@@ -219,14 +229,10 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(b.managed)
         ]
         hypers = [self._hyper(self.param_groups[g]) for g in b.cohort_group]
-        # The binding re-validates the config as for one process; with several ranks
-        # train_batch_size (micro x accumulation x world) would not check out there, and the
-        # engine does not use it.
-        engine_cfg = {k: v for k, v in self.config.items() if k != "train_batch_size"}
         progress = EngineProgress(_config.get(self.config, "strata.progress", "auto"))
         try:
-            b.engine = _C.Engine(json.dumps(engine_cfg), specs, hypers, self._rank, self._tag,
-                                 progress=progress)
+            b.engine = _C.Engine(json.dumps(self._engine_config()), specs, hypers, self._rank,
+                                 self._tag, progress=progress)
         finally:
             progress.close()
         try:
@@ -239,20 +245,43 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     _config.log.info("strata: %s", note)
                 else:
                     _config.warn_once(note)
-            for dt in {p.dtype for p in b.managed}:
+            gdt = [dtype_from_name(b.engine.grad_dtype(i)) for i in range(len(b.managed))]
+            for dt in set(gdt):
                 b.arenas[dt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(dt)), dt)
             for i, p in enumerate(b.managed):
                 off = b.engine.grad_offset(i)
-                b.views.append(b.arenas[p.dtype][off: off + p.numel()].view_as(p))
+                b.views.append(b.arenas[gdt[i]][off: off + p.numel()].view_as(p))
+                b.fold.append(gdt[i] != p.dtype)
             b.ptrs = [_storage_key(p) for p in b.managed]
             b.versions = [p._version for p in b.managed]
             if prev is not None and prev.engine is not None and not prev.engine.closed:
                 self._copy_state(prev, b, resync)
+                self._carry_folded_grads(prev, b)
         except BaseException:
             b.engine.close()
             raise
         self._attach_grads(b, copy_existing=True)
+        if any(b.fold):
+            self._install_hooks(b)  # every backward adds .grad into the arena
         return b
+
+    def _engine_config(self):
+        """The config the C++ engine gets. The binding re-validates it as for one process;
+        with several ranks train_batch_size (micro x accumulation x world) would not check out
+        there, and the engine does not use it."""
+        return {k: v for k, v in self.config.items() if k != "train_batch_size"}
+
+    @staticmethod
+    def _carry_folded_grads(prev, b):
+        """Gradients accumulated in ``prev``'s arena for folded parameters (not reachable
+        through ``.grad``) move to ``b``'s; ``_attach_grads`` carries the others."""
+        for i, p in enumerate(b.managed):
+            j = prev.index.get(id(p))
+            if j is None or not prev.fold[j] or prev.managed[j].numel() != p.numel():
+                continue
+            b.views[i].copy_(prev.views[j])
+            if not b.fold[i]:
+                p.grad = b.views[i]  # now a view parameter: _attach_grads keeps it
 
     def _copy_state(self, prev, b, resync):
         """Carry state over from ``prev`` to ``b``, one parameter at a time."""
@@ -279,20 +308,34 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         return f"param{i}"
 
     def _attach_grads(self, b, copy_existing):
-        for p, view in zip(b.managed, b.views):
+        """Make the arena hold the gradients: ``.grad`` becomes the arena view (a replaced
+        ``.grad`` is copied in, a missing one zeroes the view); folded parameters add a
+        ``.grad`` that was set by other means than backward and drop it. ``copy_existing``
+        False (``zero_grad``): the arena was zeroed, nothing is carried."""
+        for i, (p, view) in enumerate(zip(b.managed, b.views)):
             g = p.grad
+            if b.fold[i]:
+                if g is not None:
+                    if copy_existing:
+                        self._check_dense(b, p, g)
+                        view.add_(g)
+                    p.grad = None
+                continue
             if g is not None and g.data_ptr() == view.data_ptr():
                 continue
             if g is None:
                 view.zero_()
             elif copy_existing:
-                if g.is_sparse:
-                    raise ValueError(
-                        f"strata: parameter {self._name_of(p, b.index[id(p)])} has a sparse "
-                        "gradient (for example nn.Embedding(sparse=True)); strata needs dense "
-                        "gradients — construct the layer with sparse=False")
+                self._check_dense(b, p, g)
                 view.copy_(g)
             p.grad = view
+
+    def _check_dense(self, b, p, g):
+        if g.is_sparse:
+            raise ValueError(
+                f"strata: parameter {self._name_of(p, b.index[id(p)])} has a sparse "
+                "gradient (for example nn.Embedding(sparse=True)); strata needs dense "
+                "gradients — construct the layer with sparse=False")
 
     def _refresh(self):
         """Notice changes made to the parameters since the last step (see the module doc)."""
@@ -362,26 +405,38 @@ class _OffloadOptimizer(torch.optim.Optimizer):
 
     # ---- overlap with backward -----------------------------------------
     def _install_hooks(self, b):
-        """One hook per managed parameter that reports its gradient final to the engine."""
+        """One hook per managed parameter, run when a backward has accumulated its gradient:
+        a folded parameter's ``.grad`` is added into the arena and dropped; then, during an
+        overlapped backward, the engine hears that the gradient is final."""
         if b.hooks:
             return
         engine = b.engine
+        opt = weakref.ref(self)
 
-        def ready(i):
+        def ready(i, pref, view, fold):
             def hook(*_):
-                if self._overlap_active:
+                if fold:
+                    p = pref()
+                    g = None if p is None else p.grad
+                    if g is not None:
+                        with torch.no_grad():
+                            view.add_(g)
+                        p.grad = None
+                o = opt()
+                if o is not None and o._overlap_active:
                     engine.mark_param_ready(i)
             return hook
 
         for i, p in enumerate(b.managed):
+            h = ready(i, weakref.ref(p), b.views[i], b.fold[i])
             if has_post_accumulate_grad_hook():
-                b.hooks.append(p.register_post_accumulate_grad_hook(ready(i)))
+                b.hooks.append(p.register_post_accumulate_grad_hook(h))
             else:
                 # torch < 2.1: the parameter's AccumulateGrad node runs once per backward,
                 # after every gradient contribution to it was summed (as DDP uses it).
                 acc = p.expand_as(p).grad_fn.next_functions[0][0]
                 b.hook_refs.append(acc)
-                b.hooks.append(acc.register_hook(ready(i)))
+                b.hooks.append(acc.register_hook(h))
 
     def backward(self, loss, *, exact=False, retain_graph=False):
         """``loss.backward()`` with this step's updates overlapped with it.
@@ -655,8 +710,12 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         if b is None or b.engine is None or b.engine.closed:
             return
         if keep_grads:
-            for p, view in zip(b.managed, b.views):
-                if p.grad is not None and p.grad.data_ptr() == view.data_ptr():
+            for i, (p, view) in enumerate(zip(b.managed, b.views)):
+                if b.fold[i]:
+                    if p.grad is None and bool(view.any()):
+                        # Only the arena held it: hand it back in the parameter's dtype.
+                        p.grad = view.to(p.dtype)
+                elif p.grad is not None and p.grad.data_ptr() == view.data_ptr():
                     # The arena is about to be freed: keep the values, drop the view.
                     p.grad = p.grad.clone()
         for h in b.hooks:

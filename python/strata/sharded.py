@@ -33,6 +33,11 @@ parameters (name, numel, address inside the parameter), so its pinned pool, swap
 gradient arena hold only that shard, and its update writes the new values straight into the
 model's memory; the other slices arrive with the all-gather.
 
+``data_types.grad_accum_dtype`` different from the parameters' dtype: at stage 2 the shard's
+arena has that dtype, so each backward's reduced buckets are added into it in that dtype; at
+stages 0 and 1 the gradients accumulate in torch's ``.grad`` (the parameters' dtype), the engine
+gets the config without the key, and one warning says so.
+
 Global quantities: ``grad_stats()`` is the sum of squares and the inf/NaN flag over every shard
 (all-reduced), so clipping and fp16 overflow act on the global gradient. ``step()`` divides the
 summed gradients by the world size (an average, like DDP) unless the engine passes its own
@@ -54,7 +59,8 @@ import torch
 from . import _C
 from . import comm
 from . import config as _config
-from ._torch_compat import dtype_name, has_post_accumulate_grad_hook, tensor_from_buffer
+from ._torch_compat import (dtype_from_name, dtype_name, has_post_accumulate_grad_hook,
+                            tensor_from_buffer)
 from .progress import EngineProgress
 from .optim import (OffloadAdagrad, OffloadAdam, OffloadAdamW, OffloadSGD, _Built,
                     _OffloadOptimizer, _storage_key)
@@ -525,6 +531,21 @@ class ShardedMixin:
     def zero_stage(self):
         return self._dp.stage
 
+    def _engine_config(self):
+        cfg = super()._engine_config()
+        want = _config.get(cfg, "data_types.grad_accum_dtype")
+        if want and self._dp.world > 1 and self._dp.stage < 2:
+            names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+            if any(p.dtype != names[want] for p, _ in self._trainable()):
+                _config.warn_once(
+                    f"data_types.grad_accum_dtype {want!r} with several ranks is honoured at "
+                    f"ZeRO stage 2 only; at stage {self._dp.stage} gradients accumulate in "
+                    "the parameters' dtype (torch's .grad) and are converted when reduced")
+            cfg = dict(cfg)
+            cfg["data_types"] = {k: v for k, v in (cfg.get("data_types") or {}).items()
+                                 if k != "grad_accum_dtype"}
+        return cfg
+
     def _build(self, prev, resync=()):
         self._dp_setup()
         if self._dp.world > 1 and not self._dp_synced_init and prev is None:
@@ -599,10 +620,9 @@ class ShardedMixin:
             specs.append((name, n, dtype_name(p.dtype), b.cohort_of[i],
                           p.data_ptr() + po * p.element_size()))
         hypers = [self._hyper(self.param_groups[g]) for g in b.cohort_group]
-        engine_cfg = {k: v for k, v in self.config.items() if k != "train_batch_size"}
         progress = EngineProgress(_config.get(self.config, "strata.progress", "auto"))
         try:
-            b.engine = _C.Engine(json.dumps(engine_cfg), specs, hypers, self._rank, self._tag,
+            b.engine = _C.Engine(json.dumps(self._engine_config()), specs, hypers, self._rank, self._tag,
                                  dp.world, progress=progress)
         finally:
             progress.close()
@@ -614,8 +634,17 @@ class ShardedMixin:
                     _config.log.info("strata: %s", note)
                 else:
                     _config.warn_once(note)
-            for dt in sorted({b.managed[s[0]].dtype for s in b.slices}, key=str):
-                b.arenas[dt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(dt)), dt)
+            # Keyed by parameter dtype; the tensor has the gradient dtype (stage 2 with
+            # data_types.grad_accum_dtype: reduced buckets are added into it in that dtype).
+            by_grad = {}
+            for j, sl in enumerate(b.slices):
+                dt = b.managed[sl[0]].dtype
+                if dt not in b.arenas:
+                    gdt = dtype_from_name(b.engine.grad_dtype(j))
+                    if gdt not in by_grad:
+                        by_grad[gdt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(gdt)),
+                                                          gdt)
+                    b.arenas[dt] = by_grad[gdt]
             b.arena_off = [b.engine.grad_offset(j) for j in range(len(b.slices))]
             b.ptrs = [_storage_key(p) for p in b.managed]
             b.versions = [p._version for p in b.managed]
@@ -946,7 +975,7 @@ class ShardedMixin:
         b = self._b
         if b.flats:
             return list(b.flats.values())
-        return list(b.arenas.values())
+        return list({a.data_ptr(): a for a in b.arenas.values()}.values())
 
     # ---- state ------------------------------------------------------------------------
     def _sync_master(self, b, i, p):
@@ -1148,7 +1177,8 @@ class ShardedMixin:
             "rank": dp.rank,
             "total_numel": total,
             "shard_numel": total if b.full else sum(sl[3] for sl in b.slices),
-            "grad_arena_bytes": sum(a.numel() * a.element_size() for a in b.arenas.values()),
+            "grad_arena_bytes": sum(a.numel() * a.element_size()
+                                    for a in {t.data_ptr(): t for t in b.arenas.values()}.values()),
             "grad_flat_bytes": sum(f.numel() * f.element_size() for f in b.flats.values()),
             "grad_bucket_peak_bytes": b.reducer.bucket_bytes_peak if b.reducer else 0,
             "reduce_buckets": len(b.reducer.buckets) if b.reducer else 0,

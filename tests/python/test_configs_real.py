@@ -40,8 +40,7 @@ CASES = {
     "adagrad_monitors.json": ("none", 0, (64, 32, 2), "OffloadAdagrad", None, torch.float32,
                               ["some_future_deepspeed_key: unknown key", "activation_checkpointing",
                                "tensorboard"], "dram"),
-    "bf16.json": ("cpu", 1, (32, 8, 4), "OffloadAdam", None, torch.bfloat16,
-                  ["data_types.grad_accum_dtype"], "dram"),
+    "bf16.json": ("cpu", 1, (32, 8, 4), "OffloadAdam", None, torch.bfloat16, [], "dram"),
     "ds_docs_bert_warmuplr.json": ("none", 0, (4096, 64, 64), "OffloadAdamW", "WarmupLR",
                                    torch.float16, [], "dram"),
     "ds_docs_getting_started.json": ("none", 1, (8, 8, 1), "OffloadAdamW", None, torch.float16,
@@ -128,6 +127,9 @@ def test_real_config(name, tmp_path, caplog):
             return
         tiers = {sg["tier"] for sg in opt._b.engine.subgroups()}
         assert tiers == {tier}
+        accum = (c.get("data_types") or {}).get("grad_accum_dtype")
+        if accum:
+            assert {sg["grad_dtype"] for sg in opt._b.engine.subgroups()} == {accum}
         if tier == "nvme":
             assert os.path.dirname(engine.stats()["swap_file_path"]) == str(tmp_path)
         w0 = model.w.detach().float().clone()

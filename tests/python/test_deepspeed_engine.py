@@ -705,13 +705,133 @@ def test_comm_and_zero_helpers_single_process():
         engine.close()
 
 
-def test_grad_accum_dtype_mismatch_is_said(caplog):
-    strata.config._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="strata"):
-        engine, *_ = deepspeed.initialize(model=Net(), config=base_config(
-            bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"}))
+def _micro_grads_fp32_sum(model, data, gas):
+    """Each micro-step's gradient (in the parameters' dtype) summed in fp32, in order."""
+    sums = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in model.named_parameters()}
+    for x, y in data:
+        model.zero_grad(set_to_none=True)
+        (model(x, y) / gas).backward()
+        for n, p in model.named_parameters():
+            sums[n].add_(p.grad)
+    model.zero_grad(set_to_none=True)
+    return sums
+
+
+@pytest.mark.parametrize("accum", ["fp32", None, "bf16"])
+def test_grad_accum_dtype_sets_where_gradients_accumulate(accum, tmp_path):
+    """bf16 parameters, 4 micro-steps. grad_accum_dtype fp32: every backward's bf16 gradient
+    is added into fp32 arenas (.grad is None afterwards), so the accumulated gradient is the
+    exact fp32 sum of the micro-step gradients; not given or bf16: torch accumulates in .grad
+    (a view of a bf16 arena), which rounds at every micro-step."""
+    gas = 4
+    torch.manual_seed(3)
+    model = Net()
+    ref_model = copy.deepcopy(model).to(torch.bfloat16)
+    data = batches(gas - 1, seed=5)
+    cfg = base_config("nvme", tmp_path, gradient_accumulation_steps=gas, bf16={"enabled": True})
+    if accum:
+        cfg["data_types"] = {"grad_accum_dtype": accum}
+    engine, opt, *_ = deepspeed.initialize(model=model, config=cfg)
+    try:
+        want = torch.float32 if accum == "fp32" else torch.bfloat16
+        assert {sg["grad_dtype"] for sg in opt._b.engine.subgroups()} == \
+            {"fp32" if accum == "fp32" else "bf16"}
+        assert [a.dtype for a in opt.grad_arenas()] == [want]
+        for x, y in data:  # not a boundary yet: gradients accumulate
+            engine.backward(engine(x, y))
+            engine.step()
+        exact = _micro_grads_fp32_sum(ref_model, data, gas)
+        names = dict(model.named_parameters())
+        worst = 0.0
+        for n, p in names.items():
+            got = opt._b.views[opt._b.index[id(p)]]
+            assert got.dtype == want
+            if accum == "fp32":
+                assert p.grad is None
+                assert torch.equal(got, exact[n]), n  # same additions, same order: bit-exact
+            else:
+                assert p.grad is not None and p.grad.data_ptr() == got.data_ptr()
+                worst = max(worst, float((got.float() - exact[n]).abs().max()))
+        if accum != "fp32":
+            assert worst > 0  # bf16 accumulation rounds: the fp32 mode is not a no-op
+        engine.zero_grad()
+        assert all(float(a.abs().sum()) == 0 for a in opt.grad_arenas())
+    finally:
         engine.close()
-    assert any("grad_accum_dtype" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_fp32_grad_accumulation_trains_like_torch_adamw_on_fp32_masters(clip, tmp_path):
+    """bf16 model, fp32 gradient accumulation (gas 2; the boundary's backward overlapped with
+    the update: exact mode with clipping 1.0, eager without):
+    the masters follow torch.optim.AdamW run on fp32 copies of the weights with, as gradient,
+    the fp32 sum of the bf16 micro-step gradients; the model holds the masters rounded to
+    bf16."""
+    gas, steps = 2, 5
+    torch.manual_seed(4)
+    model = Net()
+    ref_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    masters = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = base_config("nvme", tmp_path, bf16={"enabled": True},
+                      data_types={"grad_accum_dtype": "fp32"}, gradient_clipping=clip)
+    del cfg["scheduler"]
+    engine, opt, *_ = deepspeed.initialize(model=model, config=cfg)
+    ref_params = [torch.nn.Parameter(masters[n]) for n, _ in model.named_parameters()]
+    ref_opt = torch.optim.AdamW(ref_params, lr=2e-2, betas=(0.9, 0.99), eps=1e-8,
+                                weight_decay=0.01)
+    data = batches(gas * steps, seed=6)
+    try:
+        for s in range(steps):
+            micro = data[s * gas:(s + 1) * gas]
+            exact = _micro_grads_fp32_sum(ref_bf16, micro, gas)
+            for x, y in micro:
+                engine.backward(engine(x, y))
+                engine.step()
+            for rp, (n, _) in zip(ref_params, model.named_parameters()):
+                rp.grad = exact[n].clone()
+            if clip:
+                norm = torch.nn.utils.clip_grad_norm_(ref_params, clip)
+                assert engine.get_global_grad_norm() == pytest.approx(float(norm), rel=1e-5)
+            ref_opt.step()
+            with torch.no_grad():  # the reference bf16 model gets the rounded masters
+                for rp, p in zip(ref_params, ref_bf16.parameters()):
+                    p.copy_(rp)
+        for i, (n, p) in enumerate(model.named_parameters()):
+            m = torch.empty(p.numel())
+            opt._read_slot(opt._b.index[id(p)], 0, m)
+            torch.testing.assert_close(m.view_as(p), ref_params[i].detach(), rtol=1e-5,
+                                       atol=1e-6)
+            assert torch.equal(p.detach(), m.view_as(p).to(torch.bfloat16)), n
+    finally:
+        engine.close()
+
+
+def test_fp32_grad_accumulation_with_the_plain_optimizer(tmp_path):
+    """OffloadAdamW on bf16 parameters with grad_accum_dtype fp32, driven by a plain loop:
+    backward leaves .grad None and the gradient in the fp32 arena; a .grad set by hand is
+    added in at step; zero_grad clears the arena."""
+    torch.manual_seed(5)
+    lin = nn.Linear(16, 8).to(torch.bfloat16)
+    opt = strata.optim.OffloadAdamW(lin.parameters(), lr=1e-2, config={
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}})
+    try:
+        x = torch.randn(4, 16, dtype=torch.bfloat16)
+        lin(x).float().pow(2).mean().backward()
+        assert lin.weight.grad is None and lin.bias.grad is None
+        view = opt._b.views[opt._b.index[id(lin.bias)]]
+        assert view.dtype == torch.float32 and float(view.abs().sum()) > 0
+        before = view.clone()
+        lin.bias.grad = torch.full_like(lin.bias, 0.5)
+        stats = opt.grad_stats()  # gathers the hand-set gradient
+        assert lin.bias.grad is None
+        torch.testing.assert_close(view, before + 0.5, rtol=0, atol=0)
+        assert stats[0] > 0
+        opt.step()
+        opt.zero_grad()
+        assert float(view.abs().sum()) == 0 and lin.bias.grad is None
+    finally:
+        opt.close()
 
 
 class Mixed(nn.Module):

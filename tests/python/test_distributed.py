@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(HERE, "workers"))
 import dist_sharded as worker  # noqa: E402
 
 ADAMW = {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}
+SGD = {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}
 SUB_GROUP = 1000
 GRAD_SLACK = 4 * SUB_GROUP + 4096  # one sub-group's gradient and its 4 KiB alignment
 
@@ -307,14 +308,29 @@ def test_half_precision_overflow_on_one_rank_and_unfreezing(tmp_path, swap_dir):
          "config": dict(config(2, swap_dir), bf16={"enabled": True})},
         {"name": "bf16_stage1", "model": "cast", "steps": 4,
          "config": dict(config(1, swap_dir), bf16={"enabled": True})},
+        # SGD: Adam's update of a near-zero gradient amplifies the ranks' different rounding.
+        {"name": "bf16_stage2_accum32", "model": "cast", "steps": 3, "gas": 2,
+         "config": dict(config(2, swap_dir), bf16={"enabled": True}, optimizer=SGD,
+                        data_types={"grad_accum_dtype": "fp32"})},
+        {"name": "bf16_stage1_accum32", "model": "cast", "steps": 2, "gas": 2,
+         "config": dict(config(1, swap_dir), bf16={"enabled": True}, optimizer=SGD,
+                        data_types={"grad_accum_dtype": "fp32"})},
         {"name": "fp16_overflow", "model": "cast", "steps": 4, "overflow_at": [1, 1],
          "config": dict(config(2, swap_dir, reduce_bucket_size=500), fp16=fp16)},
         {"name": "unfreeze", "steps": 5, "gas": 2, "unfreeze_at": 2,
          "config": config(2, swap_dir, reduce_bucket_size=1000)},
     ]
-    results, _ = launch(tmp_path, scenarios)
+    results, logs = launch(tmp_path, scenarios)
+    # grad_accum_dtype fp32: stage 2 keeps the shard's gradients in fp32 arenas (reduced bf16
+    # buckets are added in fp32); stage 1 says once (rank 0) that it accumulates in bf16.
+    said = "data_types.grad_accum_dtype 'fp32' with several ranks is honoured at ZeRO stage 2"
+    assert logs[0].count(said) == 1 and said not in logs[1]
     for i, sc in enumerate(scenarios):
         per_rank = [r[i] for r in results]
+        if sc["name"].endswith("accum32"):
+            size = 4 if "stage2" in sc["name"] else 2
+            for r in per_rank:
+                assert r["stats"]["grad_arena_bytes"] == size * r["stats"]["shard_numel"]
         if sc["name"] == "unfreeze":
             assert_ranks_agree_and_match(per_rank, sc)
             everything = sum(p.numel() for p in worker.make_model().parameters())
@@ -328,7 +344,7 @@ def test_half_precision_overflow_on_one_rank_and_unfreezing(tmp_path, swap_dir):
             assert torch.equal(per_rank[0]["model"][k], per_rank[1]["model"][k]), k
             # half precision: the sums of ranks and of the batch round differently
             torch.testing.assert_close(per_rank[0]["model"][k].float(), v.float(), rtol=2e-2,
-                                       atol=2e-3)
+                                       atol=2e-3, msg=lambda m: f"{sc['name']} {k}: {m}")
         if sc["name"] == "fp16_overflow":
             for r in per_rank:
                 assert r["skipped_steps"] == 1 and r["loss_scale"] == 2 ** 7

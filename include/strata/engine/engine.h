@@ -5,8 +5,9 @@
 // group and one dtype each, at most sub_group_size elements; a larger tensor
 // is split across consecutive sub-groups). Each sub-group owns one record of
 // fp32 state slots on a tier (see tiers/tier.h) and a range of the flat
-// gradient arena of its dtype. A step streams sub-groups through a pipeline
-// buffer_count deep: fetch (NVMe/CXL → DRAM working buffer) → update (CPU
+// gradient arena of its gradient dtype (the parameters' dtype, or
+// data_types.grad_accum_dtype when the config gives it). A step streams
+// sub-groups through a pipeline buffer_count deep: fetch (NVMe/CXL → DRAM working buffer) → update (CPU
 // kernel, new parameters copied into the model in the same pass) → store.
 //
 // Ownership: the engine owns its pool, I/O engine, swap files, tiers, the
@@ -47,7 +48,7 @@ struct EngineOptions {
   int rank = 0;
   std::string tag;  // part of swap-file names; unique per engine in a process if given
   // Benches and tests: when set, the engine allocates no gradient arenas and
-  // asks this for each sub-group's gradient (numel elements of its dtype)
+  // asks this for each sub-group's gradient (numel elements of its grad_dtype)
   // right before updating it. The pointer must stay valid until the update.
   std::function<const void*(const SubGroup&)> grad_source;
   // Long work at creation reports here (phase, done, total; bytes): pinning
@@ -93,10 +94,13 @@ class Engine {
   const Plan& plan() const;
   const std::vector<SubGroup>& subgroups() const;
 
-  // Flat gradient arenas (one per dtype present). Parameter p's gradient is
-  // arena(dtype).data + grad_offset(p) elements, contiguous, numel elements.
+  // Flat gradient arenas (one per gradient dtype present). Parameter p's
+  // gradient is arena(grad_dtype(p)).data + grad_offset(p) elements,
+  // contiguous, numel elements. grad_dtype(p) is data_types.grad_accum_dtype
+  // when the config gives it, else p's own dtype.
   const std::vector<GradSpan>& grad_arenas() const;
   size_t grad_offset(size_t param) const;
+  kernels::DType grad_dtype(size_t param) const;
   Status zero_grads();
 
   // Hyper-parameters may change between steps (LR schedulers).

@@ -33,11 +33,12 @@ struct Segment {
 struct SubGroup {
   uint32_t id = 0;
   int group = 0;
-  kernels::DType dtype = kernels::DType::kF32;
+  kernels::DType dtype = kernels::DType::kF32;       // the model parameters'
+  kernels::DType grad_dtype = kernels::DType::kF32;  // the gradient arena's (see grad_dtype_for)
   size_t numel = 0;
   size_t slot_stride = 0;    // floats per slot (numel rounded up to 1024)
   size_t record_bytes = 0;
-  size_t grad_offset = 0;    // elements into the gradient arena of dtype
+  size_t grad_offset = 0;    // elements into the gradient arena of grad_dtype
   tiers::TierKind tier = tiers::TierKind::kHost;
   std::vector<Segment> segments;
 };
@@ -80,6 +81,11 @@ struct Plan {
 };
 
 Result<Plan> build_plan(const Config& config, const PlanInputs& inputs);
+
+// The dtype gradients of a parameter of dtype `param` accumulate in:
+// data_types.grad_accum_dtype when the config gives it, else `param` itself
+// (DeepSpeed's default under ZeRO). Sub-groups of one parameter dtype share it.
+kernels::DType grad_dtype_for(const Config& config, kernels::DType param);
 
 // Record layout helpers.
 size_t slot_stride_for(size_t numel);

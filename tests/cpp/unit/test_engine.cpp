@@ -12,6 +12,7 @@
 #include <thread>
 
 #include <strata/engine/engine.h>
+#include <strata/kernels/cast.h>
 
 namespace fs = std::filesystem;
 using namespace strata;
@@ -361,5 +362,95 @@ TEST(EngineOverlap, CancelledStepChangesNothing) {
   ASSERT_TRUE(r.value()->close().ok());
   for (size_t i = 0; i < m.params.size(); ++i) {
     ASSERT_EQ(0, std::memcmp(m.params[i].data(), with_cancel[i].data(), m.params[i].size() * 4)) << i;
+  }
+}
+
+// data_types.grad_accum_dtype: bf16 parameters with fp32 gradient arenas. The
+// arena holds fp32 values the bf16 parameters could not (a bf16 arena would
+// round them), and the update reads them as fp32: the masters equal the scalar
+// kernel fed the same fp32 gradient, and differ from feeding it the gradient
+// rounded to bf16 (SGD, so that the gradient's low bits reach the master).
+TEST(Engine, GradAccumDtypeSetsTheArenaDtype) {
+  const size_t n = 5000;
+  std::vector<uint16_t> param(n);
+  std::vector<float> master(n), g(n);
+  for (size_t k = 0; k < n; ++k) {
+    param[k] = kernels::float_to_bf16_bits(std::cos(float(k) * 0.01f));
+    master[k] = kernels::bf16_bits_to_float(param[k]);
+    // 1 + 2^-10 needs 11 mantissa bits: not a bf16 value.
+    g[k] = (1.0f + 1.0f / 1024.0f) * std::sin(float(k) * 0.3f + 0.1f);
+  }
+  kernels::OptimizerHyper h;
+  h.kind = kernels::OptimizerKind::kSgd;
+  h.lr = 0.1;
+  h.momentum = 0.9;
+  struct Ref {
+    std::vector<float> master;
+    std::vector<uint16_t> param;
+  };
+  auto reference = [&](const std::vector<float>& grad) {
+    Ref r{master, std::vector<uint16_t>(n)};
+    std::vector<float> mom(n, 0.f);
+    kernels::StateView v;
+    v.slot[0] = r.master.data();
+    v.slot[1] = mom.data();
+    v.n = n;
+    kernels::StepArgs a;
+    kernels::CopyOut co{0, n, r.param.data()};
+    EXPECT_TRUE(kernels::optimizer_step(h, a, v, grad.data(), kernels::DType::kF32, {&co, 1},
+                                        kernels::DType::kBF16, nullptr, kernels::Isa::kScalar)
+                    .ok());
+    return r;
+  };
+  std::vector<float> g_rounded(n);
+  for (size_t k = 0; k < n; ++k) {
+    g_rounded[k] = kernels::bf16_bits_to_float(kernels::float_to_bf16_bits(g[k]));
+  }
+  const Ref exact = reference(g), rounded = reference(g_rounded);
+  ASSERT_NE(0, std::memcmp(exact.master.data(), rounded.master.data(), n * 4)) << "the test cannot tell";
+
+  for (bool fp32 : {true, false}) {
+    TempDir dir;
+    nlohmann::json j = {{"zero_optimization",
+                         {{"sub_group_size", 2048},
+                          {"offload_optimizer", {{"device", "nvme"}, {"nvme_path", dir.path.string()}}}}},
+                        {"strata", {{"threads", 2}}}};
+    if (fp32) {
+      j["data_types"] = {{"grad_accum_dtype", "fp32"}};
+    }
+    auto c = Config::parse(j);
+    ASSERT_TRUE(c.ok()) << c.status().to_string();
+    std::vector<uint16_t> model = param;
+    EngineOptions o;
+    o.config = c.value();
+    o.params = {ParamInfo{"w", int64_t(n), kernels::DType::kBF16, 0, model.data()}};
+    o.groups = {h};
+    auto r = Engine::create(std::move(o));
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    auto& e = *r.value();
+    const kernels::DType want = fp32 ? kernels::DType::kF32 : kernels::DType::kBF16;
+    ASSERT_EQ(e.grad_arenas().size(), 1u);
+    EXPECT_EQ(e.grad_arenas()[0].dtype, want);
+    EXPECT_EQ(e.grad_dtype(0), want);
+    EXPECT_EQ(e.plan().grad_bytes, (n * kernels::dtype_size(want) + 4095) / 4096 * 4096);
+    for (const auto& sg : e.subgroups()) {
+      EXPECT_EQ(sg.dtype, kernels::DType::kBF16);
+      EXPECT_EQ(sg.grad_dtype, want);
+    }
+    void* arena = e.grad_arenas()[0].data;
+    for (size_t k = 0; k < n; ++k) {
+      if (fp32) {
+        static_cast<float*>(arena)[e.grad_offset(0) + k] = g[k];
+      } else {
+        static_cast<uint16_t*>(arena)[e.grad_offset(0) + k] = kernels::float_to_bf16_bits(g[k]);
+      }
+    }
+    ASSERT_TRUE(e.step(1.0f).ok());
+    std::vector<float> got(n);
+    ASSERT_TRUE(e.read_param_state(0, 0, got.data()).ok());
+    ASSERT_TRUE(e.close().ok());
+    const Ref& expect = fp32 ? exact : rounded;
+    EXPECT_EQ(0, std::memcmp(got.data(), expect.master.data(), n * 4)) << (fp32 ? "fp32" : "unset");
+    EXPECT_EQ(0, std::memcmp(model.data(), expect.param.data(), n * 2)) << (fp32 ? "fp32" : "unset");
   }
 }
