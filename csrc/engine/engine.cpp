@@ -183,8 +183,9 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
     BufState state = BufState::kFree;
     uint32_t sg = 0;
     TierTicket ticket = 0;
-    int64_t start = 0;
-    uint64_t seq = 0;  // store order
+    int64_t start = 0;      // submit
+    int64_t submitted = 0;  // submit returned (the end when the tier finished inside submit)
+    uint64_t seq = 0;       // store order
   };
   std::vector<Buf> bufs(nb);
   std::vector<int> buf_of(sgs.size(), -1);
@@ -202,9 +203,15 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
     const SubGroup& sg = sgs[buf.sg];
     const bool fetching = buf.state == BufState::kFetching;
     buf.state = BufState::kFree;
-    Status st = tier_of(sg)->wait(buf.ticket);
+    // The interval ends when the transfer completed, not when the pipeline
+    // came to wait for it (a store is waited only when its buffer is reused).
+    int64_t done = 0;
+    Status st = tier_of(sg)->wait(buf.ticket, &done);
+    if (done == 0) {
+      done = buf.ticket == 0 ? buf.submitted : now_ns();
+    }
     trace.record({fetching ? EventKind::kFetch : EventKind::kStore, step_id, int32_t(sg.id),
-                  tiers::tier_name(sg.tier), sg.record_bytes, buf.start, now_ns()});
+                  tiers::tier_name(sg.tier), sg.record_bytes, buf.start, std::max(done, buf.start)});
     return st.with_context(std::string(fetching ? "fetch" : "store") + " of sub-group " + std::to_string(sg.id));
   };
   // Issues fetches for known sub-groups while buffers allow. A buffer being
@@ -237,6 +244,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       buf.sg = id;
       buf.start = now_ns();
       STRATA_ASSIGN_OR_RETURN(buf.ticket, tier_of(sgs[id])->submit_fetch(handles[id], work[size_t(chosen)].data()));
+      buf.submitted = now_ns();
       buf.state = BufState::kFetching;
       buf_of[id] = chosen;
       force = false;
@@ -335,6 +343,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
         break;
       }
       buf.ticket = t.value();
+      buf.submitted = now_ns();
       buf.state = BufState::kStoring;
       kill_point("engine_store");
       buf.seq = store_seq++;

@@ -136,6 +136,7 @@ Result<Ticket> BatchEngine::submit(std::span<const IoRequest> requests) {
   {
     std::lock_guard<std::mutex> lk(mu_);
     raw->done = pieces == 0;
+    raw->done_ns = raw->done ? monotonic_ns() : 0;
     batches_.emplace(ticket, std::move(batch));
   }
   if (pieces > 0) {
@@ -144,7 +145,9 @@ Result<Ticket> BatchEngine::submit(std::span<const IoRequest> requests) {
   return ticket;
 }
 
-Status BatchEngine::wait(Ticket ticket) {
+Status BatchEngine::wait(Ticket ticket) { return wait_timed(ticket, nullptr); }
+
+Status BatchEngine::wait_timed(Ticket ticket, int64_t* done_ns) {
   std::unique_lock<std::mutex> lk(mu_);
   auto it = batches_.find(ticket);
   if (it == batches_.end()) {
@@ -154,6 +157,9 @@ Status BatchEngine::wait(Ticket ticket) {
   Batch* b = it->second.get();
   b->cv.wait(lk, [b] { return b->done; });
   Status st = std::move(b->error);
+  if (done_ns != nullptr) {
+    *done_ns = int64_t(b->done_ns);
+  }
   batches_.erase(it);
   return st;
 }
@@ -238,6 +244,7 @@ void BatchEngine::skip(BlockReq* req) {
     // as it can take mu_ after seeing done.
     std::lock_guard<std::mutex> lk(mu_);
     b->done = true;
+    b->done_ns = monotonic_ns();
     b->cv.notify_all();
     if (drainers_ > 0) {
       drain_cv_.notify_all();

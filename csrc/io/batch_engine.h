@@ -63,6 +63,7 @@ struct Batch {
   // Guarded by BatchEngine::mu_.
   Status error;
   bool done = false;
+  uint64_t done_ns = 0;  // monotonic_ns() when done was set
   std::condition_variable cv;
 };
 
@@ -81,6 +82,7 @@ class BatchEngine : public IoEngine {
   Status unregister_file(int file) override;
   Result<Ticket> submit(std::span<const IoRequest> batch) override;
   Status wait(Ticket ticket) override;
+  Status wait_timed(Ticket ticket, int64_t* done_ns) override;
   Result<bool> poll(Ticket ticket) override;
   void drain() override;
   IoStats stats() const override;

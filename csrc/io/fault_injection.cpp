@@ -1,5 +1,7 @@
 #include <strata/io/fault_injection.h>
 
+#include <chrono>
+
 #include <fcntl.h>
 
 #include <algorithm>
@@ -240,7 +242,9 @@ Result<Ticket> FaultInjectionEngine::submit(std::span<const IoRequest> batch) {
   return t;
 }
 
-Status FaultInjectionEngine::wait(Ticket ticket) {
+Status FaultInjectionEngine::wait(Ticket ticket) { return wait_timed(ticket, nullptr); }
+
+Status FaultInjectionEngine::wait_timed(Ticket ticket, int64_t* done_ns) {
   Pending p;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -252,7 +256,14 @@ Status FaultInjectionEngine::wait(Ticket ticket) {
     p = std::move(it->second);
     pending_.erase(it);
   }
-  Status inner = p.inner != 0 ? inner_->wait(p.inner) : Status::Ok();
+  Status inner = Status::Ok();
+  if (p.inner != 0) {
+    inner = inner_->wait_timed(p.inner, done_ns);
+  } else if (done_ns != nullptr) {  // nothing reached the inner engine: done at once
+    *done_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                   std::chrono::steady_clock::now().time_since_epoch())
+                   .count();
+  }
   return p.injected.ok() ? inner : p.injected;
 }
 

@@ -3,11 +3,22 @@
 #include <strata/io/probe.h>
 
 #include <algorithm>
+#include <chrono>
 
 #include "io/threadpool_engine.h"
 #include "io/uring_engine.h"
 
 namespace strata::io {
+
+Status IoEngine::wait_timed(Ticket ticket, int64_t* done_ns) {
+  Status st = wait(ticket);
+  if (done_ns != nullptr) {
+    *done_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                   std::chrono::steady_clock::now().time_since_epoch())
+                   .count();
+  }
+  return st;
+}
 
 Status IoEngine::read(int file, void* buf, size_t len, uint64_t offset) {
   IoRequest r{IoOp::kRead, file, buf, len, offset};

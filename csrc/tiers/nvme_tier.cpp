@@ -37,7 +37,7 @@ class NvmeTier final : public Tier {
     pending_[t] = Pending{h, const_cast<void*>(src), false};
     return TierTicket{t};
   }
-  Status wait(TierTicket ticket) override {
+  Status wait(TierTicket ticket, int64_t* done_ns = nullptr) override {
     if (ticket == 0) {
       return Status::Ok();
     }
@@ -47,7 +47,7 @@ class NvmeTier final : public Tier {
     }
     Pending p = it->second;
     pending_.erase(it);
-    STRATA_RETURN_IF_ERROR(file_->engine()->wait(ticket));
+    STRATA_RETURN_IF_ERROR(file_->engine()->wait_timed(ticket, done_ns));
     if (p.read) {
       STRATA_RETURN_IF_ERROR(file_->verify(extents_[p.handle], p.buf));
       stats_.bytes_fetched += extents_[p.handle].length;

@@ -1,7 +1,9 @@
 // strata/engine/trace.h — what each stage of a step did, and when.
 //
 // Every fetch, update and store records (sub-group, tier, kind, bytes, start,
-// end). The trace keeps the events of the last `keep_steps` steps, computes a
+// end). A fetch or store runs from its submit to the completion of its I/O
+// as the I/O engine saw it (IoEngine::wait_timed), not to the moment the
+// pipeline waited for it; checksum verification is not part of it. The trace keeps the events of the last `keep_steps` steps, computes a
 // step breakdown (I/O busy, compute busy, overlap, stall) and writes a
 // Chrome/Perfetto trace JSON (chrome://tracing, ui.perfetto.dev).
 //

@@ -76,6 +76,7 @@ class FaultInjectionEngine final : public IoEngine {
   Status unregister_buffer(void* base) override;
   Result<Ticket> submit(std::span<const IoRequest> batch) override;
   Status wait(Ticket ticket) override;
+  Status wait_timed(Ticket ticket, int64_t* done_ns) override;
   Result<bool> poll(Ticket ticket) override;
   void drain() override;
   IoStats stats() const override;

@@ -128,6 +128,11 @@ class IoEngine {
   virtual Status wait(Ticket ticket) = 0;
   // Non-blocking: true when complete (then wait() returns at once).
   virtual Result<bool> poll(Ticket ticket) = 0;
+  // As wait(), and *done_ns (may be null) gets when the batch's last request
+  // completed, in std::chrono::steady_clock nanoseconds (the clock of engine
+  // traces) — not when it was waited for, which may be much later. Default:
+  // the time wait() returned.
+  virtual Status wait_timed(Ticket ticket, int64_t* done_ns);
 
   // Blocks until every batch submitted so far has completed (used by close()
   // and on errors). Their results are kept for wait().

@@ -61,7 +61,10 @@ class Tier {
     return TierTicket{0};
   }
   // Completes a ticket; for fetches also verifies the record (checksums).
-  virtual Status wait(TierTicket ticket) { return Status::Ok(); }
+  // done_ns (may be null): set to when the transfer itself completed
+  // (steady_clock ns, before any verification), left alone when the tier
+  // does not know — ticket 0 completed inside submit.
+  virtual Status wait(TierTicket ticket, int64_t* done_ns = nullptr) { return Status::Ok(); }
   virtual Status fetch(uint32_t handle, void* dst) = 0;
   virtual Status store(uint32_t handle, const void* src) = 0;
 

@@ -12,11 +12,14 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <chrono>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
+
 #include <strata/io/io_engine.h>
 #include <strata/io/probe.h>
 
@@ -395,6 +398,45 @@ TEST_P(EngineTest, LatencyRecordedPerBlockRequest) {
   std::vector<uint64_t> lat = engine->take_latencies_ns();
   EXPECT_EQ(lat.size(), 5u);
   EXPECT_TRUE(engine->take_latencies_ns().empty());
+  EXPECT_TRUE(engine->unregister_file(*h).ok());
+  ::close(fd);
+}
+
+// wait_timed reports when the batch completed, not when it was waited for:
+// the completion is seen by poll() before the clock reading taken after it.
+TEST_P(EngineTest, WaitTimedReportsTheCompletionNotTheWait) {
+  ASSERT_TRUE(dir_.ok());
+  STRATA_MAKE_ENGINE_OR_SKIP(engine, GetParam().backend, options(4096, 4));
+  const std::string path = dir_.path() + "/timed.dat";
+  int fd = test::open_file(path, false);
+  ASSERT_GE(fd, 0);
+  auto h = engine->register_file(fd, path, false);
+  ASSERT_TRUE(h.ok());
+  auto steady_ns = [] {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  };
+  std::vector<char> buf(3 * 4096, 'q');
+  const int64_t before = steady_ns();
+  IoRequest r{IoOp::kWrite, *h, buf.data(), buf.size(), 0};
+  auto t = engine->submit(std::span<const IoRequest>(&r, 1));
+  ASSERT_TRUE(t.ok());
+  for (;;) {
+    auto p = engine->poll(*t);
+    ASSERT_TRUE(p.ok());
+    if (*p) {
+      break;
+    }
+    std::this_thread::yield();
+  }
+  const int64_t seen = steady_ns();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  int64_t done = 0;
+  ASSERT_TRUE(engine->wait_timed(*t, &done).ok());
+  EXPECT_GE(done, before);
+  EXPECT_LE(done, seen);  // before the 20 ms sleep, though waited for after it
+  EXPECT_FALSE(engine->wait_timed(*t, &done).ok());  // forgotten, as wait()
   EXPECT_TRUE(engine->unregister_file(*h).ok());
   ::close(fd);
 }
