@@ -24,8 +24,17 @@ gradients accumulate across micro-steps in the arena's dtype, and the update rea
 there. A ``.grad`` set by other means is added in at the next ``step``/``grad_stats``.
 
 Parameters with ``requires_grad=False`` get no state and no gradient buffer. Parameters must be
-contiguous CPU tensors of float32, bfloat16 or float16 (GPU parameters arrive with the GPU
-work). Tied parameters (one storage reached twice) are updated once.
+contiguous tensors of float32, bfloat16 or float16, all on one device. Tied parameters (one
+storage reached twice) are updated once.
+
+Parameters on a GPU (ZeRO-Offload's data flow): the CPU update cannot write device memory, so
+each such parameter gets a host copy in its dtype (pinned when CUDA is there) that the engine
+reads its masters from and writes its updated values to; ``step`` copies the gradients from the
+device into the engine's arena (where ``.grad`` stays a device tensor, set to None by
+``zero_grad``), runs the update and copies the host copies back into the parameters (H2D, on
+the current stream, so the next forward sees them). ``backward(loss)`` then runs a plain
+backward (no update overlapped with it yet). Setting ``STRATA_TEST_STAGE_PARAMS=1`` sends CPU
+parameters through the same path, so tests exercise it without a GPU.
 
 The model's weights are the source of truth for the fp32 masters:
 
@@ -61,6 +70,29 @@ DEFAULT_SWAP_DIR = "strata_swap"
 # Every open strata optimizer, so that helpers (zero.GatheredParameters) can find the ones
 # that manage a given parameter.
 _live = weakref.WeakSet()
+
+
+_cuda_pinning = None  # None: not tried; else (installed, why not)
+
+
+def _use_cuda_pinning():
+    """With CUDA parameters, pools created from now on register their slabs with CUDA
+    (cudaHostRegister), so the gradient copies into the arena are DMA, not staged through
+    a driver buffer. Tried once per process; without it copies still work, slower."""
+    global _cuda_pinning
+    if _cuda_pinning is not None:
+        return
+    try:
+        ok, why = _C.cuda_available()
+        if ok:
+            _C.install_cuda_pin_backend()
+        _cuda_pinning = (bool(ok), why)
+    except Exception as exc:  # noqa: BLE001 - an optional speed-up
+        _cuda_pinning = (False, str(exc))
+    if not _cuda_pinning[0]:
+        _config.log.info("strata: the pinned pool is not registered with CUDA (%s); "
+                         "gradient copies from the GPU are staged by the driver",
+                         _cuda_pinning[1])
 
 
 def _default_config(config, default_device):
@@ -101,6 +133,9 @@ class _Built:
         self.views = []         # engine param index -> its range of the arena, shaped like it
         self.fold = []          # engine param index -> True when .grad is added into the view
                                 # (gradient dtype != parameter dtype) instead of being it
+        self.shadows = []       # engine param index -> host copy of a device parameter, or None
+        self.copied = {}        # engine param index -> (weakref, version) of the device .grad
+                                # last copied into the arena (grad_stats then step: copy once)
         self.hooks = []         # per-parameter hooks: fold, and gradient-ready (overlap)
         self.hook_refs = []     # AccumulateGrad nodes kept alive (torch < 2.1)
 
@@ -163,18 +198,24 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             self._check_param(p)
         return out
 
-    @staticmethod
-    def _check_param(p):
+    # Device parameters go through host copies (see the module doc); the data-parallel
+    # optimizer shards parameters by address and does not take them yet.
+    _device_params_ok = True
+
+    def _staged(self, p):
+        """True when ``p`` is updated through a host copy (not CPU memory, or the test hook)."""
+        return p.device.type != "cpu" or os.environ.get("STRATA_TEST_STAGE_PARAMS") == "1"
+
+    def _check_param(self, p):
         if p.device.type == "meta":
             raise ValueError(
                 "strata: a parameter is on the meta device (shape only, no memory); materialise "
                 "the model first (for example model.to_empty(device='cpu') and load its weights) "
                 "— strata.zero.Init does not defer parameter creation")
-        if p.device.type != "cpu":
+        if p.device.type != "cpu" and not self._device_params_ok:
             raise ValueError(
-                f"strata: parameter on {p.device} — this build updates CPU parameters only "
-                "(GPU parameters arrive with the GPU tier)"
-            )
+                f"strata: parameter on {p.device} — {type(self).__name__} updates CPU "
+                "parameters only (with several ranks, keep the model on the CPU for now)")
         if p.is_sparse:
             raise ValueError("strata: sparse parameters are not supported")
         if not p.is_contiguous():
@@ -224,8 +265,13 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             b.cohort_group = [0]
             cohort_steps = [0]
 
+        for p in b.managed:
+            b.shadows.append(self._new_shadow(p) if self._staged(p) else None)
+        if any(p.is_cuda for p in b.managed):
+            _use_cuda_pinning()
         specs = [
-            (self._name_of(p, i), p.numel(), dtype_name(p.dtype), b.cohort_of[i], p.data_ptr())
+            (self._name_of(p, i), p.numel(), dtype_name(p.dtype), b.cohort_of[i],
+             (b.shadows[i] if b.shadows[i] is not None else p).data_ptr())
             for i, p in enumerate(b.managed)
         ]
         hypers = [self._hyper(self.param_groups[g]) for g in b.cohort_group]
@@ -264,6 +310,27 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         if any(b.fold):
             self._install_hooks(b)  # every backward adds .grad into the arena
         return b
+
+    @staticmethod
+    def _new_shadow(p):
+        """The host copy of device parameter ``p`` the engine reads and writes."""
+        pin = torch.cuda.is_available()
+        h = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
+        h.copy_(p.detach())
+        return h
+
+    def _pull_shadows(self, b):
+        """Host copies := the device parameters (before the engine reads them as masters)."""
+        for p, h in zip(b.managed, b.shadows):
+            if h is not None:
+                h.copy_(p.detach())
+
+    def _push_shadows(self, b):
+        """Device parameters := the host copies the update wrote (H2D on the current stream;
+        through ``.data``, so the version counter does not call for a master re-sync)."""
+        for p, h in zip(b.managed, b.shadows):
+            if h is not None:
+                p.data.copy_(h, non_blocking=True)
 
     def _engine_config(self):
         """The config the C++ engine gets. The binding re-validates it as for one process;
@@ -318,8 +385,23 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                 if g is not None:
                     if copy_existing:
                         self._check_dense(b, p, g)
-                        view.add_(g)
+                        view.add_(g.to(view.device))
                     p.grad = None
+                continue
+            if b.shadows[i] is not None:
+                # A device parameter: .grad stays where autograd put it; the arena gets a copy
+                # (once per change of .grad: accumulation bumps its version).
+                if g is None or not copy_existing:
+                    view.zero_()
+                    b.copied.pop(i, None)
+                    if not copy_existing:
+                        p.grad = None
+                else:
+                    last = b.copied.get(i)
+                    if last is None or last[0]() is not g or last[1] != g._version:
+                        self._check_dense(b, p, g)
+                        view.copy_(g)
+                        b.copied[i] = (weakref.ref(g), g._version)
                 continue
             if g is not None and g.data_ptr() == view.data_ptr():
                 continue
@@ -366,7 +448,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                 self._sync_master(b, i, p)
 
     def _sync_master(self, b, i, p):
-        t = p.detach().to(torch.float32).contiguous().view(-1)
+        t = p.detach().to("cpu", torch.float32).contiguous().view(-1)
         b.engine.write_param_state(i, 0, t.data_ptr())
         b.versions[i] = p._version
 
@@ -420,7 +502,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     g = None if p is None else p.grad
                     if g is not None:
                         with torch.no_grad():
-                            view.add_(g)
+                            view.add_(g.to(view.device))
                         p.grad = None
                 o = opt()
                 if o is not None and o._overlap_active:
@@ -454,6 +536,11 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             raise RuntimeError("strata: backward() again before step(): one overlapped backward per step")
         if self._poisoned:
             raise RuntimeError(f"strata: optimizer step refused: {self._poisoned}")
+        if any(h is not None for h in self._b.shadows):
+            # Device parameters: gradients reach the arena by copy at step(); the update is
+            # not overlapped with this backward (yet).
+            loss.backward(retain_graph=retain_graph)
+            return loss
         self._prepare()
         b = self._b
         for c, gi in enumerate(b.cohort_group):
@@ -507,6 +594,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             if hook is not None:
                 hook()  # test hook: arms a kill that lands inside the C++ step
             self._b.engine.step(1.0 if grad_mul is None else float(grad_mul))
+            self._push_shadows(self._b)
             return loss
         if self._poisoned:
             raise RuntimeError(f"strata: optimizer step refused: {self._poisoned}; load a "
@@ -519,6 +607,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         if hook is not None:
             hook()  # test hook: arms a kill that lands inside the C++ step
         b.engine.step(1.0 if grad_mul is None else float(grad_mul))
+        self._push_shadows(b)
         return loss
 
     def _prepare(self):
@@ -526,6 +615,12 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._require_open()
         self._refresh()
         self._attach_grads(self._b, copy_existing=True)
+        b = self._b
+        dev = next((p.device for p, h in zip(b.managed, b.shadows) if h is not None and p.is_cuda),
+                   None)
+        if dev is not None:
+            # The previous step's H2D copies read the host copies the update will write.
+            torch.cuda.current_stream(dev).synchronize()
 
     def grad_stats(self):
         """(sum of squares, any inf/nan) over every gradient, in the engine's fixed order."""
@@ -629,6 +724,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         b = self._b
         # Model weights are the source of truth for the masters: re-sync first,
         # then overwrite with saved masters where present (non-fp32 models).
+        self._pull_shadows(b)
         b.engine.sync_master_from_params()
         cohort_step = {}
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
@@ -674,10 +770,14 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         return ["master"] + self._state_names(self.param_groups[b.cohort_group[b.cohort_of[i]]])
 
     def _read_slot(self, i, slot, out):
-        """Copy slot ``slot`` of engine parameter ``i`` into the fp32 tensor ``out``."""
+        """Copy slot ``slot`` of engine parameter ``i`` into the contiguous fp32 CPU tensor
+        ``out``."""
+        if out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError("strata: _read_slot needs a contiguous CPU tensor")
         self._b.engine.read_param_state(i, slot, out.data_ptr())
 
     def _write_slot(self, i, slot, src):
+        src = src.detach().to("cpu", torch.float32).contiguous()
         self._b.engine.write_param_state(i, slot, src.data_ptr())
 
     # ---- strata extras --------------------------------------------------

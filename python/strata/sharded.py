@@ -507,6 +507,8 @@ class _ShardBuilt(_Built):
 class ShardedMixin:
     """Data-parallel behaviour for a strata optimizer class (see the module doc)."""
 
+    _device_params_ok = False  # slices are addressed in host memory
+
     # ---- set-up ---------------------------------------------------------------------
     def _dp_setup(self):
         if getattr(self, "_dp", None) is not None:

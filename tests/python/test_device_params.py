@@ -1,0 +1,205 @@
+"""Parameters that live on a device (ZeRO-Offload's data flow): host copies the CPU update
+reads and writes, gradients copied into the engine's arena at step, new values copied back.
+
+Without a GPU the same path runs on CPU parameters with STRATA_TEST_STAGE_PARAMS=1 (the only
+difference is where the parameter memory is); the tests marked gpu run it on CUDA tensors.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import strata
+import strata.optim as so
+from strata.lr_schedules import WarmupLR
+
+from conftest import nvme_config
+
+
+@pytest.fixture
+def staged(monkeypatch):
+    monkeypatch.setenv("STRATA_TEST_STAGE_PARAMS", "1")
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                         nn.Linear(32, 3))
+
+
+def data(n, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 12, generator=g).to(device), torch.randint(0, 3, (8,), generator=g)
+             .to(device)) for _ in range(n)]
+
+
+def run_pair(model, ref, opt, ref_opt, batches, gas, between=None):
+    """The same loop on strata and torch; ``between`` runs after each strata step."""
+    it = iter(batches)
+    while True:
+        try:
+            micro = [next(it) for _ in range(gas)]
+        except StopIteration:
+            return
+        for x, y in micro:
+            nn.functional.cross_entropy(model(x), y).backward()
+            nn.functional.cross_entropy(ref(x), y).backward()
+        opt.step()
+        ref_opt.step()
+        if between is not None:
+            between()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+
+
+def test_staged_parameters_follow_torch_adamw(staged, swap_dir):
+    """Two param groups, a frozen layer, accumulation over 2 micro-steps, NVMe state: the
+    host-copy path matches torch.optim.AdamW; the model's memory is not the engine's."""
+    model, ref = mlp(), mlp()
+    ref.load_state_dict(model.state_dict())
+    for m in (model, ref):
+        m[0].weight.requires_grad_(False)
+    groups = lambda m: [{"params": [m[0].bias, m[2].weight, m[2].bias]},  # noqa: E731
+                        {"params": [m[4].weight, m[4].bias], "lr": 3e-3, "weight_decay": 0.0}]
+    opt = so.OffloadAdamW(groups(model), lr=1e-2, weight_decay=0.05, config=nvme_config(swap_dir))
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, weight_decay=0.05)
+    try:
+        b = opt._b
+        assert all(h is not None for h in b.shadows)
+        for p, h in zip(b.managed, b.shadows):
+            assert h.data_ptr() != p.data_ptr() and torch.equal(h, p.detach())
+        assert id(model[0].weight) not in b.index  # frozen: no state, no host copy
+        run_pair(model, ref, opt, ref_opt, data(20), gas=2)
+        for a, r in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+        assert all(p.grad is None for p in model.parameters())  # zero_grad: set to None
+    finally:
+        opt.close()
+
+
+def test_gradients_are_copied_once_and_replaced_gradients_are_seen(staged):
+    """grad_stats then step copy each device gradient once; a .grad replaced between steps
+    (torch's own zero_grad(set_to_none=True), an assignment) is copied again, even when the
+    new tensor has the old one's version and address."""
+    model, ref = mlp(2), mlp(2)
+    ref.load_state_dict(model.state_dict())
+    opt = so.OffloadAdamW(model.parameters(), lr=1e-2,
+                          config={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    try:
+        copies = []
+        real_copy = so._OffloadOptimizer._check_dense
+        so._OffloadOptimizer._check_dense = lambda self, b, p, g: copies.append(id(p)) or \
+            real_copy(self, b, p, g)
+        try:
+            batches = data(6, seed=4)
+            for k, (x, y) in enumerate(batches):
+                nn.functional.cross_entropy(model(x), y).backward()
+                nn.functional.cross_entropy(ref(x), y).backward()
+                copies.clear()
+                opt.grad_stats()
+                opt.step()
+                assert len(copies) == len(opt._b.managed)  # once each, not twice
+                ref_opt.step()
+                if k % 2:
+                    model.zero_grad(set_to_none=True)  # torch's: the arena is not told
+                else:
+                    for p in model.parameters():
+                        p.grad = torch.zeros_like(p)  # fresh tensors, version 0
+                ref_opt.zero_grad()
+        finally:
+            so._OffloadOptimizer._check_dense = real_copy
+        for a, r in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    finally:
+        opt.close()
+
+
+def test_deepspeed_engine_with_staged_parameters(staged, swap_dir, tmp_path):
+    """initialize -> backward -> step with clipping, accumulation and WarmupLR on the host-copy
+    path equals torch; a checkpoint saved from it resumes identically in a second engine; bf16
+    with fp32 gradient accumulation also runs through it."""
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2,
+           "gradient_clipping": 0.5, "steps_per_print": 1000,
+           "optimizer": {"type": "AdamW", "params": {"lr": 2e-2, "weight_decay": 0.01}},
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0,
+                                                        "warmup_max_lr": 2e-2,
+                                                        "warmup_num_steps": 5}},
+           "zero_optimization": {"stage": 2, "offload_optimizer": {
+               "device": "nvme", "nvme_path": str(swap_dir)}},
+           "strata": {"progress": "off"}}
+    model, ref = mlp(5), mlp(5)
+    ref.load_state_dict(model.state_dict())
+    engine, opt, _, _ = strata.initialize(model=model, config=cfg)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=2e-2, weight_decay=0.01)
+    sched = WarmupLR(ref_opt, warmup_min_lr=0.0, warmup_max_lr=2e-2, warmup_num_steps=5)
+    batches = data(16, seed=6)
+    try:
+        assert all(h is not None for h in opt._b.shadows)
+        for k, (x, y) in enumerate(batches):
+            engine.backward(nn.functional.cross_entropy(engine(x), y))
+            engine.step()
+            (nn.functional.cross_entropy(ref(x), y) / 2).backward()
+            if k % 2:
+                norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+                assert engine.get_global_grad_norm() == pytest.approx(float(norm), rel=1e-5)
+                ref_opt.step()
+                ref_opt.zero_grad()
+                sched.step()
+            if k == 7:
+                engine.save_checkpoint(str(tmp_path / "ckpt"))
+                saved = copy.deepcopy(model.state_dict())
+        for a, r in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+        final = copy.deepcopy(model.state_dict())
+    finally:
+        engine.close()
+
+    model2 = mlp(9)  # other weights: the checkpoint brings them
+    engine2, *_ = strata.initialize(model=model2, config=cfg)
+    try:
+        path, _ = engine2.load_checkpoint(str(tmp_path / "ckpt"))
+        assert path is not None
+        for k, v in saved.items():
+            assert torch.equal(model2.state_dict()[k], v)
+        for x, y in batches[8:]:
+            engine2.backward(nn.functional.cross_entropy(engine2(x), y))
+            engine2.step()
+        for k, v in final.items():
+            torch.testing.assert_close(model2.state_dict()[k], v, rtol=0, atol=0)
+    finally:
+        engine2.close()
+
+    bf = dict(cfg, bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
+    model3 = mlp(5).to(torch.bfloat16)
+    engine3, opt3, *_ = strata.initialize(model=model3, config=bf)
+    try:
+        w0 = model3[4].weight.detach().clone()
+        for x, y in batches[:6]:  # WarmupLR: the first two updates have lr 0
+            engine3.backward(nn.functional.cross_entropy(engine3(x.to(torch.bfloat16)).float(), y))
+            assert all(p.grad is None for p in model3.parameters())  # folded into fp32 arena
+            engine3.step()
+        assert engine3.global_steps == 3 and not torch.equal(model3[4].weight, w0)
+    finally:
+        engine3.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_parameters_follow_torch_adamw(swap_dir):
+    """CUDA parameters (fp32), state on NVMe: equal to torch.optim.AdamW on the GPU."""
+    model, ref = mlp(7).cuda(), mlp(7).cuda()
+    ref.load_state_dict(model.state_dict())
+    opt = so.OffloadAdamW(model.parameters(), lr=1e-2, weight_decay=0.05,
+                          config=nvme_config(swap_dir))
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+    try:
+        run_pair(model, ref, opt, ref_opt, data(12, device="cuda"), gas=2)
+        torch.cuda.synchronize()
+        for a, r in zip(model.parameters(), ref.parameters()):
+            assert a.is_cuda
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    finally:
+        opt.close()
