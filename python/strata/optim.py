@@ -32,9 +32,11 @@ each such parameter gets a host copy in its dtype (pinned when CUDA is there) th
 reads its masters from and writes its updated values to; ``step`` copies the gradients from the
 device into the engine's arena (where ``.grad`` stays a device tensor, set to None by
 ``zero_grad``), runs the update and copies the host copies back into the parameters (H2D, on
-the current stream, so the next forward sees them). ``backward(loss)`` then runs a plain
-backward (no update overlapped with it yet). Setting ``STRATA_TEST_STAGE_PARAMS=1`` sends CPU
-parameters through the same path, so tests exercise it without a GPU.
+the current stream, so the next forward sees them). With ``backward(loss)`` (overlap) each
+gradient is copied as its hook reports it final (non-blocking, on the current stream; a watcher
+thread tells the engine when the copy's CUDA event has passed), so updates start during
+backward as for CPU parameters. Setting ``STRATA_TEST_STAGE_PARAMS=1`` sends CPU parameters
+through the same path, so tests exercise it without a GPU.
 
 The model's weights are the source of truth for the fp32 masters:
 
@@ -134,6 +136,7 @@ class _Built:
         self.fold = []          # engine param index -> True when .grad is added into the view
                                 # (gradient dtype != parameter dtype) instead of being it
         self.shadows = []       # engine param index -> host copy of a device parameter, or None
+        self.pushed = None      # CUDA event after the last H2D copies of the host copies
         self.copied = {}        # engine param index -> (weakref, version) of the device .grad
                                 # last copied into the arena (grad_stats then step: copy once)
         self.hooks = []         # per-parameter hooks: fold, and gradient-ready (overlap)
@@ -150,6 +153,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._pending_grad_mul = None
         self._overlap = None  # "eager" / "exact" while a backward-overlapped step is pending
         self._overlap_active = False
+        self._stage_queue = None  # (param, CUDA event) of gradient copies in flight (backward)
+        self._stage_thread = None
         self._poisoned = None  # why steps are refused (an incomplete checkpoint load)
         self._forced_steps = None
         super().__init__(params, defaults)
@@ -327,10 +332,16 @@ class _OffloadOptimizer(torch.optim.Optimizer):
 
     def _push_shadows(self, b):
         """Device parameters := the host copies the update wrote (H2D on the current stream;
-        through ``.data``, so the version counter does not call for a master re-sync)."""
+        through ``.data``, so the version counter does not call for a master re-sync). An
+        event after the copies tells the next update when it may write the host copies."""
+        cuda = None
         for p, h in zip(b.managed, b.shadows):
             if h is not None:
                 p.data.copy_(h, non_blocking=True)
+                cuda = cuda or (p.device if p.is_cuda else None)
+        if cuda is not None:
+            b.pushed = torch.cuda.Event()
+            b.pushed.record(torch.cuda.current_stream(cuda))
 
     def _engine_config(self):
         """The config the C++ engine gets. The binding re-validates it as for one process;
@@ -374,7 +385,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             return name
         return f"param{i}"
 
-    def _attach_grads(self, b, copy_existing):
+    def _attach_grads(self, b, copy_existing, skip_staged=False):
         """Make the arena hold the gradients: ``.grad`` becomes the arena view (a replaced
         ``.grad`` is copied in, a missing one zeroes the view); folded parameters add a
         ``.grad`` that was set by other means than backward and drop it. ``copy_existing``
@@ -391,6 +402,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             if b.shadows[i] is not None:
                 # A device parameter: .grad stays where autograd put it; the arena gets a copy
                 # (once per change of .grad: accumulation bumps its version).
+                if skip_staged:
+                    continue
                 if g is None or not copy_existing:
                     view.zero_()
                     b.copied.pop(i, None)
@@ -495,7 +508,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         engine = b.engine
         opt = weakref.ref(self)
 
-        def ready(i, pref, view, fold):
+        def ready(i, pref, view, fold, staged):
             def hook(*_):
                 if fold:
                     p = pref()
@@ -506,11 +519,15 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                         p.grad = None
                 o = opt()
                 if o is not None and o._overlap_active:
-                    engine.mark_param_ready(i)
+                    if staged:
+                        o._stage_ready(b, i, pref())
+                    else:
+                        engine.mark_param_ready(i)
             return hook
 
         for i, p in enumerate(b.managed):
-            h = ready(i, weakref.ref(p), b.views[i], b.fold[i])
+            staged = b.shadows[i] is not None and not b.fold[i]
+            h = ready(i, weakref.ref(p), b.views[i], b.fold[i], staged)
             if has_post_accumulate_grad_hook():
                 b.hooks.append(p.register_post_accumulate_grad_hook(h))
             else:
@@ -536,12 +553,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             raise RuntimeError("strata: backward() again before step(): one overlapped backward per step")
         if self._poisoned:
             raise RuntimeError(f"strata: optimizer step refused: {self._poisoned}")
-        if any(h is not None for h in self._b.shadows):
-            # Device parameters: gradients reach the arena by copy at step(); the update is
-            # not overlapped with this backward (yet).
-            loss.backward(retain_graph=retain_graph)
-            return loss
-        self._prepare()
+        # Device parameters: their gradients are copied into the arena by the hooks as they
+        # become final (not before: the earlier micro-steps' sums would be copied for nothing).
+        self._prepare(skip_staged=True)
         b = self._b
         for c, gi in enumerate(b.cohort_group):
             b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
@@ -551,8 +565,13 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._overlap_active = True
         try:
             loss.backward(retain_graph=retain_graph)
+            self._stage_drain()
+            # Device parameters no hook reported (no gradient in this backward): their
+            # .grad, if any, goes into the arena before end_backward marks them final.
+            self._attach_grads(b, copy_existing=True)
         except BaseException:
             self._overlap_active = False
+            self._stage_drain()
             b.engine.end_backward()
             try:
                 b.engine.cancel_step()
@@ -564,6 +583,53 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         b.engine.end_backward()
         self._overlap = "exact" if exact else "eager"
         return loss
+
+    def _stage_ready(self, b, i, p):
+        """Hook of device parameter ``i`` during an overlapped backward: copy its final
+        gradient into the arena, then tell the engine — at once for CPU memory, after the
+        copy's CUDA event for a GPU gradient (a watcher thread waits for it, so backward is
+        not held up)."""
+        g = None if p is None else p.grad
+        view = b.views[i]
+        if g is None:
+            view.zero_()
+            b.copied.pop(i, None)
+            b.engine.mark_param_ready(i)
+            return
+        if not g.is_cuda:
+            view.copy_(g)
+            b.copied[i] = (weakref.ref(g), g._version)
+            b.engine.mark_param_ready(i)
+            return
+        view.copy_(g, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        b.copied[i] = (weakref.ref(g), g._version)
+        if self._stage_queue is None:
+            import queue
+            import threading
+
+            self._stage_queue = queue.Queue()
+            engine = b.engine
+
+            def watch(q=self._stage_queue):
+                while True:
+                    item = q.get()
+                    if item is None:
+                        return
+                    item[1].synchronize()
+                    engine.mark_param_ready(item[0])
+
+            self._stage_thread = threading.Thread(target=watch, name="strata-d2h", daemon=True)
+            self._stage_thread.start()
+        self._stage_queue.put((i, event))
+
+    def _stage_drain(self):
+        """Wait until every gradient copy the hooks started has reached the engine."""
+        if self._stage_queue is not None:
+            self._stage_queue.put(None)
+            self._stage_thread.join()
+            self._stage_queue = self._stage_thread = None
 
     def cancel_step(self):
         """Drop the step begun by an exact ``backward()`` (fp16 overflow): no state changes."""
@@ -610,17 +676,16 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._push_shadows(b)
         return loss
 
-    def _prepare(self):
+    def _prepare(self, skip_staged=False):
         """Bring the engine up to date with the model and gather the gradients."""
         self._require_open()
         self._refresh()
-        self._attach_grads(self._b, copy_existing=True)
+        self._attach_grads(self._b, copy_existing=True, skip_staged=skip_staged)
         b = self._b
-        dev = next((p.device for p, h in zip(b.managed, b.shadows) if h is not None and p.is_cuda),
-                   None)
-        if dev is not None:
+        if b.pushed is not None:
             # The previous step's H2D copies read the host copies the update will write.
-            torch.cuda.current_stream(dev).synchronize()
+            b.pushed.synchronize()
+            b.pushed = None
 
     def grad_stats(self):
         """(sum of squares, any inf/nan) over every gradient, in the engine's fixed order."""
