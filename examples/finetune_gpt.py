@@ -4,6 +4,9 @@ strata's NVMe tier (or whatever tier the config names).
 
     PYTHONPATH=python /usr/bin/python3 examples/finetune_gpt.py --config examples/configs/nvme.json
 
+With --device cuda the model trains on the GPU; the optimizer state stays on the config's tier
+and the update runs on the CPU (gradients copied down, new weights copied up).
+
 Ends with a summary: loss first -> last, median step time, bytes the engine read and wrote on
 its swap file, peak RSS; and writes the step trace, a timeline picture and a loss curve into
 --out.
@@ -77,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: the cores, shared by the local ranks)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu",
+                    help="where the model trains: cpu, or cuda (one process; the optimizer state "
+                         "stays on the config's tier and the update runs on the CPU)")
     ap.add_argument("--progress", default=None, help="auto, bar, log or off (default: the config's)")
     args = ap.parse_args(argv)
 
@@ -98,11 +104,15 @@ def main(argv=None):
     trace_path = os.path.join(args.out, "trace.json")
     progress_mode = args.progress or strata.config.get(cfg, "strata.progress", "auto")
 
-    model = GPT(**SIZES[args.size], dropout=0.0)
+    if args.device != "cpu" and distributed:
+        raise SystemExit("finetune_gpt.py: --device cuda trains in one process only")
+    device = torch.device(args.device)
+    model = GPT(**SIZES[args.size], dropout=0.0).to(device)
     data = Batches(stdlib_corpus(), model.seq_len, batch, seed=args.seed + rank)
     n_params = param_count(model)
     say(f"strata {strata.__version__}: GPT-{args.size} with {n_params / 1e6:.2f}M parameters, "
           f"batch {batch}x{model.seq_len} bytes, torch {torch.__version__} on {args.threads} threads"
+        + (f", model on {device}" if device.type != "cpu" else "")
         + (f", {world} ranks (ZeRO stage {strata.config.get(cfg, 'zero_optimization.stage', 0)})"
            if distributed else ""))
 
@@ -125,7 +135,7 @@ def main(argv=None):
         for step in range(args.steps):
             t0 = time.perf_counter()
             x, y = data.next()
-            loss = model(x, y)
+            loss = model(x.to(device), y.to(device))
             opt.zero_grad()
             loss.backward()
             t1 = time.perf_counter()
