@@ -1,6 +1,7 @@
 #include <strata/engine/engine.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <thread>
@@ -72,6 +73,7 @@ struct Engine::Impl {
     return v;
   }
 
+  std::atomic<bool> in_backward{false};  // mirrors the run's backward_running (checksum pool)
   kernels::ThreadPool* pool_for(bool backward_running) {
     return backward_running && backward_threads ? backward_threads.get() : threads.get();
   }
@@ -539,6 +541,11 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
         no.tag = "rank" + std::to_string(e.opts.rank) + (e.opts.tag.empty() ? "" : "-" + e.opts.tag);
         no.capacity = nvme_bytes;
         no.checksums = cfg.get_bool("strata.verify_checksums");
+        // Checksums hash on the pool the updates use at that moment (fewer threads while
+        // backward runs); the pipeline thread hashes between updates, never during one.
+        no.parallel_for = [impl = &e](size_t tasks, const std::function<void(size_t)>& fn) {
+          impl->pool_for(impl->in_backward.load(std::memory_order_relaxed))->parallel_for(tasks, fn);
+        };
         STRATA_ASSIGN_OR_RETURN(e.tiers[TierKind::kNvme], tiers::make_nvme_tier(no, e.io.get()));
         break;
       }
@@ -672,6 +679,7 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
   r.grad_mul = grad_mul;
   r.collect_stats = collect_stats;
   r.backward_running = backward_running;
+  in_backward.store(backward_running, std::memory_order_relaxed);
   r.from_backward = backward_running;
   r.stats.assign(plan.subgroups.size(), kernels::GradStats{});
   if (observed_order.size() == plan.subgroups.size()) {
@@ -803,6 +811,7 @@ Status Engine::end_backward() {
   }
   r.closed = true;
   r.backward_running = false;
+  e.in_backward.store(false, std::memory_order_relaxed);
   r.backward_end_ns = now_ns();
   r.cv.notify_all();
   return Status::Ok();

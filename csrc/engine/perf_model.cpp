@@ -35,6 +35,19 @@ double HardwareProfile::cpu_rate(kernels::DType grad_dtype, unsigned threads) co
   return std::min(all, one * t);
 }
 
+double HardwareProfile::checksum_rate(unsigned threads) const {
+  if (checksum_bytes_per_s <= 0) {
+    return 0;
+  }
+  const unsigned total = std::max(cpu_threads, 1u);
+  const unsigned t = threads == 0 ? total : std::min(threads, total);
+  double scale = double(t);
+  if (cpu_update_params_per_s_1thread > 0 && cpu_update_params_per_s > 0) {
+    scale = std::max(1.0, cpu_rate(kernels::DType::kF32, t) / cpu_update_params_per_s_1thread);
+  }
+  return checksum_bytes_per_s * scale;
+}
+
 double HardwareProfile::stats_rate(unsigned threads) const {
   if (grad_stats_params_per_s <= 0) {
     return 0;
@@ -447,8 +460,8 @@ Demand demand_of(const HardwareProfile& hw, const StepShape& shape, const SubGro
     // A fetch-tier sub-group is updated while the pipeline streams others.
     d.cpu_factor = hw.io_factor();
     if (shape.checksums && hw.checksum_bytes_per_s > 0) {
-      d.cpu_fixed +=
-          2 * b / hw.checksum_bytes_per_s;  // hash at store + verify at fetch (one thread)
+      // Hash at store + verify at fetch, chunks over the update threads.
+      d.cpu_fixed += 2 * b / hw.checksum_rate();
     }
   }
   if (dev == UpdateDevice::kGpuResident) {

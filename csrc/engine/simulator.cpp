@@ -259,7 +259,8 @@ struct Sim {
     if (!shape.checksums || hw.checksum_bytes_per_s <= 0 || !fetch_tier(i)) {
       return 0;
     }
-    return double(shape.subgroups[i].record_bytes) / hw.checksum_bytes_per_s;  // one thread
+    // 1 MiB chunks over the update threads in force (SwapFile::checksum).
+    return double(shape.subgroups[i].record_bytes) / hw.checksum_rate(threads_now());
   }
   unsigned threads_now() const { return now < B ? bw_threads : full_threads; }
 
@@ -339,7 +340,7 @@ struct Sim {
     if (fetching) {
       record(EventKind::kFetch, i, "nvme", drive.submitted_at(buf.ticket),
              drive.done_at(buf.ticket), bytes);
-      busy(hash_s(i));  // NvmeTier::wait verifies the record's checksum (one thread)
+      busy(hash_s(i), threads_now());  // NvmeTier::wait verifies the record's checksum
     } else {
       record(EventKind::kStore, i, "nvme", drive.submitted_at(buf.ticket),
              drive.done_at(buf.ticket), bytes);
@@ -571,7 +572,7 @@ struct Sim {
         buf.item = i;
         if (dev == UpdateDevice::kCpu) {
           updates_done = std::max(updates_done, cpu_update(i));
-          busy(hash_s(i));  // SwapFile::submit_write hashes on the calling thread
+          busy(hash_s(i), threads_now());  // SwapFile::submit_write hashes the record
           buf.ticket = drive.submit(true, shape.subgroups[i].record_bytes, now);
           buf.state = BufState::kStoring;
           buf.seq = store_seq++;

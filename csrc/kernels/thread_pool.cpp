@@ -184,6 +184,7 @@ void ThreadPool::parallel_for(size_t tasks, const std::function<void(size_t task
     }
     return;
   }
+  std::lock_guard<std::mutex> call(call_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     fn_ = &fn;

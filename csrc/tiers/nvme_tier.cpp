@@ -100,6 +100,7 @@ Result<std::unique_ptr<Tier>> make_nvme_tier(const NvmeTierOptions& options, io:
   so.size = options.capacity;
   so.direct = options.direct;
   so.checksums = options.checksums;
+  so.parallel_for = options.parallel_for;
   STRATA_ASSIGN_OR_RETURN(std::unique_ptr<io::SwapFile> file, io::SwapFile::create(so, io));
   return std::unique_ptr<Tier>(std::make_unique<NvmeTier>(std::move(file)));
 }

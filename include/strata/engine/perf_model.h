@@ -57,8 +57,9 @@ struct HardwareProfile {
   // I/O streams: the I/O path (io_uring worker, interrupts) takes CPU from the
   // update threads, which matters on small machines. 0: 1.0.
   double cpu_update_io_factor = 0;
-  // XXH3 on the pipeline thread (strata.verify_checksums hashes each record
-  // once when it is stored and once when it is fetched). 0: not modelled.
+  // XXH3 on one thread (strata.verify_checksums hashes each record once when
+  // it is stored and once when it is fetched, 1 MiB chunks spread over the
+  // update threads: see checksum_rate). 0: not modelled.
   double checksum_bytes_per_s = 0;
   // Gradient statistics (norm, inf/NaN) in exact mode, params/s. 0: free.
   double grad_stats_params_per_s = 0;
@@ -99,6 +100,10 @@ struct HardwareProfile {
   // Gradient statistics rate with `threads` threads (0: all): scaled from the
   // all-threads rate like the update rate (both stream memory).
   double stats_rate(unsigned threads = 0) const;
+  // Checksum rate, bytes/s, with `threads` threads (0: all): the one-thread
+  // rate scaled as the update's rate scales from one thread to `threads`
+  // (both stream memory). 0 when checksum_bytes_per_s is 0.
+  double checksum_rate(unsigned threads = 0) const;
   double io_factor() const {
     return cpu_update_io_factor > 0 ? std::min(cpu_update_io_factor, 1.0) : 1.0;
   }

@@ -27,14 +27,16 @@
 // Thread-safety: allocate/free are internally locked; reads and writes of
 //   distinct extents may run concurrently; one extent is not read and written
 //   at the same time (the caller's pipeline guarantees it).
-// Checksums: XXH3-64 of the extent's whole length, recorded when a write is
-//   submitted (computed on the calling thread), checked by verify(). An
+// Checksums: XXH3-64 of the XXH3-64s of the extent's 1 MiB chunks (so the
+//   chunks hash in parallel through SwapFileOptions::parallel_for), recorded
+//   when a write is submitted, checked by verify(). An
 //   extent never written since it was allocated has no checksum and verifies
 //   trivially. A mismatch is Corruption naming path, extent id and offset.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -55,6 +57,11 @@ struct SwapFileOptions {
   uint64_t size = 0;        // bytes to preallocate (rounded up to 4096)
   bool direct = true;       // try O_DIRECT; falls back to buffered with a warning
   bool checksums = true;    // strata.verify_checksums
+  // Runs fn(0) .. fn(tasks - 1), possibly on several threads, and returns when
+  // all are done (e.g. the engine's kernel thread pool). Checksums hash 1 MiB
+  // chunks through it; empty: on the calling thread. The checksum is the same
+  // either way.
+  std::function<void(size_t tasks, const std::function<void(size_t)>& fn)> parallel_for;
 };
 
 // Invariants (bytes): capacity == used_bytes + free_bytes;

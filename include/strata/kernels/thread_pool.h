@@ -16,7 +16,8 @@
 // it (torch.set_flush_denormal sets these on the calling thread only).
 //
 // Ownership: the pool owns its threads; the destructor joins them.
-// Thread-safety: parallel_for() may be called from one thread at a time.
+// Thread-safety: parallel_for() may be called from several threads; calls
+//   run one at a time (a second caller waits for the first call to return).
 //   A parallel_for() called from inside a task of the same pool runs its tasks
 //   serially on the calling thread (no deadlock). fn must not throw.
 #pragma once
@@ -61,6 +62,7 @@ class ThreadPool {
   unsigned threads_;
   std::vector<std::thread> workers_;
   std::vector<int> tids_;
+  std::mutex call_mu_;  // one parallel_for at a time (held for the whole call)
   mutable std::mutex mu_;
   std::condition_variable cv_work_;  // workers: a new generation_ or stop_
   std::condition_variable cv_done_;  // caller: active_ reached 0 / a tid was recorded

@@ -10,6 +10,7 @@
 //   in are borrowed and must outlive the tier.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -29,6 +30,8 @@ struct NvmeTierOptions {
   uint64_t capacity = 0;      // bytes of records to preallocate
   bool checksums = true;      // strata.verify_checksums
   bool direct = true;
+  // Spreads checksum work over threads (io::SwapFileOptions::parallel_for).
+  std::function<void(size_t tasks, const std::function<void(size_t)>& fn)> parallel_for;
 };
 Result<std::unique_ptr<Tier>> make_nvme_tier(const NvmeTierOptions& options, io::IoEngine* io);
 

@@ -147,13 +147,27 @@ TEST(HardwareProfile, CpuRateScalesWithThreadsUpToTheAllThreadRate) {
   EXPECT_DOUBLE_EQ(hw.cpu_rate(DType::kBF16, 1), 0.6e9);  // one thread, bf16 speed-up kept
 }
 
+TEST(HardwareProfile, ChecksumRateScalesLikeTheUpdate) {
+  HardwareProfile hw = cpu_machine();
+  hw.cpu_threads = 8;
+  hw.cpu_update_params_per_s = 2e9;
+  hw.cpu_update_params_per_s_1thread = 0.4e9;
+  hw.checksum_bytes_per_s = 10e9;
+  EXPECT_DOUBLE_EQ(hw.checksum_rate(1), 10e9);
+  EXPECT_DOUBLE_EQ(hw.checksum_rate(2), 20e9);
+  EXPECT_DOUBLE_EQ(hw.checksum_rate(), 50e9);  // the update's 5x from one thread to all
+  hw.checksum_bytes_per_s = 0;
+  EXPECT_DOUBLE_EQ(hw.checksum_rate(), 0);
+}
+
 TEST(PerfModel, OneBufferRunsEverySubGroupInSequence) {
   const HardwareProfile hw = cpu_machine();
   const StepShape shape = shape_of(5, 10'000'000, TierKind::kNvme, /*buffers=*/1);
   const Prediction p = predict_step(hw, shape, all_cpu_schedule(5));
   ASSERT_TRUE(p.feasible) << p.infeasible_reason;
-  // read 0.06 + verify 0.012 + update 0.01 + hash 0.012 + write 0.03 each.
-  EXPECT_NEAR(p.step_s, 5 * (0.06 + 0.012 + 0.01 + 0.012 + 0.03), 1e-9);
+  // read 0.06 + verify 0.006 + update 0.01 + hash 0.006 + write 0.03 each (checksums: 120 MB
+  // at 10 GB/s on one thread, over two threads that scale as the update does: 2x).
+  EXPECT_NEAR(p.step_s, 5 * (0.06 + 0.006 + 0.01 + 0.006 + 0.03), 1e-9);
   EXPECT_NEAR(p.step_s - p.updates_done_s, 0.03, 1e-9);  // the last write-back drains after
   EXPECT_EQ(p.bound, "nvme");
 }

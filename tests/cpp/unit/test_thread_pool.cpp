@@ -227,6 +227,31 @@ TEST(ThreadPool, WorkersRunWithTheCallersFpControl) {
 }
 #endif
 
+// Two threads share one pool (the engine's pipeline thread hashes and
+// updates while the driving thread may compute gradient statistics): their
+// calls run one after the other, each with its own tasks and results.
+TEST(ThreadPool, ConcurrentCallersTakeTurns) {
+  ThreadPool pool(3);
+  constexpr size_t kTasks = 64;
+  constexpr int kRounds = 200;
+  std::atomic<bool> bad{false};
+  auto caller = [&](uint64_t salt) {
+    for (int r = 0; r < kRounds; ++r) {
+      std::vector<uint64_t> out(kTasks, 0);
+      pool.parallel_for(kTasks, [&](size_t t) { out[t] = salt * 1000003 + t * 7 + uint64_t(r); });
+      for (size_t t = 0; t < kTasks; ++t) {
+        if (out[t] != salt * 1000003 + t * 7 + uint64_t(r)) {
+          bad = true;
+        }
+      }
+    }
+  };
+  std::thread a(caller, 1), b(caller, 2);
+  a.join();
+  b.join();
+  EXPECT_FALSE(bad.load());
+}
+
 TEST(ThreadPool, DestroysCleanlyWithoutCalls) {
   for (int i = 0; i < 20; ++i) {
     ThreadPool pool(3);
