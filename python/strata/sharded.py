@@ -954,7 +954,8 @@ class ShardedMixin:
             for p in b.managed:
                 p.grad = None
 
-    def _attach_grads(self, b, copy_existing):
+    def _attach_grads(self, b, copy_existing, skip_staged=False):
+        # skip_staged: no device parameters here (_device_params_ok is False).
         if getattr(b, "full", True):  # base _Built (or stage 0): views into the engine arena
             return super()._attach_grads(b, copy_existing)
         if not b.flats:
