@@ -23,8 +23,9 @@ Checks (status pass / fail / not run, each with the reason):
       overlap on) vs the same model with torch.optim.AdamW: losses within 1e-3 relative at
       every step, parameters assert_close(rtol=1e-4, atol=1e-5) at the end.
 (4) needs the engine to update sub-groups on the GPU; it runs when
-strata._C.engine_features()["gpu_update"] is true and otherwise says "not run". (5) updates on
-the CPU through host copies of the GPU parameters (docs/deepspeed.md "GPU parameters")."""
+strata._C.engine_features()["gpu_update"] is true (a CUDA build) and otherwise says "not run".
+(5) updates on the CPU through host copies of the GPU parameters (docs/deepspeed.md "GPU
+parameters")."""
 
 import argparse
 import json
@@ -375,7 +376,7 @@ def check_gpt(C, torch, out_dir):
     nvme = os.path.join(out_dir, "swap")
     os.makedirs(nvme, exist_ok=True)
     for device in ("cpu", "nvme"):
-        cfg = _offload_cfg(device, nvme, overlap=True)
+        cfg = _offload_cfg(device, nvme, overlap=True, schedule="static")  # CPU updates
         losses, params = train(lambda m, c=cfg: strata.optim.OffloadAdamW(m.parameters(), config=c,
                                                                          **hp))
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))

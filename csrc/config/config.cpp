@@ -1098,8 +1098,15 @@ double Config::get_number(const std::string& path) const {
 
 std::string Config::get_string(const std::string& path) const {
   const nlohmann::json* v = find(path);
-  if (v != nullptr && v->is_string() && !is_auto(*v)) {
-    return v->get<std::string>();
+  if (v != nullptr && v->is_string()) {
+    // "auto" is an unresolved placeholder, except for keys that have it as
+    // one of their own values (strata.schedule, strata.progress).
+    const ConfigKey* key = find_config_key(path);
+    const bool auto_is_a_value =
+        key != nullptr && std::find(key->allowed.begin(), key->allowed.end(), "auto") != key->allowed.end();
+    if (!is_auto(*v) || auto_is_a_value) {
+      return v->get<std::string>();
+    }
   }
   const nlohmann::json d = schema_default(path);
   return d.is_string() ? d.get<std::string>() : std::string();

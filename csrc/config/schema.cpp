@@ -356,7 +356,9 @@ std::vector<ConfigKey> build_schema() {
   add("zero_optimization.offload_optimizer.pipeline_write", K::kBool, false,
       "Write the previous sub-group's state back while the current one is updated.");
   add("zero_optimization.offload_optimizer.ratio", K::kNumber, 1.0,
-      "Fraction of sub-groups updated by the CPU; the rest on the GPU when there is one.")
+      "With strata.schedule static: fraction of the sub-groups the GPU could update (state on the "
+      "host tier, Adam/AdamW, model on the GPU) that the CPU updates; the GPU updates the rest, "
+      "spread evenly, streaming their state over PCIe.")
       .range(0, 1);
   add("zero_optimization.offload_optimizer.fast_init", K::kBool, kNull,
       "DeepSpeed: fast optimizer initialisation with NVMe offload.")
@@ -599,8 +601,10 @@ std::vector<ConfigKey> build_schema() {
       "cores torch leaves free (at least one).")
       .range(0, 4096);
   add("strata.schedule", K::kString, kNull,
-      "static: CPU/GPU split from offload_optimizer.ratio; auto: split and overlap chosen by the "
-      "performance model. Not given: auto where a GPU exists, static otherwise.")
+      "static: CPU/GPU split from offload_optimizer.ratio; auto: the split chosen by the "
+      "performance model among all-CPU and interleaves of GPU-updated sub-groups, from "
+      "strata.hardware_profile or rates measured at start (a few seconds). Not given: auto. "
+      "Only a model on a GPU has sub-groups the GPU can update.")
       .allowed({"static", "auto"});
   add("strata.hardware_profile", K::kString, kNull,
       "Path of a JSON of measured rates for the performance model (not given: calibrate at "

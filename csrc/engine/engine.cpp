@@ -1,5 +1,8 @@
 #include <strata/engine/engine.h>
 
+#include <strata/engine/calibrate.h>
+#include <strata/engine/perf_model.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -55,6 +58,24 @@ struct Engine::Impl {
   Status error;
   bool closed = false;
   uint64_t steps = 0;
+
+  // GPU updates: the updater, which sub-groups it takes, their copy-out into
+  // device memory, and the jobs of the run in flight (pipeline thread only).
+  std::unique_ptr<cuda::GpuUpdater> gpu;
+  std::vector<uint8_t> on_gpu;                              // per sub-group
+  std::vector<std::vector<cuda::CopyOutRange>> gpu_copy_out;  // per sub-group
+  std::atomic<void*> model_stream{nullptr};
+  struct GpuPending {
+    uint32_t sg;
+    cuda::GpuUpdater::Ticket ticket;
+    int64_t start;
+  };
+  std::vector<GpuPending> gpu_pending;
+  Status choose_gpu_subgroups();
+  Result<std::vector<uint8_t>> choose_streamed_split(const HardwareProfile& hw,
+                                                     const std::vector<uint8_t>& eligible);
+  Status submit_gpu(const SubGroup& sg, float* record, float grad_mul, int64_t step_id);
+  Status finish_gpu(int64_t step_id);
 
   Tier* tier_of(const SubGroup& sg) { return tiers.at(sg.tier).get(); }
   const void* grad_ptr(const SubGroup& sg) {
@@ -155,6 +176,210 @@ Status Engine::Impl::init_record(const SubGroup& sg, float* record) {
     }
   }
   return Status::Ok();
+}
+
+namespace {
+cuda::ElemType elem_type(kernels::DType d) {
+  switch (d) {
+    case kernels::DType::kBF16:
+      return cuda::ElemType::kBF16;
+    case kernels::DType::kF16:
+      return cuda::ElemType::kF16;
+    default:
+      return cuda::ElemType::kF32;
+  }
+}
+}  // namespace
+
+// Which sub-groups the GPU updates: (1 - ratio) of the eligible ones, spread
+// evenly (sub-group j of E eligible goes when floor((j+1)G/E) > floor(jG/E)),
+// so CPU and GPU work interleave through the step.
+Status Engine::Impl::choose_gpu_subgroups() {
+  const auto& cfg = opts.config;
+  on_gpu.assign(plan.subgroups.size(), 0);
+  const double ratio = cfg.get_number("zero_optimization.offload_optimizer.ratio");
+  // strata.schedule auto (the default): the performance model picks the split
+  // (ratio is not used); static: (1 - ratio) of the eligible sub-groups.
+  const bool auto_schedule =
+      !cfg.has("strata.schedule") || cfg.get_string("strata.schedule") == "auto";
+  if ((ratio >= 1.0 && !auto_schedule) || opts.grad_source) {
+    return Status::Ok();
+  }
+  std::vector<uint32_t> eligible;
+  size_t max_numel = 0, max_ranges = 0;
+  bool amsgrad = false, f32_grads = false;
+  for (const auto& sg : plan.subgroups) {
+    const auto& h = opts.groups[size_t(sg.group)];
+    bool ok = sg.tier == TierKind::kHost &&
+              (h.kind == kernels::OptimizerKind::kAdam || h.kind == kernels::OptimizerKind::kAdamW);
+    for (const auto& seg : sg.segments) {
+      ok = ok && opts.params[seg.param].device_data != nullptr;
+    }
+    if (ok) {
+      eligible.push_back(sg.id);
+      max_numel = std::max(max_numel, sg.numel);
+      max_ranges = std::max(max_ranges, sg.segments.size());
+      amsgrad = amsgrad || h.amsgrad;
+      f32_grads = f32_grads || sg.grad_dtype == kernels::DType::kF32;
+    }
+  }
+  if (eligible.empty()) {
+    if (ratio >= 1.0) {
+      return Status::Ok();  // nothing asked for the GPU (a CPU model, auto schedule)
+    }
+    plan.notes.push_back("offload_optimizer.ratio " + std::to_string(ratio) +
+                         ": no sub-group can be updated on the GPU (that needs state on the "
+                         "host tier, Adam or AdamW, and the model on the GPU); every sub-group "
+                         "is updated on the CPU");
+    return Status::Ok();
+  }
+  cuda::GpuUpdaterOptions go;
+  go.max_elements = max_numel;
+  go.amsgrad = amsgrad;
+  go.buffers = 2;
+  go.max_grad_type = f32_grads ? cuda::ElemType::kF32 : cuda::ElemType::kBF16;
+  go.max_copy_out = std::max<size_t>(max_ranges, 1);
+  auto made = opts.make_gpu_updater ? opts.make_gpu_updater(go) : cuda::GpuUpdater::create(go);
+  if (!made.ok()) {
+    plan.notes.push_back(std::string(auto_schedule ? "strata.schedule auto"
+                                                   : "offload_optimizer.ratio " + std::to_string(ratio)) +
+                         ": GPU updates unavailable (" + made.status().message() +
+                         "); every sub-group is updated on the CPU");
+    return Status::Ok();
+  }
+  gpu = std::move(made).value();
+  const size_t E = eligible.size();
+  std::vector<uint8_t> pick(plan.subgroups.size(), 0);
+  const size_t G = size_t(std::llround((1.0 - ratio) * double(E)));
+  for (size_t j = 0; j < E; ++j) {
+    if ((j + 1) * G / E > j * G / E) {
+      pick[eligible[j]] = 1;
+    }
+  }
+  // Auto: the performance model picks the split among all-CPU and the
+  // streamed interleaves, from strata.hardware_profile or rates measured now.
+  // (An injected updater — tests — takes the model's choice only from a given profile.)
+  if (auto_schedule && (!opts.make_gpu_updater || cfg.has("strata.hardware_profile"))) {
+    Result<HardwareProfile> hw = cfg.has("strata.hardware_profile")
+                                     ? load_hardware_profile(cfg.get_string("strata.hardware_profile"))
+                                     : calibrate(calibration_options_from_config(cfg));
+    if (!hw.ok()) {
+      plan.notes.push_back("schedule: the performance model has no rates (" + hw.status().message() +
+                           "); the split follows offload_optimizer.ratio");
+    } else {
+      std::vector<uint8_t> ok(plan.subgroups.size(), 0);
+      for (uint32_t id : eligible) {
+        ok[id] = 1;
+      }
+      auto chosen = choose_streamed_split(hw.value(), ok);
+      if (!chosen.ok()) {
+        plan.notes.push_back("schedule: " + chosen.status().message() +
+                             "; the split follows offload_optimizer.ratio");
+      } else {
+        pick = std::move(chosen).value();
+      }
+    }
+  }
+  gpu_copy_out.assign(plan.subgroups.size(), {});
+  for (const auto& sgr : plan.subgroups) {
+    if (pick[sgr.id]) {
+      const SubGroup& sg = sgr;
+      on_gpu[sg.id] = 1;
+      for (const auto& seg : sg.segments) {
+        const ParamInfo& p = opts.params[seg.param];
+        void* dst = static_cast<char*>(p.device_data) + seg.param_offset * kernels::dtype_size(p.dtype);
+        gpu_copy_out[sg.id].push_back(cuda::CopyOutRange{seg.offset, seg.numel, dst});
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// The model's fastest schedule the engine can run: all-CPU or an interleave
+// of streamed GPU sub-groups (GPU-resident state is not a tier yet), with
+// every GPU sub-group eligible.
+Result<std::vector<uint8_t>> Engine::Impl::choose_streamed_split(const HardwareProfile& hw,
+                                                                 const std::vector<uint8_t>& eligible) {
+  const auto& cfg = opts.config;
+  const StepShape shape = step_shape_from_plan(plan, cfg, /*gpu=*/true);
+  ChooseOptions co = choose_options_from_config(cfg, hw);
+  co.auto_schedule = true;
+  STRATA_ASSIGN_OR_RETURN(ScheduleChoice choice, choose_schedule(hw, shape, co));
+  const Candidate* best = nullptr;
+  for (const auto& c : choice.candidates) {
+    bool runnable = c.prediction.feasible;
+    for (size_t i = 0; runnable && i < c.schedule.device.size(); ++i) {
+      const UpdateDevice d = c.schedule.device[i];
+      runnable = d == UpdateDevice::kCpu || (d == UpdateDevice::kGpuStreamed && eligible[i]);
+    }
+    if (runnable && (!best || c.prediction.exposed_s < best->prediction.exposed_s * 0.995)) {
+      best = &c;
+    }
+  }
+  if (!best) {
+    return Status(StatusCode::kNotFound, "no schedule the engine can run is feasible");
+  }
+  std::vector<uint8_t> pick(plan.subgroups.size(), 0);
+  for (size_t i = 0; i < best->schedule.device.size() && i < pick.size(); ++i) {
+    pick[i] = best->schedule.device[i] == UpdateDevice::kGpuStreamed;
+  }
+  char line[200];
+  std::snprintf(line, sizeof(line), "schedule: %s chosen by the performance model (predicted %.3f s "
+                "exposed per step; %s)", best->schedule.name.c_str(), best->prediction.exposed_s,
+                hw.name.c_str());
+  plan.notes.push_back(line);
+  return pick;
+}
+
+Status Engine::Impl::submit_gpu(const SubGroup& sg, float* record, float grad_mul, int64_t step_id) {
+  (void)step_id;
+  kill_point("engine_update");
+  kernels::StepArgs args;
+  args.step = step_counts[size_t(sg.group)];
+  args.grad_mul = grad_mul;
+  STRATA_ASSIGN_OR_RETURN(cuda::AdamStepConsts consts,
+                          cuda::adam_step_consts(opts.groups[size_t(sg.group)], args));
+  cuda::GpuJob job;
+  job.consts = consts;
+  for (int k = 0; k < slots[size_t(sg.group)] && k < 4; ++k) {
+    job.host_slot[k] = record + size_t(k) * sg.slot_stride;
+  }
+  job.n = sg.numel;
+  job.grad = grad_ptr(sg);
+  job.grad_type = elem_type(sg.grad_dtype);
+  job.copy_out = gpu_copy_out[sg.id].data();
+  job.copy_out_count = gpu_copy_out[sg.id].size();
+  job.param_type = elem_type(sg.dtype);
+  job.after_stream = model_stream.load();
+  const int64_t t0 = now_ns();
+  auto t = gpu->submit(job);
+  if (!t.ok()) {
+    return t.status().with_context("GPU update of sub-group " + std::to_string(sg.id));
+  }
+  gpu_pending.push_back(GpuPending{sg.id, t.value(), t0});
+  return Status::Ok();
+}
+
+// Waits for the run's GPU updates (their records are back in host memory),
+// records them in the trace, and orders the model's stream after their
+// copy-out.
+Status Engine::Impl::finish_gpu(int64_t step_id) {
+  Status st;
+  for (const auto& p : gpu_pending) {
+    Status w = gpu->wait(p.ticket);
+    const SubGroup& sg = plan.subgroups[p.sg];
+    trace.record({EventKind::kUpdate, step_id, int32_t(sg.id), "gpu", uint64_t(sg.numel), p.start, now_ns()});
+    if (st.ok() && !w.ok()) {
+      st = w.with_context("GPU update of sub-group " + std::to_string(sg.id));
+    }
+  }
+  if (st.ok() && !gpu_pending.empty()) {
+    if (void* stream = model_stream.load()) {
+      st = gpu->stream_wait(gpu_pending.back().ticket, stream);
+    }
+  }
+  gpu_pending.clear();
+  return st;
 }
 
 Status Engine::Impl::update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool,
@@ -316,7 +541,11 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
         }
       }
       if (tier->resident()) {
-        st = update(sg, tier->data(handles[sg.id]), grad_mul, pool_for(backward_running), step_id);
+        if (gpu && on_gpu[sg.id]) {
+          st = submit_gpu(sg, tier->data(handles[sg.id]), grad_mul, step_id);
+        } else {
+          st = update(sg, tier->data(handles[sg.id]), grad_mul, pool_for(backward_running), step_id);
+        }
         ++next_update;
         continue;
       }
@@ -355,6 +584,14 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
     }
     if (!st.ok() || next_update == n) {
       break;
+    }
+  }
+  if (gpu) {
+    // Every GPU job is waited for, also after an error: their records are
+    // borrowed until then.
+    Status g = finish_gpu(step_id);
+    if (st.ok()) {
+      st = g;
     }
   }
   {
@@ -411,6 +648,7 @@ Status Engine::Impl::close() {
     st = sync();
   }
   closed = true;
+  gpu.reset();  // waits for its jobs; frees device buffers and streams
   for (auto& [k, t] : tiers) {
     t->drain();
   }
@@ -630,10 +868,16 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   }
   STRATA_RETURN_IF_ERROR(init_status.with_context("writing the initial optimizer state"));
   report("writing the initial optimizer state", state_total, state_total);
+  STRATA_RETURN_IF_ERROR(e.choose_gpu_subgroups());
   if (const auto* t = cfg.find("strata.trace.steps"); t && t->is_number_integer()) {
     e.trace.set_keep_steps(size_t(t->get<int64_t>()));
   }
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+void Engine::set_model_stream(void* stream) { impl_->model_stream.store(stream); }
+bool Engine::gpu_updated(uint32_t subgroup) const {
+  return subgroup < impl_->on_gpu.size() && impl_->on_gpu[subgroup] != 0;
 }
 
 const Plan& Engine::plan() const { return impl_->plan; }

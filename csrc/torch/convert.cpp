@@ -214,6 +214,7 @@ py::list subgroups_py(engine::Engine& e) {
     d["group"] = sg.group;
     d["dtype"] = kernels::dtype_name(sg.dtype);
     d["grad_dtype"] = kernels::dtype_name(sg.grad_dtype);
+    d["update"] = e.gpu_updated(sg.id) ? "gpu" : "cpu";
     d["numel"] = sg.numel;
     d["record_bytes"] = sg.record_bytes;
     d["grad_offset"] = sg.grad_offset;

@@ -72,6 +72,9 @@ class PyEngine {
       p.dtype = dtype_from_name(t[2].cast<std::string>());
       p.group = t[3].cast<int>();
       p.data = reinterpret_cast<void*>(t[4].cast<uintptr_t>());
+      if (t.size() > 5 && !t[5].is_none()) {  // the parameter's device memory (GPU updates)
+        p.device_data = reinterpret_cast<void*>(t[5].cast<uintptr_t>());
+      }
       o.params.push_back(std::move(p));
     }
     for (const auto& g : groups) {
@@ -157,6 +160,16 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- kernels ----
   m.def("detect_isa", [] { return std::string(kernels::isa_name(kernels::detect_isa())); });
+  m.def(
+      "engine_features",
+      [] {
+        py::dict d;
+        // The engine updates sub-groups on the GPU when offload_optimizer.ratio < 1, the
+        // model is on the GPU and this build has CUDA (and a device is there at run time).
+        d["gpu_update"] = bool(STRATA_CUDA_ENABLED);
+        return d;
+      },
+      "What this build's engine can do.");
   m.def("optimizer_step", &optimizer_step_py, py::arg("hyper"), py::arg("step"), py::arg("grad_mul"),
         py::arg("slots"), py::arg("n"), py::arg("grad"), py::arg("grad_dtype"), py::arg("copy_out"),
         py::arg("param_dtype"), py::arg("threads") = 1, py::arg("isa") = "auto",
@@ -291,6 +304,11 @@ PYBIND11_MODULE(_C, m) {
       .def("plan_text", [](PyEngine& s) { return s.e().plan().to_string(); })
       .def("plan_json", [](PyEngine& s) { return s.e().plan().to_json().dump(); })
       .def("subgroups", [](PyEngine& s) { return subgroups_py(s.e()); })
+      .def(
+          "set_model_stream",
+          [](PyEngine& s, uintptr_t stream) { s.e().set_model_stream(reinterpret_cast<void*>(stream)); },
+          py::arg("stream"),
+          "The cudaStream_t (as an int; 0: none) of the model's work, for GPU updates.")
       .def("stats", [](PyEngine& s) { return stats_py(s.e()); })
       .def("breakdown", [](PyEngine& s) { return s.e().trace().last_breakdown().to_json().dump(); })
       .def("trace_json", [](PyEngine& s) { return s.e().trace().chrome_json().dump(); })

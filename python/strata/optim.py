@@ -137,6 +137,7 @@ class _Built:
                                 # (gradient dtype != parameter dtype) instead of being it
         self.shadows = []       # engine param index -> host copy of a device parameter, or None
         self.pushed = None      # CUDA event after the last H2D copies of the host copies
+        self.push = []          # engine param index -> None (push all) or CPU-updated ranges
         self.copied = {}        # engine param index -> (weakref, version) of the device .grad
                                 # last copied into the arena (grad_stats then step: copy once)
         self.hooks = []         # per-parameter hooks: fold, and gradient-ready (overlap)
@@ -274,9 +275,12 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             b.shadows.append(self._new_shadow(p) if self._staged(p) else None)
         if any(p.is_cuda for p in b.managed):
             _use_cuda_pinning()
+        # A GPU parameter's host copy is what the CPU update reads and writes; its device
+        # memory is where a GPU update (offload_optimizer.ratio < 1) writes instead.
         specs = [
             (self._name_of(p, i), p.numel(), dtype_name(p.dtype), b.cohort_of[i],
-             (b.shadows[i] if b.shadows[i] is not None else p).data_ptr())
+             (b.shadows[i] if b.shadows[i] is not None else p).data_ptr(),
+             p.data_ptr() if b.shadows[i] is not None and p.is_cuda else None)
             for i, p in enumerate(b.managed)
         ]
         hypers = [self._hyper(self.param_groups[g]) for g in b.cohort_group]
@@ -290,7 +294,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             for c, steps in enumerate(cohort_steps):
                 b.engine.set_step_count(c, steps)
             for note in json.loads(b.engine.plan_json()).get("notes", []):
-                if note.startswith("sub_group_size"):
+                if note.startswith(("sub_group_size", "schedule: ")):
                     # DeepSpeed's default sub_group_size (1e9) is meant as "large"; the cap
                     # that keeps working buffers in budget is expected, not a problem.
                     _config.log.info("strata: %s", note)
@@ -305,6 +309,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                 b.fold.append(gdt[i] != p.dtype)
             b.ptrs = [_storage_key(p) for p in b.managed]
             b.versions = [p._version for p in b.managed]
+            b.push = self._push_ranges(b)
             if prev is not None and prev.engine is not None and not prev.engine.closed:
                 self._copy_state(prev, b, resync)
                 self._carry_folded_grads(prev, b)
@@ -330,15 +335,47 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             if h is not None:
                 h.copy_(p.detach())
 
+    @staticmethod
+    def _push_ranges(b):
+        """Per parameter with a host copy: None (the CPU updates all of it) or the element
+        ranges ``(offset, n)`` the CPU updates — the GPU writes the rest into the parameter
+        itself (offload_optimizer.ratio < 1)."""
+        if not any(h is not None for h in b.shadows):
+            return []
+        cpu = [[] for _ in b.managed]
+        gpu_any = [False] * len(b.managed)
+        for sg in b.engine.subgroups():
+            for (i, po, _, n) in sg["segments"]:
+                if sg.get("update") == "gpu":
+                    gpu_any[i] = True
+                else:
+                    cpu[i].append((po, n))
+        return [None if not gpu_any[i] else sorted(cpu[i]) for i in range(len(b.managed))]
+
+    def _set_model_stream(self, b):
+        """GPU updates wait for, and are waited for by, the current stream of the model."""
+        dev = next((p.device for p, h in zip(b.managed, b.shadows) if h is not None and p.is_cuda),
+                   None)
+        if dev is not None:
+            b.engine.set_model_stream(torch.cuda.current_stream(dev).cuda_stream)
+
     def _push_shadows(self, b):
         """Device parameters := the host copies the update wrote (H2D on the current stream;
-        through ``.data``, so the version counter does not call for a master re-sync). An
-        event after the copies tells the next update when it may write the host copies."""
+        through ``.data``, so the version counter does not call for a master re-sync), only
+        the ranges the CPU updated. An event after the copies tells the next update when it
+        may write the host copies."""
         cuda = None
-        for p, h in zip(b.managed, b.shadows):
-            if h is not None:
+        for i, (p, h) in enumerate(zip(b.managed, b.shadows)):
+            if h is None:
+                continue
+            ranges = b.push[i] if b.push else None
+            if ranges is None:
                 p.data.copy_(h, non_blocking=True)
-                cuda = cuda or (p.device if p.is_cuda else None)
+            else:
+                flat, src = p.data.view(-1), h.view(-1)
+                for po, n in ranges:
+                    flat[po:po + n].copy_(src[po:po + n], non_blocking=True)
+            cuda = cuda or (p.device if p.is_cuda else None)
         if cuda is not None:
             b.pushed = torch.cuda.Event()
             b.pushed.record(torch.cuda.current_stream(cuda))
@@ -561,6 +598,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
         self._install_hooks(b)
         threads = max(1, (os.cpu_count() or 1) - torch.get_num_threads())
+        self._set_model_stream(b)
         b.engine.begin_backward(not exact, 1.0, threads)
         self._overlap_active = True
         try:
@@ -672,6 +710,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         hook = getattr(self, "_engine_step_hook", None)
         if hook is not None:
             hook()  # test hook: arms a kill that lands inside the C++ step
+        self._set_model_stream(b)
         b.engine.step(1.0 if grad_mul is None else float(grad_mul))
         self._push_shadows(b)
         return loss

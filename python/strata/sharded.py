@@ -632,7 +632,7 @@ class ShardedMixin:
             for c, steps in enumerate(cohort_steps):
                 b.engine.set_step_count(c, steps)
             for note in json.loads(b.engine.plan_json()).get("notes", []):
-                if note.startswith("sub_group_size"):
+                if note.startswith(("sub_group_size", "schedule: ")):
                     _config.log.info("strata: %s", note)
                 else:
                     _config.warn_once(note)

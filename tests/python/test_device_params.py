@@ -248,3 +248,54 @@ def test_overlapped_backward_with_staged_parameters_is_bit_identical(staged, swa
             opt.close()
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_only_the_ranges_the_cpu_updated_are_copied_back():
+    """With GPU updates (offload_optimizer.ratio < 1) the GPU writes its sub-groups' new values
+    into the parameters itself: the H2D copy-back takes only the CPU-updated ranges."""
+
+    class FakeEngine:
+        def subgroups(self):
+            return [{"update": "cpu", "segments": [(0, 0, 0, 10), (1, 0, 10, 5)]},
+                    {"update": "gpu", "segments": [(1, 5, 0, 20)]},
+                    {"update": "cpu", "segments": [(1, 25, 0, 7)]},
+                    {"update": "gpu", "segments": [(2, 0, 0, 4)]}]
+
+    b = so._Built()
+    b.engine = FakeEngine()
+    b.managed = [torch.zeros(10), torch.zeros(32), torch.zeros(4)]
+    b.shadows = [torch.arange(10.0), torch.arange(32.0), torch.arange(4.0)]
+    b.push = so._OffloadOptimizer._push_ranges(b)
+    assert b.push == [None, [(0, 5), (25, 7)], []]
+    so._OffloadOptimizer._push_shadows(None, b)
+    assert torch.equal(b.managed[0], torch.arange(10.0))
+    want = torch.zeros(32)
+    want[:5] = torch.arange(5.0)
+    want[25:] = torch.arange(25.0, 32.0)
+    assert torch.equal(b.managed[1], want)
+    assert torch.equal(b.managed[2], torch.zeros(4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_gpu_updates_follow_torch_adamw(ratio):
+    """Half or all of the sub-groups updated on the GPU (state streamed from host memory),
+    the rest on the CPU: equal to torch.optim.AdamW on the GPU."""
+    if not strata._C.engine_features().get("gpu_update"):
+        pytest.skip("this strata build has no CUDA")
+    model, ref = mlp(8).cuda(), mlp(8).cuda()
+    ref.load_state_dict(model.state_dict())
+    cfg = {"zero_optimization": {"sub_group_size": 300, "offload_optimizer": {
+        "device": "cpu", "ratio": ratio}}, "strata": {"schedule": "static"}}
+    opt = so.OffloadAdamW(model.parameters(), lr=1e-2, weight_decay=0.05, config=cfg)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+    try:
+        updates = [sg["update"] for sg in opt._b.engine.subgroups()]
+        assert updates.count("gpu") == round((1 - ratio) * len(updates))
+        run_pair(model, ref, opt, ref_opt, data(12, device="cuda"), gas=2)
+        torch.cuda.synchronize()
+        for a, r in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    finally:
+        opt.close()

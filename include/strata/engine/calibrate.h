@@ -13,8 +13,8 @@
 //   engine uses (reads are of extents written just before: reading
 //   fallocated, never-written extents returns zeros without touching the
 //   device and would overstate the rate);
-// - GPU rates only when a GPU can be driven (this build has no CUDA layer:
-//   the profile says "no GPU" and why).
+// - GPU rates (pinned H2D/D2H, CUDA AdamW, free memory) when this build has
+//   CUDA and a device answers; otherwise the profile says "no GPU" and why.
 // Every figure's origin is recorded in HardwareProfile::sources. Results are
 // medians of repeated runs; a noisy machine shows in `spread` notes.
 //
@@ -43,6 +43,7 @@ struct CalibrationOptions {
   double seconds_per_test = 0.2;  // each CPU test repeats for about this long
   unsigned io_repeats = 2;        // NVMe passes per direction (median)
   bool pin = false;  // offload_optimizer.pin_memory (buffers as the engine's pool makes them)
+  bool gpu = true;   // measure PCIe copies and the CUDA AdamW when a device is there
 };
 
 // swap_dir from offload_optimizer.nvme_path, aio.*, strata.threads.

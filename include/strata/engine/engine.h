@@ -25,6 +25,7 @@
 #include <vector>
 
 #include <strata/config.h>
+#include <strata/cuda/gpu_updater.h>
 #include <strata/engine/plan.h>
 #include <strata/engine/trace.h>
 #include <strata/io/io_engine.h>
@@ -39,6 +40,10 @@ struct ParamInfo {
   kernels::DType dtype = kernels::DType::kF32;
   int group = 0;          // index into EngineOptions::groups
   void* data = nullptr;   // model parameter memory (host), contiguous, numel elements of dtype
+  // The same parameter in GPU memory, when the model lives there and data is
+  // its host copy: a sub-group updated on the GPU copies its new values out
+  // here instead of into data. nullptr: CPU updates only.
+  void* device_data = nullptr;
 };
 
 struct EngineOptions {
@@ -58,6 +63,12 @@ struct EngineOptions {
   // Tests: wraps the I/O engine the NVMe tier uses (e.g. in a
   // FaultInjectionEngine) — the engine's own seam, no syscall patching.
   std::function<std::unique_ptr<io::IoEngine>(std::unique_ptr<io::IoEngine>)> wrap_io;
+  // GPU updates (offload_optimizer.ratio < 1): builds the updater. Empty:
+  // cuda::GpuUpdater::create (Unavailable without CUDA or a device: every
+  // sub-group is then updated on the CPU, with a plan note). Tests inject a
+  // host emulation of the device.
+  std::function<Result<std::unique_ptr<cuda::GpuUpdater>>(const cuda::GpuUpdaterOptions&)>
+      make_gpu_updater;
 };
 
 struct GradSpan {
@@ -137,6 +148,20 @@ class Engine {
 
   // Global gradient statistics over every sub-group (fixed order).
   Result<kernels::GradStats> grad_stats();
+
+  // GPU updates (the interleaved schedule): with offload_optimizer.ratio < 1,
+  // that share of the eligible sub-groups (state on the host tier, Adam or
+  // AdamW, every parameter with device_data) is updated on the GPU, spread
+  // evenly over the step: the record and the gradient go H2D, the kernel
+  // writes the new parameters into device_data, the record comes back D2H;
+  // the CPU updates the rest meanwhile. Results are bit-identical either way.
+  // set_model_stream: the cudaStream_t the model's work runs on. GPU updates
+  // wait (on the device) for the work enqueued on it when they are submitted
+  // (it produced the gradients and may still read the parameters), and before
+  // step() returns the stream is made to wait for their copy-out, so the next
+  // forward sees the new parameters. nullptr (default): no stream ordering.
+  void set_model_stream(void* stream);
+  bool gpu_updated(uint32_t subgroup) const;
 
   // State access by parameter, for checkpoints and state_dict. slot 0 is the
   // master weights. Buffers hold numel floats.
