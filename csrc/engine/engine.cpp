@@ -234,6 +234,7 @@ Status Engine::Impl::choose_gpu_subgroups() {
     return Status::Ok();
   }
   cuda::GpuUpdaterOptions go;
+  go.device = opts.params[plan.subgroups[eligible.front()].segments.front().param].device;
   go.max_elements = max_numel;
   go.amsgrad = amsgrad;
   go.buffers = 2;

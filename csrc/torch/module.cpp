@@ -74,6 +74,7 @@ class PyEngine {
       p.data = reinterpret_cast<void*>(t[4].cast<uintptr_t>());
       if (t.size() > 5 && !t[5].is_none()) {  // the parameter's device memory (GPU updates)
         p.device_data = reinterpret_cast<void*>(t[5].cast<uintptr_t>());
+        p.device = t.size() > 6 ? t[6].cast<int>() : 0;
       }
       o.params.push_back(std::move(p));
     }

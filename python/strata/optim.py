@@ -280,7 +280,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         specs = [
             (self._name_of(p, i), p.numel(), dtype_name(p.dtype), b.cohort_of[i],
              (b.shadows[i] if b.shadows[i] is not None else p).data_ptr(),
-             p.data_ptr() if b.shadows[i] is not None and p.is_cuda else None)
+             p.data_ptr() if b.shadows[i] is not None and p.is_cuda else None,
+             (p.device.index or 0) if p.is_cuda else 0)
             for i, p in enumerate(b.managed)
         ]
         hypers = [self._hyper(self.param_groups[g]) for g in b.cohort_group]

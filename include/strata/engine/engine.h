@@ -44,6 +44,7 @@ struct ParamInfo {
   // its host copy: a sub-group updated on the GPU copies its new values out
   // here instead of into data. nullptr: CPU updates only.
   void* device_data = nullptr;
+  int device = 0;  // the CUDA device of device_data
 };
 
 struct EngineOptions {
