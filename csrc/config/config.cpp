@@ -897,7 +897,7 @@ class ConfigParser {
         stage3_keys.push_back(key->path);
         continue;
       }
-      if (quiet(*key, value)) {
+      if (quiet(*key, value) || (opt_.world_size > 1 && key->honoured_with_ranks)) {
         continue;
       }
       const std::string& note = key->note;

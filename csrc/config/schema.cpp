@@ -92,6 +92,10 @@ class Row {
   }
   // Accepted but not acted on. Booleans are quiet when false (switching off a
   // feature strata does not have is already honoured).
+  Row& with_ranks() {
+    key_.honoured_with_ranks = true;
+    return *this;
+  }
   Row& ignored(std::string note, std::vector<json> quiet = {}) {
     key_.support = KeySupport::kAcceptedIgnored;
     key_.note = std::move(note);
@@ -390,20 +394,24 @@ std::vector<ConfigKey> build_schema() {
       .alias("zero_optimization.offload_optimizer.pin_memory");
   add("zero_optimization.overlap_comm", K::kBool, kNull,
       "DeepSpeed: overlap gradient reduction with backward.")
-      .ignored(kNoteComm);
+      .ignored(kNoteComm)
+      .with_ranks();
   add("zero_optimization.reduce_bucket_size", K::kInt, kNull,
       "DeepSpeed: elements reduced at a time.")
       .min(0)
       .auto_ok()
-      .ignored(kNoteComm);
+      .ignored(kNoteComm)
+      .with_ranks();
   add("zero_optimization.allgather_bucket_size", K::kInt, kNull,
       "DeepSpeed: elements allgathered at a time.")
       .min(0)
       .auto_ok()
-      .ignored(kNoteComm);
+      .ignored(kNoteComm)
+      .with_ranks();
   add("zero_optimization.reduce_scatter", K::kBool, kNull,
       "DeepSpeed: reduce-scatter instead of allreduce.")
-      .ignored(kNoteComm);
+      .ignored(kNoteComm)
+      .with_ranks();
   add("zero_optimization.contiguous_gradients", K::kBool, kNull,
       "DeepSpeed: copy gradients into a contiguous buffer.")
       .ignored("one process: strata always copies gradients into flat per-sub-group buffers; with "

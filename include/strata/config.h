@@ -86,6 +86,9 @@ struct ConfigKey {
   // Accepted-but-ignored keys: values for which not acting on the key changes
   // nothing (e.g. false for a feature switch); no warning for them.
   std::vector<nlohmann::json> quiet_values;
+  // Accepted-but-ignored keys that the data-parallel optimizer acts on: no
+  // warning when the config is parsed for several ranks (world_size > 1).
+  bool honoured_with_ranks = false;
 };
 
 // The table, in documentation order.

@@ -611,6 +611,31 @@ TEST(Config, DramCacheWithoutNvmeWarns) {
   EXPECT_EQ(count_warnings_containing(c, "strata.dram_cache_bytes"), 1) << all_warnings(c);
 }
 
+// The communication keys the data-parallel optimizer acts on are warned about
+// as "not acted on" for one process only.
+TEST(Config, CommunicationKeysWarnForOneProcessOnly) {
+  const json user = {{"zero_optimization",
+                      {{"stage", 2},
+                       {"overlap_comm", true},
+                       {"reduce_bucket_size", 500000000},
+                       {"allgather_bucket_size", 500000000},
+                       {"reduce_scatter", true},
+                       {"round_robin_gradients", true}}}};
+  Config one = must_parse(user);
+  // Warnings list "<path> = <value>"; the note itself names the keys too.
+  for (const char* k : {"overlap_comm =", "reduce_bucket_size =", "allgather_bucket_size =",
+                        "reduce_scatter =", "round_robin_gradients ="}) {
+    EXPECT_EQ(count_warnings_containing(one, k), 1) << k << "\n" << all_warnings(one);
+  }
+  ParseOptions opt;
+  opt.world_size = 2;
+  Config two = must_parse(user, opt);
+  for (const char* k : {"overlap_comm =", "reduce_bucket_size =", "allgather_bucket_size =", "reduce_scatter ="}) {
+    EXPECT_EQ(count_warnings_containing(two, k), 0) << k << "\n" << all_warnings(two);
+  }
+  EXPECT_EQ(count_warnings_containing(two, "round_robin_gradients ="), 1) << all_warnings(two);
+}
+
 TEST(Config, ParsingTheResultAgainGivesTheSameResult) {
   TempDir dir;
   ParseOptions opt;
