@@ -63,7 +63,8 @@ def cmd_info(args):
     sysinfo = _C.system_info(swap_dir)
     tinfo = _torch_info()
     if args.json:
-        out = {"strata": _C.__version__, "system": sysinfo, "torch": tinfo}
+        out = {"strata": _C.__version__, "system": sysinfo, "torch": tinfo,
+               "engine": dict(_C.engine_features())}
         if cfg is not None:
             out["config"] = cfg
         print(json.dumps(out, indent=2, default=str))
@@ -93,6 +94,10 @@ def cmd_info(args):
     print(f"  CXL/memory-only nodes: {', '.join(map(str, cxl)) if cxl else 'none'}")
     print(f"  CUDA            {'compiled in' if sysinfo['cuda_compiled'] else 'not compiled in'}; "
           f"devices: {', '.join(d['name'] for d in tinfo.get('cuda_devices', [])) or 'none'}")
+    gpu_update = bool(_C.engine_features().get("gpu_update"))
+    print("  GPU models      trained with CPU updates through host copies"
+          + ("; the engine can also update sub-groups on the GPU (strata.schedule)"
+             if gpu_update else "; GPU updates need a CUDA build"))
     print(f"  torch           {tinfo.get('torch') or 'not importable'}"
           + (f", {tinfo['torch_threads']} intra-op threads" if tinfo.get("torch") else ""))
     if tinfo.get("torch"):

@@ -428,6 +428,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         ``.grad`` is copied in, a missing one zeroes the view); folded parameters add a
         ``.grad`` that was set by other means than backward and drop it. ``copy_existing``
         False (``zero_grad``): the arena was zeroed, nothing is carried."""
+        pending = None  # a CUDA device whose gradient copies are in flight (one sync at the end)
         for i, (p, view) in enumerate(zip(b.managed, b.views)):
             g = p.grad
             if b.fold[i]:
@@ -451,8 +452,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     last = b.copied.get(i)
                     if last is None or last[0]() is not g or last[1] != g._version:
                         self._check_dense(b, p, g)
-                        view.copy_(g)
+                        view.copy_(g, non_blocking=g.is_cuda)
                         b.copied[i] = (weakref.ref(g), g._version)
+                        pending = g.device if g.is_cuda else pending
                 continue
             if g is not None and g.data_ptr() == view.data_ptr():
                 continue
@@ -462,6 +464,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                 self._check_dense(b, p, g)
                 view.copy_(g)
             p.grad = view
+        if pending is not None:
+            torch.cuda.current_stream(pending).synchronize()  # the arena is read next
 
     def _check_dense(self, b, p, g):
         if g.is_sparse:
