@@ -241,35 +241,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         b.managed = [p for p, _ in trainable]
         b.index = {id(p): i for i, p in enumerate(b.managed)}
 
-        # Cohorts (engine groups): parameters of one torch group that share a step count.
-        # A parameter that joins a group whose members have already stepped gets a cohort of
-        # its own starting at step 0, as torch keeps a step count per parameter.
-        old_steps = {}
-        if prev is not None and prev.engine is not None and not prev.engine.closed:
-            old_steps = {c: prev.engine.step_count(c) for c in range(len(prev.cohort_group))}
-        cohort_key_to_index = {}
-        cohort_steps = []
-        for p, gi in trainable:
-            if self._forced_steps is not None:
-                steps = int(self._forced_steps.get(id(p), 0))
-                key = ("step", gi, steps)
-            elif prev is not None and id(p) in prev.index:
-                old_c = prev.cohort_of[prev.index[id(p)]]
-                key = ("old", old_c)
-                steps = old_steps.get(old_c, 0)
-                if steps == 0:
-                    key = ("new", gi)
-            else:
-                key = ("new", gi)
-                steps = 0
-            if key not in cohort_key_to_index:
-                cohort_key_to_index[key] = len(b.cohort_group)
-                b.cohort_group.append(gi)
-                cohort_steps.append(steps)
-            b.cohort_of.append(cohort_key_to_index[key])
-        if not b.cohort_group:
-            b.cohort_group = [0]
-            cohort_steps = [0]
+        b.cohort_of, b.cohort_group, cohort_steps = self._cohorts(trainable, prev)
 
         for p in b.managed:
             b.shadows.append(self._new_shadow(p) if self._staged(p) else None)
@@ -284,23 +256,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
              (p.device.index or 0) if p.is_cuda else 0)
             for i, p in enumerate(b.managed)
         ]
-        hypers = [self._hyper(self.param_groups[g]) for g in b.cohort_group]
-        progress = EngineProgress(_config.get(self.config, "strata.progress", "auto"))
+        b.engine = self._start_engine(specs, b.cohort_group, cohort_steps)
         try:
-            b.engine = _C.Engine(json.dumps(self._engine_config()), specs, hypers, self._rank,
-                                 self._tag, progress=progress)
-        finally:
-            progress.close()
-        try:
-            for c, steps in enumerate(cohort_steps):
-                b.engine.set_step_count(c, steps)
-            for note in json.loads(b.engine.plan_json()).get("notes", []):
-                if note.startswith(("sub_group_size", "schedule: ")):
-                    # DeepSpeed's default sub_group_size (1e9) is meant as "large"; the cap
-                    # that keeps working buffers in budget is expected, not a problem.
-                    _config.log.info("strata: %s", note)
-                else:
-                    _config.warn_once(note)
             gdt = [dtype_from_name(b.engine.grad_dtype(i)) for i in range(len(b.managed))]
             for dt in set(gdt):
                 b.arenas[dt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(dt)), dt)
@@ -321,6 +278,63 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         if any(b.fold):
             self._install_hooks(b)  # every backward adds .grad into the arena
         return b
+
+    def _cohorts(self, trainable, prev):
+        """(cohort_of, cohort_group, cohort_steps) for ``trainable`` (param, group index) in
+        engine order. Cohorts (engine groups) are parameters of one torch group that share a
+        step count; a parameter that joins a group whose members have already stepped gets a
+        cohort of its own starting at step 0, as torch keeps a step count per parameter."""
+        old_steps = {}
+        if prev is not None and prev.engine is not None and not prev.engine.closed:
+            old_steps = {c: prev.engine.step_count(c) for c in range(len(prev.cohort_group))}
+        key_to_index, cohort_group, cohort_steps, cohort_of = {}, [], [], []
+        for p, gi in trainable:
+            if self._forced_steps is not None:
+                steps = int(self._forced_steps.get(id(p), 0))
+                key = ("step", gi, steps)
+            elif prev is not None and id(p) in prev.index:
+                old_c = prev.cohort_of[prev.index[id(p)]]
+                key = ("old", old_c)
+                steps = old_steps.get(old_c, 0)
+                if steps == 0:
+                    key = ("new", gi)
+            else:
+                key = ("new", gi)
+                steps = 0
+            if key not in key_to_index:
+                key_to_index[key] = len(cohort_group)
+                cohort_group.append(gi)
+                cohort_steps.append(steps)
+            cohort_of.append(key_to_index[key])
+        if not cohort_group:
+            cohort_group, cohort_steps = [0], [0]
+        return cohort_of, cohort_group, cohort_steps
+
+    def _start_engine(self, specs, cohort_group, cohort_steps, *extra):
+        """A C++ engine for ``specs`` (one hyper-parameter set per cohort) with its step
+        counts set and its plan notes said: expected ones logged, the others warned once.
+        ``extra``: further constructor arguments (the sharded optimizer's world size)."""
+        hypers = [self._hyper(self.param_groups[g]) for g in cohort_group]
+        progress = EngineProgress(_config.get(self.config, "strata.progress", "auto"))
+        try:
+            engine = _C.Engine(json.dumps(self._engine_config()), specs, hypers, self._rank,
+                               self._tag, *extra, progress=progress)
+        finally:
+            progress.close()
+        try:
+            for c, steps in enumerate(cohort_steps):
+                engine.set_step_count(c, steps)
+            for note in json.loads(engine.plan_json()).get("notes", []):
+                if note.startswith(("sub_group_size", "schedule: ")):
+                    # DeepSpeed's default sub_group_size (1e9) is meant as "large", and the
+                    # schedule's choice is information: expected, not a problem.
+                    _config.log.info("strata: %s", note)
+                else:
+                    _config.warn_once(note)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
 
     @staticmethod
     def _new_shadow(p):

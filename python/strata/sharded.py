@@ -49,19 +49,16 @@ state_dict, add_param_group, changes of ``requires_grad``): several of them comm
 
 import bisect
 import ctypes
-import json
 import math
 import os
 import platform
 
 import torch
 
-from . import _C
 from . import comm
 from . import config as _config
 from ._torch_compat import (dtype_from_name, dtype_name, has_post_accumulate_grad_hook,
                             tensor_from_buffer)
-from .progress import EngineProgress
 from .optim import (OffloadAdagrad, OffloadAdam, OffloadAdamW, OffloadSGD, _Built,
                     _OffloadOptimizer, _storage_key)
 
@@ -537,8 +534,7 @@ class ShardedMixin:
         cfg = super()._engine_config()
         want = _config.get(cfg, "data_types.grad_accum_dtype")
         if want and self._dp.world > 1 and self._dp.stage < 2:
-            names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-            if any(p.dtype != names[want] for p, _ in self._trainable()):
+            if any(p.dtype != dtype_from_name(want) for p, _ in self._trainable()):
                 _config.warn_once(
                     f"data_types.grad_accum_dtype {want!r} with several ranks is honoured at "
                     f"ZeRO stage 2 only; at stage {self._dp.stage} gradients accumulate in "
@@ -570,34 +566,6 @@ class ShardedMixin:
                     seen.add(key)
                     comm.broadcast(p.data, 0, stats=self._dp_comm_stats)
 
-    def _cohorts(self, trainable, prev):
-        """(cohort_of, cohort_group, cohort_steps): as _OffloadOptimizer._build makes them."""
-        old_steps = {}
-        if prev is not None and prev.engine is not None and not prev.engine.closed:
-            old_steps = {c: prev.engine.step_count(c) for c in range(len(prev.cohort_group))}
-        key_to_index, cohort_group, cohort_steps, cohort_of = {}, [], [], []
-        for p, gi in trainable:
-            if self._forced_steps is not None:
-                steps = int(self._forced_steps.get(id(p), 0))
-                key = ("step", gi, steps)
-            elif prev is not None and id(p) in prev.index:
-                old_c = prev.cohort_of[prev.index[id(p)]]
-                key = ("old", old_c)
-                steps = old_steps.get(old_c, 0)
-                if steps == 0:
-                    key = ("new", gi)
-            else:
-                key = ("new", gi)
-                steps = 0
-            if key not in key_to_index:
-                key_to_index[key] = len(cohort_group)
-                cohort_group.append(gi)
-                cohort_steps.append(steps)
-            cohort_of.append(key_to_index[key])
-        if not cohort_group:
-            cohort_group, cohort_steps = [0], [0]
-        return cohort_of, cohort_group, cohort_steps
-
     def _build_shard(self, prev, resync):
         dp = self._dp
         trainable = self._trainable()
@@ -621,21 +589,8 @@ class ShardedMixin:
                 name = f"{name}[{po}:{po + n}]"
             specs.append((name, n, dtype_name(p.dtype), b.cohort_of[i],
                           p.data_ptr() + po * p.element_size()))
-        hypers = [self._hyper(self.param_groups[g]) for g in b.cohort_group]
-        progress = EngineProgress(_config.get(self.config, "strata.progress", "auto"))
+        b.engine = self._start_engine(specs, b.cohort_group, cohort_steps, dp.world)
         try:
-            b.engine = _C.Engine(json.dumps(self._engine_config()), specs, hypers, self._rank, self._tag,
-                                 dp.world, progress=progress)
-        finally:
-            progress.close()
-        try:
-            for c, steps in enumerate(cohort_steps):
-                b.engine.set_step_count(c, steps)
-            for note in json.loads(b.engine.plan_json()).get("notes", []):
-                if note.startswith(("sub_group_size", "schedule: ")):
-                    _config.log.info("strata: %s", note)
-                else:
-                    _config.warn_once(note)
             # Keyed by parameter dtype; the tensor has the gradient dtype (stage 2 with
             # data_types.grad_accum_dtype: reduced buckets are added into it in that dtype).
             by_grad = {}
