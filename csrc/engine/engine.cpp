@@ -74,7 +74,7 @@ struct Engine::Impl {
   Status choose_gpu_subgroups();
   Result<std::vector<uint8_t>> choose_streamed_split(const HardwareProfile& hw,
                                                      const std::vector<uint8_t>& eligible);
-  Status submit_gpu(const SubGroup& sg, float* record, float grad_mul, int64_t step_id);
+  Status submit_gpu(const SubGroup& sg, float* record, float grad_mul);
   Status finish_gpu(int64_t step_id);
 
   Tier* tier_of(const SubGroup& sg) { return tiers.at(sg.tier).get(); }
@@ -282,9 +282,8 @@ Status Engine::Impl::choose_gpu_subgroups() {
     }
   }
   gpu_copy_out.assign(plan.subgroups.size(), {});
-  for (const auto& sgr : plan.subgroups) {
-    if (pick[sgr.id]) {
-      const SubGroup& sg = sgr;
+  for (const auto& sg : plan.subgroups) {
+    if (pick[sg.id]) {
       on_gpu[sg.id] = 1;
       for (const auto& seg : sg.segments) {
         const ParamInfo& p = opts.params[seg.param];
@@ -332,8 +331,7 @@ Result<std::vector<uint8_t>> Engine::Impl::choose_streamed_split(const HardwareP
   return pick;
 }
 
-Status Engine::Impl::submit_gpu(const SubGroup& sg, float* record, float grad_mul, int64_t step_id) {
-  (void)step_id;
+Status Engine::Impl::submit_gpu(const SubGroup& sg, float* record, float grad_mul) {
   kill_point("engine_update");
   kernels::StepArgs args;
   args.step = step_counts[size_t(sg.group)];
@@ -543,7 +541,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       }
       if (tier->resident()) {
         if (gpu && on_gpu[sg.id]) {
-          st = submit_gpu(sg, tier->data(handles[sg.id]), grad_mul, step_id);
+          st = submit_gpu(sg, tier->data(handles[sg.id]), grad_mul);
         } else {
           st = update(sg, tier->data(handles[sg.id]), grad_mul, pool_for(backward_running), step_id);
         }
