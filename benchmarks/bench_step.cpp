@@ -164,15 +164,26 @@ struct RawIo {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Args args(argc, argv,
-            {{"params", "512M"}, {"config", ""}, {"path", "strata_swap"}, {"device", "nvme"},
-             {"steps", "5"}, {"warmup", "1"}, {"sub-group-size", "0"}, {"buffer-count", "0"},
-             {"grad-dtype", "bf16"}, {"threads", "0"}, {"tensor-size", "64M"}, {"verify", "2"},
-             {"json", "false"}},
-            "strata-bench-step [--params 512M] [--config ds.json] [--path DIR] [--device nvme|cpu|cxl]\n"
-            "  [--steps 5] [--warmup 1] [--sub-group-size N] [--buffer-count N] [--grad-dtype bf16|fp32]\n"
-            "  [--threads 0] [--tensor-size 64M] [--verify K sampled sub-groups] [--json]\n"
-            "Sizes take K/M/G suffixes as powers of 1024 (512M params = 536870912).");
+  Args args(
+      argc, argv,
+      {{"params", "512M"},
+       {"config", ""},
+       {"path", "strata_swap"},
+       {"device", "nvme"},
+       {"steps", "5"},
+       {"warmup", "1"},
+       {"sub-group-size", "0"},
+       {"buffer-count", "0"},
+       {"grad-dtype", "bf16"},
+       {"threads", "0"},
+       {"tensor-size", "64M"},
+       {"verify", "2"},
+       {"json", "false"}},
+      "strata-bench-step [--params 512M] [--config ds.json] [--path DIR] [--device nvme|cpu|cxl]\n"
+      "  [--steps 5] [--warmup 1] [--sub-group-size N] [--buffer-count N] [--grad-dtype "
+      "bf16|fp32]\n"
+      "  [--threads 0] [--tensor-size 64M] [--verify K sampled sub-groups] [--json]\n"
+      "Sizes take K/M/G suffixes as powers of 1024 (512M params = 536870912).");
   const bool json = args.flag("json");
   nlohmann::json cfg_json = nlohmann::json::object();
   if (!args.get("config").empty()) {
@@ -183,7 +194,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   } else {
-    cfg_json = {{"zero_optimization", {{"sub_group_size", 16 << 20}, {"offload_optimizer", {{"buffer_count", 4}}}}},
+    cfg_json = {{"zero_optimization",
+                 {{"sub_group_size", 16 << 20}, {"offload_optimizer", {{"buffer_count", 4}}}}},
                 {"aio", {{"block_size", 1 << 20}, {"queue_depth", 32}}}};
   }
   auto& off = cfg_json["zero_optimization"]["offload_optimizer"];
@@ -192,7 +204,8 @@ int main(int argc, char** argv) {
     ::mkdir(args.get("path").c_str(), 0755);
     off["nvme_path"] = args.get("path");
   }
-  if (args.size("sub-group-size")) cfg_json["zero_optimization"]["sub_group_size"] = args.size("sub-group-size");
+  if (args.size("sub-group-size"))
+    cfg_json["zero_optimization"]["sub_group_size"] = args.size("sub-group-size");
   if (args.size("buffer-count")) off["buffer_count"] = args.size("buffer-count");
   cfg_json["strata"]["threads"] = int(args.number("threads"));
   auto cfg = Config::parse(cfg_json);
@@ -202,7 +215,8 @@ int main(int argc, char** argv) {
   }
   const uint64_t total = args.size("params");
   const uint64_t tensor = std::max<uint64_t>(args.size("tensor-size"), 1);
-  const kernels::DType gd = args.get("grad-dtype") == "fp32" ? kernels::DType::kF32 : kernels::DType::kBF16;
+  const kernels::DType gd =
+      args.get("grad-dtype") == "fp32" ? kernels::DType::kF32 : kernels::DType::kBF16;
 
   engine::EngineOptions o;
   o.config = cfg.value();
@@ -217,7 +231,8 @@ int main(int argc, char** argv) {
   h.weight_decay = 0.01f;
   o.groups = {h};
   // One deterministic gradient buffer, as large as the largest sub-group.
-  size_t max_numel = size_t(std::min<uint64_t>(total, uint64_t(o.config.get_int("zero_optimization.sub_group_size"))));
+  size_t max_numel = size_t(
+      std::min<uint64_t>(total, uint64_t(o.config.get_int("zero_optimization.sub_group_size"))));
   std::vector<uint16_t> g16;
   std::vector<float> g32;
   if (gd == kernels::DType::kF32) {
@@ -251,13 +266,16 @@ int main(int argc, char** argv) {
     placement += tiers::tier_name(t.tier);
   }
   Table table({"step", "step_s", "io_bound_s", "update_bound_s", "ratio", "GB_moved"}, json);
-  table.note("params " + std::to_string(total) + " (" + format_bytes(double(total) * 12) + " of state), placement " +
-             placement + ", sub_group_size " + std::to_string(plan.sub_group_size) + ", buffer_count " +
+  table.note("params " + std::to_string(total) + " (" + format_bytes(double(total) * 12) +
+             " of state), placement " + placement + ", sub_group_size " +
+             std::to_string(plan.sub_group_size) + ", buffer_count " +
              std::to_string(plan.buffer_count) + ", " + std::to_string(plan.subgroups.size()) +
              " sub-groups, init " + std::to_string(init_s) + " s");
   auto st0 = eng.stats();
-  table.note("io backend " + st0.io_backend + (st0.io_note.empty() ? "" : " (" + st0.io_note + ")") + ", swap file " +
-             st0.swap_file_path + ", kernel " + st0.isa + " x" + std::to_string(st0.threads) + " threads");
+  table.note("io backend " + st0.io_backend +
+             (st0.io_note.empty() ? "" : " (" + st0.io_note + ")") + ", swap file " +
+             st0.swap_file_path + ", kernel " + st0.isa + " x" + std::to_string(st0.threads) +
+             " threads");
 
   // Bounds.
   RawIo raw;
@@ -355,19 +373,22 @@ int main(int argc, char** argv) {
       }
       bool same = true;
       for (int q = 0; q < 3; ++q) {
-        same = same && std::memcmp(rec.data() + size_t(q) * sg.slot_stride, v.slot[q], sg.numel * 4) == 0;
+        same = same &&
+               std::memcmp(rec.data() + size_t(q) * sg.slot_stride, v.slot[q], sg.numel * 4) == 0;
       }
       ++verified;
       mismatched += !same;
     }
-    table.note("verified " + std::to_string(verified) + " sampled sub-groups against the scalar reference: " +
+    table.note("verified " + std::to_string(verified) +
+               " sampled sub-groups against the scalar reference: " +
                (mismatched ? std::to_string(mismatched) + " MISMATCHED" : "bit-identical"));
   }
 
   auto st = eng.stats();
   double ms = median(steps), mio = median(ios), mup = median(ups);
   double bound = std::max(mio, mup);
-  Table summary({"params", "placement", "step_s", "io_bound_s", "update_bound_s", "ratio_to_bound", "pool", "peak_rss"},
+  Table summary({"params", "placement", "step_s", "io_bound_s", "update_bound_s", "ratio_to_bound",
+                 "pool", "peak_rss"},
                 json);
   summary.row({{"params", int64_t(total)},
                {"placement", placement},

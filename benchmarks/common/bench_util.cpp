@@ -23,7 +23,8 @@ double now_seconds() {
 double cpu_seconds() {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
-  return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6;
+  return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec +
+         ru.ru_stime.tv_usec * 1e-6;
 }
 
 uint64_t peak_rss_bytes() {
@@ -45,12 +46,18 @@ uint64_t parse_size(const std::string& text) {
   std::string suffix = text.substr(pos);
   for (auto& c : suffix) c = char(std::toupper(c));
   double mul = 1;
-  if (suffix.empty() || suffix == "B") mul = 1;
-  else if (suffix[0] == 'K') mul = 1024.0;
-  else if (suffix[0] == 'M') mul = 1024.0 * 1024;
-  else if (suffix[0] == 'G') mul = 1024.0 * 1024 * 1024;
-  else if (suffix[0] == 'T') mul = 1024.0 * 1024 * 1024 * 1024;
-  else throw std::invalid_argument("bad size: " + text);
+  if (suffix.empty() || suffix == "B")
+    mul = 1;
+  else if (suffix[0] == 'K')
+    mul = 1024.0;
+  else if (suffix[0] == 'M')
+    mul = 1024.0 * 1024;
+  else if (suffix[0] == 'G')
+    mul = 1024.0 * 1024 * 1024;
+  else if (suffix[0] == 'T')
+    mul = 1024.0 * 1024 * 1024 * 1024;
+  else
+    throw std::invalid_argument("bad size: " + text);
   return uint64_t(std::llround(v * mul));
 }
 
@@ -121,7 +128,8 @@ std::vector<std::string> Args::list(const std::string& name) const {
   return out;
 }
 
-Table::Table(std::vector<std::string> columns, bool json) : columns_(std::move(columns)), json_(json) {}
+Table::Table(std::vector<std::string> columns, bool json)
+    : columns_(std::move(columns)), json_(json) {}
 
 static std::string cell_text(const Cell& c) {
   char buf[64];

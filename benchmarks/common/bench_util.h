@@ -22,8 +22,7 @@ std::string format_bytes(double bytes);
 // Minimal --flag value / --flag=value parser. Unknown flags are an error.
 class Args {
  public:
-  Args(int argc, char** argv, std::map<std::string, std::string> defaults,
-       std::string usage);
+  Args(int argc, char** argv, std::map<std::string, std::string> defaults, std::string usage);
   std::string get(const std::string& name) const;
   uint64_t size(const std::string& name) const { return parse_size(get(name)); }
   double number(const std::string& name) const;

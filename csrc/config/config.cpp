@@ -1103,7 +1103,8 @@ std::string Config::get_string(const std::string& path) const {
     // one of their own values (strata.schedule, strata.progress).
     const ConfigKey* key = find_config_key(path);
     const bool auto_is_a_value =
-        key != nullptr && std::find(key->allowed.begin(), key->allowed.end(), "auto") != key->allowed.end();
+        key != nullptr &&
+        std::find(key->allowed.begin(), key->allowed.end(), "auto") != key->allowed.end();
     if (!is_auto(*v) || auto_is_a_value) {
       return v->get<std::string>();
     }

@@ -414,10 +414,11 @@ std::vector<ConfigKey> build_schema() {
       .with_ranks();
   add("zero_optimization.contiguous_gradients", K::kBool, kNull,
       "DeepSpeed: copy gradients into a contiguous buffer.")
-      .ignored("one process: strata always copies gradients into flat per-sub-group buffers; with "
-               "several ranks at ZeRO stage 1 it picks one flat gradient buffer (true) or torch's "
-               "own .grad tensors copied into buckets (false) (docs/distributed.md)",
-               {true, false});
+      .ignored(
+          "one process: strata always copies gradients into flat per-sub-group buffers; with "
+          "several ranks at ZeRO stage 1 it picks one flat gradient buffer (true) or torch's "
+          "own .grad tensors copied into buckets (false) (docs/distributed.md)",
+          {true, false});
   add("zero_optimization.allgather_partitions", K::kBool, kNull,
       "DeepSpeed: allgather instead of broadcasts after the step.")
       .ignored(kNoteComm);

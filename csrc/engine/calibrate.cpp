@@ -409,7 +409,8 @@ Result<HardwareProfile> calibrate(const CalibrationOptions& o) {
     if (!rates.ok()) {
       hw.sources["gpu_update_params_per_s"] = "not measured: " + rates.status().message();
     } else {
-      const std::string what = "measured: " + rates->device_name + ", pinned copies of 64 MiB, "
+      const std::string what = "measured: " + rates->device_name +
+                               ", pinned copies of 64 MiB, "
                                "AdamW over 8M fp32 parameters (median of 3)";
       hw.h2d_bytes_per_s = rates->h2d_gbps * 1e9;
       hw.d2h_bytes_per_s = rates->d2h_gbps * 1e9;

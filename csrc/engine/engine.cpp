@@ -62,7 +62,7 @@ struct Engine::Impl {
   // GPU updates: the updater, which sub-groups it takes, their copy-out into
   // device memory, and the jobs of the run in flight (pipeline thread only).
   std::unique_ptr<cuda::GpuUpdater> gpu;
-  std::vector<uint8_t> on_gpu;                              // per sub-group
+  std::vector<uint8_t> on_gpu;                                // per sub-group
   std::vector<std::vector<cuda::CopyOutRange>> gpu_copy_out;  // per sub-group
   std::atomic<void*> model_stream{nullptr};
   struct GpuPending {
@@ -99,7 +99,8 @@ struct Engine::Impl {
     return backward_running && backward_threads ? backward_threads.get() : threads.get();
   }
   Status init_record(const SubGroup& sg, float* record);
-  Status update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool, int64_t step_id);
+  Status update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool,
+                int64_t step_id);
   Status run_pipeline(StepRun& run);
   // Starts a step run on the worker thread (step counts advance).
   void start_run(bool gate, float grad_mul, bool collect_stats, bool backward_running);
@@ -139,15 +140,16 @@ struct Engine::Impl {
   }
   void note_record_stored(const SubGroup& sg) {
     if (!lost.empty() && lost[sg.id] &&
-        std::all_of(written[sg.id].begin(), written[sg.id].end(), [](uint8_t w) { return w != 0; })) {
+        std::all_of(written[sg.id].begin(), written[sg.id].end(),
+                    [](uint8_t w) { return w != 0; })) {
       lost[sg.id] = 0;
     }
   }
   Status check_readable(const SubGroup& sg) const {
     if (!lost.empty() && lost[sg.id]) {
       return Status(StatusCode::kFailedPrecondition,
-                    "sub-group " + std::to_string(sg.id) + " lost its state in a failed step (" + error.message() +
-                        "); reload every parameter's state before reading it");
+                    "sub-group " + std::to_string(sg.id) + " lost its state in a failed step (" +
+                        error.message() + "); reload every parameter's state before reading it");
     }
     return Status::Ok();
   }
@@ -166,8 +168,10 @@ Status Engine::Impl::init_record(const SubGroup& sg, float* record) {
     if (p.data == nullptr) {
       continue;  // bench mode: masters start at zero
     }
-    const char* src = static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
-    STRATA_RETURN_IF_ERROR(kernels::cast_to_f32(src, p.dtype, record + seg.offset, seg.numel, threads.get()));
+    const char* src =
+        static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
+    STRATA_RETURN_IF_ERROR(
+        kernels::cast_to_f32(src, p.dtype, record + seg.offset, seg.numel, threads.get()));
   }
   for (int k = 1; k < slots[size_t(sg.group)]; ++k) {
     float init = kernels::initial_slot_value(hyper, k);
@@ -242,8 +246,9 @@ Status Engine::Impl::choose_gpu_subgroups() {
   go.max_copy_out = std::max<size_t>(max_ranges, 1);
   auto made = opts.make_gpu_updater ? opts.make_gpu_updater(go) : cuda::GpuUpdater::create(go);
   if (!made.ok()) {
-    plan.notes.push_back(std::string(auto_schedule ? "strata.schedule auto"
-                                                   : "offload_optimizer.ratio " + std::to_string(ratio)) +
+    plan.notes.push_back(std::string(auto_schedule
+                                         ? "strata.schedule auto"
+                                         : "offload_optimizer.ratio " + std::to_string(ratio)) +
                          ": GPU updates unavailable (" + made.status().message() +
                          "); every sub-group is updated on the CPU");
     return Status::Ok();
@@ -261,12 +266,13 @@ Status Engine::Impl::choose_gpu_subgroups() {
   // streamed interleaves, from strata.hardware_profile or rates measured now.
   // (An injected updater — tests — takes the model's choice only from a given profile.)
   if (auto_schedule && (!opts.make_gpu_updater || cfg.has("strata.hardware_profile"))) {
-    Result<HardwareProfile> hw = cfg.has("strata.hardware_profile")
-                                     ? load_hardware_profile(cfg.get_string("strata.hardware_profile"))
-                                     : calibrate(calibration_options_from_config(cfg));
+    Result<HardwareProfile> hw =
+        cfg.has("strata.hardware_profile")
+            ? load_hardware_profile(cfg.get_string("strata.hardware_profile"))
+            : calibrate(calibration_options_from_config(cfg));
     if (!hw.ok()) {
-      plan.notes.push_back("schedule: the performance model has no rates (" + hw.status().message() +
-                           "); the split follows offload_optimizer.ratio");
+      plan.notes.push_back("schedule: the performance model has no rates (" +
+                           hw.status().message() + "); the split follows offload_optimizer.ratio");
     } else {
       std::vector<uint8_t> ok(plan.subgroups.size(), 0);
       for (uint32_t id : eligible) {
@@ -287,7 +293,8 @@ Status Engine::Impl::choose_gpu_subgroups() {
       on_gpu[sg.id] = 1;
       for (const auto& seg : sg.segments) {
         const ParamInfo& p = opts.params[seg.param];
-        void* dst = static_cast<char*>(p.device_data) + seg.param_offset * kernels::dtype_size(p.dtype);
+        void* dst =
+            static_cast<char*>(p.device_data) + seg.param_offset * kernels::dtype_size(p.dtype);
         gpu_copy_out[sg.id].push_back(cuda::CopyOutRange{seg.offset, seg.numel, dst});
       }
     }
@@ -298,8 +305,8 @@ Status Engine::Impl::choose_gpu_subgroups() {
 // The model's fastest schedule the engine can run: all-CPU or an interleave
 // of streamed GPU sub-groups (GPU-resident state is not a tier yet), with
 // every GPU sub-group eligible.
-Result<std::vector<uint8_t>> Engine::Impl::choose_streamed_split(const HardwareProfile& hw,
-                                                                 const std::vector<uint8_t>& eligible) {
+Result<std::vector<uint8_t>> Engine::Impl::choose_streamed_split(
+    const HardwareProfile& hw, const std::vector<uint8_t>& eligible) {
   const auto& cfg = opts.config;
   const StepShape shape = step_shape_from_plan(plan, cfg, /*gpu=*/true);
   ChooseOptions co = choose_options_from_config(cfg, hw);
@@ -324,9 +331,10 @@ Result<std::vector<uint8_t>> Engine::Impl::choose_streamed_split(const HardwareP
     pick[i] = best->schedule.device[i] == UpdateDevice::kGpuStreamed;
   }
   char line[200];
-  std::snprintf(line, sizeof(line), "schedule: %s chosen by the performance model (predicted %.3f s "
-                "exposed per step; %s)", best->schedule.name.c_str(), best->prediction.exposed_s,
-                hw.name.c_str());
+  std::snprintf(line, sizeof(line),
+                "schedule: %s chosen by the performance model (predicted %.3f s "
+                "exposed per step; %s)",
+                best->schedule.name.c_str(), best->prediction.exposed_s, hw.name.c_str());
   plan.notes.push_back(line);
   return pick;
 }
@@ -367,7 +375,8 @@ Status Engine::Impl::finish_gpu(int64_t step_id) {
   for (const auto& p : gpu_pending) {
     Status w = gpu->wait(p.ticket);
     const SubGroup& sg = plan.subgroups[p.sg];
-    trace.record({EventKind::kUpdate, step_id, int32_t(sg.id), "gpu", uint64_t(sg.numel), p.start, now_ns()});
+    trace.record({EventKind::kUpdate, step_id, int32_t(sg.id), "gpu", uint64_t(sg.numel), p.start,
+                  now_ns()});
     if (st.ok() && !w.ok()) {
       st = w.with_context("GPU update of sub-group " + std::to_string(sg.id));
     }
@@ -381,8 +390,8 @@ Status Engine::Impl::finish_gpu(int64_t step_id) {
   return st;
 }
 
-Status Engine::Impl::update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool,
-                            int64_t step_id) {
+Status Engine::Impl::update(const SubGroup& sg, float* record, float grad_mul,
+                            kernels::ThreadPool* pool, int64_t step_id) {
   kill_point("engine_update");
   kernels::StepArgs args;
   args.step = step_counts[size_t(sg.group)];
@@ -390,7 +399,8 @@ Status Engine::Impl::update(const SubGroup& sg, float* record, float grad_mul, k
   int64_t t0 = now_ns();
   Status st = kernels::optimizer_step(opts.groups[size_t(sg.group)], args, view(sg, record),
                                       grad_ptr(sg), sg.grad_dtype, copy_out[sg.id], sg.dtype, pool);
-  trace.record({EventKind::kUpdate, step_id, int32_t(sg.id), "cpu", uint64_t(sg.numel), t0, now_ns()});
+  trace.record(
+      {EventKind::kUpdate, step_id, int32_t(sg.id), "cpu", uint64_t(sg.numel), t0, now_ns()});
   return st.with_context("update of sub-group " + std::to_string(sg.id));
 }
 
@@ -437,8 +447,10 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       done = buf.ticket == 0 ? buf.submitted : now_ns();
     }
     trace.record({fetching ? EventKind::kFetch : EventKind::kStore, step_id, int32_t(sg.id),
-                  tiers::tier_name(sg.tier), sg.record_bytes, buf.start, std::max(done, buf.start)});
-    return st.with_context(std::string(fetching ? "fetch" : "store") + " of sub-group " + std::to_string(sg.id));
+                  tiers::tier_name(sg.tier), sg.record_bytes, buf.start,
+                  std::max(done, buf.start)});
+    return st.with_context(std::string(fetching ? "fetch" : "store") + " of sub-group " +
+                           std::to_string(sg.id));
   };
   // Issues fetches for known sub-groups while buffers allow. A buffer being
   // stored is reused only if it is not the newest store (unless `force`).
@@ -469,7 +481,8 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       Buf& buf = bufs[size_t(chosen)];
       buf.sg = id;
       buf.start = now_ns();
-      STRATA_ASSIGN_OR_RETURN(buf.ticket, tier_of(sgs[id])->submit_fetch(handles[id], work[size_t(chosen)].data()));
+      STRATA_ASSIGN_OR_RETURN(
+          buf.ticket, tier_of(sgs[id])->submit_fetch(handles[id], work[size_t(chosen)].data()));
       buf.submitted = now_ns();
       buf.state = BufState::kFetching;
       buf_of[id] = chosen;
@@ -519,7 +532,8 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       // later in sub-group order, so the total does not depend on arrival.
       for (size_t i = known_before; i < order.size(); ++i) {
         const SubGroup& sg = sgs[order[i]];
-        kernels::GradStats g = kernels::grad_stats(grad_ptr(sg), sg.grad_dtype, sg.numel, pool_for(backward_running));
+        kernels::GradStats g =
+            kernels::grad_stats(grad_ptr(sg), sg.grad_dtype, sg.numel, pool_for(backward_running));
         std::lock_guard<std::mutex> lock(run.mu);
         run.stats[sg.id] = g;
         ++run.stats_done;
@@ -543,7 +557,8 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
         if (gpu && on_gpu[sg.id]) {
           st = submit_gpu(sg, tier->data(handles[sg.id]), grad_mul);
         } else {
-          st = update(sg, tier->data(handles[sg.id]), grad_mul, pool_for(backward_running), step_id);
+          st =
+              update(sg, tier->data(handles[sg.id]), grad_mul, pool_for(backward_running), step_id);
         }
         ++next_update;
         continue;
@@ -709,7 +724,8 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   // Gradient arenas, one per gradient dtype, zeroed.
   std::vector<size_t> arena_numel(3, 0);
   for (const auto& sg : e.plan.subgroups) {
-    arena_numel[size_t(sg.grad_dtype)] = std::max(arena_numel[size_t(sg.grad_dtype)], sg.grad_offset + sg.numel);
+    arena_numel[size_t(sg.grad_dtype)] =
+        std::max(arena_numel[size_t(sg.grad_dtype)], sg.grad_offset + sg.numel);
   }
   for (size_t d = 0; d < 3; ++d) {
     if (arena_numel[d] == 0 || e.opts.grad_source) {
@@ -775,13 +791,15 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
         }
         tiers::NvmeTierOptions no;
         no.dir = cfg.get_string("zero_optimization.offload_optimizer.nvme_path");
-        no.tag = "rank" + std::to_string(e.opts.rank) + (e.opts.tag.empty() ? "" : "-" + e.opts.tag);
+        no.tag =
+            "rank" + std::to_string(e.opts.rank) + (e.opts.tag.empty() ? "" : "-" + e.opts.tag);
         no.capacity = nvme_bytes;
         no.checksums = cfg.get_bool("strata.verify_checksums");
         // Checksums hash on the pool the updates use at that moment (fewer threads while
         // backward runs); the pipeline thread hashes between updates, never during one.
         no.parallel_for = [impl = &e](size_t tasks, const std::function<void(size_t)>& fn) {
-          impl->pool_for(impl->in_backward.load(std::memory_order_relaxed))->parallel_for(tasks, fn);
+          impl->pool_for(impl->in_backward.load(std::memory_order_relaxed))
+              ->parallel_for(tasks, fn);
         };
         STRATA_ASSIGN_OR_RETURN(e.tiers[TierKind::kNvme], tiers::make_nvme_tier(no, e.io.get()));
         break;
@@ -803,7 +821,8 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   // Working buffers for fetch/store tiers.
   if (e.plan.working_buffer_bytes > 0) {
     for (size_t b = 0; b < std::max<size_t>(e.plan.buffer_count, 1); ++b) {
-      STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf, e.pool->allocate(e.plan.working_buffer_bytes));
+      STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf,
+                              e.pool->allocate(e.plan.working_buffer_bytes));
       if (e.io) {
         STRATA_RETURN_IF_ERROR(e.io->register_buffer(buf.data(), buf.size()));
       }
@@ -885,7 +904,8 @@ const std::vector<GradSpan>& Engine::grad_arenas() const { return impl_->arenas;
 size_t Engine::grad_offset(size_t param) const { return impl_->param_grad_offset.at(param); }
 kernels::DType Engine::grad_dtype(size_t param) const {
   const auto& sgs = impl_->subgroups_of_param.at(param);
-  return sgs.empty() ? impl_->opts.params.at(param).dtype : impl_->plan.subgroups[sgs.front()].grad_dtype;
+  return sgs.empty() ? impl_->opts.params.at(param).dtype
+                     : impl_->plan.subgroups[sgs.front()].grad_dtype;
 }
 
 Status Engine::zero_grads() {
@@ -942,7 +962,8 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
     Status st = run_pipeline(r);
     int64_t end = now_ns();
     if (r.backward_end_ns) {
-      trace.record({EventKind::kBackward, int64_t(steps), -1, "", 0, r.start_ns, r.backward_end_ns});
+      trace.record(
+          {EventKind::kBackward, int64_t(steps), -1, "", 0, r.start_ns, r.backward_end_ns});
     }
     trace.record({EventKind::kStep, int64_t(steps), -1, "", 0, r.start_ns, end});
     trace.end_step();
@@ -972,8 +993,9 @@ Status Engine::Impl::sync() {
     std::lock_guard<std::mutex> lock(run->mu);
     if (!run->stepped && !run->cancel) {
       // Joining now would wait forever for a gate only step() opens.
-      return Status(StatusCode::kFailedPrecondition,
-                    "a step begun by begin_backward() is in flight: call step() or cancel_step() first");
+      return Status(
+          StatusCode::kFailedPrecondition,
+          "a step begun by begin_backward() is in flight: call step() or cancel_step() first");
     }
   }
   run->worker.join();
@@ -1008,10 +1030,12 @@ Status Engine::begin_backward(const BackwardOptions& options) {
   Impl& e = *impl_;
   STRATA_RETURN_IF_ERROR(e.sync());
   STRATA_RETURN_IF_ERROR(check_usable(e.error, e.closed));
-  if (options.threads > 0 && (!e.backward_threads || e.backward_threads->size() != options.threads)) {
+  if (options.threads > 0 &&
+      (!e.backward_threads || e.backward_threads->size() != options.threads)) {
     e.backward_threads = std::make_unique<kernels::ThreadPool>(options.threads);
   }
-  e.start_run(options.eager_update, options.grad_mul, !options.eager_update, /*backward_running=*/true);
+  e.start_run(options.eager_update, options.grad_mul, !options.eager_update,
+              /*backward_running=*/true);
   return Status::Ok();
 }
 
@@ -1072,7 +1096,8 @@ Status Engine::step(float grad_mul) {
     {
       std::lock_guard<std::mutex> lock(r.mu);
       if (!r.closed) {
-        return Status(StatusCode::kFailedPrecondition, "step() during backward: call end_backward() first");
+        return Status(StatusCode::kFailedPrecondition,
+                      "step() during backward: call end_backward() first");
       }
       r.stepped = true;
       if (!r.gate) {
@@ -1132,7 +1157,8 @@ Result<kernels::GradStats> Engine::grad_stats() {
     std::unique_lock<std::mutex> lock(e.run->mu);
     if (e.run->collect_stats) {
       if (!e.run->closed) {
-        return Status(StatusCode::kFailedPrecondition, "grad_stats() during backward: call end_backward() first");
+        return Status(StatusCode::kFailedPrecondition,
+                      "grad_stats() during backward: call end_backward() first");
       }
       e.run->cv.wait(lock, [&] { return e.run->stats_done == per.size() || e.run->updates_done; });
       if (e.run->stats_done == per.size()) {
@@ -1163,8 +1189,9 @@ Status Engine::read_param_states(size_t param, const std::vector<float*>& bufs) 
   for (uint32_t id : e.subgroups_of_param[param]) {
     const SubGroup& sg = e.plan.subgroups[id];
     if (bufs.size() > size_t(e.slots[size_t(sg.group)])) {
-      return invalid_argument("read_param_state: slot " + std::to_string(bufs.size() - 1) + " out of range (" +
-                              std::to_string(e.slots[size_t(sg.group)]) + " slots)");
+      return invalid_argument("read_param_state: slot " + std::to_string(bufs.size() - 1) +
+                              " out of range (" + std::to_string(e.slots[size_t(sg.group)]) +
+                              " slots)");
     }
     STRATA_ASSIGN_OR_RETURN(float* rec, e.get_record(sg));
     for (const auto& seg : sg.segments) {
@@ -1173,7 +1200,8 @@ Status Engine::read_param_states(size_t param, const std::vector<float*>& bufs) 
       }
       for (size_t k = 0; k < bufs.size(); ++k) {
         if (bufs[k]) {
-          std::memcpy(bufs[k] + seg.param_offset, rec + k * sg.slot_stride + seg.offset, seg.numel * 4);
+          std::memcpy(bufs[k] + seg.param_offset, rec + k * sg.slot_stride + seg.offset,
+                      seg.numel * 4);
         }
       }
     }
@@ -1190,8 +1218,9 @@ Status Engine::write_param_states(size_t param, const std::vector<const float*>&
   for (uint32_t id : e.subgroups_of_param[param]) {
     const SubGroup& sg = e.plan.subgroups[id];
     if (bufs.size() > size_t(e.slots[size_t(sg.group)])) {
-      return invalid_argument("write_param_state: slot " + std::to_string(bufs.size() - 1) + " out of range (" +
-                              std::to_string(e.slots[size_t(sg.group)]) + " slots)");
+      return invalid_argument("write_param_state: slot " + std::to_string(bufs.size() - 1) +
+                              " out of range (" + std::to_string(e.slots[size_t(sg.group)]) +
+                              " slots)");
     }
     STRATA_ASSIGN_OR_RETURN(float* rec, e.record_for_write(sg));
     for (size_t si = 0; si < sg.segments.size(); ++si) {
@@ -1201,7 +1230,8 @@ Status Engine::write_param_states(size_t param, const std::vector<const float*>&
       }
       for (size_t k = 0; k < bufs.size(); ++k) {
         if (bufs[k]) {
-          std::memcpy(rec + k * sg.slot_stride + seg.offset, bufs[k] + seg.param_offset, seg.numel * 4);
+          std::memcpy(rec + k * sg.slot_stride + seg.offset, bufs[k] + seg.param_offset,
+                      seg.numel * 4);
           e.note_written(sg, si, k);
         }
       }
@@ -1263,8 +1293,10 @@ Status Engine::sync_master_from_params() {
       if (p.data == nullptr) {
         continue;
       }
-      const char* src = static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
-      STRATA_RETURN_IF_ERROR(kernels::cast_to_f32(src, p.dtype, rec + seg.offset, seg.numel, e.threads.get()));
+      const char* src =
+          static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
+      STRATA_RETURN_IF_ERROR(
+          kernels::cast_to_f32(src, p.dtype, rec + seg.offset, seg.numel, e.threads.get()));
       e.note_written(sg, si, 0);
     }
     STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
@@ -1284,7 +1316,8 @@ Status Engine::clear_error() {
     if (e.lost[id]) {
       return Status(StatusCode::kFailedPrecondition,
                     "cannot resume: the state of sub-group " + std::to_string(id) +
-                        " was not fully reloaded after the failed step (" + e.error.message() + ")");
+                        " was not fully reloaded after the failed step (" + e.error.message() +
+                        ")");
     }
   }
   e.lost.clear();

@@ -98,7 +98,8 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   // DeepSpeed's default sub_group_size (1e9) would mean 12 GB records.
   const bool may_fetch = device == "nvme" || device == "cxl" || has_nvme_path;
   if (may_fetch) {
-    uint64_t per_elem = uint64_t(max_slots) * sizeof(float) * std::max<size_t>(plan.buffer_count, 1);
+    uint64_t per_elem =
+        uint64_t(max_slots) * sizeof(float) * std::max<size_t>(plan.buffer_count, 1);
     uint64_t cap = std::max<uint64_t>(plan.dram_budget / 4 / per_elem, kSlotAlignFloats);
     cap = cap / kSlotAlignFloats * kSlotAlignFloats;
     if (uint64_t(sgs) > cap) {
@@ -210,10 +211,12 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
     }
     if (primary == tiers::TierKind::kHost && used > plan.dram_budget) {
       return Status(StatusCode::kNoSpace,
-                    "optimizer state needs " + human(double(used)) + " of host memory but "
-                    "strata.dram_budget is " + human(double(plan.dram_budget)) +
-                    "; set zero_optimization.offload_optimizer.nvme_path to spill the rest to "
-                    "NVMe, use device \"nvme\", or raise strata.dram_budget");
+                    "optimizer state needs " + human(double(used)) +
+                        " of host memory but "
+                        "strata.dram_budget is " +
+                        human(double(plan.dram_budget)) +
+                        "; set zero_optimization.offload_optimizer.nvme_path to spill the rest to "
+                        "NVMe, use device \"nvme\", or raise strata.dram_budget");
     }
     if (spilled) {
       plan.notes.push_back("optimizer state does not fit strata.dram_budget (" +
@@ -283,7 +286,8 @@ nlohmann::json Plan::to_json() const {
   j["nvme_bytes"] = nvme_bytes;
   j["tiers"] = nlohmann::json::array();
   for (const auto& t : tiers) {
-    j["tiers"].push_back({{"tier", tiers::tier_name(t.tier)}, {"subgroups", t.subgroups}, {"bytes", t.bytes}});
+    j["tiers"].push_back(
+        {{"tier", tiers::tier_name(t.tier)}, {"subgroups", t.subgroups}, {"bytes", t.bytes}});
   }
   j["notes"] = notes;
   return j;

@@ -21,21 +21,21 @@ namespace strata::engine {
 struct StepRun {
   std::mutex mu;
   std::condition_variable cv;
-  std::vector<uint32_t> expected;    // processing order: the last step's ready order (fixed)
-  std::vector<uint32_t> order;       // ready sub-groups, in ready order
-  std::vector<uint8_t> queued;       // per sub-group
-  std::vector<uint32_t> waiting;     // per sub-group: parameters not yet ready
-  bool closed = false;               // every sub-group is in `order`
-  bool gate = false;                 // updates may run (grad_mul known)
+  std::vector<uint32_t> expected;  // processing order: the last step's ready order (fixed)
+  std::vector<uint32_t> order;     // ready sub-groups, in ready order
+  std::vector<uint8_t> queued;     // per sub-group
+  std::vector<uint32_t> waiting;   // per sub-group: parameters not yet ready
+  bool closed = false;             // every sub-group is in `order`
+  bool gate = false;               // updates may run (grad_mul known)
   float grad_mul = 1.0f;
-  bool cancel = false;               // drop the step (fp16 overflow): no update runs
-  bool backward_running = false;     // updates use the backward-time thread pool
-  bool collect_stats = false;        // gradient statistics per sub-group as they arrive
-  bool updates_done = false;         // worker finished every update (stores may be in flight)
-  bool finished = false;             // worker returned
-  bool stepped = false;              // step() has been called for this run
-  bool from_backward = false;        // begun by begin_backward(): `order` is an observed ready order
-  size_t stats_done = 0;             // sub-groups whose statistics are in `stats`
+  bool cancel = false;            // drop the step (fp16 overflow): no update runs
+  bool backward_running = false;  // updates use the backward-time thread pool
+  bool collect_stats = false;     // gradient statistics per sub-group as they arrive
+  bool updates_done = false;      // worker finished every update (stores may be in flight)
+  bool finished = false;          // worker returned
+  bool stepped = false;           // step() has been called for this run
+  bool from_backward = false;     // begun by begin_backward(): `order` is an observed ready order
+  size_t stats_done = 0;          // sub-groups whose statistics are in `stats`
   std::vector<kernels::GradStats> stats;
   Status status;
   int64_t start_ns = 0;

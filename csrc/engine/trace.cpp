@@ -9,14 +9,22 @@ namespace strata::engine {
 
 const char* event_kind_name(EventKind kind) {
   switch (kind) {
-    case EventKind::kFetch: return "fetch";
-    case EventKind::kUpdate: return "update";
-    case EventKind::kStore: return "store";
-    case EventKind::kStep: return "step";
-    case EventKind::kBackward: return "backward";
-    case EventKind::kForward: return "forward";
-    case EventKind::kH2D: return "h2d";
-    case EventKind::kD2H: return "d2h";
+    case EventKind::kFetch:
+      return "fetch";
+    case EventKind::kUpdate:
+      return "update";
+    case EventKind::kStore:
+      return "store";
+    case EventKind::kStep:
+      return "step";
+    case EventKind::kBackward:
+      return "backward";
+    case EventKind::kForward:
+      return "forward";
+    case EventKind::kH2D:
+      return "h2d";
+    case EventKind::kD2H:
+      return "d2h";
   }
   return "?";
 }
@@ -128,9 +136,14 @@ StepBreakdown compute_breakdown(const std::vector<TraceEvent>& events, int64_t s
 }
 
 nlohmann::json StepBreakdown::to_json() const {
-  return {{"step", step},           {"wall_s", wall_s},       {"io_busy_s", io_busy_s},
-          {"compute_busy_s", compute_busy_s}, {"overlap_s", overlap_s}, {"stall_s", stall_s},
-          {"bytes_fetched", bytes_fetched},   {"bytes_stored", bytes_stored}};
+  return {{"step", step},
+          {"wall_s", wall_s},
+          {"io_busy_s", io_busy_s},
+          {"compute_busy_s", compute_busy_s},
+          {"overlap_s", overlap_s},
+          {"stall_s", stall_s},
+          {"bytes_fetched", bytes_fetched},
+          {"bytes_stored", bytes_stored}};
 }
 
 std::string StepBreakdown::to_string() const {
@@ -189,14 +202,22 @@ nlohmann::json Trace::chrome_json() const {
   auto lane = [](const TraceEvent& e) -> std::pair<int, std::string> {
     std::string tier = e.tier ? e.tier : "";
     switch (e.kind) {
-      case EventKind::kFetch: return {tier == "cxl" ? 3 : 1, tier == "cxl" ? "CXL fetch" : "NVMe read"};
-      case EventKind::kStore: return {tier == "cxl" ? 4 : 2, tier == "cxl" ? "CXL store" : "NVMe write"};
-      case EventKind::kUpdate: return {tier == "gpu" ? 6 : 5, tier == "gpu" ? "GPU update" : "CPU update"};
-      case EventKind::kStep: return {0, "step"};
-      case EventKind::kBackward: return {8, "backward"};
-      case EventKind::kForward: return {7, "forward"};
-      case EventKind::kH2D: return {9, "H2D"};
-      case EventKind::kD2H: return {10, "D2H"};
+      case EventKind::kFetch:
+        return {tier == "cxl" ? 3 : 1, tier == "cxl" ? "CXL fetch" : "NVMe read"};
+      case EventKind::kStore:
+        return {tier == "cxl" ? 4 : 2, tier == "cxl" ? "CXL store" : "NVMe write"};
+      case EventKind::kUpdate:
+        return {tier == "gpu" ? 6 : 5, tier == "gpu" ? "GPU update" : "CPU update"};
+      case EventKind::kStep:
+        return {0, "step"};
+      case EventKind::kBackward:
+        return {8, "backward"};
+      case EventKind::kForward:
+        return {7, "forward"};
+      case EventKind::kH2D:
+        return {9, "H2D"};
+      case EventKind::kD2H:
+        return {10, "D2H"};
     }
     return {11, "other"};
   };
@@ -206,9 +227,15 @@ nlohmann::json Trace::chrome_json() const {
     auto [tid, lname] = lane(e);
     if (!named[size_t(tid)]) {
       named[size_t(tid)] = true;
-      out.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", 1}, {"tid", tid},
+      out.push_back({{"name", "thread_name"},
+                     {"ph", "M"},
+                     {"pid", 1},
+                     {"tid", tid},
                      {"args", {{"name", lname}}}});
-      out.push_back({{"name", "thread_sort_index"}, {"ph", "M"}, {"pid", 1}, {"tid", tid},
+      out.push_back({{"name", "thread_sort_index"},
+                     {"ph", "M"},
+                     {"pid", 1},
+                     {"tid", tid},
                      {"args", {{"sort_index", tid}}}});
     }
     std::string name = std::string(event_kind_name(e.kind));
@@ -222,10 +249,14 @@ nlohmann::json Trace::chrome_json() const {
                    {"tid", tid},
                    {"ts", double(e.start_ns - t0) / 1000.0},
                    {"dur", double(e.end_ns - e.start_ns) / 1000.0},
-                   {"args", {{"step", e.step}, {"subgroup", e.subgroup}, {"tier", e.tier ? e.tier : ""},
-                             {"bytes", e.bytes}}}});
+                   {"args",
+                    {{"step", e.step},
+                     {"subgroup", e.subgroup},
+                     {"tier", e.tier ? e.tier : ""},
+                     {"bytes", e.bytes}}}});
   }
-  return {{"traceEvents", out}, {"displayTimeUnit", "ms"},
+  return {{"traceEvents", out},
+          {"displayTimeUnit", "ms"},
           {"otherData", {{"producer", "strata"}, {"breakdown", last_breakdown().to_json()}}}};
 }
 

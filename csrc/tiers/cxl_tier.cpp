@@ -66,13 +66,15 @@ Result<std::unique_ptr<Tier>> make_cxl_tier(const std::vector<int>& nodes_in) {
   if (nodes.empty()) {
     nodes = platform::cpu_less_nodes(topo);
     if (nodes.empty()) {
-      return Status(StatusCode::kNotFound,
-                    "offload_optimizer.device \"cxl\": this machine has no CPU-less (CXL) NUMA node; "
-                    "set strata.cxl_nodes to the nodes to use (e.g. [0] to exercise the code path "
-                    "on ordinary DRAM, which is not a CXL measurement)");
+      return Status(
+          StatusCode::kNotFound,
+          "offload_optimizer.device \"cxl\": this machine has no CPU-less (CXL) NUMA node; "
+          "set strata.cxl_nodes to the nodes to use (e.g. [0] to exercise the code path "
+          "on ordinary DRAM, which is not a CXL measurement)");
     }
   }
-  STRATA_RETURN_IF_ERROR(platform::check_memory_nodes(nodes, topo).with_context("strata.cxl_nodes"));
+  STRATA_RETURN_IF_ERROR(
+      platform::check_memory_nodes(nodes, topo).with_context("strata.cxl_nodes"));
   return std::unique_ptr<Tier>(std::make_unique<CxlTier>(std::move(nodes)));
 }
 

@@ -8,10 +8,14 @@ namespace strata::tiers {
 
 const char* tier_name(TierKind kind) {
   switch (kind) {
-    case TierKind::kGpu: return "gpu";
-    case TierKind::kHost: return "dram";
-    case TierKind::kCxl: return "cxl";
-    case TierKind::kNvme: return "nvme";
+    case TierKind::kGpu:
+      return "gpu";
+    case TierKind::kHost:
+      return "dram";
+    case TierKind::kCxl:
+      return "cxl";
+    case TierKind::kNvme:
+      return "nvme";
   }
   return "?";
 }

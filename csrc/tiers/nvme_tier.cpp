@@ -73,8 +73,8 @@ class NvmeTier final : public Tier {
   }
   TierStats stats() const override { return stats_; }
   std::string describe() const override {
-    return std::string(file_->engine()->backend_name()) + (file_->direct() ? ", O_DIRECT, " : ", buffered, ") +
-           file_->path();
+    return std::string(file_->engine()->backend_name()) +
+           (file_->direct() ? ", O_DIRECT, " : ", buffered, ") + file_->path();
   }
   std::string location() const override { return file_->path(); }
   uint64_t record_offset(uint32_t h) const override { return extents_[h].offset; }

@@ -38,7 +38,8 @@ void throw_status(const Status& st) {
     case StatusCode::kNotFound:
     case StatusCode::kPermissionDenied:
       if (st.sys_errno() == 0 && st.code() == StatusCode::kNotFound) {
-        throw ConfigError(st.message());  // a named thing that does not exist (a NUMA node): a setting to fix
+        throw ConfigError(
+            st.message());  // a named thing that does not exist (a NUMA node): a setting to fix
       }
       if (st.sys_errno() == 0 && st.code() == StatusCode::kPermissionDenied) {
         throw StrataError(st.to_string());  // e.g. memlock: not an OSError without errno
@@ -51,7 +52,8 @@ void throw_status(const Status& st) {
 
 kernels::DType dtype_from_name(const std::string& name) {
   if (name == "float32" || name == "fp32" || name == "torch.float32") return kernels::DType::kF32;
-  if (name == "bfloat16" || name == "bf16" || name == "torch.bfloat16") return kernels::DType::kBF16;
+  if (name == "bfloat16" || name == "bf16" || name == "torch.bfloat16")
+    return kernels::DType::kBF16;
   if (name == "float16" || name == "fp16" || name == "torch.float16") return kernels::DType::kF16;
   throw ConfigError("unsupported dtype " + name + " (float32, bfloat16, float16)");
 }
@@ -64,8 +66,10 @@ kernels::OptimizerHyper hyper_from_dict(const py::dict& d) {
   };
   std::string kind = get("kind", std::string("adamw"));
   static const std::map<std::string, kernels::OptimizerKind> kinds = {
-      {"adam", kernels::OptimizerKind::kAdam}, {"adamw", kernels::OptimizerKind::kAdamW},
-      {"sgd", kernels::OptimizerKind::kSgd}, {"adagrad", kernels::OptimizerKind::kAdagrad}};
+      {"adam", kernels::OptimizerKind::kAdam},
+      {"adamw", kernels::OptimizerKind::kAdamW},
+      {"sgd", kernels::OptimizerKind::kSgd},
+      {"adagrad", kernels::OptimizerKind::kAdagrad}};
   auto it = kinds.find(kind);
   if (it == kinds.end()) {
     throw ConfigError("unknown optimizer kind " + kind + " (adam, adamw, sgd, adagrad)");
@@ -124,7 +128,7 @@ py::list config_schema_py() {
     d["allow_auto"] = k.allow_auto;
     d["support"] = k.support == KeySupport::kHonoured          ? "honoured"
                    : k.support == KeySupport::kAcceptedIgnored ? "accepted-ignored"
-                                                              : "deprecated-alias";
+                                                               : "deprecated-alias";
     d["alias_of"] = k.alias_of;
     d["note"] = k.note;
     out.append(d);
@@ -140,9 +144,10 @@ static kernels::Isa isa_from_name(const std::string& s) {
   throw ConfigError("unknown isa " + s + " (auto, scalar, avx2, avx512)");
 }
 
-void optimizer_step_py(const py::dict& hyper, int64_t step, float grad_mul, const py::list& slots, size_t n,
-                       uintptr_t grad, const std::string& grad_dtype, const py::list& copy_out,
-                       const std::string& param_dtype, unsigned threads, const std::string& isa) {
+void optimizer_step_py(const py::dict& hyper, int64_t step, float grad_mul, const py::list& slots,
+                       size_t n, uintptr_t grad, const std::string& grad_dtype,
+                       const py::list& copy_out, const std::string& param_dtype, unsigned threads,
+                       const std::string& isa) {
   kernels::OptimizerHyper h = hyper_from_dict(hyper);
   kernels::StateView v;
   v.n = n;
@@ -155,7 +160,8 @@ void optimizer_step_py(const py::dict& hyper, int64_t step, float grad_mul, cons
   std::vector<kernels::CopyOut> outs;
   for (const auto& c : copy_out) {
     auto t = c.cast<py::tuple>();
-    outs.push_back({t[0].cast<size_t>(), t[1].cast<size_t>(), reinterpret_cast<void*>(t[2].cast<uintptr_t>())});
+    outs.push_back({t[0].cast<size_t>(), t[1].cast<size_t>(),
+                    reinterpret_cast<void*>(t[2].cast<uintptr_t>())});
   }
   kernels::StepArgs a;
   a.step = step;
@@ -172,7 +178,8 @@ void optimizer_step_py(const py::dict& hyper, int64_t step, float grad_mul, cons
     if (threads != 1) {
       pool = std::make_unique<kernels::ThreadPool>(threads);
     }
-    st = kernels::optimizer_step(h, a, v, reinterpret_cast<const void*>(grad), gd, outs, pd, pool.get(), is);
+    st = kernels::optimizer_step(h, a, v, reinterpret_cast<const void*>(grad), gd, outs, pd,
+                                 pool.get(), is);
   }
   check(st);
 }
@@ -191,13 +198,14 @@ py::tuple grad_stats_py(uintptr_t grad, const std::string& dtype, size_t n, unsi
   return py::make_tuple(g.sum_sq, g.nonfinite);
 }
 
-py::tuple build_plan_py(const std::string& config, const py::list& params, const std::vector<int>& slots,
-                        bool gpu_available, uint64_t mem_available) {
+py::tuple build_plan_py(const std::string& config, const py::list& params,
+                        const std::vector<int>& slots, bool gpu_available, uint64_t mem_available) {
   Config c = config_from_text(config, /*check_paths=*/false);
   engine::PlanInputs in;
   for (const auto& p : params) {
     auto t = p.cast<py::tuple>();
-    in.params.push_back({t[0].cast<int64_t>(), dtype_from_name(t[1].cast<std::string>()), t[2].cast<int>()});
+    in.params.push_back(
+        {t[0].cast<int64_t>(), dtype_from_name(t[1].cast<std::string>()), t[2].cast<int>()});
   }
   in.slots = slots;
   in.gpu_available = gpu_available;

@@ -49,12 +49,13 @@ Config config_from_text(const std::string& text, bool check_paths = true, int wo
 py::tuple parse_config_py(const std::string& text, const std::string& auto_values, int world_size,
                           bool check_paths, const std::string& name);
 py::list config_schema_py();
-void optimizer_step_py(const py::dict& hyper, int64_t step, float grad_mul, const py::list& slots, size_t n,
-                       uintptr_t grad, const std::string& grad_dtype, const py::list& copy_out,
-                       const std::string& param_dtype, unsigned threads, const std::string& isa);
+void optimizer_step_py(const py::dict& hyper, int64_t step, float grad_mul, const py::list& slots,
+                       size_t n, uintptr_t grad, const std::string& grad_dtype,
+                       const py::list& copy_out, const std::string& param_dtype, unsigned threads,
+                       const std::string& isa);
 py::tuple grad_stats_py(uintptr_t grad, const std::string& dtype, size_t n, unsigned threads);
-py::tuple build_plan_py(const std::string& config, const py::list& params, const std::vector<int>& slots,
-                        bool gpu_available, uint64_t mem_available);
+py::tuple build_plan_py(const std::string& config, const py::list& params,
+                        const std::vector<int>& slots, bool gpu_available, uint64_t mem_available);
 py::list subgroups_py(engine::Engine& e);
 py::dict stats_py(engine::Engine& e);
 

@@ -156,8 +156,9 @@ PYBIND11_MODULE(_C, m) {
         "Validate JSON text (comments allowed; `name` is used in messages, e.g. the file);\n"
         "returns (filled_json_text, warnings). Raises ConfigError.");
   m.def("config_schema", &config_schema_py, "The schema table as a list of dicts.");
-  m.def("config_markdown", [] { return config_schema_markdown(); },
-        "docs/config.md as generated from the schema table.");
+  m.def(
+      "config_markdown", [] { return config_schema_markdown(); },
+      "docs/config.md as generated from the schema table.");
 
   // ---- kernels ----
   m.def("detect_isa", [] { return std::string(kernels::isa_name(kernels::detect_isa())); });
@@ -171,9 +172,10 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "What this build's engine can do.");
-  m.def("optimizer_step", &optimizer_step_py, py::arg("hyper"), py::arg("step"), py::arg("grad_mul"),
-        py::arg("slots"), py::arg("n"), py::arg("grad"), py::arg("grad_dtype"), py::arg("copy_out"),
-        py::arg("param_dtype"), py::arg("threads") = 1, py::arg("isa") = "auto",
+  m.def("optimizer_step", &optimizer_step_py, py::arg("hyper"), py::arg("step"),
+        py::arg("grad_mul"), py::arg("slots"), py::arg("n"), py::arg("grad"), py::arg("grad_dtype"),
+        py::arg("copy_out"), py::arg("param_dtype"), py::arg("threads") = 1,
+        py::arg("isa") = "auto",
         "One optimizer step on raw buffers (addresses as ints). For tests and benches.");
   m.def("grad_stats", &grad_stats_py, py::arg("grad"), py::arg("dtype"), py::arg("n"),
         py::arg("threads") = 1, "(sum of squares, any inf/nan) over a gradient buffer.");
@@ -185,13 +187,16 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- engine ----
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init<const std::string&, const py::list&, const py::list&, int, const std::string&, int,
-                    const py::object&>(),
+      .def(py::init<const std::string&, const py::list&, const py::list&, int, const std::string&,
+                    int, const py::object&>(),
            py::arg("config"), py::arg("params"), py::arg("groups"), py::arg("rank") = 0,
            py::arg("tag") = "", py::arg("world_size") = 1, py::arg("progress") = py::none())
       .def("grad_arena", &PyEngine::grad_arena, py::arg("dtype"))
       .def("grad_offset", [](PyEngine& s, size_t i) { return s.e().grad_offset(i); })
-      .def("grad_dtype", [](PyEngine& s, size_t i) { return std::string(kernels::dtype_name(s.e().grad_dtype(i))); })
+      .def("grad_dtype",
+           [](PyEngine& s, size_t i) {
+             return std::string(kernels::dtype_name(s.e().grad_dtype(i)));
+           })
       .def("zero_grads",
            [](PyEngine& s) {
              Status st;
@@ -201,7 +206,8 @@ PYBIND11_MODULE(_C, m) {
              }
              check(st);
            })
-      .def("set_hyper", [](PyEngine& s, int g, const py::dict& h) { check(s.e().set_hyper(g, hyper_from_dict(h))); })
+      .def("set_hyper", [](PyEngine& s, int g,
+                           const py::dict& h) { check(s.e().set_hyper(g, hyper_from_dict(h))); })
       .def("step", &PyEngine::step, py::arg("grad_mul") = 1.0f)
       .def(
           "begin_backward",
@@ -265,19 +271,20 @@ PYBIND11_MODULE(_C, m) {
              }
              check(st);
            })
-      .def("read_param_states",
-           [](PyEngine& s, size_t i, const std::vector<uintptr_t>& outs) {
-             std::vector<float*> p;
-             for (auto a : outs) p.push_back(reinterpret_cast<float*>(a));
-             Status st;
-             {
-               py::gil_scoped_release release;
-               st = s.e().read_param_states(i, p);
-             }
-             check(st);
-           },
-           "Every slot of one parameter in one pass over its records: outs[k] receives slot k "
-           "(0 = master), or is 0 to skip it.")
+      .def(
+          "read_param_states",
+          [](PyEngine& s, size_t i, const std::vector<uintptr_t>& outs) {
+            std::vector<float*> p;
+            for (auto a : outs) p.push_back(reinterpret_cast<float*>(a));
+            Status st;
+            {
+              py::gil_scoped_release release;
+              st = s.e().read_param_states(i, p);
+            }
+            check(st);
+          },
+          "Every slot of one parameter in one pass over its records: outs[k] receives slot k "
+          "(0 = master), or is 0 to skip it.")
       .def("write_param_states",
            [](PyEngine& s, size_t i, const std::vector<uintptr_t>& ins) {
              std::vector<const float*> p;
@@ -307,15 +314,19 @@ PYBIND11_MODULE(_C, m) {
       .def("subgroups", [](PyEngine& s) { return subgroups_py(s.e()); })
       .def(
           "set_model_stream",
-          [](PyEngine& s, uintptr_t stream) { s.e().set_model_stream(reinterpret_cast<void*>(stream)); },
+          [](PyEngine& s, uintptr_t stream) {
+            s.e().set_model_stream(reinterpret_cast<void*>(stream));
+          },
           py::arg("stream"),
           "The cudaStream_t (as an int; 0: none) of the model's work, for GPU updates.")
       .def("stats", [](PyEngine& s) { return stats_py(s.e()); })
       .def("breakdown", [](PyEngine& s) { return s.e().trace().last_breakdown().to_json().dump(); })
       .def("trace_json", [](PyEngine& s) { return s.e().trace().chrome_json().dump(); })
-      .def("write_trace", [](PyEngine& s, const std::string& path) { check(s.e().trace().write_chrome(path)); })
+      .def("write_trace",
+           [](PyEngine& s, const std::string& path) { check(s.e().trace().write_chrome(path)); })
       .def("close", &PyEngine::close)
-      .def_property_readonly("closed", [](PyEngine& s) { return !s.holder_ || !s.holder_->engine; });
+      .def_property_readonly("closed",
+                             [](PyEngine& s) { return !s.holder_ || !s.holder_->engine; });
 
   bind_system(m);
   bind_model(m);

@@ -69,13 +69,15 @@ class [[nodiscard]] Status {
 inline Status invalid_argument(std::string msg) {
   return Status(StatusCode::kInvalidArgument, std::move(msg));
 }
-inline Status internal_error(std::string msg) { return Status(StatusCode::kInternal, std::move(msg)); }
+inline Status internal_error(std::string msg) {
+  return Status(StatusCode::kInternal, std::move(msg));
+}
 
 // Result<T>: a T or a non-OK Status.
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {  // NOLINT
     if (std::get<Status>(v_).ok()) {
       v_ = Status(StatusCode::kInternal, "Result constructed from an OK status");
@@ -103,12 +105,12 @@ class [[nodiscard]] Result {
 #define STRATA_CONCAT_INNER_(a, b) a##b
 #define STRATA_CONCAT_(a, b) STRATA_CONCAT_INNER_(a, b)
 
-#define STRATA_RETURN_IF_ERROR(expr)        \
-  do {                                      \
-    ::strata::Status _st = (expr);          \
-    if (!_st.ok()) {                        \
-      return _st;                           \
-    }                                       \
+#define STRATA_RETURN_IF_ERROR(expr) \
+  do {                               \
+    ::strata::Status _st = (expr);   \
+    if (!_st.ok()) {                 \
+      return _st;                    \
+    }                                \
   } while (0)
 
 #define STRATA_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \

@@ -7,8 +7,8 @@
 // fp32 state slots on a tier (see tiers/tier.h) and a range of the flat
 // gradient arena of its gradient dtype (the parameters' dtype, or
 // data_types.grad_accum_dtype when the config gives it). A step streams
-// sub-groups through a pipeline buffer_count deep: fetch (NVMe/CXL → DRAM working buffer) → update (CPU
-// kernel, new parameters copied into the model in the same pass) → store.
+// sub-groups through a pipeline buffer_count deep: fetch (NVMe/CXL → DRAM working buffer) → update
+// (CPU kernel, new parameters copied into the model in the same pass) → store.
 //
 // Ownership: the engine owns its pool, I/O engine, swap files, tiers, the
 //   gradient arenas and its thread pool. Model parameter memory is borrowed:
@@ -38,8 +38,8 @@ struct ParamInfo {
   std::string name;
   int64_t numel = 0;
   kernels::DType dtype = kernels::DType::kF32;
-  int group = 0;          // index into EngineOptions::groups
-  void* data = nullptr;   // model parameter memory (host), contiguous, numel elements of dtype
+  int group = 0;         // index into EngineOptions::groups
+  void* data = nullptr;  // model parameter memory (host), contiguous, numel elements of dtype
   // The same parameter in GPU memory, when the model lives there and data is
   // its host copy: a sub-group updated on the GPU copies its new values out
   // here instead of into data. nullptr: CPU updates only.

@@ -36,9 +36,9 @@ struct SubGroup {
   kernels::DType dtype = kernels::DType::kF32;       // the model parameters'
   kernels::DType grad_dtype = kernels::DType::kF32;  // the gradient arena's (see grad_dtype_for)
   size_t numel = 0;
-  size_t slot_stride = 0;    // floats per slot (numel rounded up to 1024)
+  size_t slot_stride = 0;  // floats per slot (numel rounded up to 1024)
   size_t record_bytes = 0;
-  size_t grad_offset = 0;    // elements into the gradient arena of grad_dtype
+  size_t grad_offset = 0;  // elements into the gradient arena of grad_dtype
   tiers::TierKind tier = tiers::TierKind::kHost;
   std::vector<Segment> segments;
 };
@@ -53,7 +53,7 @@ struct PlanInputs {
   std::vector<PlanParam> params;  // gradient-ready order
   std::vector<int> slots;         // fp32 slots per group (master included)
   bool gpu_available = false;
-  uint64_t mem_available = 0;     // bytes, MemAvailable (0: read /proc/meminfo)
+  uint64_t mem_available = 0;  // bytes, MemAvailable (0: read /proc/meminfo)
 };
 
 struct TierBytes {
@@ -64,19 +64,19 @@ struct TierBytes {
 
 struct Plan {
   std::vector<SubGroup> subgroups;
-  std::vector<TierBytes> tiers;    // one row per tier used
-  size_t sub_group_size = 0;       // effective (after the DRAM cap)
+  std::vector<TierBytes> tiers;  // one row per tier used
+  size_t sub_group_size = 0;     // effective (after the DRAM cap)
   size_t buffer_count = 0;
-  size_t working_buffer_bytes = 0; // each
+  size_t working_buffer_bytes = 0;  // each
   uint64_t dram_budget = 0;
-  uint64_t grad_bytes = 0;         // flat gradient arenas
+  uint64_t grad_bytes = 0;  // flat gradient arenas
   uint64_t model_param_bytes = 0;
-  uint64_t pool_bytes = 0;         // predicted pinned pool (host records + working buffers + grads)
+  uint64_t pool_bytes = 0;  // predicted pinned pool (host records + working buffers + grads)
   uint64_t nvme_bytes = 0;
   std::vector<std::string> notes;  // spills, caps, warnings (shown once)
 
   uint64_t bytes_on(tiers::TierKind tier) const;
-  std::string to_string() const;   // readable table
+  std::string to_string() const;  // readable table
   nlohmann::json to_json() const;
 };
 

@@ -3,9 +3,9 @@
 // Every fetch, update and store records (sub-group, tier, kind, bytes, start,
 // end). A fetch or store runs from its submit to the completion of its I/O
 // as the I/O engine saw it (IoEngine::wait_timed), not to the moment the
-// pipeline waited for it; checksum verification is not part of it. The trace keeps the events of the last `keep_steps` steps, computes a
-// step breakdown (I/O busy, compute busy, overlap, stall) and writes a
-// Chrome/Perfetto trace JSON (chrome://tracing, ui.perfetto.dev).
+// pipeline waited for it; checksum verification is not part of it. The trace keeps the events of
+// the last `keep_steps` steps, computes a step breakdown (I/O busy, compute busy, overlap, stall)
+// and writes a Chrome/Perfetto trace JSON (chrome://tracing, ui.perfetto.dev).
 //
 // Units: nanoseconds on the steady clock; bytes.
 // Thread-safety: record() is internally locked; the rest is for the thread
@@ -39,11 +39,11 @@ struct TraceEvent {
 
 struct StepBreakdown {
   int64_t step = 0;
-  double wall_s = 0;       // the step's own interval
-  double io_busy_s = 0;    // union of fetch and store intervals
+  double wall_s = 0;     // the step's own interval
+  double io_busy_s = 0;  // union of fetch and store intervals
   double compute_busy_s = 0;
-  double overlap_s = 0;    // I/O and compute both busy
-  double stall_s = 0;      // neither busy
+  double overlap_s = 0;  // I/O and compute both busy
+  double stall_s = 0;    // neither busy
   uint64_t bytes_fetched = 0, bytes_stored = 0;
   nlohmann::json to_json() const;
   std::string to_string() const;

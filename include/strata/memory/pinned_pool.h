@@ -42,14 +42,14 @@ namespace strata::memory {
 inline constexpr size_t kPoolAlignment = 4096;
 
 struct PoolOptions {
-  size_t slab_bytes = size_t(256) << 20;  // size of each new slab (a larger request gets its own)
-  int numa_node = -1;                     // -1: no binding; else mbind(MPOL_BIND) to this node
-  bool pin = true;                        // mlock / cudaHostRegister
-  bool allow_unpinned = true;             // memlock too low: warn and continue unpinned
-  bool prefault = true;                   // touch every page at slab creation
-  bool hugepage = true;                   // madvise(MADV_HUGEPAGE) on slabs
-  bool dontfork = true;                   // madvise(MADV_DONTFORK): forked children get no copy
-  unsigned prefault_threads = 0;          // 0: one per 64 MiB, at most the CPUs and 16
+  size_t slab_bytes = size_t(256) << 20;    // size of each new slab (a larger request gets its own)
+  int numa_node = -1;                       // -1: no binding; else mbind(MPOL_BIND) to this node
+  bool pin = true;                          // mlock / cudaHostRegister
+  bool allow_unpinned = true;               // memlock too low: warn and continue unpinned
+  bool prefault = true;                     // touch every page at slab creation
+  bool hugepage = true;                     // madvise(MADV_HUGEPAGE) on slabs
+  bool dontfork = true;                     // madvise(MADV_DONTFORK): forked children get no copy
+  unsigned prefault_threads = 0;            // 0: one per 64 MiB, at most the CPUs and 16
   std::shared_ptr<PinBackend> pin_backend;  // null: default_pin_backend() at create()
 };
 
@@ -59,7 +59,7 @@ struct PoolStats {
   uint64_t requested = 0;  // bytes asked for (sum of live requests)
   uint64_t peak_in_use = 0;
   uint64_t slabs = 0;
-  bool pinned = false;     // false when pinning was refused and allow_unpinned let us go on
+  bool pinned = false;  // false when pinning was refused and allow_unpinned let us go on
   double ratio() const { return requested ? double(reserved) / double(requested) : 1.0; }
   // Added beside the original fields:
   uint64_t free_bytes = 0;     // reserved - in_use
@@ -89,8 +89,10 @@ class PinnedBuffer {
 
   void* data() const { return data_; }
   template <typename T>
-  T* as() const { return static_cast<T*>(data_); }
-  size_t size() const { return size_; }  // requested bytes
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  size_t size() const { return size_; }          // requested bytes
   size_t capacity() const { return reserved_; }  // aligned bytes taken from the slab (>= size)
   explicit operator bool() const { return data_ != nullptr; }
   void reset();

@@ -25,10 +25,10 @@ namespace strata::tiers {
 std::unique_ptr<Tier> make_host_tier(memory::PinnedPool* pool);
 
 struct NvmeTierOptions {
-  std::string dir;            // offload_optimizer.nvme_path
-  std::string tag = "opt";    // unique per engine/rank/tier (part of the file name)
-  uint64_t capacity = 0;      // bytes of records to preallocate
-  bool checksums = true;      // strata.verify_checksums
+  std::string dir;          // offload_optimizer.nvme_path
+  std::string tag = "opt";  // unique per engine/rank/tier (part of the file name)
+  uint64_t capacity = 0;    // bytes of records to preallocate
+  bool checksums = true;    // strata.verify_checksums
   bool direct = true;
   // Spreads checksum work over threads (io::SwapFileOptions::parallel_for).
   std::function<void(size_t tasks, const std::function<void(size_t)>& fn)> parallel_for;

@@ -630,7 +630,8 @@ TEST(Config, CommunicationKeysWarnForOneProcessOnly) {
   ParseOptions opt;
   opt.world_size = 2;
   Config two = must_parse(user, opt);
-  for (const char* k : {"overlap_comm =", "reduce_bucket_size =", "allgather_bucket_size =", "reduce_scatter ="}) {
+  for (const char* k :
+       {"overlap_comm =", "reduce_bucket_size =", "allgather_bucket_size =", "reduce_scatter ="}) {
     EXPECT_EQ(count_warnings_containing(two, k), 0) << k << "\n" << all_warnings(two);
   }
   EXPECT_EQ(count_warnings_containing(two, "round_robin_gradients ="), 1) << all_warnings(two);

@@ -27,7 +27,9 @@ struct TempDir {
     path = mkdtemp(tmpl);
   }
   ~TempDir() { fs::remove_all(path); }
-  size_t files() const { return size_t(std::distance(fs::directory_iterator(path), fs::directory_iterator())); }
+  size_t files() const {
+    return size_t(std::distance(fs::directory_iterator(path), fs::directory_iterator()));
+  }
 };
 
 Config make_config(const std::string& device, const std::string& dir, int64_t sub_group_size,
@@ -64,8 +66,8 @@ struct Model {
   std::vector<ParamInfo> infos() {
     std::vector<ParamInfo> out;
     for (size_t i = 0; i < params.size(); ++i) {
-      out.push_back(ParamInfo{"p" + std::to_string(i), int64_t(params[i].size()), kernels::DType::kF32,
-                              int(i % 2), params[i].data()});
+      out.push_back(ParamInfo{"p" + std::to_string(i), int64_t(params[i].size()),
+                              kernels::DType::kF32, int(i % 2), params[i].data()});
     }
     return out;
   }
@@ -96,7 +98,8 @@ void fill_grads(Engine& e, Model& m, int step) {
 }
 
 std::vector<std::vector<float>> run(const std::string& device, const std::string& dir, int64_t sgs,
-                                    int steps, int64_t dram_cache = 0, std::string* trace_json = nullptr) {
+                                    int steps, int64_t dram_cache = 0,
+                                    std::string* trace_json = nullptr) {
   Model m(42);
   EngineOptions o;
   o.config = make_config(device, dir, sgs, dram_cache);
@@ -131,7 +134,8 @@ TEST(Engine, PlacementInvarianceIsBitIdentical) {
   ASSERT_FALSE(dram.empty());
   ASSERT_EQ(cxl.size(), dram.size()) << "the cxl tier (bound to node 0) did not run";
   for (size_t i = 0; i < dram.size(); ++i) {
-    ASSERT_EQ(0, std::memcmp(dram[i].data(), cxl[i].data(), dram[i].size() * 4)) << "cxl, param " << i;
+    ASSERT_EQ(0, std::memcmp(dram[i].data(), cxl[i].data(), dram[i].size() * 4))
+        << "cxl, param " << i;
   }
   ASSERT_EQ(dram.size(), nvme.size());
   for (size_t i = 0; i < dram.size(); ++i) {
@@ -141,7 +145,8 @@ TEST(Engine, PlacementInvarianceIsBitIdentical) {
   // Different sub-group sizes cut tensors differently; results must not change.
   auto coarse = run("nvme", dir.path.string(), 1 << 20, 20);
   for (size_t i = 0; i < dram.size(); ++i) {
-    ASSERT_EQ(0, std::memcmp(dram[i].data(), coarse[i].data(), dram[i].size() * 4)) << "param " << i;
+    ASSERT_EQ(0, std::memcmp(dram[i].data(), coarse[i].data(), dram[i].size() * 4))
+        << "param " << i;
   }
 }
 
@@ -162,8 +167,8 @@ TEST(Engine, SplitTensorMatchesScalarReference) {
     v.n = p.size();
     kernels::StepArgs a;
     a.step = s + 1;
-    ASSERT_TRUE(kernels::optimizer_step(h, a, v, g.data(), kernels::DType::kF32, {}, kernels::DType::kF32,
-                                        nullptr, kernels::Isa::kScalar)
+    ASSERT_TRUE(kernels::optimizer_step(h, a, v, g.data(), kernels::DType::kF32, {},
+                                        kernels::DType::kF32, nullptr, kernels::Isa::kScalar)
                     .ok());
   }
   TempDir dir;
@@ -214,12 +219,15 @@ TEST(Engine, CloseMidLifeLeavesNothingBehind) {
 }
 
 TEST(Plan, RespectsBudgetsAndSplits) {
-  nlohmann::json j = {{"zero_optimization", {{"sub_group_size", 1000}, {"offload_optimizer", {{"device", "cpu"}}}}},
-                      {"strata", {{"dram_budget", 100000}}}};
+  nlohmann::json j = {
+      {"zero_optimization", {{"sub_group_size", 1000}, {"offload_optimizer", {{"device", "cpu"}}}}},
+      {"strata", {{"dram_budget", 100000}}}};
   auto c = Config::parse(j);
   ASSERT_TRUE(c.ok()) << c.status().to_string();
   PlanInputs in;
-  in.params = {{2500, kernels::DType::kF32, 0}, {10, kernels::DType::kBF16, 0}, {7, kernels::DType::kF32, 1}};
+  in.params = {{2500, kernels::DType::kF32, 0},
+               {10, kernels::DType::kBF16, 0},
+               {7, kernels::DType::kF32, 1}};
   in.slots = {3, 3};
   auto p = build_plan(c.value(), in);
   // 2500 + 10 + 7 elements: 3 sub-groups for the first tensor, one per other.
@@ -260,8 +268,9 @@ namespace {
 
 // Runs `steps` steps with overlap: parameters become ready in a shuffled
 // order from another thread while "backward" runs.
-std::vector<std::vector<float>> run_overlapped(const std::string& device, const std::string& dir, int steps,
-                                               bool eager, float grad_mul, int cancel_at = -1) {
+std::vector<std::vector<float>> run_overlapped(const std::string& device, const std::string& dir,
+                                               int steps, bool eager, float grad_mul,
+                                               int cancel_at = -1) {
   Model m(42);
   EngineOptions o;
   o.config = make_config(device, dir, 4096);
@@ -311,9 +320,12 @@ TEST(EngineOverlap, EagerAndExactAreBitIdenticalToNoOverlap) {
   auto exact = run_overlapped("nvme", dir.path.string(), 6, /*eager=*/false, 1.0f);
   auto dram = run_overlapped("cpu", "", 6, /*eager=*/true, 1.0f);
   for (size_t i = 0; i < plain.size(); ++i) {
-    ASSERT_EQ(0, std::memcmp(plain[i].data(), eager[i].data(), plain[i].size() * 4)) << "eager, param " << i;
-    ASSERT_EQ(0, std::memcmp(plain[i].data(), exact[i].data(), plain[i].size() * 4)) << "exact, param " << i;
-    ASSERT_EQ(0, std::memcmp(plain[i].data(), dram[i].data(), plain[i].size() * 4)) << "dram, param " << i;
+    ASSERT_EQ(0, std::memcmp(plain[i].data(), eager[i].data(), plain[i].size() * 4))
+        << "eager, param " << i;
+    ASSERT_EQ(0, std::memcmp(plain[i].data(), exact[i].data(), plain[i].size() * 4))
+        << "exact, param " << i;
+    ASSERT_EQ(0, std::memcmp(plain[i].data(), dram[i].data(), plain[i].size() * 4))
+        << "dram, param " << i;
   }
 }
 
@@ -361,7 +373,8 @@ TEST(EngineOverlap, CancelledStepChangesNothing) {
   }
   ASSERT_TRUE(r.value()->close().ok());
   for (size_t i = 0; i < m.params.size(); ++i) {
-    ASSERT_EQ(0, std::memcmp(m.params[i].data(), with_cancel[i].data(), m.params[i].size() * 4)) << i;
+    ASSERT_EQ(0, std::memcmp(m.params[i].data(), with_cancel[i].data(), m.params[i].size() * 4))
+        << i;
   }
 }
 
@@ -407,14 +420,16 @@ TEST(Engine, GradAccumDtypeSetsTheArenaDtype) {
     g_rounded[k] = kernels::bf16_bits_to_float(kernels::float_to_bf16_bits(g[k]));
   }
   const Ref exact = reference(g), rounded = reference(g_rounded);
-  ASSERT_NE(0, std::memcmp(exact.master.data(), rounded.master.data(), n * 4)) << "the test cannot tell";
+  ASSERT_NE(0, std::memcmp(exact.master.data(), rounded.master.data(), n * 4))
+      << "the test cannot tell";
 
   for (bool fp32 : {true, false}) {
     TempDir dir;
-    nlohmann::json j = {{"zero_optimization",
-                         {{"sub_group_size", 2048},
-                          {"offload_optimizer", {{"device", "nvme"}, {"nvme_path", dir.path.string()}}}}},
-                        {"strata", {{"threads", 2}}}};
+    nlohmann::json j = {
+        {"zero_optimization",
+         {{"sub_group_size", 2048},
+          {"offload_optimizer", {{"device", "nvme"}, {"nvme_path", dir.path.string()}}}}},
+        {"strata", {{"threads", 2}}}};
     if (fp32) {
       j["data_types"] = {{"grad_accum_dtype", "fp32"}};
     }
@@ -451,6 +466,7 @@ TEST(Engine, GradAccumDtypeSetsTheArenaDtype) {
     ASSERT_TRUE(e.close().ok());
     const Ref& expect = fp32 ? exact : rounded;
     EXPECT_EQ(0, std::memcmp(got.data(), expect.master.data(), n * 4)) << (fp32 ? "fp32" : "unset");
-    EXPECT_EQ(0, std::memcmp(model.data(), expect.param.data(), n * 2)) << (fp32 ? "fp32" : "unset");
+    EXPECT_EQ(0, std::memcmp(model.data(), expect.param.data(), n * 2))
+        << (fp32 ? "fp32" : "unset");
   }
 }

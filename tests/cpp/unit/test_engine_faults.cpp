@@ -29,10 +29,12 @@ struct TempDir {
 };
 
 Config make_config(const std::string& dir) {
-  nlohmann::json j = {{"zero_optimization",
-                       {{"sub_group_size", 4096}, {"offload_optimizer", {{"device", "nvme"}, {"nvme_path", dir}, {"buffer_count", 3}}}}},
-                      {"aio", {{"block_size", 8192}, {"queue_depth", 8}}},
-                      {"strata", {{"threads", 1}}}};
+  nlohmann::json j = {
+      {"zero_optimization",
+       {{"sub_group_size", 4096},
+        {"offload_optimizer", {{"device", "nvme"}, {"nvme_path", dir}, {"buffer_count", 3}}}}},
+      {"aio", {{"block_size", 8192}, {"queue_depth", 8}}},
+      {"strata", {{"threads", 1}}}};
   auto c = Config::parse(j);
   EXPECT_TRUE(c.ok()) << c.status().to_string();
   return c.value();
@@ -52,7 +54,8 @@ struct FaultRun {
     EngineOptions o;
     o.config = make_config(dir);
     for (size_t i = 0; i < params.size(); ++i) {
-      o.params.push_back({"p" + std::to_string(i), int64_t(params[i].size()), kernels::DType::kF32, 0, params[i].data()});
+      o.params.push_back({"p" + std::to_string(i), int64_t(params[i].size()), kernels::DType::kF32,
+                          0, params[i].data()});
     }
     kernels::OptimizerHyper h;
     h.lr = 1e-2;
@@ -70,7 +73,8 @@ struct FaultRun {
   }
   void grads(int step) {
     float* g = static_cast<float*>(engine->grad_arenas()[0].data);
-    for (size_t k = 0; k < engine->grad_arenas()[0].numel; ++k) g[k] = std::sin(float(k + size_t(step) * 13));
+    for (size_t k = 0; k < engine->grad_arenas()[0].numel; ++k)
+      g[k] = std::sin(float(k + size_t(step) * 13));
   }
   Status step(int s) {
     grads(s);
@@ -91,9 +95,11 @@ struct FaultRun {
   }
   void load(const std::vector<std::vector<float>>& saved, int64_t step) {
     for (size_t i = 0; i < params.size(); ++i) {
-      std::vector<const float*> b = {saved[i * 3].data(), saved[i * 3 + 1].data(), saved[i * 3 + 2].data()};
+      std::vector<const float*> b = {saved[i * 3].data(), saved[i * 3 + 1].data(),
+                                     saved[i * 3 + 2].data()};
       ASSERT_TRUE(engine->write_param_states(i, b).ok());
-      std::memcpy(params[i].data(), saved[i * 3].data(), params[i].size() * 4);  // the model's weights too
+      std::memcpy(params[i].data(), saved[i * 3].data(),
+                  params[i].size() * 4);  // the model's weights too
     }
     engine->set_step_count(0, step);
     Status st = engine->clear_error();
@@ -117,7 +123,8 @@ TEST(EngineFaults, HundredSeededFaultsFailCleanlyAndReload) {
     ASSERT_TRUE(run.step(0).ok());
     const uint64_t before = run.faults->block_ops_seen();
     ASSERT_TRUE(run.step(1).ok());
-    const uint64_t ops_per_step = run.faults->block_ops_seen() - before;  // reads + writes of one step
+    const uint64_t ops_per_step =
+        run.faults->block_ops_seen() - before;  // reads + writes of one step
     auto saved = run.save();
     io::Fault f;
     f.kind = io::Fault::Kind(rng() % 3);  // EIO, ENOSPC or a short transfer
@@ -134,8 +141,8 @@ TEST(EngineFaults, HundredSeededFaultsFailCleanlyAndReload) {
     const std::string msg = failed.to_string();
     EXPECT_NE(msg.find(dir.path.string()), std::string::npos) << msg;  // names the path
     EXPECT_TRUE(msg.find("Input/output error") != std::string::npos ||
-                msg.find("No space left") != std::string::npos || msg.find("short") != std::string::npos ||
-                msg.find("checksum") != std::string::npos)
+                msg.find("No space left") != std::string::npos ||
+                msg.find("short") != std::string::npos || msg.find("checksum") != std::string::npos)
         << msg;
     // Refused until reloaded.
     Status again = run.step(9);
@@ -149,7 +156,8 @@ TEST(EngineFaults, HundredSeededFaultsFailCleanlyAndReload) {
       ASSERT_TRUE(st.ok()) << "seed " << seed << ": " << st.to_string();
     }
     for (size_t i = 0; i < ref.params.size(); ++i) {
-      ASSERT_EQ(0, std::memcmp(ref.params[i].data(), run.params[i].data(), ref.params[i].size() * 4))
+      ASSERT_EQ(0,
+                std::memcmp(ref.params[i].data(), run.params[i].data(), ref.params[i].size() * 4))
           << "seed " << seed << " param " << i;
     }
     ASSERT_TRUE(run.engine->close().ok());

@@ -92,7 +92,9 @@ class HostGpuUpdater final : public cuda::GpuUpdater {
     log_->last_stream = stream;
     return wait(t);
   }
-  Result<cuda::GpuJobTimes> job_times(Ticket) override { return Status(StatusCode::kNotFound, "none"); }
+  Result<cuda::GpuJobTimes> job_times(Ticket) override {
+    return Status(StatusCode::kNotFound, "none");
+  }
   const cuda::GpuUpdaterOptions& options() const override { return o_; }
   cuda::GpuUpdaterStats stats() const override { return {}; }
 
@@ -103,10 +105,10 @@ class HostGpuUpdater final : public cuda::GpuUpdater {
 };
 
 Config config(double ratio, const std::string& profile = "") {
-  nlohmann::json j = {{"zero_optimization",
-                       {{"sub_group_size", 4096},
-                        {"offload_optimizer", {{"device", "cpu"}, {"ratio", ratio}}}}},
-                      {"strata", {{"threads", 2}}}};
+  nlohmann::json j = {
+      {"zero_optimization",
+       {{"sub_group_size", 4096}, {"offload_optimizer", {{"device", "cpu"}, {"ratio", ratio}}}}},
+      {"strata", {{"threads", 2}}}};
   if (!profile.empty()) {
     j["strata"]["hardware_profile"] = profile;
     j["strata"]["schedule"] = "auto";
@@ -155,15 +157,16 @@ Outcome run(double ratio, int steps, bool unavailable = false, const std::string
   EngineOptions o;
   o.config = config(ratio, profile);
   for (size_t i = 0; i < out.host.size(); ++i) {
-    ParamInfo p{"p" + std::to_string(i), int64_t(out.host[i].size()), kernels::DType::kF32, int(i % 2),
-                out.host[i].data()};
+    ParamInfo p{"p" + std::to_string(i), int64_t(out.host[i].size()), kernels::DType::kF32,
+                int(i % 2), out.host[i].data()};
     p.device_data = out.device[i].data();
     o.params.push_back(p);
   }
   o.groups = hypers();
   HostGpu* log = &out.log;
-  o.make_gpu_updater = [log, unavailable](const cuda::GpuUpdaterOptions& go)
-      -> Result<std::unique_ptr<cuda::GpuUpdater>> {
+  o.make_gpu_updater =
+      [log, unavailable](
+          const cuda::GpuUpdaterOptions& go) -> Result<std::unique_ptr<cuda::GpuUpdater>> {
     if (unavailable) {
       return Status(StatusCode::kUnavailable, "no device (test)");
     }
@@ -199,12 +202,14 @@ Outcome run(double ratio, int steps, bool unavailable = false, const std::string
   out.notes = e.plan().notes;
   const nlohmann::json chrome = e.trace().chrome_json();
   for (const auto& ev : chrome["traceEvents"]) {
-    if (ev.value("cat", std::string()) == "update" && ev["args"].value("tier", std::string()) == "gpu") {
+    if (ev.value("cat", std::string()) == "update" &&
+        ev["args"].value("tier", std::string()) == "gpu") {
       out.gpu_update_events += 1;
     }
   }
   EXPECT_EQ(out.log.last_after_stream, out.log.jobs ? static_cast<void*>(&stream_token) : nullptr);
-  EXPECT_EQ(out.log.last_stream, out.log.stream_waits ? static_cast<void*>(&stream_token) : nullptr);
+  EXPECT_EQ(out.log.last_stream,
+            out.log.stream_waits ? static_cast<void*>(&stream_token) : nullptr);
   EXPECT_TRUE(e.close().ok());
   return out;
 }
@@ -230,7 +235,8 @@ TEST(EngineGpu, InterleavedUpdatesAreBitIdenticalToCpuOnly) {
   EXPECT_EQ(cpu.log.jobs, 0);
 
   for (size_t i = 0; i < cpu.masters.size(); ++i) {
-    ASSERT_EQ(0, std::memcmp(cpu.masters[i].data(), mixed.masters[i].data(), cpu.masters[i].size() * 4))
+    ASSERT_EQ(
+        0, std::memcmp(cpu.masters[i].data(), mixed.masters[i].data(), cpu.masters[i].size() * 4))
         << "masters of parameter " << i;
   }
   // Each element's new value is where its sub-group was updated: the device
@@ -262,7 +268,8 @@ TEST(EngineGpu, AllOnTheGpuAndNoUpdaterFallsBackToTheCpu) {
   EXPECT_EQ(gpu_sgs, all.subgroups.size());
   Outcome cpu = run(1.0, 2);
   for (size_t i = 0; i < cpu.masters.size(); ++i) {
-    ASSERT_EQ(0, std::memcmp(cpu.masters[i].data(), all.masters[i].data(), cpu.masters[i].size() * 4));
+    ASSERT_EQ(0,
+              std::memcmp(cpu.masters[i].data(), all.masters[i].data(), cpu.masters[i].size() * 4));
     ASSERT_EQ(0, std::memcmp(cpu.host[i].data(), all.device[i].data(), cpu.host[i].size() * 4));
   }
 
@@ -309,6 +316,7 @@ TEST(EngineGpu, AutoScheduleTakesTheModelsSplit) {
     return all;
   }();
   for (size_t i = 0; i < cpu.masters.size(); ++i) {
-    ASSERT_EQ(0, std::memcmp(cpu.masters[i].data(), chosen.masters[i].data(), cpu.masters[i].size() * 4));
+    ASSERT_EQ(
+        0, std::memcmp(cpu.masters[i].data(), chosen.masters[i].data(), cpu.masters[i].size() * 4));
   }
 }
