@@ -767,14 +767,29 @@ class ConfigParser {
         return error(nvme_key,
                      "\"\" is empty; set it to an existing, writable directory (" + use + ")");
       }
+      // A missing folder is made like `mkdir -p` (said once), so a config
+      // that names a fresh folder works on a clean machine.
+      const MakeDirsResult made = make_directories(dir);
+      if (!made.error.empty() && made.created.empty()) {
+        struct stat st {};
+        const bool exists = ::stat(dir.c_str(), &st) == 0;
+        return error(nvme_key, show(*nvme) + (exists ? " " : " does not exist and ") + made.error +
+                                   "; point nvme_path at an existing, writable directory (" + use +
+                                   ")");
+      }
+      if (!made.error.empty()) {
+        return error(nvme_key, show(*nvme) + " was only partly created (" +
+                                   show(json(made.created)) + " was made): " + made.error +
+                                   "; point nvme_path at an existing, writable directory (" + use +
+                                   ")");
+      }
+      if (!made.created.empty()) {
+        warn(nvme_key + ": created the folder " + show(json(made.created)) +
+             " (it did not exist; " + use + ")");
+      }
       struct stat st {};
       if (::stat(dir.c_str(), &st) != 0) {
         const int err = errno;
-        if (err == ENOENT) {
-          return error(nvme_key, show(*nvme) + " does not exist; create it (mkdir -p " + dir +
-                                     ") or point nvme_path at an existing, writable directory (" +
-                                     use + ")");
-        }
         return error(nvme_key, show(*nvme) + " cannot be used: " + std::strerror(err) +
                                    "; point nvme_path at an existing, writable directory (" + use +
                                    ")");

@@ -57,4 +57,17 @@ nlohmann::json effective_default(const ConfigKey& key, const std::string& sectio
 
 std::string join(const std::vector<std::string>& items, std::string_view sep);
 
+// Makes the folder `dir` and its missing ancestors, as `mkdir -p` does (mode
+// 0777 less the umask), when the nearest ancestor that exists is a directory
+// this process may write into. `created` is the top-most folder it made
+// ("" when `dir` already was a directory); on failure `error` says why as a
+// phrase without the config key (the caller adds it) and nothing is left
+// half-made beyond folders that were created before a later mkdir failed.
+// Relative paths are taken from the working directory.
+struct MakeDirsResult {
+  std::string created;
+  std::string error;
+};
+MakeDirsResult make_directories(const std::string& dir);
+
 }  // namespace strata::config_detail

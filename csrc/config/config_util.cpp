@@ -1,10 +1,15 @@
 // Helpers for the config schema: naming, formatting, fuzzy matching.
 #include "config/config_internal.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 
 namespace strata::config_detail {
 
@@ -268,6 +273,87 @@ std::string join(const std::vector<std::string>& items, std::string_view sep) {
       out += sep;
     }
     out += items[i];
+  }
+  return out;
+}
+
+namespace {
+
+std::string quote_path(const std::string& path) { return "\"" + path + "\""; }
+
+// "a/b/" -> "a/b"; "/" stays "/".
+std::string without_trailing_slashes(std::string path) {
+  while (path.size() > 1 && path.back() == '/') {
+    path.pop_back();
+  }
+  return path;
+}
+
+// The folder holding `path` as it is written: "a/b" -> "a", "a" -> ".",
+// "/a" -> "/".
+std::string lexical_parent(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) {
+    return ".";
+  }
+  return slash == 0 ? std::string("/") : without_trailing_slashes(path.substr(0, slash));
+}
+
+}  // namespace
+
+MakeDirsResult make_directories(const std::string& dir) {
+  MakeDirsResult out;
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) == 0) {
+    if (!S_ISDIR(st.st_mode)) {
+      out.error = "is not a directory";
+    }
+    return out;
+  }
+  // The missing folders, from `dir` up to (not including) the nearest one
+  // that exists.
+  std::vector<std::string> missing;
+  std::string cur = without_trailing_slashes(dir);
+  for (;;) {
+    if (::stat(cur.c_str(), &st) == 0) {
+      break;
+    }
+    const int err = errno;
+    // ENOTDIR: a file in the way above; the walk up finds it and says so.
+    if (err != ENOENT && err != ENOTDIR) {
+      out.error = "cannot be created: " + quote_path(cur) + ": " + std::strerror(err);
+      return out;
+    }
+    missing.push_back(cur);
+    const std::string up = lexical_parent(cur);
+    if (up == cur) {  // "/" or "." missing: nothing to create from
+      out.error = "cannot be created: " + quote_path(cur) + " does not exist";
+      return out;
+    }
+    cur = up;
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    out.error = "cannot be created: " + quote_path(cur) + " is in the way and is not a directory";
+    return out;
+  }
+  if (::access(cur.c_str(), W_OK | X_OK) != 0) {
+    const int err = errno;
+    out.error = "cannot be created: its nearest existing folder " + quote_path(cur) +
+                " is not writable by this process (" + std::strerror(err) + ")";
+    return out;
+  }
+  for (auto it = missing.rbegin(); it != missing.rend(); ++it) {
+    if (::mkdir(it->c_str(), 0777) != 0 && errno != EEXIST) {
+      const int err = errno;
+      out.error = "cannot be created: mkdir " + quote_path(*it) + ": " + std::strerror(err);
+      return out;
+    }
+    if (out.created.empty()) {
+      out.created = *it;
+    }
+  }
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    out.error = "cannot be created: it is still not a directory after mkdir";
   }
   return out;
 }

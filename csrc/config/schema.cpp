@@ -347,9 +347,9 @@ std::vector<ConfigKey> build_schema() {
       "is honoured at stages 0-2.")
       .allowed({"none", "cpu", "nvme", "cxl"});
   add("zero_optimization.offload_optimizer.nvme_path", K::kString, kNull,
-      "Directory for the swap file; must exist and be writable (checked at parse time). Required "
-      "with device nvme; with cpu or cxl, state that does not fit strata.dram_budget spills "
-      "there.");
+      "Directory for the swap file, checked at parse time: created like mkdir -p (and said "
+      "once) when missing and the folder above it is writable, else an error. Required with "
+      "device nvme; with cpu or cxl, state that does not fit strata.dram_budget spills there.");
   add("zero_optimization.offload_optimizer.buffer_count", K::kInt, 4,
       "Pinned staging buffers: the depth of the read -> update -> write pipeline.")
       .min(1);

@@ -135,7 +135,8 @@ std::string config_schema_markdown() {
       "comments; a syntax error names the file, line and column.\n"
       "- `fp16.enabled` and `bf16.enabled` cannot both be true. With "
       "`offload_optimizer.device: nvme`, `nvme_path` is required; whenever `nvme_path` is "
-      "given it must be an existing, writable directory.\n\n";
+      "given it must be a writable directory, which is created (like `mkdir -p`, said once) "
+      "when it is missing and the nearest existing folder above it is writable.\n\n";
 
   md += "## Keys strata acts on\n\n";
   for (const std::string& section : sections()) {

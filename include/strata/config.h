@@ -105,7 +105,8 @@ struct ParseOptions {
   // "optimizer.params.lr": 1e-4}); keys still "auto" after that are an error.
   nlohmann::json auto_values = nlohmann::json::object();
   int world_size = 1;
-  // Check that offload_optimizer.nvme_path exists and is a writable directory.
+  // Check that offload_optimizer.nvme_path is a writable directory, making it
+  // (and its missing ancestors, like mkdir -p) when it does not exist.
   // Off only for tools that inspect a config meant for another machine.
   bool check_paths = true;
 };
