@@ -10,11 +10,11 @@ PYTEST_FLAGS ?=
 DEB_PACKAGES := cmake g++ make ninja-build libopenblas0-pthread liburing-dev libnuma-dev \
   libgtest-dev nlohmann-json3-dev libxxhash-dev pybind11-dev python3-pybind11 python3-torch \
   python3-pytest python3-numpy python3-tqdm python3-matplotlib python3-dev python3-setuptools \
-  python3-venv python3-pip fio util-linux
+  python3-venv python3-pip fio util-linux clang-format
 
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: all deps build demo test test-cpp test-python test-stress test-sanitize test-tsan fuzz bench clean info
+.PHONY: all deps build demo cuda format format-check test test-cpp test-python test-stress test-sanitize test-tsan fuzz bench clean info
 
 all: build
 
@@ -39,8 +39,31 @@ $(BUILD)/build.ninja:
 build: deps $(BUILD)/build.ninja
 	cmake --build $(BUILD) -j $(JOBS)
 
-demo: build
-	$(PYTHON) examples/finetune_gpt.py --config examples/configs/nvme.json --out demo_out
+# The demo builds only what it runs: the core library and the Python module (no
+# tests, benches or CUDA objects). DEMO_SECONDS / DEMO_STEPS shorten it.
+DEMO_SECONDS ?= 180
+DEMO_STEPS ?= 300
+demo: deps $(BUILD)/build.ninja
+	cmake --build $(BUILD) --target _C -j $(JOBS)
+	$(PYTHON) examples/finetune_gpt.py --config examples/configs/nvme.json --out demo_out \
+	  --max-seconds $(DEMO_SECONDS) --steps $(DEMO_STEPS)
+
+# The CUDA side (csrc/cuda), on demand: reconfigures $(BUILD) with it, so the
+# Python module can update on a GPU; needs nvcc (/usr/local/cuda), never a GPU.
+NVCC ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) nvcc)
+cuda: deps
+	cmake -S . -B $(BUILD) -G Ninja -DPython_EXECUTABLE=$(PYTHON) -DSTRATA_WITH_CUDA=ON \
+	  -DCMAKE_CUDA_COMPILER=$(NVCC) $(CMAKE_FLAGS)
+	cmake --build $(BUILD) -j $(JOBS)
+
+# clang-format over every tracked C++/CUDA file; `make format` rewrites them.
+FORMAT_FILES = $(shell git ls-files '*.cpp' '*.h' '*.cu' '*.cuh')
+format-check:
+	@echo "clang-format --dry-run --Werror over $(words $(FORMAT_FILES)) tracked C++/CUDA files"
+	@clang-format --dry-run --Werror $(FORMAT_FILES) && echo "clang-format: clean"
+
+format:
+	clang-format -i $(FORMAT_FILES)
 
 test: build test-cpp test-python
 

@@ -30,6 +30,9 @@ class CMakeBuild(build_ext):
             "-DSTRATA_BUILD_TESTS=OFF", "-DSTRATA_BUILD_BENCH=OFF",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
+        # The CUDA side on demand, as `make cuda`: STRATA_WITH_CUDA=1 pip install ...
+        if os.environ.get("STRATA_WITH_CUDA", "0") not in ("", "0", "OFF", "off"):
+            cfg.append("-DSTRATA_WITH_CUDA=ON")
         subprocess.check_call(cfg)
         subprocess.check_call(["cmake", "--build", build_dir, "--target", "_C", "-j",
                                str(os.cpu_count() or 2)])

@@ -41,11 +41,20 @@ from strata.progress import Progress  # noqa: E402
 
 from gpt import GPT, Batches, param_count, stdlib_corpus  # noqa: E402
 
+# Shapes by layers x width; the demo names the model by its parameter count (the default is
+# about 11M parameters, far from GPT-2's "medium" 355M, so it is not called that).
 SIZES = {
-    "tiny": dict(d_model=128, n_layer=2, n_head=4, seq_len=64),
-    "small": dict(d_model=256, n_layer=4, n_head=4, seq_len=128),
-    "medium": dict(d_model=384, n_layer=6, n_head=6, seq_len=128),
+    "2x128": dict(d_model=128, n_layer=2, n_head=4, seq_len=64),
+    "4x256": dict(d_model=256, n_layer=4, n_head=4, seq_len=128),
+    "6x384": dict(d_model=384, n_layer=6, n_head=6, seq_len=128),
 }
+SIZE_ALIASES = {"tiny": "2x128", "small": "4x256", "medium": "6x384"}  # earlier names
+
+
+def model_name(n_params, shape):
+    """'GPT, 10.9M parameters (6 layers, width 384)'."""
+    return (f"GPT, {n_params / 1e6:.1f}M parameters ({shape['n_layer']} layers, "
+            f"width {shape['d_model']})")
 
 
 def optimizer_bound(cfg, st, n_params, trace_path):
@@ -74,9 +83,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "nvme.json"))
     ap.add_argument("--out", default="demo_out", help="folder for trace, pictures and summary")
-    ap.add_argument("--size", default="medium", choices=sorted(SIZES))
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--max-seconds", type=float, default=180.0, help="stop training after this long")
+    ap.add_argument("--size", default="6x384", choices=sorted(SIZES) + sorted(SIZE_ALIASES),
+                    help="layers x width of the model (default 6x384, about 11M parameters)")
+    ap.add_argument("--steps", type=int, default=300, help="stop after this many steps")
+    ap.add_argument("--max-seconds", type=float, default=180.0,
+                    help="stop training after this long (whichever of the two ends first)")
+    ap.add_argument("--min-steps", type=int, default=5,
+                    help="train at least this many steps whatever the time budget (a loss "
+                         "curve, a trace and a timeline need a few)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: the cores, shared by the local ranks)")
     ap.add_argument("--seed", type=int, default=0)
@@ -85,6 +99,7 @@ def main(argv=None):
                          "stays on the config's tier and the update runs on the CPU)")
     ap.add_argument("--progress", default=None, help="auto, bar, log or off (default: the config's)")
     args = ap.parse_args(argv)
+    args.size = SIZE_ALIASES.get(args.size, args.size)
 
     # Several processes (strata launch / torchrun): torch.distributed on Gloo, output on rank 0.
     distributed = strata.comm.init_distributed(dist_backend="gloo")
@@ -110,7 +125,7 @@ def main(argv=None):
     model = GPT(**SIZES[args.size], dropout=0.0).to(device)
     data = Batches(stdlib_corpus(), model.seq_len, batch, seed=args.seed + rank)
     n_params = param_count(model)
-    say(f"strata {strata.__version__}: GPT-{args.size} with {n_params / 1e6:.2f}M parameters, "
+    say(f"strata {strata.__version__}: {model_name(n_params, SIZES[args.size])}, "
           f"batch {batch}x{model.seq_len} bytes, torch {torch.__version__} on {args.threads} threads"
         + (f", model on {device}" if device.type != "cpu" else "")
         + (f", {world} ranks (ZeRO stage {strata.config.get(cfg, 'zero_optimization.stage', 0)})"
@@ -131,7 +146,11 @@ def main(argv=None):
 
     losses, step_times, opt_times = [], [], []
     start = time.monotonic()
-    with Progress(args.steps, "train", unit="step", mode=progress_mode) as bar:
+    args.min_steps = max(1, min(args.min_steps, args.steps))
+    say(f"training for {args.steps} steps or {args.max_seconds:.0f} s, whichever ends first "
+        f"(at least {args.min_steps} steps)")
+    with Progress(args.steps, "train", unit="step", mode=progress_mode,
+                  budget_s=args.max_seconds) as bar:
         for step in range(args.steps):
             t0 = time.perf_counter()
             x, y = data.next()
@@ -142,7 +161,7 @@ def main(argv=None):
             opt.step()
             t2 = time.perf_counter()
             value = loss.detach().reshape(1)
-            over = time.monotonic() - start > args.max_seconds
+            over = time.monotonic() - start > args.max_seconds and step + 1 >= args.min_steps
             if distributed:
                 # the loss of the global batch; every rank stops at the same step
                 both = torch.tensor([float(value), 1.0 if over else 0.0], dtype=torch.float64)
@@ -205,7 +224,8 @@ def main(argv=None):
         ax.plot(range(1, len(losses) + 1), losses, lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/byte)")
-        ax.set_title(f"GPT-{args.size} on stdlib sources, optimizer state via strata")
+        ax.set_title(f"{model_name(n_params, SIZES[args.size])} on stdlib sources, "
+                     "optimizer state via strata", fontsize=9)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         loss_png = os.path.join(args.out, "loss.png")
@@ -220,6 +240,8 @@ def main(argv=None):
             pictures.append(timeline_png)
         except ImportError:
             pass
+        except ValueError as e:  # a trace without events: say so, keep the rest of the summary
+            print(f"no timeline picture: {e}", file=sys.stderr)
     except ImportError:
         print("matplotlib is not installed: no pictures (make deps installs python3-matplotlib)")
 

@@ -50,6 +50,29 @@ def test_progress_log_mode_has_no_control_characters():
     assert "\r" not in text and "\x1b" not in text
 
 
+def test_progress_follows_the_time_budget_that_ends_the_run(monkeypatch):
+    # Regression: the demo's progress showed an ETA for 300 steps (27 minutes) while the run
+    # stops at its 3-minute budget. The total and the ETA now follow the end that comes first.
+    import strata.progress as progress_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: clock[0])
+    buf = io.StringIO()
+    with Progress(300, "train", unit="step", stream=buf, interval=0.0, budget_s=20.0) as p:
+        for _ in range(4):
+            clock[0] += 1.0  # one step a second: the 20 s budget ends the run near step 20
+            p.update(1)
+        assert 19 <= p.expected_total() <= 21
+    last = [l for l in buf.getvalue().splitlines() if l.startswith("[strata] train: 4/")][-1]
+    assert "/300" not in last, last
+    assert "time budget 00:20" in last and "eta 00:16" in last, last
+    # Without a budget the step count is the end, as before.
+    with Progress(300, "train", unit="step", stream=io.StringIO(), interval=0.0) as q:
+        clock[0] += 1.0
+        q.update(1)
+        assert q.expected_total() == 300
+
+
 def test_progress_bar_mode_on_a_terminal():
     class Tty(io.StringIO):
         def isatty(self):
