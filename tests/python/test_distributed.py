@@ -374,7 +374,7 @@ def test_launch_runs_the_gpt_example_on_two_ranks(tmp_path):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     text = proc.stdout
-    assert text.count("=== summary ===") == 1 and text.count("GPT-tiny with") == 1, text
+    assert text.count("=== summary ===") == 1 and text.count("GPT, 0.5M parameters (2 layers, width 128)") == 1, text
     assert "2 ranks (ZeRO stage 2)" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2

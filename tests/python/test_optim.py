@@ -181,10 +181,18 @@ def test_errors_are_clear(tmp_path):
     with pytest.raises(strata.ConfigError, match="offload_optimzer"):
         strata.optim.OffloadAdamW(model.parameters(), config={
             "zero_optimization": {"offload_optimzer": {"device": "cpu"}}})
-    missing = tmp_path / "does-not-exist"
-    with pytest.raises(strata.ConfigError, match="nvme_path"):
+    # A missing nvme_path is created (like mkdir -p); one below a regular file cannot be.
+    missing = tmp_path / "does-not-exist" / "swap"
+    opt = strata.optim.OffloadAdamW(model.parameters(), config={
+        "zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": str(missing)}}})
+    opt.close()
+    assert missing.is_dir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(strata.ConfigError, match="nvme_path.*is in the way and is not a directory"):
         strata.optim.OffloadAdamW(model.parameters(), config={
-            "zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": str(missing)}}})
+            "zero_optimization": {"offload_optimizer": {"device": "nvme",
+                                                        "nvme_path": str(blocker / "swap")}}})
     if os.geteuid() != 0:
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
