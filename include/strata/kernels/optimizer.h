@@ -105,14 +105,16 @@ Status optimizer_step(const OptimizerHyper& hyper, const StepArgs& args, const S
                       const void* grad, DType grad_dtype, std::span<const CopyOut> copy_out,
                       DType param_dtype, ThreadPool* pool, Isa isa = Isa::kAuto);
 
-// The bandwidth bound of optimizer_step, for benches and the performance
-// model: the same arrays (the slots state_slots(hyper) names, grad, the
+// The kernel path's own streaming loop, a diagnostic beside optimizer_step:
+// the same arrays (the slots state_slots(hyper) names, grad, the
 // copy-out destinations), the same bytes read and written per element, the
 // same tiling, threads and store policy, but one multiply-add per element and
 // array (s = g * 0 + s, every element loaded, computed and stored; copy-out
 // of the master) instead of the optimizer. Finite state values are left
 // unchanged, so a bench may alternate it with optimizer_step on the same
-// buffers.
+// buffers. Not a bound: it shares the kernel path's tiling, pool and
+// buffers, so whatever slows those slows it too (strata-bench-adam measures
+// an independent loop for that).
 Status stream_bound_step(const OptimizerHyper& hyper, const StateView& state, const void* grad,
                          DType grad_dtype, std::span<const CopyOut> copy_out, DType param_dtype,
                          ThreadPool* pool, Isa isa = Isa::kAuto);
