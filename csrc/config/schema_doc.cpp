@@ -133,6 +133,11 @@ std::string config_schema_markdown() {
       "different values is an error.\n"
       "- **Files** may start with a UTF-8 byte-order mark and may contain `//` and `/* */` "
       "comments; a syntax error names the file, line and column.\n"
+      "- **Parsed once, typed**: every key in the first table is bound by its row to one field "
+      "of `strata::EngineConfig` (`include/strata/engine_config.h`), filled when the config is "
+      "parsed; the engine, the plan, the I/O layer and the performance model read those "
+      "fields. Python parses once (`strata.load_config`) and hands the parsed handle "
+      "(`strata._C.Config`) to the engine. The defaults in these tables are the only ones.\n"
       "- `fp16.enabled` and `bf16.enabled` cannot both be true. With "
       "`offload_optimizer.device: nvme`, `nvme_path` is required; whenever `nvme_path` is "
       "given it must be an existing, writable directory.\n\n";
