@@ -231,8 +231,8 @@ int main(int argc, char** argv) {
   h.weight_decay = 0.01f;
   o.groups = {h};
   // One deterministic gradient buffer, as large as the largest sub-group.
-  size_t max_numel = size_t(
-      std::min<uint64_t>(total, uint64_t(o.config.get_int("zero_optimization.sub_group_size"))));
+  size_t max_numel =
+      size_t(std::min<uint64_t>(total, uint64_t(o.config.typed().zero.sub_group_size)));
   std::vector<uint16_t> g16;
   std::vector<float> g32;
   if (gd == kernels::DType::kF32) {
@@ -282,8 +282,8 @@ int main(int argc, char** argv) {
   bool have_nvme = !st0.swap_file_path.empty();
   bool raw_ok = false;
   if (have_nvme) {
-    raw_ok = raw.open(st0.swap_file_path, size_t(cfg.value().get_int("aio.block_size")),
-                      unsigned(cfg.value().get_int("aio.queue_depth")));
+    raw_ok = raw.open(st0.swap_file_path, size_t(cfg.value().typed().aio.block_size),
+                      unsigned(cfg.value().typed().aio.queue_depth));
     if (!raw_ok) table.note("raw io_uring loop unavailable: no I/O bound measured");
   }
   kernels::ThreadPool pool(st0.threads);

@@ -172,6 +172,8 @@ class ConfigParser {
     fill_defaults();
     STRATA_RETURN_IF_ERROR(check_offload());
     emit_ignored_warnings();
+    // The typed configuration, filled once by the schema's rows.
+    STRATA_RETURN_IF_ERROR(fill_engine_config(cfg_.json_, &cfg_.typed_));
     return std::move(cfg_);
   }
 
@@ -419,6 +421,12 @@ class ConfigParser {
               value = a;
               return Status::Ok();
             }
+          }
+        }
+        for (const auto& [gone, why] : key.removed_values) {
+          if (s == gone) {
+            return error(path, show(value) + " is no longer accepted (" + why +
+                                   "); allowed: " + join(key.allowed, ", "));
           }
         }
         std::string msg =
@@ -1055,77 +1063,63 @@ bool Config::has(const std::string& path) const {
   return v != nullptr && !v->is_null();
 }
 
-namespace {
+// ---- the typed configuration ---------------------------------------------------
 
-nlohmann::json schema_default(const std::string& path) {
+Status fill_engine_config(const nlohmann::json& filled, EngineConfig* out) {
+  for (const ConfigKey& key : config_schema()) {
+    if (!key.fill) {
+      continue;
+    }
+    const nlohmann::json* v = find_in(filled, key.path);
+    nlohmann::json value;
+    if (v != nullptr && !v->is_null()) {
+      value = *v;
+    } else {
+      // Absent (an optional section not given, or a default-less key): the
+      // row's default for the section's type, or null ("not given").
+      const std::string section = section_of(key.path);
+      const nlohmann::json* type = find_in(filled, section + ".type");
+      value = effective_default(
+          key, type != nullptr && type->is_string() ? type->get<std::string>() : std::string());
+    }
+    STRATA_RETURN_IF_ERROR(key.fill(*out, value));
+  }
+  return Status::Ok();
+}
+
+Config::Config() {
+  // The schema's own defaults; a schema whose rows do not bind is a bug the
+  // unit tests catch (test_config_fields), so the status is not needed here.
+  fill_engine_config(json_, &typed_).ignore();
+}
+
+const EngineConfig& default_engine_config() {
+  static const EngineConfig defaults = Config().typed();
+  return defaults;
+}
+
+Result<Config> Config::with_default(const std::string& path) const {
   const ConfigKey* key = find_config_key(path);
-  return key == nullptr ? json(nullptr) : key->default_value;
-}
-
-}  // namespace
-
-bool Config::get_bool(const std::string& path) const {
-  const nlohmann::json* v = find(path);
-  if (v != nullptr && v->is_boolean()) {
-    return v->get<bool>();
+  if (key == nullptr || !key->fill) {
+    return invalid_argument(path + ": not a key strata acts on");
   }
-  const nlohmann::json d = schema_default(path);
-  return d.is_boolean() ? d.get<bool>() : false;
-}
-
-int64_t Config::get_int(const std::string& path) const {
-  auto to_int = [](const nlohmann::json& j, int64_t* out) {
-    if (j.is_number_integer()) {
-      *out = j.get<int64_t>();
-      return true;
-    }
-    if (j.is_number_unsigned()) {
-      const uint64_t u = j.get<uint64_t>();
-      *out = u > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(u);
-      return true;
-    }
-    if (j.is_number_float()) {
-      const double d = j.get<double>();
-      if (std::isfinite(d) && d < 9223372036854775808.0 && d >= -9223372036854775808.0) {
-        *out = static_cast<int64_t>(d);
-        return true;
-      }
-    }
-    return false;
-  };
-  int64_t out = 0;
-  const nlohmann::json* v = find(path);
-  if (v != nullptr && to_int(*v, &out)) {
-    return out;
+  Config out = *this;
+  if (nlohmann::json* v = find_in(out.json_, path)) {
+    *v = nlohmann::json(nullptr);
   }
-  const nlohmann::json d = schema_default(path);
-  return to_int(d, &out) ? out : 0;
-}
-
-double Config::get_number(const std::string& path) const {
-  const nlohmann::json* v = find(path);
-  if (v != nullptr && v->is_number()) {
-    return v->get<double>();
-  }
-  const nlohmann::json d = schema_default(path);
-  return d.is_number() ? d.get<double>() : 0.0;
-}
-
-std::string Config::get_string(const std::string& path) const {
-  const nlohmann::json* v = find(path);
-  if (v != nullptr && v->is_string()) {
-    // "auto" is an unresolved placeholder, except for keys that have it as
-    // one of their own values (strata.schedule, strata.progress).
-    const ConfigKey* key = find_config_key(path);
-    const bool auto_is_a_value =
-        key != nullptr &&
-        std::find(key->allowed.begin(), key->allowed.end(), "auto") != key->allowed.end();
-    if (!is_auto(*v) || auto_is_a_value) {
-      return v->get<std::string>();
+  const nlohmann::json* type = find_in(out.json_, section_of(path) + ".type");
+  nlohmann::json def = effective_default(
+      *key, type != nullptr && type->is_string() ? type->get<std::string>() : std::string());
+  if (!def.is_null()) {
+    if (nlohmann::json* v = find_in(out.json_, path)) {
+      *v = def;
     }
+  } else if (nlohmann::json* parent = find_in(out.json_, parent_of(path));
+             parent != nullptr && parent->is_object()) {
+    parent->erase(leaf_of(path));
   }
-  const nlohmann::json d = schema_default(path);
-  return d.is_string() ? d.get<std::string>() : std::string();
+  STRATA_RETURN_IF_ERROR(key->fill(out.typed_, def));
+  return out;
 }
 
 }  // namespace strata

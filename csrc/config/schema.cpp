@@ -5,6 +5,10 @@
 // under "strata". docs/config.md is generated from this table.
 #include <strata/config.h>
 
+#include <concepts>
+#include <limits>
+#include <type_traits>
+
 #include "config/config_internal.h"
 
 namespace strata {
@@ -32,6 +36,117 @@ const char* key_type_name(KeyType type) {
 namespace {
 
 using json = nlohmann::json;
+
+// ---- binding a row to its typed field --------------------------------------
+// A row's value (already validated against the row: type, range, allowed)
+// is converted to the field's C++ type here and nowhere else.
+
+template <typename T>
+struct IsOptional : std::false_type {};
+template <typename T>
+struct IsOptional<std::optional<T>> : std::true_type {};
+template <typename T>
+struct IsVector : std::false_type {};
+template <typename T>
+struct IsVector<std::vector<T>> : std::true_type {};
+template <typename T>
+struct IsArray : std::false_type {};
+template <typename T, size_t N>
+struct IsArray<std::array<T, N>> : std::true_type {};
+
+Status bind_error(const ConfigKey& key, const json& value, const char* want) {
+  return Status(StatusCode::kInternal, key.path + ": the schema binds " +
+                                           config_detail::show(value) + " to a field of type " +
+                                           want);
+}
+
+template <typename T>
+Status from_json(const ConfigKey& key, const json& v, T* out) {
+  if constexpr (IsOptional<T>::value) {
+    if (v.is_null()) {
+      out->reset();
+      return Status::Ok();
+    }
+    typename T::value_type inner{};
+    STRATA_RETURN_IF_ERROR(from_json(key, v, &inner));
+    *out = std::move(inner);
+    return Status::Ok();
+  } else if constexpr (std::is_same_v<T, bool>) {
+    if (!v.is_boolean()) {
+      return bind_error(key, v, "bool");
+    }
+    *out = v.get<bool>();
+  } else if constexpr (std::is_enum_v<T>) {
+    if (v.is_string()) {
+      for (size_t i = 0; i < key.allowed.size(); ++i) {
+        if (key.allowed[i] == v.get_ref<const std::string&>()) {
+          *out = T(i);
+          return Status::Ok();
+        }
+      }
+    }
+    return bind_error(key, v, "enum (one of the allowed values)");
+  } else if constexpr (std::is_integral_v<T>) {
+    if (!v.is_number_integer() && !v.is_number_unsigned()) {
+      return bind_error(key, v, "integer");
+    }
+    const auto n = v.get<int64_t>();
+    if (n < int64_t(std::numeric_limits<T>::min()) ||
+        (n > 0 && uint64_t(n) > uint64_t(std::numeric_limits<T>::max()))) {
+      return bind_error(key, v, "integer of a narrower range");
+    }
+    *out = T(n);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    if (!v.is_number()) {
+      return bind_error(key, v, "number");
+    }
+    *out = v.get<T>();
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    if (!v.is_string()) {
+      return bind_error(key, v, "string");
+    }
+    *out = v.get<std::string>();
+  } else if constexpr (IsVector<T>::value || IsArray<T>::value) {
+    if (!v.is_array()) {
+      return bind_error(key, v, "array");
+    }
+    T arr{};
+    if constexpr (IsVector<T>::value) {
+      arr.resize(v.size());
+    } else if (v.size() != std::tuple_size_v<T>) {
+      return bind_error(key, v, "array of fixed length");
+    }
+    for (size_t i = 0; i < v.size(); ++i) {
+      STRATA_RETURN_IF_ERROR(from_json(key, v[i], &arr[i]));
+    }
+    *out = std::move(arr);
+  } else {
+    static_assert(!sizeof(T*), "no conversion for this field type");
+  }
+  return Status::Ok();
+}
+
+template <typename T>
+json to_json(const ConfigKey& key, const T& value) {
+  if constexpr (IsOptional<T>::value) {
+    return value ? to_json(key, *value) : json(nullptr);
+  } else if constexpr (std::is_enum_v<T>) {
+    const size_t i = size_t(value);
+    return i < key.allowed.size() ? json(key.allowed[i]) : json(nullptr);
+  } else if constexpr (IsVector<T>::value || IsArray<T>::value) {
+    json a = json::array();
+    for (const auto& e : value) {
+      a.push_back(to_json(key, e));
+    }
+    return a;
+  } else {
+    return json(value);
+  }
+}
+
+// The field a row binds, as an accessor: STRATA_FIELD(aio.queue_depth).
+#define STRATA_FIELD(member) \
+  [](EngineConfig & c) -> auto& { return c.member; }
 
 // A fluent builder so each row of the table reads as one statement.
 class Row {
@@ -111,6 +226,26 @@ class Row {
     key_.alias_values = std::move(values);
     return *this;
   }
+  // Values once accepted and now refused (a parse error says why).
+  Row& removed(std::string value, std::string why) {
+    key_.removed_values.emplace_back(std::move(value), std::move(why));
+    return *this;
+  }
+  // The typed field this (honoured) row lands in.
+  template <typename Access>
+  Row& field(Access access) {
+    using T = std::remove_reference_t<decltype(access(std::declval<EngineConfig&>()))>;
+    const std::string path = key_.path;
+    key_.fill = [access, path](EngineConfig& c, const json& v) -> Status {
+      const ConfigKey* key = find_config_key(path);
+      return from_json<T>(*key, v, &access(c));
+    };
+    key_.read = [access, path](const EngineConfig& c) -> json {
+      const ConfigKey* key = find_config_key(path);
+      return to_json<T>(*key, access(const_cast<EngineConfig&>(c)));
+    };
+    return *this;
+  }
   ConfigKey take() { return std::move(key_); }
 
  private:
@@ -129,6 +264,9 @@ const char* const kNoteMonitor =
     "strata reports progress and per-step timing itself (strata.progress, strata.trace, "
     "wall_clock_breakdown); this DeepSpeed feature is not available";
 const char* const kNoteFeature = "this DeepSpeed feature is not implemented in strata";
+const char* const kNotePipeline =
+    "accepted; strata always pipelines reads and writes (offload_optimizer.buffer_count deep), "
+    "so false is not honoured and true changes nothing";
 const char* const kNoteNoEffect = "DeepSpeed-internal switch with no counterpart in strata";
 
 std::vector<ConfigKey> build_schema() {
@@ -148,28 +286,34 @@ std::vector<ConfigKey> build_schema() {
       "the third; all three given must agree; none given means micro batch 1 and accumulation 1. "
       "Always present after parsing.")
       .min(1)
-      .auto_ok();
+      .auto_ok()
+      .field(STRATA_FIELD(training.train_batch_size));
   add("train_micro_batch_size_per_gpu", K::kInt, kNull,
       "Samples per forward/backward on one rank (the DataLoader batch size). Derived when not "
       "given (see train_batch_size).")
       .min(1)
-      .auto_ok();
+      .auto_ok()
+      .field(STRATA_FIELD(training.train_micro_batch_size_per_gpu));
   add("gradient_accumulation_steps", K::kInt, kNull,
       "Micro-batches accumulated before each optimizer step; backward scales the loss by its "
       "inverse and step() acts only at accumulation boundaries. Derived when not given.")
       .min(1)
-      .auto_ok();
+      .auto_ok()
+      .field(STRATA_FIELD(training.gradient_accumulation_steps));
   add("steps_per_print", K::kInt, 10,
       "Print progress (loss, learning rate, step time) every N "
       "optimizer steps, on rank 0 only.")
-      .min(1);
+      .min(1)
+      .field(STRATA_FIELD(training.steps_per_print));
   add("wall_clock_breakdown", K::kBool, false,
       "Print the per-step time breakdown (forward, backward, read, update, write-back) every "
-      "steps_per_print steps.");
+      "steps_per_print steps.")
+      .field(STRATA_FIELD(training.wall_clock_breakdown));
   add("gradient_clipping", K::kNumber, 0.0,
       "Clip gradients to this global L2 norm across all tiers and ranks; 0 turns clipping off.")
       .min(0)
-      .auto_ok();
+      .auto_ok()
+      .field(STRATA_FIELD(training.gradient_clipping));
   add("prescale_gradients", K::kBool, kNull, "DeepSpeed: scale gradients before the allreduce.")
       .ignored(kNoteComm);
   add("gradient_predivide_factor", K::kNumber, kNull,
@@ -194,54 +338,70 @@ std::vector<ConfigKey> build_schema() {
       "AdamW unless params.adam_w_mode is false. Required when optimizer is given.")
       .allowed({"Adam", "AdamW", "SGD", "Adagrad"})
       .any_case()
-      .support_list();
+      .support_list()
+      .field(STRATA_FIELD(optimizer.type));
   add("optimizer.params", K::kObject, json::object(),
       "Constructor arguments of the optimizer; each applies to the types listed with it, and a "
       "parameter the type does not take is an error.");
   add("optimizer.params.lr", K::kNumber, kNull, "Learning rate.")
       .min(0)
       .auto_ok()
-      .by_type({{"Adam", 1e-3}, {"AdamW", 1e-3}, {"SGD", 1e-3}, {"Adagrad", 1e-2}});
+      .by_type({{"Adam", 1e-3}, {"AdamW", 1e-3}, {"SGD", 1e-3}, {"Adagrad", 1e-2}})
+      .field(STRATA_FIELD(optimizer.lr));
   add("optimizer.params.betas", K::kArray, json::array({0.9, 0.999}),
       "Adam's coefficients for the running averages of the gradient and its square.")
       .array_of(K::kNumber, 2)
       .below(0, 1)
       .auto_ok()
-      .applies(kAdamLike);
+      .applies(kAdamLike)
+      .field(STRATA_FIELD(optimizer.betas));
   add("optimizer.params.eps", K::kNumber, kNull, "Term added to the denominator.")
       .min(0)
       .auto_ok()
       .applies({"Adam", "AdamW", "Adagrad"})
-      .by_type({{"Adam", 1e-8}, {"AdamW", 1e-8}, {"Adagrad", 1e-10}});
+      .by_type({{"Adam", 1e-8}, {"AdamW", 1e-8}, {"Adagrad", 1e-10}})
+      .field(STRATA_FIELD(optimizer.eps));
   add("optimizer.params.weight_decay", K::kNumber, 0.0,
       "Weight decay: decoupled (AdamW) in adam_w_mode, L2 added to the gradient otherwise.")
       .min(0)
-      .auto_ok();
+      .auto_ok()
+      .field(STRATA_FIELD(optimizer.weight_decay));
   add("optimizer.params.adam_w_mode", K::kBool, true,
       "Decoupled weight decay (AdamW). DeepSpeed's default true makes \"type\": \"Adam\" an AdamW; "
       "ignored (always true) for \"AdamW\".")
-      .applies(kAdamLike);
+      .applies(kAdamLike)
+      .field(STRATA_FIELD(optimizer.adam_w_mode));
   add("optimizer.params.bias_correction", K::kBool, true, "Apply Adam's bias correction.")
-      .applies(kAdamLike);
+      .applies(kAdamLike)
+      .field(STRATA_FIELD(optimizer.bias_correction));
   add("optimizer.params.amsgrad", K::kBool, false,
       "AMSGrad variant: keeps the running maximum of v (one more fp32 slot per parameter).")
-      .applies(kAdamLike);
+      .applies(kAdamLike)
+      .field(STRATA_FIELD(optimizer.amsgrad));
   add("optimizer.params.torch_adam", K::kBool, kNull,
       "DeepSpeed: use torch.optim.Adam/AdamW instead of its fused kernel.")
       .applies(kAdamLike)
       .ignored("strata always runs its own kernels; they compute the same Adam/AdamW update");
-  add("optimizer.params.momentum", K::kNumber, 0.0, "SGD momentum factor.").min(0).applies({"SGD"});
+  add("optimizer.params.momentum", K::kNumber, 0.0, "SGD momentum factor.")
+      .min(0)
+      .applies({"SGD"})
+      .field(STRATA_FIELD(optimizer.momentum));
   add("optimizer.params.dampening", K::kNumber, 0.0, "SGD dampening for momentum.")
       .min(0)
-      .applies({"SGD"});
-  add("optimizer.params.nesterov", K::kBool, false, "SGD: Nesterov momentum.").applies({"SGD"});
+      .applies({"SGD"})
+      .field(STRATA_FIELD(optimizer.dampening));
+  add("optimizer.params.nesterov", K::kBool, false, "SGD: Nesterov momentum.")
+      .applies({"SGD"})
+      .field(STRATA_FIELD(optimizer.nesterov));
   add("optimizer.params.lr_decay", K::kNumber, 0.0, "Adagrad learning-rate decay.")
       .min(0)
-      .applies({"Adagrad"});
+      .applies({"Adagrad"})
+      .field(STRATA_FIELD(optimizer.lr_decay));
   add("optimizer.params.initial_accumulator_value", K::kNumber, 0.0,
       "Adagrad: initial value of the sum of squared gradients.")
       .min(0)
-      .applies({"Adagrad"});
+      .applies({"Adagrad"})
+      .field(STRATA_FIELD(optimizer.initial_accumulator_value));
 
   // ---- scheduler -------------------------------------------------------------
   add("scheduler", K::kObject, kNull,
@@ -251,70 +411,89 @@ std::vector<ConfigKey> build_schema() {
       "Schedule name (case-sensitive, as in DeepSpeed). "
       "Required when scheduler is given.")
       .allowed({"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"})
-      .support_list();
+      .support_list()
+      .field(STRATA_FIELD(scheduler.type));
   add("scheduler.params", K::kObject, json::object(),
       "Constructor arguments of the schedule; each applies to the types listed with it.");
   add("scheduler.params.warmup_min_lr", K::kNumber, 0.0, "Learning rate at the start of warmup.")
       .min(0)
       .auto_ok()
-      .applies({"WarmupLR", "WarmupDecayLR"});
+      .applies({"WarmupLR", "WarmupDecayLR"})
+      .field(STRATA_FIELD(scheduler.warmup_min_lr));
   add("scheduler.params.warmup_max_lr", K::kNumber, kNull,
       "Learning rate at the end of warmup (WarmupLR: the optimizer's lr when not given).")
       .min(0)
       .auto_ok()
       .applies({"WarmupLR", "WarmupDecayLR"})
-      .by_type({{"WarmupDecayLR", 0.001}});
+      .by_type({{"WarmupDecayLR", 0.001}})
+      .field(STRATA_FIELD(scheduler.warmup_max_lr));
   add("scheduler.params.warmup_num_steps", K::kInt, 1000,
       "Steps of warmup (DeepSpeed uses at least 2).")
       .min(0)
-      .auto_ok();
+      .auto_ok()
+      .field(STRATA_FIELD(scheduler.warmup_num_steps));
   add("scheduler.params.warmup_type", K::kString, "log", "Shape of the warmup curve.")
-      .allowed({"log", "linear"});
+      .allowed({"log", "linear"})
+      .field(STRATA_FIELD(scheduler.warmup_type));
   add("scheduler.params.total_num_steps", K::kInt, kNull,
       "Total training steps; required by WarmupDecayLR and WarmupCosineLR.")
       .min(1)
       .auto_ok()
-      .applies({"WarmupDecayLR", "WarmupCosineLR"});
+      .applies({"WarmupDecayLR", "WarmupCosineLR"})
+      .field(STRATA_FIELD(scheduler.total_num_steps));
   add("scheduler.params.warmup_min_ratio", K::kNumber, 0.0,
       "WarmupCosineLR: start of warmup as a fraction of the optimizer's lr.")
       .range(0, 1)
       .auto_ok()
-      .applies({"WarmupCosineLR"});
+      .applies({"WarmupCosineLR"})
+      .field(STRATA_FIELD(scheduler.warmup_min_ratio));
   add("scheduler.params.cos_min_ratio", K::kNumber, 0.0001,
       "WarmupCosineLR: end of the cosine decay as a fraction of the optimizer's lr.")
       .range(0, 1)
       .auto_ok()
-      .applies({"WarmupCosineLR"});
+      .applies({"WarmupCosineLR"})
+      .field(STRATA_FIELD(scheduler.cos_min_ratio));
   add("scheduler.params.last_batch_iteration", K::kInt, -1,
       "Index of the last step taken (-1: start from the beginning).")
-      .min(-1);
+      .min(-1)
+      .field(STRATA_FIELD(scheduler.last_batch_iteration));
 
   // ---- precision -------------------------------------------------------------
   add("fp16", K::kObject, json::object(), "fp16 mixed precision with dynamic loss scaling.");
   add("fp16.enabled", K::kBool, false,
       "fp16 model parameters and gradients; fp32 master weights and state.")
-      .auto_ok();
-  add("fp16.auto_cast", K::kBool, false, "Cast floating-point inputs of forward to fp16.");
+      .auto_ok()
+      .field(STRATA_FIELD(precision.fp16_enabled));
+  add("fp16.auto_cast", K::kBool, false, "Cast floating-point inputs of forward to fp16.")
+      .field(STRATA_FIELD(precision.fp16_auto_cast));
   add("fp16.loss_scale", K::kNumber, 0.0, "Static loss scale; 0 selects dynamic loss scaling.")
-      .min(0);
+      .min(0)
+      .field(STRATA_FIELD(precision.fp16_loss_scale));
   add("fp16.initial_scale_power", K::kInt, 16,
       "Dynamic scaling starts at 2^initial_scale_power (127 is the largest a float holds).")
-      .range(0, 127);
+      .range(0, 127)
+      .field(STRATA_FIELD(precision.fp16_initial_scale_power));
   add("fp16.loss_scale_window", K::kInt, 1000,
       "Overflow-free steps after which the dynamic scale is raised.")
-      .min(1);
+      .min(1)
+      .field(STRATA_FIELD(precision.fp16_loss_scale_window));
   add("fp16.hysteresis", K::kInt, 2, "Overflows tolerated before the dynamic scale is lowered.")
-      .min(1);
+      .min(1)
+      .field(STRATA_FIELD(precision.fp16_hysteresis));
   add("fp16.consecutive_hysteresis", K::kBool, false,
-      "Refill hysteresis on every overflow-free step, not only after loss_scale_window.");
-  add("fp16.min_loss_scale", K::kNumber, 1.0, "Lower bound of the dynamic loss scale.").min(0);
+      "Refill hysteresis on every overflow-free step, not only after loss_scale_window.")
+      .field(STRATA_FIELD(precision.fp16_consecutive_hysteresis));
+  add("fp16.min_loss_scale", K::kNumber, 1.0, "Lower bound of the dynamic loss scale.")
+      .min(0)
+      .field(STRATA_FIELD(precision.fp16_min_loss_scale));
   add("fp16.fp16_master_weights_and_grads", K::kBool, kNull,
       "DeepSpeed: keep master weights in fp16.")
       .ignored("master weights and optimizer state are always fp32 in strata");
   add("bf16", K::kObject, json::object(), "bf16 mixed precision.");
   add("bf16.enabled", K::kBool, false,
       "bf16 model parameters; fp32 master weights and state; no loss scaling.")
-      .auto_ok();
+      .auto_ok()
+      .field(STRATA_FIELD(precision.bf16_enabled));
   add("bf16.immediate_grad_update", K::kBool, kNull,
       "DeepSpeed: apply bf16 gradients to the fp32 copy as they arrive.")
       .ignored(kNoteNoEffect, {true, false});
@@ -325,7 +504,8 @@ std::vector<ConfigKey> build_schema() {
       "update reads (not given: each parameter's own dtype, as DeepSpeed does under ZeRO). "
       "fp32 with bf16/fp16 parameters: each backward's gradient is added into fp32 buffers "
       "and .grad is None afterwards.")
-      .allowed({"fp32", "fp16", "bf16"});
+      .allowed({"fp32", "fp16", "bf16"})
+      .field(STRATA_FIELD(precision.grad_accum_dtype));
 
   // ---- ZeRO ------------------------------------------------------------------
   add("zero_optimization", K::kObject, json::object(),
@@ -334,36 +514,45 @@ std::vector<ConfigKey> build_schema() {
       "0: no sharding; 1 and 2: optimizer state (and gradients) sharded across data-parallel "
       "ranks; 3: accepted, runs as stage 2 with one warning (parameter partitioning is not "
       "implemented).")
-      .range(0, 3);
+      .range(0, 3)
+      .field(STRATA_FIELD(zero.stage));
   add("zero_optimization.sub_group_size", K::kInt, 1000000000,
       "Elements per sub-group: the unit of state that is read, updated and written back in one "
       "pipeline stage.")
-      .min(1);
+      .min(1)
+      .field(STRATA_FIELD(zero.sub_group_size));
   add("zero_optimization.offload_optimizer", K::kObject, json::object(),
       "Where the optimizer state (fp32 master weights, Adam's m and v) lives.");
   add("zero_optimization.offload_optimizer.device", K::kString, "none",
       "Tier of the optimizer state: none (with the model), cpu (pinned DRAM), cxl (the "
       "strata.cxl_nodes NUMA nodes), nvme (a swap file under nvme_path). Unlike DeepSpeed, nvme "
       "is honoured at stages 0-2.")
-      .allowed({"none", "cpu", "nvme", "cxl"});
+      .allowed({"none", "cpu", "nvme", "cxl"})
+      .field(STRATA_FIELD(zero.offload.device));
   add("zero_optimization.offload_optimizer.nvme_path", K::kString, kNull,
       "Directory for the swap file, checked at parse time: created like mkdir -p (and said "
       "once) when missing and the folder above it is writable, else an error. Required with "
-      "device nvme; with cpu or cxl, state that does not fit strata.dram_budget spills there.");
+      "device nvme; with cpu or cxl, state that does not fit strata.dram_budget spills there.")
+      .field(STRATA_FIELD(zero.offload.nvme_path));
   add("zero_optimization.offload_optimizer.buffer_count", K::kInt, 4,
       "Pinned staging buffers: the depth of the read -> update -> write pipeline.")
-      .min(1);
+      .min(1)
+      .field(STRATA_FIELD(zero.offload.buffer_count));
   add("zero_optimization.offload_optimizer.pin_memory", K::kBool, false,
-      "Page-lock the host copy of the state (device cpu or cxl) for faster transfers to a GPU.");
-  add("zero_optimization.offload_optimizer.pipeline_read", K::kBool, false,
-      "Read the next sub-group's state while the current one is updated.");
-  add("zero_optimization.offload_optimizer.pipeline_write", K::kBool, false,
-      "Write the previous sub-group's state back while the current one is updated.");
+      "Page-lock the host copy of the state (device cpu or cxl) for faster transfers to a GPU.")
+      .field(STRATA_FIELD(zero.offload.pin_memory));
+  add("zero_optimization.offload_optimizer.pipeline_read", K::kBool, kNull,
+      "DeepSpeed: read the next sub-group's state while the current one is updated.")
+      .ignored(kNotePipeline, {true});
+  add("zero_optimization.offload_optimizer.pipeline_write", K::kBool, kNull,
+      "DeepSpeed: write the previous sub-group's state back while the current one is updated.")
+      .ignored(kNotePipeline, {true});
   add("zero_optimization.offload_optimizer.ratio", K::kNumber, 1.0,
       "With strata.schedule static: fraction of the sub-groups the GPU could update (state on the "
       "host tier, Adam/AdamW, model on the GPU) that the CPU updates; the GPU updates the rest, "
       "spread evenly, streaming their state over PCIe.")
-      .range(0, 1);
+      .range(0, 1)
+      .field(STRATA_FIELD(zero.offload.ratio));
   add("zero_optimization.offload_optimizer.fast_init", K::kBool, kNull,
       "DeepSpeed: fast optimizer initialisation with NVMe offload.")
       .ignored("strata writes the initial state once at start; there is no separate fast path");
@@ -568,18 +757,23 @@ std::vector<ConfigKey> build_schema() {
   add("aio", K::kObject, json::object(), "NVMe I/O settings (io_uring in strata).");
   add("aio.block_size", K::kInt, 1048576, "Bytes per I/O request; a multiple of 4096 for O_DIRECT.")
       .range(4096, 1073741824)
-      .multiple_of(4096);
+      .multiple_of(4096)
+      .field(STRATA_FIELD(aio.block_size));
   add("aio.queue_depth", K::kInt, 8,
       "I/O requests in flight per ring (DeepSpeed's default 8; fast drives want 32-128).")
-      .range(1, 4096);
+      .range(1, double(kMaxQueueDepth))
+      .field(STRATA_FIELD(aio.queue_depth));
   add("aio.intra_op_parallelism", K::kInt, 1, "I/O submission threads, each with its own ring.")
-      .range(1, 256);
+      .range(1, double(kMaxIntraOpParallelism))
+      .field(STRATA_FIELD(aio.intra_op_parallelism));
   add("aio.thread_count", K::kInt, kNull, "Old name of intra_op_parallelism.")
-      .range(1, 256)
+      .range(1, double(kMaxIntraOpParallelism))
       .alias("aio.intra_op_parallelism");
-  add("aio.single_submit", K::kBool, false, "Submit requests one at a time instead of in batches.");
+  add("aio.single_submit", K::kBool, false, "Submit requests one at a time instead of in batches.")
+      .field(STRATA_FIELD(aio.single_submit));
   add("aio.overlap_events", K::kBool, true,
-      "Submit new requests while completions of earlier ones are reaped.");
+      "Submit new requests while completions of earlier ones are reaped.")
+      .field(STRATA_FIELD(aio.overlap_events));
   add("aio.use_gds", K::kBool, kNull, "DeepSpeed: GPUDirect Storage.")
       .ignored("GPUDirect Storage is not used; I/O goes through pinned host buffers");
 
@@ -588,42 +782,59 @@ std::vector<ConfigKey> build_schema() {
   add("strata.cxl_nodes", K::kArray, kNull,
       "NUMA nodes used by the cxl device (not given: every CPU-less node).")
       .array_of(K::kInt)
-      .min(0);
+      .min(0)
+      .field(STRATA_FIELD(strata.cxl_nodes));
   add("strata.dram_budget", K::kInt, kNull,
       "Bytes of host DRAM the engine may use for state and buffers (not given: a fraction of "
       "MemAvailable).")
-      .min(1);
+      .min(1)
+      .field(STRATA_FIELD(strata.dram_budget));
   add("strata.dram_cache_bytes", K::kInt, 0,
       "With device nvme, bytes of state kept resident in DRAM.")
-      .min(0);
+      .min(0)
+      .field(STRATA_FIELD(strata.dram_cache_bytes));
   add("strata.verify_checksums", K::kBool, true,
       "Per-extent XXH3 checksums on swapped state, verified after every read (checkpoints always "
-      "carry them).");
+      "carry them).")
+      .field(STRATA_FIELD(strata.verify_checksums));
   add("strata.overlap_backward", K::kBool, true,
-      "Start sub-group updates (or their state prefetch) during backward.");
+      "Start sub-group updates (or their state prefetch) during backward.")
+      .field(STRATA_FIELD(strata.overlap_backward));
   add("strata.clip_mode", K::kString, "exact",
-      "How clipping and overlap combine: exact waits for the global norm before updating; "
-      "speculative updates early and redoes the step if clipping turns out to apply.")
-      .allowed({"exact", "speculative"});
+      "How clipping and overlap combine: exact waits for the global norm before updating (with "
+      "overlap, state is prefetched and gradient statistics computed during backward).")
+      .allowed({"exact"})
+      .removed("speculative",
+               "speculative updates with rollback are not implemented; the engine always runs "
+               "exact mode")
+      .field(STRATA_FIELD(strata.clip_mode));
   add("strata.threads", K::kInt, 0,
       "CPU threads for updates; 0: all cores while no backward runs, and during overlap the "
       "cores torch leaves free (at least one).")
-      .range(0, 4096);
+      .range(0, 4096)
+      .field(STRATA_FIELD(strata.threads));
   add("strata.schedule", K::kString, kNull,
       "static: CPU/GPU split from offload_optimizer.ratio; auto: the split chosen by the "
       "performance model among all-CPU and interleaves of GPU-updated sub-groups, from "
-      "strata.hardware_profile or rates measured at start (a few seconds). Not given: auto. "
-      "Only a model on a GPU has sub-groups the GPU can update.")
-      .allowed({"static", "auto"});
+      "strata.hardware_profile or rates measured at start (a few seconds). Not given: auto where "
+      "a GPU can update sub-groups (the engine: a model on a GPU; strata plan: a profile with a "
+      "GPU), static otherwise. Only a model on a GPU has sub-groups the GPU can update.")
+      .allowed({"static", "auto"})
+      .field(STRATA_FIELD(strata.schedule));
   add("strata.hardware_profile", K::kString, kNull,
       "Path of a JSON of measured rates for the performance model (not given: calibrate at "
-      "start).");
+      "start).")
+      .field(STRATA_FIELD(strata.hardware_profile));
   add("strata.trace", K::kObject, json::object(), "Chrome/Perfetto trace of the step pipeline.");
-  add("strata.trace.path", K::kString, kNull, "Trace file to write (not given: no trace).");
-  add("strata.trace.steps", K::kInt, 1, "Optimizer steps recorded in the trace.").min(1);
+  add("strata.trace.path", K::kString, kNull, "Trace file to write (not given: no trace).")
+      .field(STRATA_FIELD(strata.trace_path));
+  add("strata.trace.steps", K::kInt, 1, "Optimizer steps recorded in the trace.")
+      .min(1)
+      .field(STRATA_FIELD(strata.trace_steps));
   add("strata.progress", K::kString, "auto",
       "auto: a progress bar on a terminal, periodic log lines otherwise; bar; log; off.")
-      .allowed({"auto", "bar", "log", "off"});
+      .allowed({"auto", "bar", "log", "off"})
+      .field(STRATA_FIELD(strata.progress));
 
   // ---- other DeepSpeed sections: accepted, not acted on -----------------------
   add("activation_checkpointing", K::kObject, kNull, "DeepSpeed activation checkpointing.")

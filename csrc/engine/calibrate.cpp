@@ -371,15 +371,14 @@ Status calibrate_nvme(const CalibrationOptions& o, CpuBench& cb, kernels::Thread
 }  // namespace
 
 CalibrationOptions calibration_options_from_config(const Config& config) {
+  const EngineConfig& c = config.typed();
   CalibrationOptions o;
-  if (config.has("zero_optimization.offload_optimizer.nvme_path")) {
-    o.swap_dir = config.get_string("zero_optimization.offload_optimizer.nvme_path");
-  }
-  o.block_size = size_t(config.get_int("aio.block_size"));
-  o.queue_depth = unsigned(config.get_int("aio.queue_depth"));
-  o.intra_op_parallelism = unsigned(config.get_int("aio.intra_op_parallelism"));
-  o.threads = unsigned(config.get_int("strata.threads"));
-  o.pin = config.get_bool("zero_optimization.offload_optimizer.pin_memory");
+  o.swap_dir = c.zero.offload.nvme_path.value_or(std::string());
+  o.block_size = size_t(c.aio.block_size);
+  o.queue_depth = unsigned(c.aio.queue_depth);
+  o.intra_op_parallelism = unsigned(c.aio.intra_op_parallelism);
+  o.threads = unsigned(c.strata.threads);
+  o.pin = c.zero.offload.pin_memory;
   return o;
 }
 

@@ -199,13 +199,13 @@ cuda::ElemType elem_type(kernels::DType d) {
 // evenly (sub-group j of E eligible goes when floor((j+1)G/E) > floor(jG/E)),
 // so CPU and GPU work interleave through the step.
 Status Engine::Impl::choose_gpu_subgroups() {
-  const auto& cfg = opts.config;
+  const EngineConfig& cfg = opts.config.typed();
   on_gpu.assign(plan.subgroups.size(), 0);
-  const double ratio = cfg.get_number("zero_optimization.offload_optimizer.ratio");
-  // strata.schedule auto (the default): the performance model picks the split
-  // (ratio is not used); static: (1 - ratio) of the eligible sub-groups.
-  const bool auto_schedule =
-      !cfg.has("strata.schedule") || cfg.get_string("strata.schedule") == "auto";
+  const double ratio = cfg.zero.offload.ratio;
+  // strata.schedule auto (the default where a GPU can update sub-groups; which
+  // ones can is found below): the performance model picks the split (ratio is
+  // not used); static: (1 - ratio) of the eligible sub-groups.
+  const bool auto_schedule = schedule_is_auto(cfg.strata, /*gpu=*/true);
   if ((ratio >= 1.0 && !auto_schedule) || opts.grad_source) {
     return Status::Ok();
   }
@@ -241,7 +241,7 @@ Status Engine::Impl::choose_gpu_subgroups() {
   go.device = opts.params[plan.subgroups[eligible.front()].segments.front().param].device;
   go.max_elements = max_numel;
   go.amsgrad = amsgrad;
-  go.buffers = 2;
+  go.buffers = int(plan.buffer_count);  // device staging as deep as the host pipeline
   go.max_grad_type = f32_grads ? cuda::ElemType::kF32 : cuda::ElemType::kBF16;
   go.max_copy_out = std::max<size_t>(max_ranges, 1);
   auto made = opts.make_gpu_updater ? opts.make_gpu_updater(go) : cuda::GpuUpdater::create(go);
@@ -265,11 +265,10 @@ Status Engine::Impl::choose_gpu_subgroups() {
   // Auto: the performance model picks the split among all-CPU and the
   // streamed interleaves, from strata.hardware_profile or rates measured now.
   // (An injected updater — tests — takes the model's choice only from a given profile.)
-  if (auto_schedule && (!opts.make_gpu_updater || cfg.has("strata.hardware_profile"))) {
-    Result<HardwareProfile> hw =
-        cfg.has("strata.hardware_profile")
-            ? load_hardware_profile(cfg.get_string("strata.hardware_profile"))
-            : calibrate(calibration_options_from_config(cfg));
+  if (auto_schedule && (!opts.make_gpu_updater || cfg.strata.hardware_profile)) {
+    Result<HardwareProfile> hw = cfg.strata.hardware_profile
+                                     ? load_hardware_profile(*cfg.strata.hardware_profile)
+                                     : calibrate(calibration_options_from_config(opts.config));
     if (!hw.ok()) {
       plan.notes.push_back("schedule: the performance model has no rates (" +
                            hw.status().message() + "); the split follows offload_optimizer.ratio");
@@ -703,11 +702,11 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   STRATA_ASSIGN_OR_RETURN(e.plan, build_plan(cfg, pin));
   e.step_counts.assign(e.opts.groups.size(), 0);
 
-  unsigned nthreads = unsigned(cfg.get_int("strata.threads"));
+  unsigned nthreads = unsigned(cfg.typed().strata.threads);
   e.threads = std::make_unique<kernels::ThreadPool>(nthreads);
 
   memory::PoolOptions po;
-  po.pin = cfg.get_bool("zero_optimization.offload_optimizer.pin_memory");
+  po.pin = cfg.typed().zero.offload.pin_memory;
   po.allow_unpinned = true;
   // One slab sized from the plan, so reserved tracks requested.
   uint64_t pool_bytes = e.plan.pool_bytes - (e.opts.grad_source ? e.plan.grad_bytes : 0);
@@ -779,22 +778,16 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
         e.tiers[TierKind::kHost] = tiers::make_host_tier(e.pool.get());
         break;
       case TierKind::kNvme: {
-        io::IoOptions io;
-        io.block_size = size_t(cfg.get_int("aio.block_size"));
-        io.queue_depth = unsigned(cfg.get_int("aio.queue_depth"));
-        io.intra_op_parallelism = unsigned(cfg.get_int("aio.intra_op_parallelism"));
-        io.single_submit = cfg.get_bool("aio.single_submit");
-        io.overlap_events = cfg.get_bool("aio.overlap_events");
-        STRATA_ASSIGN_OR_RETURN(e.io, io::make_io_engine(io));
+        STRATA_ASSIGN_OR_RETURN(e.io, io::make_io_engine(io::io_options_from(cfg.typed().aio)));
         if (e.opts.wrap_io) {
           e.io = e.opts.wrap_io(std::move(e.io));
         }
         tiers::NvmeTierOptions no;
-        no.dir = cfg.get_string("zero_optimization.offload_optimizer.nvme_path");
+        no.dir = cfg.typed().zero.offload.nvme_path.value_or(std::string());
         no.tag =
             "rank" + std::to_string(e.opts.rank) + (e.opts.tag.empty() ? "" : "-" + e.opts.tag);
         no.capacity = nvme_bytes;
-        no.checksums = cfg.get_bool("strata.verify_checksums");
+        no.checksums = cfg.typed().strata.verify_checksums;
         // Checksums hash on the pool the updates use at that moment (fewer threads while
         // backward runs); the pipeline thread hashes between updates, never during one.
         no.parallel_for = [impl = &e](size_t tasks, const std::function<void(size_t)>& fn) {
@@ -805,12 +798,7 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
         break;
       }
       case TierKind::kCxl: {
-        std::vector<int> nodes;
-        if (const auto* j = cfg.find("strata.cxl_nodes"); j && j->is_array()) {
-          for (const auto& n : *j) {
-            nodes.push_back(n.get<int>());
-          }
-        }
+        const std::vector<int> nodes = cfg.typed().strata.cxl_nodes.value_or(std::vector<int>());
         STRATA_ASSIGN_OR_RETURN(e.tiers[TierKind::kCxl], tiers::make_cxl_tier(nodes));
         break;
       }
@@ -820,7 +808,7 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   }
   // Working buffers for fetch/store tiers.
   if (e.plan.working_buffer_bytes > 0) {
-    for (size_t b = 0; b < std::max<size_t>(e.plan.buffer_count, 1); ++b) {
+    for (size_t b = 0; b < e.plan.buffer_count; ++b) {  // >= 1 by the schema
       STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf,
                               e.pool->allocate(e.plan.working_buffer_bytes));
       if (e.io) {
@@ -887,9 +875,7 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   STRATA_RETURN_IF_ERROR(init_status.with_context("writing the initial optimizer state"));
   report("writing the initial optimizer state", state_total, state_total);
   STRATA_RETURN_IF_ERROR(e.choose_gpu_subgroups());
-  if (const auto* t = cfg.find("strata.trace.steps"); t && t->is_number_integer()) {
-    e.trace.set_keep_steps(size_t(t->get<int64_t>()));
-  }
+  e.trace.set_keep_steps(size_t(cfg.typed().strata.trace_steps));
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 

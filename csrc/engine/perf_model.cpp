@@ -322,14 +322,15 @@ StepShape step_shape_from_plan(const Plan& plan, const Config& config, bool gpu)
     l.tier = sg.tier;
     shape.subgroups.push_back(l);
   }
-  shape.buffer_count = std::max<size_t>(plan.buffer_count, 1);
-  shape.checksums = config.get_bool("strata.verify_checksums");
-  shape.grad_stats = config.get_number("gradient_clipping") > 0 || config.get_bool("fp16.enabled");
+  const EngineConfig& c = config.typed();
+  shape.buffer_count = plan.buffer_count;  // offload_optimizer.buffer_count, >= 1 by the schema
+  shape.checksums = c.strata.verify_checksums;
+  shape.grad_stats = c.training.gradient_clipping > 0 || c.precision.fp16_enabled;
   shape.model_on_gpu = gpu;
   shape.param_bytes =
       plan.subgroups.empty() ? 2 : kernels::dtype_size(plan.subgroups.front().dtype);
-  shape.io_block_bytes = size_t(config.get_int("aio.block_size"));
-  shape.io_queue_depth = unsigned(config.get_int("aio.queue_depth"));
+  shape.io_block_bytes = size_t(c.aio.block_size);
+  shape.io_queue_depth = unsigned(c.aio.queue_depth);
   return shape;
 }
 
@@ -528,6 +529,9 @@ Prediction predict_step(const HardwareProfile& hw, const StepShape& shape, const
     p.infeasible_reason = std::move(why);
     return p;
   };
+  if (shape.buffer_count < 1) {
+    return fail("buffer_count 0: the pipeline needs at least one buffer");
+  }
   if (sched.device.size() != n) {
     return fail("schedule has " + std::to_string(sched.device.size()) + " devices for " +
                 std::to_string(n) + " sub-groups");
@@ -636,7 +640,7 @@ Prediction predict_step(const HardwareProfile& hw, const StepShape& shape, const
     }
   }
 
-  const size_t nb = std::max<size_t>(shape.buffer_count, 1);
+  const size_t nb = shape.buffer_count;  // >= 1, checked above
   double upd_done = 0, all_done = 0;
 
   // NVMe operations go through one FIFO ring in the order run_pipeline()
@@ -826,24 +830,22 @@ Prediction predict_step(const HardwareProfile& hw, const StepShape& shape, const
 // ---------------------------------------------------------------------------
 
 ChooseOptions choose_options_from_config(const Config& config, const HardwareProfile& hw) {
+  const EngineConfig& c = config.typed();
   ChooseOptions o;
-  if (config.has("strata.schedule")) {
-    o.auto_schedule = config.get_string("strata.schedule") == "auto";
-  } else {
-    o.auto_schedule = hw.has_gpu();
-  }
-  o.ratio = config.get_number("zero_optimization.offload_optimizer.ratio");
-  o.overlap_allowed = config.get_bool("strata.overlap_backward");
-  const bool clip = config.get_number("gradient_clipping") > 0;
-  const bool fp16 = config.get_bool("fp16.enabled");
-  const bool speculative = config.get_string("strata.clip_mode") == "speculative";
-  o.exact = fp16 || (clip && !speculative);
+  o.auto_schedule = schedule_is_auto(c.strata, hw.has_gpu());
+  o.ratio = c.zero.offload.ratio;
+  o.overlap_allowed = c.strata.overlap_backward;
+  // strata.clip_mode is exact (the only mode): clipping or fp16 need the
+  // global gradient statistics before any update.
+  o.exact = c.precision.fp16_enabled || c.training.gradient_clipping > 0;
+  // GPU-streamed sub-groups use as many device buffers as the host pipeline has.
+  o.predict.gpu_buffers = unsigned(c.zero.offload.buffer_count);
   // During backward the engine uses the cores torch leaves free, at least
   // one: with the model on a GPU torch keeps about two busy (the Python
   // thread and the autograd engine); on the CPU torch's intra-op pool takes
   // most of them.
   const unsigned cores = std::max(hw.cpu_threads, 1u);
-  const int64_t threads = config.get_int("strata.threads");
+  const int64_t threads = c.strata.threads;
   const unsigned pool = threads > 0 ? unsigned(threads) : cores;
   o.backward_threads =
       hw.has_gpu() ? std::max(1u, pool > 2 ? pool - 2 : 1u) : std::max(1u, pool / 4);

@@ -43,25 +43,28 @@ uint64_t Plan::bytes_on(tiers::TierKind tier) const {
 }
 
 kernels::DType grad_dtype_for(const Config& config, kernels::DType param) {
-  if (!config.has("data_types.grad_accum_dtype")) {
+  const auto& want = config.typed().precision.grad_accum_dtype;
+  if (!want) {
     return param;
   }
-  const std::string name = config.get_string("data_types.grad_accum_dtype");
-  if (name == "bf16") {
-    return kernels::DType::kBF16;
+  switch (*want) {
+    case GradAccumDType::kBF16:
+      return kernels::DType::kBF16;
+    case GradAccumDType::kF16:
+      return kernels::DType::kF16;
+    case GradAccumDType::kF32:
+      break;
   }
-  if (name == "fp16") {
-    return kernels::DType::kF16;
-  }
-  return kernels::DType::kF32;  // the schema admits fp32, fp16, bf16 only
+  return kernels::DType::kF32;
 }
 
 Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   Plan plan;
-  const std::string device = config.get_string("zero_optimization.offload_optimizer.device");
-  const bool has_nvme_path = config.has("zero_optimization.offload_optimizer.nvme_path");
-  plan.buffer_count = size_t(config.get_int("zero_optimization.offload_optimizer.buffer_count"));
-  int64_t sgs = config.get_int("zero_optimization.sub_group_size");
+  const EngineConfig& c = config.typed();
+  const OffloadDevice device = c.zero.offload.device;
+  const bool has_nvme_path = c.zero.offload.nvme_path.has_value();
+  plan.buffer_count = size_t(c.zero.offload.buffer_count);  // >= 1 by the schema
+  int64_t sgs = c.zero.sub_group_size;
   if (sgs <= 0) {
     return invalid_argument("zero_optimization.sub_group_size: must be positive");
   }
@@ -71,8 +74,8 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
     auto ma = platform::mem_available_bytes();
     mem_available = ma.ok() ? ma.value() : 0;
   }
-  if (config.has("strata.dram_budget")) {
-    plan.dram_budget = uint64_t(config.get_int("strata.dram_budget"));
+  if (c.strata.dram_budget) {
+    plan.dram_budget = uint64_t(*c.strata.dram_budget);
   } else {
     plan.dram_budget = mem_available / 4 * 3;  // default: 75% of MemAvailable
   }
@@ -96,10 +99,10 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
 
   // Working buffers of fetch/store tiers must fit a quarter of the budget:
   // DeepSpeed's default sub_group_size (1e9) would mean 12 GB records.
-  const bool may_fetch = device == "nvme" || device == "cxl" || has_nvme_path;
+  const bool may_fetch =
+      device == OffloadDevice::kNvme || device == OffloadDevice::kCxl || has_nvme_path;
   if (may_fetch) {
-    uint64_t per_elem =
-        uint64_t(max_slots) * sizeof(float) * std::max<size_t>(plan.buffer_count, 1);
+    uint64_t per_elem = uint64_t(max_slots) * sizeof(float) * plan.buffer_count;
     uint64_t cap = std::max<uint64_t>(plan.dram_budget / 4 / per_elem, kSlotAlignFloats);
     cap = cap / kSlotAlignFloats * kSlotAlignFloats;
     if (uint64_t(sgs) > cap) {
@@ -161,7 +164,7 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   }
 
   // Placement.
-  const double ratio = config.get_number("zero_optimization.offload_optimizer.ratio");
+  const double ratio = c.zero.offload.ratio;
   if (ratio < 1.0 && !in.gpu_available) {
     plan.notes.push_back("offload_optimizer.ratio " + std::to_string(ratio) +
                          " asks for GPU updates, but no GPU is available: every sub-group is "
@@ -174,14 +177,14 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   uint64_t working = uint64_t(max_record) * plan.buffer_count;
 
   tiers::TierKind primary = tiers::TierKind::kHost;
-  if (device == "nvme") {
+  if (device == OffloadDevice::kNvme) {
     primary = tiers::TierKind::kNvme;
-  } else if (device == "cxl") {
+  } else if (device == OffloadDevice::kCxl) {
     primary = tiers::TierKind::kCxl;
   }
 
   if (primary == tiers::TierKind::kNvme) {
-    uint64_t cache = uint64_t(config.get_int("strata.dram_cache_bytes"));
+    uint64_t cache = uint64_t(c.strata.dram_cache_bytes);
     uint64_t cached = 0;
     for (auto& sg : plan.subgroups) {
       if (cached + sg.record_bytes <= cache) {
@@ -221,7 +224,7 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
     if (spilled) {
       plan.notes.push_back("optimizer state does not fit strata.dram_budget (" +
                            human(double(plan.dram_budget)) + "): part of it spills to NVMe at " +
-                           config.get_string("zero_optimization.offload_optimizer.nvme_path"));
+                           c.zero.offload.nvme_path.value_or(std::string()));
     }
   }
 
@@ -246,7 +249,7 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   plan.working_buffer_bytes = any_fetch ? max_record : 0;
   plan.nvme_bytes = plan.bytes_on(tiers::TierKind::kNvme);
   plan.pool_bytes = plan.bytes_on(tiers::TierKind::kHost) + working + plan.grad_bytes;
-  if (plan.nvme_bytes && !(device == "nvme" || has_nvme_path)) {
+  if (plan.nvme_bytes && !(device == OffloadDevice::kNvme || has_nvme_path)) {
     return internal_error("plan puts state on NVMe without an nvme_path");
   }
   return plan;

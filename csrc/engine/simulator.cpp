@@ -493,7 +493,7 @@ struct Sim {
     step_start = off ? B : 0;
     now = step_start;
     drive.advance_to(now);
-    const size_t nb = std::max<size_t>(shape.buffer_count, 1);
+    const size_t nb = shape.buffer_count;  // >= 1: simulate_step checks it via predict_step
     bool any_fetch = false;
     for (size_t i = 0; i < n; ++i) {
       any_fetch = any_fetch || fetch_tier(i);

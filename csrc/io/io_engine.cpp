@@ -33,18 +33,31 @@ Status IoEngine::write(int file, const void* buf, size_t len, uint64_t offset) {
   return wait(t);
 }
 
+IoOptions io_options_from(const AioConfig& aio) {
+  IoOptions o;
+  o.block_size = size_t(aio.block_size);
+  o.queue_depth = unsigned(aio.queue_depth);
+  o.intra_op_parallelism = unsigned(aio.intra_op_parallelism);
+  o.single_submit = aio.single_submit;
+  o.overlap_events = aio.overlap_events;
+  return o;
+}
+
+// The ranges are the schema's (engine_config.h), so a config that parsed is
+// always accepted here; these checks are for options built by hand.
 Status validate_io_options(const IoOptions& o) {
-  if (o.queue_depth < 1 || o.queue_depth > 4096) {
-    return invalid_argument("aio.queue_depth must be in [1, 4096], got " +
-                            std::to_string(o.queue_depth));
+  if (o.queue_depth < 1 || o.queue_depth > kMaxQueueDepth) {
+    return invalid_argument("aio.queue_depth must be in [1, " + std::to_string(kMaxQueueDepth) +
+                            "], got " + std::to_string(o.queue_depth));
   }
   if (o.block_size < kDirectAlignment || o.block_size > kMaxBlockSize ||
       o.block_size % kDirectAlignment != 0) {
     return invalid_argument("aio.block_size must be a multiple of 4096 in [4096, 1 GiB], got " +
                             std::to_string(o.block_size));
   }
-  if (o.intra_op_parallelism < 1 || o.intra_op_parallelism > 64) {
-    return invalid_argument("aio.intra_op_parallelism must be in [1, 64], got " +
+  if (o.intra_op_parallelism < 1 || o.intra_op_parallelism > kMaxIntraOpParallelism) {
+    return invalid_argument("aio.intra_op_parallelism must be in [1, " +
+                            std::to_string(kMaxIntraOpParallelism) + "], got " +
                             std::to_string(o.intra_op_parallelism));
   }
   if (o.backend != IoOptions::Backend::kAuto && o.backend != IoOptions::Backend::kUring &&

@@ -107,11 +107,11 @@ json shape_summary(const engine::StepShape& shape) {
           {"model_on_gpu", shape.model_on_gpu}};
 }
 
-py::dict predict_step_py(const std::string& config, const py::list& params,
+py::dict predict_step_py(const py::object& config, const py::list& params,
                          const std::vector<int>& slots, const py::object& profile,
                          double backward_s, double forward_s, py::object gpu,
                          uint64_t mem_available, bool simulate) {
-  const Config c = config_from_text(config, /*check_paths=*/false);
+  const Config c = config_arg(config);
   const engine::HardwareProfile hw = profile_from(profile);
   const bool on_gpu = gpu.is_none() ? hw.has_gpu() : gpu.cast<bool>();
   const engine::Plan plan = plan_from(c, params, slots, on_gpu, mem_available);
@@ -146,11 +146,11 @@ py::dict predict_step_py(const std::string& config, const py::list& params,
   return to_py(out);
 }
 
-py::dict simulate_step_py(const std::string& config, const py::list& params,
+py::dict simulate_step_py(const py::object& config, const py::list& params,
                           const std::vector<int>& slots, const py::object& profile,
                           const py::dict& schedule, double backward_s, double forward_s,
                           py::object gpu, uint64_t mem_available, bool events) {
-  const Config c = config_from_text(config, /*check_paths=*/false);
+  const Config c = config_arg(config);
   const engine::HardwareProfile hw = profile_from(profile);
   const bool on_gpu = gpu.is_none() ? hw.has_gpu() : gpu.cast<bool>();
   const engine::Plan plan = plan_from(c, params, slots, on_gpu, mem_available);
@@ -176,9 +176,9 @@ py::dict simulate_step_py(const std::string& config, const py::list& params,
   return to_py(out);
 }
 
-py::dict calibrate_py(const std::string& config, py::object swap_dir, double seconds,
+py::dict calibrate_py(const py::object& config, py::object swap_dir, double seconds,
                       uint64_t io_bytes) {
-  const Config c = config_from_text(config, /*check_paths=*/false);
+  const Config c = config_arg(config);
   engine::CalibrationOptions o = engine::calibration_options_from_config(c);
   if (!swap_dir.is_none()) {
     o.swap_dir = swap_dir.cast<std::string>();
@@ -213,8 +213,8 @@ void bind_model(py::module_& m) {
       },
       py::arg("profile"), py::arg("path"),
       "Validate a profile (dict or path) and write it as JSON.");
-  m.def("calibrate", &calibrate_py, py::arg("config") = "{}", py::arg("swap_dir") = py::none(),
-        py::arg("seconds") = 0.0, py::arg("io_bytes") = 0,
+  m.def("calibrate", &calibrate_py, py::arg("config") = py::str("{}"),
+        py::arg("swap_dir") = py::none(), py::arg("seconds") = 0.0, py::arg("io_bytes") = 0,
         "Measure this machine's rates (CPU update, checksums, NVMe on swap_dir or the config's "
         "nvme_path); "
         "returns a hardware-profile dict with the origin of every figure under 'sources'.");

@@ -101,8 +101,8 @@ Config config_from_text(const std::string& text, bool check_paths, int world_siz
   return unwrap(Config::parse_text(text, "config", o));
 }
 
-py::tuple parse_config_py(const std::string& text, const std::string& auto_values, int world_size,
-                          bool check_paths, const std::string& name) {
+Config parse_config_handle(const std::string& text, const std::string& auto_values, int world_size,
+                           bool check_paths, const std::string& name) {
   ParseOptions o;
   o.check_paths = check_paths;
   o.auto_values = nlohmann::json::parse(auto_values, nullptr, false);
@@ -110,7 +110,12 @@ py::tuple parse_config_py(const std::string& text, const std::string& auto_value
     throw ConfigError("auto_values is not valid JSON");
   }
   o.world_size = world_size;
-  Config c = unwrap(Config::parse_text(text, name, o));
+  return unwrap(Config::parse_text(text, name, o));
+}
+
+py::tuple parse_config_py(const std::string& text, const std::string& auto_values, int world_size,
+                          bool check_paths, const std::string& name) {
+  Config c = parse_config_handle(text, auto_values, world_size, check_paths, name);
   return py::make_tuple(c.json().dump(), c.warnings());
 }
 
@@ -198,9 +203,16 @@ py::tuple grad_stats_py(uintptr_t grad, const std::string& dtype, size_t n, unsi
   return py::make_tuple(g.sum_sq, g.nonfinite);
 }
 
-py::tuple build_plan_py(const std::string& config, const py::list& params,
+Config config_arg(const py::object& config) {
+  if (py::isinstance<Config>(config)) {
+    return config.cast<Config>();
+  }
+  return config_from_text(config.cast<std::string>(), /*check_paths=*/false);
+}
+
+py::tuple build_plan_py(const py::object& config, const py::list& params,
                         const std::vector<int>& slots, bool gpu_available, uint64_t mem_available) {
-  Config c = config_from_text(config, /*check_paths=*/false);
+  const Config c = config_arg(config);
   engine::PlanInputs in;
   for (const auto& p : params) {
     auto t = p.cast<py::tuple>();

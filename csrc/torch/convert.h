@@ -46,6 +46,8 @@ kernels::DType dtype_from_name(const std::string& name);
 kernels::OptimizerHyper hyper_from_dict(const py::dict& d);
 Config config_from_text(const std::string& text, bool check_paths = true, int world_size = 1);
 
+Config parse_config_handle(const std::string& text, const std::string& auto_values, int world_size,
+                           bool check_paths, const std::string& name);
 py::tuple parse_config_py(const std::string& text, const std::string& auto_values, int world_size,
                           bool check_paths, const std::string& name);
 py::list config_schema_py();
@@ -54,7 +56,10 @@ void optimizer_step_py(const py::dict& hyper, int64_t step, float grad_mul, cons
                        const py::list& copy_out, const std::string& param_dtype, unsigned threads,
                        const std::string& isa);
 py::tuple grad_stats_py(uintptr_t grad, const std::string& dtype, size_t n, unsigned threads);
-py::tuple build_plan_py(const std::string& config, const py::list& params,
+// A Config handle (strata._C.Config) as is, or JSON text parsed without the
+// path checks (tools that inspect a config meant for another machine).
+Config config_arg(const py::object& config);
+py::tuple build_plan_py(const py::object& config, const py::list& params,
                         const std::vector<int>& slots, bool gpu_available, uint64_t mem_available);
 py::list subgroups_py(engine::Engine& e);
 py::dict stats_py(engine::Engine& e);

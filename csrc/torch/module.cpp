@@ -45,8 +45,10 @@ struct HostBuffer {
 
 class PyEngine {
  public:
-  PyEngine(const std::string& config_text, const py::list& params, const py::list& groups, int rank,
-           const std::string& tag, int world_size, const py::object& progress) {
+  // `config` is the handle Python parsed (strata._C.Config): the engine reads
+  // its typed fields; nothing is serialised or parsed again here.
+  PyEngine(const Config& config, const py::list& params, const py::list& groups, int rank,
+           const std::string& tag, const py::object& progress) {
     engine::EngineOptions o;
     if (!progress.is_none()) {
       // The callable is released with the GIL held, wherever the options die.
@@ -63,7 +65,7 @@ class PyEngine {
         }
       };
     }
-    o.config = config_from_text(config_text, /*check_paths=*/true, world_size);
+    o.config = config;
     for (const auto& item : params) {
       auto t = item.cast<py::tuple>();
       engine::ParamInfo p;
@@ -151,6 +153,22 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("nbytes", [](const HostBuffer& b) { return b.bytes; });
 
   // ---- config ----
+  // The parsed configuration as a handle: Python parses once and hands this
+  // object to Engine (and to build_plan / predict_step).
+  py::class_<Config>(m, "Config")
+      .def_static("parse", &parse_config_handle, py::arg("text"), py::arg("auto_values") = "{}",
+                  py::arg("world_size") = 1, py::arg("check_paths") = true,
+                  py::arg("name") = "config",
+                  "Validate JSON text (comments allowed; `name` is used in messages); returns the "
+                  "parsed configuration. Raises ConfigError.")
+      .def(
+          "json", [](const Config& c) { return c.json().dump(); },
+          "The config with defaults filled in, as JSON text.")
+      .def_property_readonly("warnings", [](const Config& c) { return c.warnings(); })
+      .def(
+          "with_default",
+          [](const Config& c, const std::string& path) { return unwrap(c.with_default(path)); },
+          py::arg("path"), "A copy with the key at `path` set back to its schema default.");
   m.def("parse_config", &parse_config_py, py::arg("text"), py::arg("auto_values") = "{}",
         py::arg("world_size") = 1, py::arg("check_paths") = true, py::arg("name") = "config",
         "Validate JSON text (comments allowed; `name` is used in messages, e.g. the file);\n"
@@ -187,10 +205,10 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- engine ----
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init<const std::string&, const py::list&, const py::list&, int, const std::string&,
-                    int, const py::object&>(),
+      .def(py::init<const Config&, const py::list&, const py::list&, int, const std::string&,
+                    const py::object&>(),
            py::arg("config"), py::arg("params"), py::arg("groups"), py::arg("rank") = 0,
-           py::arg("tag") = "", py::arg("world_size") = 1, py::arg("progress") = py::none())
+           py::arg("tag") = "", py::arg("progress") = py::none())
       .def("grad_arena", &PyEngine::grad_arena, py::arg("dtype"))
       .def("grad_offset", [](PyEngine& s, size_t i) { return s.e().grad_offset(i); })
       .def("grad_dtype",

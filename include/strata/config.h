@@ -33,12 +33,15 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include <strata/engine_config.h>
 #include <strata/status.h>
 
 namespace strata {
@@ -89,6 +92,16 @@ struct ConfigKey {
   // Accepted-but-ignored keys that the data-parallel optimizer acts on: no
   // warning when the config is parsed for several ranks (world_size > 1).
   bool honoured_with_ranks = false;
+  // Strings: values once accepted and now refused, each with the reason the
+  // parse error gives ({"speculative", "not implemented ..."}).
+  std::vector<std::pair<std::string, std::string>> removed_values;
+
+  // Honoured rows: the typed field of EngineConfig the key lands in (see
+  // engine_config.h). fill(config, value) stores the value (the filled JSON's
+  // value, or the row's default when absent; null: "not given"); read() gives
+  // the field back as JSON. Empty for sections, ignored keys and aliases.
+  std::function<Status(EngineConfig&, const nlohmann::json&)> fill;
+  std::function<nlohmann::json(const EngineConfig&)> read;
 };
 
 // The table, in documentation order.
@@ -113,7 +126,9 @@ struct ParseOptions {
 
 class Config {
  public:
-  Config() = default;
+  // The configuration of {} before parsing: json() empty, typed() at the
+  // schema defaults.
+  Config();
   // Validates and fills defaults. Errors are InvalidArgument with the path.
   static Result<Config> parse(const nlohmann::json& user, const ParseOptions& options = {});
   // Reads a file; a syntax error names the file, line and column. A UTF-8
@@ -131,20 +146,29 @@ class Config {
   // deprecated aliases, implied changes such as stage 3). No duplicates.
   const std::vector<std::string>& warnings() const { return warnings_; }
 
-  // Typed access by dotted path; the key must exist in the schema. When the
-  // key is absent (or holds an unresolved "auto" of an ignored key) these
-  // return the schema default, else false / 0 / "".
-  bool get_bool(const std::string& path) const;
-  int64_t get_int(const std::string& path) const;
-  double get_number(const std::string& path) const;
-  std::string get_string(const std::string& path) const;
+  // The typed configuration every layer reads, filled once by the schema's
+  // rows when the config was parsed (engine_config.h).
+  const EngineConfig& typed() const { return typed_; }
+
+  // Raw JSON by dotted path, for tools that show the config; layers read
+  // typed() instead.
   bool has(const std::string& path) const;  // present (given or defaulted) and not null
   const nlohmann::json* find(const std::string& path) const;
+
+  // A copy with the key at `path` (an honoured row) set back to its schema
+  // default, in json() and typed() alike: for callers that must not act on a
+  // key (the data-parallel optimizer's grad_accum_dtype below ZeRO stage 2).
+  Result<Config> with_default(const std::string& path) const;
 
  private:
   friend class ConfigParser;
   nlohmann::json json_ = nlohmann::json::object();
   std::vector<std::string> warnings_;
+  EngineConfig typed_;
 };
+
+// Fills `out` from a parsed (defaults filled) JSON through every bound row of
+// the schema; an absent key takes its row's default for the section's type.
+Status fill_engine_config(const nlohmann::json& filled, EngineConfig* out);
 
 }  // namespace strata

@@ -147,11 +147,11 @@ def cmd_plan(args):
     params, slots = [(n, args.dtype, 0)], [_slots_for(cfg)]
     profile = _C.load_hardware_profile(args.hardware) if args.hardware else None
     gpu = bool(profile and profile.get("gpu_update_params_per_s", 0) > 0)
-    text, plan_json = _C.build_plan(json.dumps(cfg), params, slots, gpu, mem)
+    text, plan_json = _C.build_plan(cfg.handle, params, slots, gpu, mem)
     plan = json.loads(plan_json)
     choice = None
     if profile is not None:
-        choice = _C.predict_step(json.dumps(cfg), params, slots, profile,
+        choice = _C.predict_step(cfg.handle, params, slots, profile,
                                  backward_seconds=args.backward_seconds if args.backward_seconds is not None else -1.0,
                                  forward_seconds=args.forward_seconds if args.forward_seconds is not None else -1.0,
                                  gpu=gpu, mem_available=mem)

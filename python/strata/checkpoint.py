@@ -551,7 +551,7 @@ def _state_progress(opt, phase, total_bytes):
     state; silent below 256 MiB."""
     from .progress import EngineProgress
 
-    mode = _config.get(getattr(opt, "config", {}) or {}, "strata.progress", "auto")
+    mode = _config.get(getattr(opt, "config", {}) or {}, "strata.progress")
     prog = EngineProgress(mode)
     state = {"done": 0}
 

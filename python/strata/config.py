@@ -1,7 +1,9 @@
 """Configuration: DeepSpeed-style JSON validated by strata's one C++ schema.
 
 ``load_config`` accepts a path, a dict or None and returns the config with every default
-filled in. Errors raise ``strata.ConfigError`` (a ValueError) naming the JSON path, the bad
+filled in: a dict (``FilledConfig``) that also carries the parsed C++ configuration
+(``.handle``, a ``strata._C.Config``), which is what the engine is given — the JSON is parsed
+once, and defaults live in the C++ schema only (``get`` falls back to it). Errors raise ``strata.ConfigError`` (a ValueError) naming the JSON path, the bad
 value and what is allowed. Warnings (unknown keys, keys accepted but not acted on) are logged
 once per process.
 """
@@ -86,28 +88,85 @@ def _strip_comments_and_load(text, name):
         raise _C.ConfigError(f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
 
 
+class FilledConfig(dict):
+    """A config with every default filled in (a plain dict to read), and ``handle``: the
+    parsed C++ configuration the engine reads its typed fields from. Treat it as read-only:
+    the handle does not see later changes to the dict."""
+
+    __slots__ = ("handle",)
+
+    def __copy__(self):
+        out = FilledConfig(self)
+        out.handle = self.handle
+        return out
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        out = FilledConfig(copy.deepcopy(dict(self), memo))
+        out.handle = self.handle  # immutable: shared
+        return out
+
+    def __reduce__(self):  # pickles as the plain dict
+        return (dict, (dict(self),))
+
+
+def parse(config=None, *, auto_values=None, world_size=1, quiet=False, check_paths=True):
+    """Validate and fill a config; returns the parsed handle (``strata._C.Config``)."""
+    text, name = _text(config)
+    handle = _C.Config.parse(text, json.dumps(auto_values or {}), int(world_size),
+                             bool(check_paths), name)
+    if not quiet:
+        for w in handle.warnings:
+            warn_once(w)
+    return handle
+
+
 def load_config(config=None, *, auto_values=None, world_size=1, quiet=False, check_paths=True):
-    """Validate and fill a config. Returns a dict.
+    """Validate and fill a config. Returns a dict (``FilledConfig``, with the parsed handle).
 
     check_paths=False skips the checks of paths on this machine (nvme_path), for tools that
     inspect a config meant for another machine.
     """
-    text, name = _text(config)
-    text, warnings = _C.parse_config(text, json.dumps(auto_values or {}), int(world_size),
-                                     bool(check_paths), name)
-    if not quiet:
-        for w in warnings:
-            warn_once(w)
-    return json.loads(text)
+    handle = parse(config, auto_values=auto_values, world_size=world_size, quiet=quiet,
+                   check_paths=check_paths)
+    out = FilledConfig(json.loads(handle.json()))
+    out.handle = handle
+    return out
 
 
-def get(cfg, path, default=None):
+def handle_of(cfg, *, world_size=1):
+    """The parsed handle of ``cfg``: its own when it came from ``load_config``, else ``cfg``
+    (a plain dict) parsed now."""
+    if isinstance(cfg, FilledConfig):
+        return cfg.handle
+    return parse(cfg, world_size=world_size, quiet=True)
+
+
+_NO_DEFAULT = object()
+_schema_defaults = None
+
+
+def schema_default(path):
+    """The schema's default of ``path`` (None when it has none, or for a type-dependent one)."""
+    global _schema_defaults
+    if _schema_defaults is None:
+        _schema_defaults = {r["path"]: r["default"] for r in schema()}
+    return _schema_defaults.get(path)
+
+
+def get(cfg, path, default=_NO_DEFAULT):
+    """The value at dotted ``path``; when absent or null, ``default`` if given, else the
+    schema's default (the one default of every key)."""
     node = cfg
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
-            return default
+            node = None
+            break
         node = node[part]
-    return default if node is None else node
+    if node is not None:
+        return node
+    return schema_default(path) if default is _NO_DEFAULT else default
 
 
 def set_path(cfg, path, value):

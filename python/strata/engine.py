@@ -153,8 +153,8 @@ class Engine(torch.nn.Module):
         self._step_applied = False
         self._client_torch_optimizer = None
         self._timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
-        self._progress = _config.get(config, "strata.progress", "auto")
-        self._overlap_backward = bool(_config.get(config, "strata.overlap_backward", True))
+        self._progress = _config.get(config, "strata.progress")
+        self._overlap_backward = bool(_config.get(config, "strata.overlap_backward"))
 
         self._check_module(module)
         self.device = self._module_device(module)
@@ -304,15 +304,14 @@ class Engine(torch.nn.Module):
         p = dict(sec.get("params") or {})
         common = dict(config=self._config, tag=self._tag, rank=self.global_rank)
         if kind in ("Adam", "AdamW"):
-            adamw = True if kind == "AdamW" else bool(p.get("adam_w_mode", True))
+            # The parsed config holds every parameter the type takes (the schema's defaults).
+            adamw = True if kind == "AdamW" else bool(p["adam_w_mode"])
             # torch_adam is warned about by the config parser (accepted, not acted on).
             klass = self._dp_class(OffloadAdamW if adamw else OffloadAdam)
             opt = self._new_optimizer(klass)
-            klass.__init__(opt, params, lr=p.get("lr", 1e-3),
-                           betas=tuple(p.get("betas", (0.9, 0.999))), eps=p.get("eps", 1e-8),
-                           weight_decay=p.get("weight_decay", 0.0),
-                           amsgrad=bool(p.get("amsgrad", False)),
-                           bias_correction=bool(p.get("bias_correction", True)), **common)
+            klass.__init__(opt, params, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                           weight_decay=p["weight_decay"], amsgrad=bool(p["amsgrad"]),
+                           bias_correction=bool(p["bias_correction"]), **common)
             return opt
         if kind == "SGD":
             if p.get("lr") is None:
@@ -320,19 +319,17 @@ class Engine(torch.nn.Module):
                                              "learning rate (a number >= 0)")
             klass = self._dp_class(OffloadSGD)
             opt = self._new_optimizer(klass)
-            klass.__init__(opt, params, lr=p["lr"], momentum=p.get("momentum", 0.0),
-                           dampening=p.get("dampening", 0.0),
-                           weight_decay=p.get("weight_decay", 0.0),
-                           nesterov=bool(p.get("nesterov", False)), **common)
+            klass.__init__(opt, params, lr=p["lr"], momentum=p["momentum"],
+                           dampening=p["dampening"], weight_decay=p["weight_decay"],
+                           nesterov=bool(p["nesterov"]), **common)
             return opt
         if kind == "Adagrad":
             klass = self._dp_class(OffloadAdagrad)
             opt = self._new_optimizer(klass)
-            klass.__init__(opt, params, lr=p.get("lr", 1e-2),
-                           lr_decay=p.get("lr_decay", 0.0),
-                           weight_decay=p.get("weight_decay", 0.0),
-                           initial_accumulator_value=p.get("initial_accumulator_value", 0.0),
-                           eps=p.get("eps", 1e-10), **common)
+            klass.__init__(opt, params, lr=p["lr"], lr_decay=p["lr_decay"],
+                           weight_decay=p["weight_decay"],
+                           initial_accumulator_value=p["initial_accumulator_value"],
+                           eps=p["eps"], **common)
             return opt
         raise _config._C.ConfigError(f"optimizer.type: {kind!r} is not one of Adam, AdamW, SGD, "
                                      "Adagrad")
@@ -440,27 +437,27 @@ class Engine(torch.nn.Module):
         return int(self._config["gradient_accumulation_steps"])
 
     def gradient_clipping(self):
-        return float(_config.get(self._config, "gradient_clipping", 0.0))
+        return float(_config.get(self._config, "gradient_clipping"))
 
     def steps_per_print(self):
-        return int(_config.get(self._config, "steps_per_print", 10))
+        return int(_config.get(self._config, "steps_per_print"))
 
     def fp16_enabled(self):
-        return bool(_config.get(self._config, "fp16.enabled", False))
+        return bool(_config.get(self._config, "fp16.enabled"))
 
     def bfloat16_enabled(self):
-        return bool(_config.get(self._config, "bf16.enabled", False))
+        return bool(_config.get(self._config, "bf16.enabled"))
 
     bf16_enabled = bfloat16_enabled
 
     def zero_optimization_stage(self):
-        return int(_config.get(self._config, "zero_optimization.stage", 0))
+        return int(_config.get(self._config, "zero_optimization.stage"))
 
     def zero_offload_optimizer(self):
         return _config.get(self._config, "zero_optimization.offload_optimizer")
 
     def wall_clock_breakdown(self):
-        return bool(_config.get(self._config, "wall_clock_breakdown", False))
+        return bool(_config.get(self._config, "wall_clock_breakdown"))
 
     def optimizer_name(self):
         return _config.get(self._config, "optimizer.type")
@@ -498,7 +495,7 @@ class Engine(torch.nn.Module):
     def forward(self, *inputs, **kwargs):
         _ckpt.kill_point("forward")
         t0 = time.perf_counter()
-        if self.fp16_enabled() and _config.get(self._config, "fp16.auto_cast", False):
+        if self.fp16_enabled() and _config.get(self._config, "fp16.auto_cast"):
             inputs, kwargs = _cast_inputs(inputs, torch.float16), \
                 {k: _cast_inputs((v,), torch.float16)[0] for k, v in kwargs.items()}
         out = self.module(*inputs, **kwargs)

@@ -13,6 +13,8 @@ scaler never checks for overflow, strata still skips a step whose gradients are 
 
 import logging
 
+from . import config as _config
+
 log = logging.getLogger("strata")
 
 
@@ -111,17 +113,17 @@ class DynamicLossScaler(LossScaler):
 
 def from_config(cfg, rank0=True):
     """The scaler a filled config asks for: None without fp16."""
-    fp16 = cfg.get("fp16") or {}
-    if not fp16.get("enabled"):
+    get = _config.get  # a filled config; absent keys fall back to the schema's defaults
+    if not get(cfg, "fp16.enabled"):
         return None
-    static = float(fp16.get("loss_scale") or 0.0)
+    static = float(get(cfg, "fp16.loss_scale"))
     if static > 0:
         return LossScaler(static)
     return DynamicLossScaler(
-        init_scale=2.0 ** int(fp16.get("initial_scale_power", 16)),
-        scale_window=int(fp16.get("loss_scale_window", 1000)),
-        min_scale=float(fp16.get("min_loss_scale", 1.0)),
-        delayed_shift=int(fp16.get("hysteresis", 2)),
-        consecutive_hysteresis=bool(fp16.get("consecutive_hysteresis", False)),
+        init_scale=2.0 ** int(get(cfg, "fp16.initial_scale_power")),
+        scale_window=int(get(cfg, "fp16.loss_scale_window")),
+        min_scale=float(get(cfg, "fp16.min_loss_scale")),
+        delayed_shift=int(get(cfg, "fp16.hysteresis")),
+        consecutive_hysteresis=bool(get(cfg, "fp16.consecutive_hysteresis")),
         rank0=rank0,
     )

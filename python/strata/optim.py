@@ -310,15 +310,15 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             cohort_group, cohort_steps = [0], [0]
         return cohort_of, cohort_group, cohort_steps
 
-    def _start_engine(self, specs, cohort_group, cohort_steps, *extra):
+    def _start_engine(self, specs, cohort_group, cohort_steps):
         """A C++ engine for ``specs`` (one hyper-parameter set per cohort) with its step
-        counts set and its plan notes said: expected ones logged, the others warned once.
-        ``extra``: further constructor arguments (the sharded optimizer's world size)."""
+        counts set and its plan notes said: expected ones logged, the others warned once."""
         hypers = [self._hyper(self.param_groups[g]) for g in cohort_group]
-        progress = EngineProgress(_config.get(self.config, "strata.progress", "auto"))
+        progress = EngineProgress(_config.get(self.config, "strata.progress"))
         try:
-            engine = _C.Engine(json.dumps(self._engine_config()), specs, hypers, self._rank,
-                               self._tag, *extra, progress=progress)
+            # The engine gets the parsed handle: no JSON is serialised or parsed again.
+            engine = _C.Engine(self._engine_config(), specs, hypers, self._rank, self._tag,
+                               progress=progress)
         finally:
             progress.close()
         try:
@@ -396,10 +396,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             b.pushed.record(torch.cuda.current_stream(cuda))
 
     def _engine_config(self):
-        """The config the C++ engine gets. The binding re-validates it as for one process;
-        with several ranks train_batch_size (micro x accumulation x world) would not check out
-        there, and the engine does not use it."""
-        return {k: v for k, v in self.config.items() if k != "train_batch_size"}
+        """The parsed configuration (``strata._C.Config``) the C++ engine reads: the handle
+        ``self.config`` was parsed into (a plain dict assigned to ``config`` is parsed here)."""
+        return _config.handle_of(self.config, world_size=_world_size())
 
     @staticmethod
     def _carry_folded_grads(prev, b):

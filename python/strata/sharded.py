@@ -532,16 +532,14 @@ class ShardedMixin:
 
     def _engine_config(self):
         cfg = super()._engine_config()
-        want = _config.get(cfg, "data_types.grad_accum_dtype")
+        want = _config.get(self.config, "data_types.grad_accum_dtype")
         if want and self._dp.world > 1 and self._dp.stage < 2:
             if any(p.dtype != dtype_from_name(want) for p, _ in self._trainable()):
                 _config.warn_once(
                     f"data_types.grad_accum_dtype {want!r} with several ranks is honoured at "
                     f"ZeRO stage 2 only; at stage {self._dp.stage} gradients accumulate in "
                     "the parameters' dtype (torch's .grad) and are converted when reduced")
-            cfg = dict(cfg)
-            cfg["data_types"] = {k: v for k, v in (cfg.get("data_types") or {}).items()
-                                 if k != "grad_accum_dtype"}
+            cfg = cfg.with_default("data_types.grad_accum_dtype")
         return cfg
 
     def _build(self, prev, resync=()):
@@ -589,7 +587,7 @@ class ShardedMixin:
                 name = f"{name}[{po}:{po + n}]"
             specs.append((name, n, dtype_name(p.dtype), b.cohort_of[i],
                           p.data_ptr() + po * p.element_size()))
-        b.engine = self._start_engine(specs, b.cohort_group, cohort_steps, dp.world)
+        b.engine = self._start_engine(specs, b.cohort_group, cohort_steps)
         try:
             # Keyed by parameter dtype; the tensor has the gradient dtype (stage 2 with
             # data_types.grad_accum_dtype: reduced buckets are added into it in that dtype).

@@ -98,15 +98,13 @@ def test_config_doc_matches_the_schema():
 
 
 def test_engine_reports_progress_of_long_creation_work(swap_dir):
-    import json
-
     from strata.progress import EngineProgress
 
     calls = []
     params = [torch.zeros(100_000), torch.zeros(50_000)]
     cfg = strata.load_config(nvme_config(swap_dir))
     specs = [(f"p{i}", p.numel(), "float32", 0, p.data_ptr()) for i, p in enumerate(params)]
-    eng = _C.Engine(json.dumps(cfg), specs, [{"kind": "adamw"}],
+    eng = _C.Engine(cfg.handle, specs, [{"kind": "adamw"}],
                     progress=lambda phase, done, total: calls.append((phase, done, total)))
     eng.close()
     phases = [c[0] for c in calls]

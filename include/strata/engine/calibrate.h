@@ -31,19 +31,21 @@
 
 namespace strata::engine {
 
+// The fields named after a config key default to the schema's.
 struct CalibrationOptions {
   std::string swap_dir;               // "" : no NVMe measurement
   size_t io_bytes = 128u << 20;       // bytes per NVMe pass (a multiple of 4096)
   size_t io_chunk_bytes = 16u << 20;  // extent size (the engine moves whole records)
-  size_t block_size = 1u << 20;       // aio.block_size
-  unsigned queue_depth = 8;           // aio.queue_depth
-  unsigned intra_op_parallelism = 1;
-  unsigned threads = 0;           // strata.threads (0: every core)
+  size_t block_size = size_t(default_engine_config().aio.block_size);        // aio.block_size
+  unsigned queue_depth = unsigned(default_engine_config().aio.queue_depth);  // aio.queue_depth
+  unsigned intra_op_parallelism = unsigned(default_engine_config().aio.intra_op_parallelism);
+  unsigned threads = unsigned(default_engine_config().strata.threads);  // strata.threads (0: all)
   size_t cpu_numel = 4u << 20;    // elements of resident state for the kernel
   double seconds_per_test = 0.2;  // each CPU test repeats for about this long
   unsigned io_repeats = 2;        // NVMe passes per direction (median)
-  bool pin = false;  // offload_optimizer.pin_memory (buffers as the engine's pool makes them)
-  bool gpu = true;   // measure PCIe copies and the CUDA AdamW when a device is there
+  // offload_optimizer.pin_memory (buffers as the engine's pool makes them)
+  bool pin = default_engine_config().zero.offload.pin_memory;
+  bool gpu = true;  // measure PCIe copies and the CUDA AdamW when a device is there
 };
 
 // swap_dir from offload_optimizer.nvme_path, aio.*, strata.threads.

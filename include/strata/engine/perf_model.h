@@ -146,10 +146,14 @@ struct SubGroupLoad {
   double ready_s = -1;
 };
 
+// Fields named after a config key default to the schema's (step_shape_from_plan
+// fills them from a parsed config).
 struct StepShape {
   std::vector<SubGroupLoad> subgroups;  // gradient-ready order
-  size_t buffer_count = 4;
-  bool checksums = true;  // strata.verify_checksums (NVMe records are hashed)
+  // offload_optimizer.buffer_count; >= 1 (predict_step calls 0 infeasible)
+  size_t buffer_count = size_t(default_engine_config().zero.offload.buffer_count);
+  // strata.verify_checksums (NVMe records are hashed)
+  bool checksums = default_engine_config().strata.verify_checksums;
   // Model on a GPU: CPU-updated sub-groups send gradients D2H (during
   // backward) and new parameters H2D (after their update).
   bool model_on_gpu = false;
@@ -158,8 +162,8 @@ struct StepShape {
   // by a gradient-statistics pass over every sub-group (all threads); exact
   // overlap computes them during backward as sub-groups become ready.
   bool grad_stats = false;
-  size_t io_block_bytes = 1 << 20;  // aio.block_size (simulator)
-  unsigned io_queue_depth = 8;      // aio.queue_depth (simulator)
+  size_t io_block_bytes = size_t(default_engine_config().aio.block_size);       // simulator
+  unsigned io_queue_depth = unsigned(default_engine_config().aio.queue_depth);  // simulator
 
   size_t total_numel() const;
   uint64_t total_record_bytes() const;
@@ -226,17 +230,19 @@ Prediction predict_step(const HardwareProfile& hw, const StepShape& shape, const
 // ---------------------------------------------------------------------------
 
 struct ChooseOptions {
-  bool auto_schedule = true;    // strata.schedule: "auto" (true) or "static"
-  double ratio = 1.0;           // offload_optimizer.ratio: fraction of sub-groups on the CPU
-  bool overlap_allowed = true;  // strata.overlap_backward
-  bool exact = false;  // clipping or fp16 (or clip_mode exact with clipping): kExact, else kEager
+  bool auto_schedule = true;  // strata.schedule: "auto" (true) or "static"
+  // offload_optimizer.ratio: fraction of sub-groups on the CPU
+  double ratio = default_engine_config().zero.offload.ratio;
+  bool overlap_allowed =
+      default_engine_config().strata.overlap_backward;  // strata.overlap_backward
+  bool exact = false;  // clipping or fp16 (clip_mode is exact): kExact, else kEager
   unsigned backward_threads = 1;
   PredictOptions predict;
 };
 
 // From the config: strata.schedule (not given: auto when the profile has a
-// GPU, static otherwise), ratio, strata.overlap_backward, gradient_clipping /
-// fp16 / strata.clip_mode, strata.threads.
+// GPU, static otherwise: schedule_is_auto), ratio, strata.overlap_backward,
+// gradient_clipping / fp16, strata.threads, buffer_count (GPU staging buffers).
 ChooseOptions choose_options_from_config(const Config& config, const HardwareProfile& hw);
 
 struct Candidate {

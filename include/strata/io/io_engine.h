@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include <strata/engine_config.h>
 #include <strata/status.h>
 
 namespace strata::io {
@@ -55,27 +56,33 @@ struct IoRequest {
 // Identifies one submitted batch. 0 is never a valid ticket.
 using Ticket = uint64_t;
 
+// The aio.* fields default to the schema's (default_engine_config().aio):
+// one default per key, in the schema.
 struct IoOptions {
   enum class Backend { kAuto, kUring, kThreadPool };
   Backend backend = Backend::kAuto;
   // aio.queue_depth: block requests in flight per ring (io_uring). The thread
   // pool has one request in flight per worker thread.
-  unsigned queue_depth = 32;
+  unsigned queue_depth = unsigned(default_engine_config().aio.queue_depth);
   // aio.block_size: bytes per request; a multiple of 4096, at most kMaxBlockSize.
-  size_t block_size = 1u << 20;
+  size_t block_size = size_t(default_engine_config().aio.block_size);
   // aio.intra_op_parallelism (old name aio.thread_count): io_uring rings, each
   // driven by its own thread; block requests of a batch are spread over them.
   // The thread pool starts max(intra_op_parallelism, min(queue_depth, 8))
   // workers, so its default keeps several requests in flight like a ring does.
-  unsigned intra_op_parallelism = 1;
-  bool single_submit = false;  // aio.single_submit: one io_uring_submit per SQE
+  unsigned intra_op_parallelism = unsigned(default_engine_config().aio.intra_op_parallelism);
+  // aio.single_submit: one io_uring_submit per SQE.
+  bool single_submit = default_engine_config().aio.single_submit;
   // aio.overlap_events: refill the queue as completions arrive; false waits
   // for the whole window of queue_depth requests before submitting more.
-  bool overlap_events = true;
+  bool overlap_events = default_engine_config().aio.overlap_events;
   // Record the service time of every block request (submit to completion);
   // read back with IoEngine::take_latencies_ns(). For benchmarks.
   bool record_latency = false;
 };
+
+// IoOptions from the typed aio.* fields (backend kAuto, no latency record).
+IoOptions io_options_from(const AioConfig& aio);
 
 // Counters since the engine was created. Invariants: read_ops + write_ops
 // counts block requests that completed successfully; bytes_* counts their

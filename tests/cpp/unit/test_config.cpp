@@ -21,7 +21,9 @@
 namespace {
 
 using nlohmann::json;
+using strata::ClipMode;
 using strata::Config;
+using strata::OffloadDevice;
 using strata::ParseOptions;
 
 // A private temporary directory, removed at the end of the test.
@@ -122,7 +124,7 @@ TEST(ConfigSchema, DefaultsSatisfyTheirOwnRows) {
     j[json::json_pointer(ptr)] = key.default_value;
   }
   Config c = must_parse(j);
-  EXPECT_EQ(c.get_int("aio.block_size"), 1048576);
+  EXPECT_EQ(c.typed().aio.block_size, 1048576);
   // Per type: the filled defaults of each optimizer and scheduler re-parse.
   for (const char* type : {"Adam", "AdamW", "SGD", "Adagrad"}) {
     Config o = must_parse({{"optimizer", {{"type", type}}}});
@@ -184,10 +186,10 @@ TEST(Config, EmptyConfigGetsEveryDefault) {
 
 TEST(Config, TypedAccessorsAndDefaultsForAbsentKeys) {
   Config c = must_parse({{"aio", {{"queue_depth", 64}}}, {"gradient_clipping", 1.5}});
-  EXPECT_EQ(c.get_int("aio.queue_depth"), 64);
-  EXPECT_DOUBLE_EQ(c.get_number("gradient_clipping"), 1.5);
-  EXPECT_TRUE(c.get_bool("strata.verify_checksums"));
-  EXPECT_EQ(c.get_string("zero_optimization.offload_optimizer.device"), "none");
+  EXPECT_EQ(c.typed().aio.queue_depth, 64);
+  EXPECT_DOUBLE_EQ(c.typed().training.gradient_clipping, 1.5);
+  EXPECT_TRUE(c.typed().strata.verify_checksums);
+  EXPECT_EQ(c.typed().zero.offload.device, OffloadDevice::kNone);
   EXPECT_TRUE(c.has("aio.block_size"));
   EXPECT_FALSE(c.has("zero_optimization.offload_optimizer.nvme_path"));
   EXPECT_EQ(c.find("zero_optimization.offload_optimizer.nvme_path"), nullptr);
@@ -196,10 +198,9 @@ TEST(Config, TypedAccessorsAndDefaultsForAbsentKeys) {
   // An absent key falls back to the schema default; a default-constructed
   // Config has nothing but the schema.
   Config empty;
-  EXPECT_EQ(empty.get_int("aio.queue_depth"), 8);
-  EXPECT_EQ(empty.get_string("strata.clip_mode"), "exact");
-  EXPECT_FALSE(empty.get_bool("fp16.enabled"));
-  EXPECT_EQ(empty.get_int("no.such.key"), 0);
+  EXPECT_EQ(empty.typed().aio.queue_depth, 8);
+  EXPECT_EQ(empty.typed().strata.clip_mode, ClipMode::kExact);
+  EXPECT_FALSE(empty.typed().precision.fp16_enabled);
 }
 
 TEST(Config, IntegralFloatsBecomeIntegers) {
@@ -210,7 +211,7 @@ TEST(Config, IntegralFloatsBecomeIntegers) {
   EXPECT_TRUE(z.is_number_integer()) << z.dump();
   EXPECT_EQ(z.get<int64_t>(), 100000000);
   EXPECT_TRUE(jv(c)["aio"]["block_size"].is_number_integer());
-  EXPECT_EQ(c.get_int("strata.dram_budget"), 8000000000LL);
+  EXPECT_EQ(c.typed().strata.dram_budget.value_or(0), 8000000000LL);
 }
 
 TEST(Config, NullMeansNotGiven) {
@@ -324,9 +325,12 @@ TEST(Config, BatchRuleAnyTwoImplyTheThird) {
     ParseOptions opt;
     opt.world_size = bc.world;
     Config c = must_parse(bc.given, opt);
-    EXPECT_EQ(c.get_int("train_batch_size"), bc.train) << bc.given.dump() << " world " << bc.world;
-    EXPECT_EQ(c.get_int("train_micro_batch_size_per_gpu"), bc.micro) << bc.given.dump();
-    EXPECT_EQ(c.get_int("gradient_accumulation_steps"), bc.accum) << bc.given.dump();
+    EXPECT_EQ(c.typed().training.train_batch_size.value_or(0), bc.train)
+        << bc.given.dump() << " world " << bc.world;
+    EXPECT_EQ(c.typed().training.train_micro_batch_size_per_gpu.value_or(0), bc.micro)
+        << bc.given.dump();
+    EXPECT_EQ(c.typed().training.gradient_accumulation_steps.value_or(0), bc.accum)
+        << bc.given.dump();
   }
 }
 
@@ -374,12 +378,12 @@ TEST(Config, AutoResolvedFromAutoValues) {
       opt);
   EXPECT_EQ(jv(c)["optimizer"]["params"]["lr"], 3e-4);
   EXPECT_EQ(jv(c)["optimizer"]["params"]["betas"], json::array({0.9, 0.95}));
-  EXPECT_EQ(c.get_int("train_micro_batch_size_per_gpu"), 8);
-  EXPECT_EQ(c.get_int("gradient_accumulation_steps"), 2);
-  EXPECT_EQ(c.get_int("train_batch_size"), 32);  // implied: 8 x 2 x world 2
-  EXPECT_DOUBLE_EQ(c.get_number("gradient_clipping"), 1.0);
-  EXPECT_FALSE(c.get_bool("fp16.enabled"));
-  EXPECT_TRUE(c.get_bool("bf16.enabled"));
+  EXPECT_EQ(c.typed().training.train_micro_batch_size_per_gpu.value_or(0), 8);
+  EXPECT_EQ(c.typed().training.gradient_accumulation_steps.value_or(0), 2);
+  EXPECT_EQ(c.typed().training.train_batch_size.value_or(0), 32);  // implied: 8 x 2 x world 2
+  EXPECT_DOUBLE_EQ(c.typed().training.gradient_clipping, 1.0);
+  EXPECT_FALSE(c.typed().precision.fp16_enabled);
+  EXPECT_TRUE(c.typed().precision.bf16_enabled);
   // Resolved integer from a float auto value.
   EXPECT_EQ(jv(c)["zero_optimization"]["reduce_bucket_size"], 500000000);
 }
@@ -388,11 +392,11 @@ TEST(Config, AutoBatchKeyImpliedByTheOtherTwo) {
   Config c = must_parse({{"train_batch_size", "auto"},
                          {"train_micro_batch_size_per_gpu", 4},
                          {"gradient_accumulation_steps", 8}});
-  EXPECT_EQ(c.get_int("train_batch_size"), 32);
+  EXPECT_EQ(c.typed().training.train_batch_size.value_or(0), 32);
   Config d = must_parse({{"train_batch_size", 64},
                          {"train_micro_batch_size_per_gpu", "auto"},
                          {"gradient_accumulation_steps", 8}});
-  EXPECT_EQ(d.get_int("train_micro_batch_size_per_gpu"), 8);
+  EXPECT_EQ(d.typed().training.train_micro_batch_size_per_gpu.value_or(0), 8);
 }
 
 TEST(Config, AutoWithoutValueNamesTheKey) {
@@ -439,7 +443,7 @@ TEST(Config, DeprecatedAliasesAreRewrittenWithAWarning) {
 TEST(Config, AliasEdgeCases) {
   // false has no effect (the default device stays), and says so.
   Config c = must_parse({{"zero_optimization", {{"cpu_offload", false}}}});
-  EXPECT_EQ(c.get_string("zero_optimization.offload_optimizer.device"), "none");
+  EXPECT_EQ(c.typed().zero.offload.device, OffloadDevice::kNone);
   EXPECT_EQ(count_warnings_containing(c, "has no effect"), 1) << all_warnings(c);
   // Old and new name agreeing: accepted, the old one dropped.
   Config d = must_parse(
@@ -452,10 +456,10 @@ TEST(Config, AliasEdgeCases) {
       << all_warnings(e);  // the alias warning and the not-acted-on warning
   // The oldest form of the ZeRO section.
   Config f = must_parse({{"zero_optimization", true}});
-  EXPECT_EQ(f.get_int("zero_optimization.stage"), 1);
+  EXPECT_EQ(f.typed().zero.stage, 1);
   EXPECT_EQ(count_warnings_containing(f, "true/false is deprecated"), 1);
   Config g = must_parse({{"zero_optimization", false}});
-  EXPECT_EQ(g.get_int("zero_optimization.stage"), 0);
+  EXPECT_EQ(g.typed().zero.stage, 0);
   // Errors inside a renamed section name both spellings.
   const std::string msg = parse_error({{"bfloat16", {{"enabled", "yes"}}}});
   EXPECT_NE(msg.find("bf16.enabled (given as bfloat16.enabled): \"yes\" has type string"),
@@ -533,7 +537,7 @@ TEST(Config, NvmePathMustBeAWritableDirectory) {
   json j = {{"zero_optimization",
              {{"offload_optimizer", {{"device", "nvme"}, {"nvme_path", dir.path()}}}}}};
   Config c = must_parse(j);
-  EXPECT_EQ(c.get_string("zero_optimization.offload_optimizer.nvme_path"), dir.path());
+  EXPECT_EQ(c.typed().zero.offload.nvme_path.value_or(""), dir.path());
   EXPECT_EQ(count_warnings_containing(c, "created the folder"), 0) << all_warnings(c);
 
   // check_paths=false is for tools that inspect a config meant for another
@@ -773,8 +777,8 @@ TEST(ConfigLoad, ReadsFilesWithBomAndComments) {
   }
   auto r = Config::load(path);
   ASSERT_TRUE(r.ok()) << r.status().to_string();
-  EXPECT_EQ(r->get_int("aio.queue_depth"), 16);
-  EXPECT_EQ(r->get_int("train_batch_size"), 4);
+  EXPECT_EQ(r->typed().aio.queue_depth, 16);
+  EXPECT_EQ(r->typed().training.train_batch_size.value_or(0), 4);
 }
 
 TEST(ConfigLoad, SyntaxErrorNamesFileLineAndColumn) {

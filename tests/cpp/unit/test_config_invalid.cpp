@@ -206,7 +206,7 @@ const std::vector<InvalidCase>& cases() {
         "remove zero_optimization.cpu_offload"}},
       {"thread_count_zero",
        R"({"aio": {"thread_count": 0}})",
-       {"aio.thread_count: 0 is out of range; expected an integer from 1 to 256"}},
+       {"aio.thread_count: 0 is out of range; expected an integer from 1 to 64"}},
       {"bfloat16_alias_bad_value",
        R"({"bfloat16": {"enabled": 1}})",
        {"bf16.enabled (given as bfloat16.enabled): 1 has type integer, expected boolean or "
@@ -214,9 +214,23 @@ const std::vector<InvalidCase>& cases() {
       {"grad_accum_dtype_unknown",
        R"({"data_types": {"grad_accum_dtype": "float32"}})",
        {"data_types.grad_accum_dtype: \"float32\" is not one of fp32, fp16, bf16"}},
+      // Issue 18 item 8: "speculative" was accepted, read only by the performance
+      // model, and the engine ran exact mode anyway; it is refused now, by name.
+      {"clip_mode_speculative_removed",
+       R"({"strata": {"clip_mode": "speculative"}})",
+       {"strata.clip_mode: \"speculative\" is no longer accepted (speculative updates with "
+        "rollback are not implemented; the engine always runs exact mode); allowed: exact"}},
+      // Issue 18 item 8: the schema allowed 1..256 rings and the I/O layer 1..64, so 100
+      // parsed and failed later without the path; one range, at parse time.
+      {"intra_op_parallelism_above_io_layer",
+       R"({"aio": {"intra_op_parallelism": 100}})",
+       {"aio.intra_op_parallelism: 100 is out of range; expected an integer from 1 to 64"}},
+      {"thread_count_above_io_layer",
+       R"({"aio": {"thread_count": 65}})",
+       {"aio.thread_count: 65 is out of range; expected an integer from 1 to 64"}},
       {"clip_mode_unknown",
        R"({"strata": {"clip_mode": "fast"}})",
-       {"strata.clip_mode: \"fast\" is not one of exact, speculative"}},
+       {"strata.clip_mode: \"fast\" is not one of exact"}},
       {"progress_unknown",
        R"({"strata": {"progress": "verbose"}})",
        {"strata.progress: \"verbose\" is not one of auto, bar, log, off"}},

@@ -373,7 +373,7 @@ TEST_F(ConfigShapes, LoadReadsTheFilesDirectly) {
   opt.check_paths = false;
   auto r = strata::Config::load(data_dir() + "/zero2_nvme.json", opt);
   EXPECT_TRUE(r.ok()) << r.status().to_string();
-  EXPECT_EQ(r.value().get_string("zero_optimization.offload_optimizer.nvme_path"), "/local_nvme");
+  EXPECT_EQ(r.value().typed().zero.offload.nvme_path.value_or(""), "/local_nvme");
 }
 
 }  // namespace

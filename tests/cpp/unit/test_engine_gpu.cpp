@@ -28,6 +28,7 @@ struct HostGpu {
   int stream_waits = 0;
   void* last_stream = nullptr;
   void* last_after_stream = nullptr;
+  int buffers = 0;  // GpuUpdaterOptions::buffers the engine asked for
 };
 
 float load(const void* base, size_t i, cuda::ElemType t) {
@@ -55,7 +56,9 @@ void store(void* base, size_t i, float x, cuda::ElemType t) {
 // Completes each job inside submit(), as if the device were infinitely fast.
 class HostGpuUpdater final : public cuda::GpuUpdater {
  public:
-  HostGpuUpdater(const cuda::GpuUpdaterOptions& o, HostGpu* log) : o_(o), log_(log) {}
+  HostGpuUpdater(const cuda::GpuUpdaterOptions& o, HostGpu* log) : o_(o), log_(log) {
+    log_->buffers = o.buffers;
+  }
   Result<Ticket> submit(const cuda::GpuJob& job) override {
     if (job.n == 0 || job.n > o_.max_elements || !job.host_slot[0] || !job.host_slot[1] ||
         !job.host_slot[2] || !job.grad || job.copy_out_count > o_.max_copy_out) {
@@ -281,6 +284,13 @@ TEST(EngineGpu, AllOnTheGpuAndNoUpdaterFallsBackToTheCpu) {
     said = said || n.find("GPU updates unavailable (no device (test))") != std::string::npos;
   }
   EXPECT_TRUE(said);
+}
+
+// Issue 18 item 7: GPU staging was hard-coded to 2 device buffers whatever
+// offload_optimizer.buffer_count said (default 4); it follows the key now.
+TEST(EngineGpu, DeviceStagingFollowsBufferCount) {
+  Outcome all = run(0.0, 1);
+  EXPECT_EQ(all.log.buffers, strata::default_engine_config().zero.offload.buffer_count);
 }
 
 // strata.schedule auto with a hardware profile: the performance model picks
