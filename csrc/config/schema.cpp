@@ -250,7 +250,7 @@ std::vector<ConfigKey> build_schema() {
   add("scheduler.type", K::kString, kNull,
       "Schedule name (case-sensitive, as in DeepSpeed). "
       "Required when scheduler is given.")
-      .allowed({"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"})
+      .allowed({"LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR"})
       .support_list();
   add("scheduler.params", K::kObject, json::object(),
       "Constructor arguments of the schedule; each applies to the types listed with it.");
@@ -285,6 +285,70 @@ std::vector<ConfigKey> build_schema() {
       .range(0, 1)
       .auto_ok()
       .applies({"WarmupCosineLR"});
+  add("scheduler.params.lr_range_test_min_lr", K::kNumber, 1e-3,
+      "LRRangeTest: learning rate at the start of the test.")
+      .min(0)
+      .applies({"LRRangeTest"});
+  add("scheduler.params.lr_range_test_step_size", K::kInt, 2000,
+      "LRRangeTest: steps per increase of the learning rate.")
+      .min(1)
+      .applies({"LRRangeTest"});
+  add("scheduler.params.lr_range_test_step_rate", K::kNumber, 1.0,
+      "LRRangeTest: lr = min_lr * (1 + step_rate * interval).")
+      .min(0)
+      .applies({"LRRangeTest"});
+  add("scheduler.params.lr_range_test_staircase", K::kBool, false,
+      "LRRangeTest: raise the learning rate in stairs (whole intervals) instead of continuously.")
+      .applies({"LRRangeTest"});
+  add("scheduler.params.cycle_min_lr", K::kNumber, kNull,
+      "OneCycle: learning rate at the start and end of the cycle. Required by OneCycle.")
+      .min(0)
+      .auto_ok()
+      .applies({"OneCycle"});
+  add("scheduler.params.cycle_max_lr", K::kNumber, kNull,
+      "OneCycle: learning rate at the peak of the cycle. Required by OneCycle.")
+      .min(0)
+      .auto_ok()
+      .applies({"OneCycle"});
+  add("scheduler.params.decay_lr_rate", K::kNumber, 0.0,
+      "OneCycle: after the cycle, lr = cycle_min_lr / (1 + decay_lr_rate * k / decay_step_size).")
+      .min(0)
+      .applies({"OneCycle"});
+  add("scheduler.params.cycle_first_step_size", K::kInt, 2000,
+      "OneCycle: steps of the rising half of the cycle.")
+      .min(1)
+      .applies({"OneCycle"});
+  add("scheduler.params.cycle_second_step_size", K::kInt, kNull,
+      "OneCycle: steps of the falling half (default: cycle_first_step_size).")
+      .min(0)
+      .applies({"OneCycle"});
+  add("scheduler.params.cycle_first_stair_count", K::kInt, 0,
+      "OneCycle: stairs in the rising half (0: continuous).")
+      .min(0)
+      .applies({"OneCycle"});
+  add("scheduler.params.cycle_second_stair_count", K::kInt, kNull,
+      "OneCycle: stairs in the falling half (default: cycle_first_stair_count).")
+      .min(0)
+      .applies({"OneCycle"});
+  add("scheduler.params.decay_step_size", K::kInt, 0,
+      "OneCycle: steps per decay interval after the cycle (0: no decay).")
+      .min(0)
+      .applies({"OneCycle"});
+  add("scheduler.params.cycle_momentum", K::kBool, true,
+      "OneCycle: cycle betas[0] inversely to the learning rate (optimizers with betas only).")
+      .applies({"OneCycle"});
+  add("scheduler.params.cycle_min_mom", K::kNumber, 0.8, "OneCycle: lowest betas[0] (at the lr peak).")
+      .range(0, 1)
+      .applies({"OneCycle"});
+  add("scheduler.params.cycle_max_mom", K::kNumber, 0.9,
+      "OneCycle: highest betas[0] (at the start and end of the cycle).")
+      .range(0, 1)
+      .applies({"OneCycle"});
+  add("scheduler.params.decay_mom_rate", K::kNumber, 0.0,
+      "OneCycle: after the cycle, betas[0] = cycle_max_mom * (1 + decay_mom_rate * k / "
+      "decay_step_size).")
+      .min(0)
+      .applies({"OneCycle"});
   add("scheduler.params.last_batch_iteration", K::kInt, -1,
       "Index of the last step taken (-1: start from the beginning).")
       .min(-1);
