@@ -170,6 +170,10 @@ std::vector<ConfigKey> build_schema() {
       "Clip gradients to this global L2 norm across all tiers and ranks; 0 turns clipping off.")
       .min(0)
       .auto_ok();
+  add("gradient_allreduce_op", K::kString, "mean",
+      "How data-parallel gradients combine across ranks: mean (averaged, the default) or sum. "
+      "Refused with ZeRO stage 3, as in DeepSpeed.")
+      .allowed({"mean", "sum"});
   add("prescale_gradients", K::kBool, kNull, "DeepSpeed: scale gradients before the allreduce.")
       .ignored(kNoteComm);
   add("gradient_predivide_factor", K::kNumber, kNull,
@@ -620,10 +624,10 @@ std::vector<ConfigKey> build_schema() {
       .ignored("not implemented; strata.overlap_backward overlaps updates with backward instead");
   add("zero_optimization.super_offload", K::kBool, kNull, "DeepSpeed SuperOffload switch.")
       .ignored("not implemented; strata.overlap_backward overlaps updates with backward instead");
-  add("zero_allow_untested_optimizer", K::kBool, kNull,
-      "DeepSpeed: allow a client optimizer with ZeRO.")
-      .ignored("strata accepts any client optimizer it can wrap; no opt-in is needed",
-               {true, false});
+  add("zero_allow_untested_optimizer", K::kBool, false,
+      "Allow a client optimizer outside DeepSpeed's ZeRO-tested list (torch Adam, AdamW, "
+      "Adagrad, DeepSpeed's and strata's own) with ZeRO stage 1 or more; without it "
+      "initialize refuses one, as DeepSpeed does.");
   add("zero_force_ds_cpu_optimizer", K::kBool, kNull,
       "DeepSpeed: require its CPU Adam with offload.")
       .ignored("offloaded state is always updated by strata's own kernels", {true, false});

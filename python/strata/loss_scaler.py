@@ -3,8 +3,10 @@
 ``DynamicLossScaler`` follows DeepSpeed's (``fp16.loss_scale`` 0): the scale starts at
 ``2**initial_scale_power``; an overflow (inf/NaN in the gradients) skips the step and, once
 ``hysteresis`` overflows have been tolerated, halves the scale (not below ``min_loss_scale``);
-after ``loss_scale_window`` overflow-free steps the scale doubles. An overflow at the minimum
-scale raises, as DeepSpeed does ("cannot decrease scale anymore").
+after ``loss_scale_window`` overflow-free steps the scale doubles. With ZeRO (stage >= 1) an
+overflow at the minimum scale raises, as DeepSpeed's ZeRO optimizers do ("cannot decrease scale
+anymore"); at stage 0, as DeepSpeed's FP16_Optimizer, every overflow halves the scale
+(``hysteresis`` unused) and the scale stays at the minimum without raising.
 
 ``LossScaler`` is a static scale (``fp16.loss_scale`` > 0). Unlike DeepSpeed, whose static
 scaler never checks for overflow, strata still skips a step whose gradients are not finite
@@ -109,19 +111,26 @@ class DynamicLossScaler(LossScaler):
         self.overflows = int(sd.get("overflows", 0))
 
 
-def from_config(cfg, rank0=True):
-    """The scaler a filled config asks for: None without fp16."""
+def from_config(cfg, rank0=True, stage=None):
+    """The scaler a filled config asks for: None without fp16. At ZeRO stage 0 DeepSpeed's
+    fp16 optimizer (FP16_Optimizer._update_scale) halves the scale on every overflow and stays
+    at ``min_loss_scale`` without raising (``hysteresis`` is not used there); with ZeRO it
+    uses the hysteresis and raises at the minimum. strata follows both."""
     fp16 = cfg.get("fp16") or {}
     if not fp16.get("enabled"):
         return None
     static = float(fp16.get("loss_scale") or 0.0)
     if static > 0:
         return LossScaler(static)
+    if stage is None:
+        stage = int((cfg.get("zero_optimization") or {}).get("stage") or 0)
+    zero0 = int(stage) == 0
     return DynamicLossScaler(
         init_scale=2.0 ** int(fp16.get("initial_scale_power", 16)),
         scale_window=int(fp16.get("loss_scale_window", 1000)),
         min_scale=float(fp16.get("min_loss_scale", 1.0)),
-        delayed_shift=int(fp16.get("hysteresis", 2)),
+        delayed_shift=1 if zero0 else int(fp16.get("hysteresis", 2)),
         consecutive_hysteresis=bool(fp16.get("consecutive_hysteresis", False)),
+        raise_error_at_min_scale=not zero0,
         rank0=rank0,
     )
