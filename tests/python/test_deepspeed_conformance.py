@@ -1,6 +1,8 @@
 """DeepSpeed conformance (issue 25): the surface and the behaviour DeepSpeed's own unit tests
 found missing or different. Each test starts with what broke."""
 
+import os
+
 import torch
 import torch.nn as nn
 import pytest
@@ -465,3 +467,53 @@ def test_info_config_warns_about_keys_that_act_differently(tmp_path):
     out = subprocess.run([sys.executable, "-m", "strata", "info", "--config", str(plain)],
                          capture_output=True, text=True, env=env, check=True).stdout
     assert "differently from DeepSpeed" not in out
+
+
+# ---- item 5: checkpoint layout --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_checkpoint_has_deepspeeds_layout_and_zero_to_fp32(tmp_path, dtype):
+    # strata wrote model_states.pt (a flat state_dict) and no zero_pp_rank_* files, so
+    # DeepSpeed-layout readers and zero_to_fp32 found nothing.
+    import subprocess
+    import sys
+
+    from strata.utils import zero_to_fp32
+
+    extra = {"bf16": {"enabled": True}} if dtype == "bf16" else {}
+    model = small_model()
+    model[2].bias.requires_grad_(False)  # a frozen parameter: from the model file
+    engine, _, _, _ = strata.initialize(model=model, config=config(**extra))
+    try:
+        train(engine, 2)
+        engine.save_checkpoint(tmp_path / "ck")
+        masters = {n: strata.utils.safe_get_full_fp32_param(p)
+                   for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        engine.close()
+    tag_dir = tmp_path / "ck" / "global_step2"
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt")
+    assert set(saved["module"]) == set(model.state_dict())
+    assert saved["global_steps"] == 2 and saved["optimizer"] is None
+    optim = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert optim["optimizer_state_dict"]["strata_state_file"] == "optimizer_state.bin"
+    assert (tmp_path / "ck" / "zero_to_fp32.py").stat().st_mode & 0o111
+
+    sd = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(tmp_path / "ck")
+    for name, t in sd.items():
+        assert t.dtype == torch.float32
+        if name in masters:  # trainable: the fp32 master, not the (bf16) model weight
+            torch.testing.assert_close(t, masters[name], rtol=0, atol=0)
+    torch.testing.assert_close(sd["2.bias"], model[2].bias.detach().float(), rtol=0, atol=0)
+    # The script in the folder, run as DeepSpeed's is run.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "pytorch_model.bin"
+    subprocess.run([sys.executable, "zero_to_fp32.py", ".", str(out)], cwd=tmp_path / "ck",
+                   check=True, env=dict(os.environ, PYTHONPATH=os.path.join(root, "python")),
+                   capture_output=True)
+    written = torch.load(out)
+    assert set(written) == set(sd)
+    for name in sd:
+        torch.testing.assert_close(written[name], sd[name], rtol=0, atol=0)
+    fresh = zero_to_fp32.load_state_dict_from_zero_checkpoint(small_model(seed=5), tmp_path / "ck")
+    torch.testing.assert_close(fresh[0].weight.detach(), sd["0.weight"], rtol=0, atol=0)
