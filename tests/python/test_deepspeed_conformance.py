@@ -517,3 +517,37 @@ def test_checkpoint_has_deepspeeds_layout_and_zero_to_fp32(tmp_path, dtype):
         torch.testing.assert_close(written[name], sd[name], rtol=0, atol=0)
     fresh = zero_to_fp32.load_state_dict_from_zero_checkpoint(small_model(seed=5), tmp_path / "ck")
     torch.testing.assert_close(fresh[0].weight.detach(), sd["0.weight"], rtol=0, atol=0)
+
+
+def test_a_checkpoint_in_the_old_layout_still_loads(tmp_path):
+    # Checkpoints written before the DeepSpeed layout have model_states.pt (a flat state_dict);
+    # the manifest names the file, so they still load.
+    import json
+
+    from strata import checkpoint as ckpt
+
+    model = small_model()
+    engine, *_ = strata.initialize(model=model, config=config())
+    try:
+        train(engine, 2)
+        engine.save_checkpoint(tmp_path / "ck")
+    finally:
+        engine.close()
+    tag_dir = tmp_path / "ck" / "global_step2"
+    flat = torch.load(tag_dir / ckpt.MODEL_FILE)["module"]
+    os.unlink(tag_dir / ckpt.MODEL_FILE)
+    torch.save(flat, tag_dir / ckpt.OLD_MODEL_FILE)
+    m = json.load(open(tag_dir / "manifest.json"))
+    del m["files"][ckpt.MODEL_FILE]
+    m["files"][ckpt.OLD_MODEL_FILE] = ckpt._file_digest(str(tag_dir / ckpt.OLD_MODEL_FILE))
+    m["model"]["file"] = ckpt.OLD_MODEL_FILE
+    json.dump(m, open(tag_dir / "manifest.json", "w"))
+    other = small_model(seed=7)
+    engine, *_ = strata.initialize(model=other, config=config())
+    try:
+        path, _ = engine.load_checkpoint(tmp_path / "ck")
+        assert path.endswith(ckpt.OLD_MODEL_FILE)
+        for a, b in zip(model.parameters(), other.parameters()):
+            assert torch.equal(a, b)
+    finally:
+        engine.close()
