@@ -55,6 +55,7 @@ Call ``close()`` (or use ``with``) to drain I/O and remove the swap file; it als
 garbage collection.
 """
 
+import collections.abc
 import json
 import os
 import weakref
@@ -167,6 +168,22 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             self._param_names = {}  # id(param) -> name (error messages); the Engine sets it
         self._b = self._build(None)
         _live.add(self)
+
+    @property
+    def state(self):
+        """``state[p]``: a mapping of parameter ``p``'s state by torch's names ("step",
+        "exp_avg", ...), read from its tier on each access (a new fp32 tensor each time: from
+        NVMe a read of that slot, so costly in a loop) and written to it on assignment
+        (``state[p]["exp_avg"] = t``). Parameters strata does not manage read as an empty
+        dict. See ``_StateView``."""
+        return _StateView(self)
+
+    @state.setter
+    def state(self, value):
+        # torch.optim.Optimizer.__init__ assigns an empty defaultdict: the state is the engine's.
+        if value:
+            raise TypeError("strata: optimizer.state is the engine's; assign state[p][name] "
+                            "or use load_state_dict")
 
     @property
     def optimizer(self):
@@ -1058,6 +1075,84 @@ class _OffloadOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self):
         raise TypeError("strata optimizers cannot be pickled; use state_dict()")
+
+
+class _StateView(collections.abc.Mapping):
+    """``optimizer.state`` of a strata optimizer: parameter -> ``_ParamState`` for every
+    parameter the engine manages (iteration and ``len`` over those); any other key reads as an
+    empty dict, as torch's defaultdict does (without inserting it)."""
+
+    def __init__(self, opt):
+        self._opt = opt
+
+    def _managed(self):
+        if self._opt.closed:
+            return []
+        self._opt._refresh()
+        return list(self._opt._b.managed)
+
+    def __getitem__(self, p):
+        if isinstance(p, torch.Tensor) and not self._opt.closed and self._opt.manages(p):
+            return _ParamState(self._opt, p)
+        return {}
+
+    def __contains__(self, p):
+        return isinstance(p, torch.Tensor) and not self._opt.closed and self._opt.manages(p)
+
+    def __iter__(self):
+        return iter(self._managed())
+
+    def __len__(self):
+        return len(self._managed())
+
+    def __repr__(self):
+        return f"<strata optimizer state of {len(self)} parameters (read from the tiers)>"
+
+
+class _ParamState(collections.abc.MutableMapping):
+    """One parameter's state: its slots by torch's name, and "step" (the step count of the
+    sub-groups' cohort). Each read is a read of that slot from its tier; each assignment a
+    write; with several ranks both are collectives. Slots cannot be deleted."""
+
+    def __init__(self, opt, p):
+        self._opt, self._p = opt, p
+
+    def _names(self):
+        group = next(g for g in self._opt.param_groups if any(q is self._p for q in g["params"]))
+        names = list(self._opt._state_names(group))
+        return (["step"] if self._opt._has_step_in_state() else []) + names
+
+    def __getitem__(self, key):
+        if key not in self._names():
+            raise KeyError(key)
+        if key == "step":
+            i, _ = self._opt._slot_of(self._p, "fp32")
+            b = self._opt._b
+            return torch.tensor(float(b.engine.step_count(b.cohort_of[i])))
+        return self._opt.read_state(self._p, key)
+
+    def __setitem__(self, key, value):
+        if key not in self._names():
+            raise KeyError(f"strata: {type(self._opt).__name__} keeps no state {key!r} (it keeps "
+                           f"{', '.join(self._names())})")
+        if key == "step":
+            i, _ = self._opt._slot_of(self._p, "fp32")
+            b = self._opt._b
+            b.engine.set_step_count(b.cohort_of[i], int(float(value)))
+            return
+        self._opt.write_state(self._p, key, value)
+
+    def __delitem__(self, key):
+        raise TypeError("strata: a parameter's state slots cannot be deleted")
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self):
+        return len(self._names())
+
+    def __repr__(self):
+        return f"<strata state of a parameter: {', '.join(self._names())} (read on access)>"
 
 
 def _check_adam_args(lr, betas, eps, weight_decay):

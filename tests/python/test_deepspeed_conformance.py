@@ -551,3 +551,47 @@ def test_a_checkpoint_in_the_old_layout_still_loads(tmp_path):
             assert torch.equal(a, b)
     finally:
         engine.close()
+
+
+# ---- item 2: optimizer.state ---------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_optimizer_state_reads_and_writes_the_tier(device, swap_dir):
+    # optimizer.state was always empty: state[p]["exp_avg"] raised KeyError (state was reachable
+    # only through state_dict()).
+    off = {"device": device}
+    if device == "nvme":
+        off["nvme_path"] = str(swap_dir)
+    model = small_model()
+    frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+    engine, opt, _, _ = strata.initialize(model=model, config=config(
+        zero_optimization={"offload_optimizer": off}))
+    try:
+        train(engine, 3)
+        w = model[0].weight
+        assert len(opt.state) == len(list(model.parameters())) and w in opt.state
+        assert set(opt.state[w]) == {"step", "exp_avg", "exp_avg_sq"}
+        sd = opt.state_dict()["state"]
+        for idx, p in enumerate(model.parameters()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(opt.state[p][key], sd[idx][key], rtol=0, atol=0)
+            assert float(opt.state[p]["step"]) == 3.0
+        assert opt.state[frozen] == {} and frozen not in opt.state
+        before = opt.stats()["bytes_fetched"]
+        _ = opt.state[w]["exp_avg"]
+        if device == "nvme":
+            assert opt.stats()["bytes_fetched"] > before, "a read of the slot from NVMe"
+        # Assignment writes the tier: the next step starts from it.
+        opt.state[w]["exp_avg"] = torch.zeros_like(w)
+        opt.state[w]["exp_avg_sq"] = torch.ones_like(w)
+        assert torch.count_nonzero(opt.state[w]["exp_avg"]) == 0
+        assert torch.equal(opt.state_dict()["state"][0]["exp_avg_sq"], torch.ones_like(w))
+        with pytest.raises(KeyError, match="momentum_buffer"):
+            opt.state[w]["momentum_buffer"] = torch.zeros_like(w)
+        with pytest.raises(TypeError):
+            del opt.state[w]["exp_avg"]
+        train(engine, 1)
+        assert float(opt.state[w]["step"]) == 4.0
+    finally:
+        engine.close()
+    assert len(opt.state) == 0  # closed: nothing to read
