@@ -197,6 +197,10 @@ class Engine(torch.nn.Module):
                 lr_scheduler, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None)
             self.loss_scaler = _loss_scaler.from_config(config, rank0=self.global_rank == 0,
                                                         stage=self.zero_optimization_stage())
+            if self.loss_scaler is not None and self.optimizer is not None:
+                # DeepSpeed's fp16 optimizers carry their scaler as loss_scale_config
+                # (cur_scale, cur_iter, scale_window, dynamic_loss_scale): the same object.
+                self.optimizer.loss_scale_config = self.loss_scaler
             self.training_dataloader = self._configure_dataloader(training_data, collate_fn)
         except BaseException:
             self.close()  # release the optimizer's pool and swap file now, not at GC

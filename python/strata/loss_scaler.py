@@ -21,6 +21,10 @@ log = logging.getLogger("strata")
 class LossScaler:
     dynamic = False
 
+    @property
+    def dynamic_loss_scale(self):  # DeepSpeed's LossScaleConfig name
+        return self.dynamic
+
     def __init__(self, scale=1.0):
         self.cur_scale = float(scale)
         self.overflows = 0

@@ -265,11 +265,13 @@ def test_fp16_zero0_overflow_halves_every_time_and_stays_at_the_minimum():
     try:
         expected = 2.0 ** 4
         assert engine.loss_scale == expected
+        cfg = engine.optimizer.loss_scale_config  # DeepSpeed's name for the optimizer's scaler
+        assert cfg is engine.loss_scaler and cfg.dynamic_loss_scale and cfg.scale_window == 2
         for value in [float("inf"), float("-inf")] + [float("nan")] * 6:
             _step_with_grads(engine, model, value)
             expected = max(expected / 2, 1.0)
             assert engine.loss_scale == expected
-        assert engine.skipped_steps == 8 and engine.loss_scale == 1.0
+        assert engine.skipped_steps == 8 and engine.loss_scale == 1.0 and cfg.cur_iter == 8
         # A clean window of 2 steps doubles it again.
         for _ in range(3):
             _step_with_grads(engine, model, 0.01)
