@@ -155,7 +155,5 @@ def deepspeed_differences(cfg, user=None):
     if get(cfg, "optimizer.type") in ("Adam", "AdamW") and get(cfg, "optimizer.params.amsgrad"):
         out.append("optimizer.params.amsgrad = true: strata runs AMSGrad on its own "
                    "OffloadAdamW/OffloadAdam; DeepSpeed's FusedAdam and CPU Adam refuse it")
-    if get(cfg, "optimizer.params.torch_adam"):
-        out.append("optimizer.params.torch_adam = true: strata's kernels run the same update "
-                   "instead of torch.optim.Adam/AdamW")
+    # optimizer.params.torch_adam is warned about by the parser (accepted, not acted on).
     return out
