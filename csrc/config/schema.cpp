@@ -341,7 +341,8 @@ std::vector<ConfigKey> build_schema() {
   add("scheduler.params.cycle_momentum", K::kBool, true,
       "OneCycle: cycle betas[0] inversely to the learning rate (optimizers with betas only).")
       .applies({"OneCycle"});
-  add("scheduler.params.cycle_min_mom", K::kNumber, 0.8, "OneCycle: lowest betas[0] (at the lr peak).")
+  add("scheduler.params.cycle_min_mom", K::kNumber, 0.8,
+      "OneCycle: lowest betas[0] (at the lr peak).")
       .range(0, 1)
       .applies({"OneCycle"});
   add("scheduler.params.cycle_max_mom", K::kNumber, 0.9,
