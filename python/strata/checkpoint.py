@@ -774,13 +774,23 @@ def _write_zero_pointers(engine, tmp, files, manifest):
 
 
 def write_recovery_script(save_dir):
-    """zero_to_fp32.py in the checkpoint folder, as DeepSpeed writes it (atomically)."""
+    """zero_to_fp32.py in the checkpoint folder, as DeepSpeed writes it (atomically), after the
+    checkpoint and ``latest`` are complete. A folder that refuses it (or refuses chmod, as some
+    network file shares do) costs a warning, never the save."""
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "utils", "zero_to_fp32.py")
     dst = os.path.join(os.fspath(save_dir), RECOVERY_SCRIPT)
     tmp = f"{dst}.tmp-{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, dst)
+    try:
+        shutil.copyfile(src, tmp)
+        try:
+            os.chmod(tmp, 0o755)
+        except OSError as exc:
+            _config.warn_once(f"{dst}: cannot make it executable ({exc}); run it with python")
+        os.replace(tmp, dst)
+    except OSError as exc:
+        _config.warn_once(f"{dst}: not written ({exc}); strata.utils.zero_to_fp32 does the same")
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def model_file(manifest):
@@ -869,11 +879,11 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_recovery_script(save_dir)
     kill_point("save_after_rename")
     if save_latest:
         _write_latest(save_dir, tag)
     kill_point("save_after_latest")
+    write_recovery_script(save_dir)
     return True
 
 
@@ -995,11 +1005,11 @@ def _save_ranks(engine, save_dir, tag, client_state, save_latest, exclude_frozen
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rank == 0:
-        write_recovery_script(save_dir)
         kill_point("save_after_rename")
         if save_latest:
             _write_latest(save_dir, tag)
         kill_point("save_after_latest")
+        write_recovery_script(save_dir)
     comm.barrier()  # `latest` is written before any rank goes on (and may load it)
     return True
 

@@ -597,3 +597,25 @@ def test_optimizer_state_reads_and_writes_the_tier(device, swap_dir):
     finally:
         engine.close()
     assert len(opt.state) == 0  # closed: nothing to read
+
+
+def test_a_folder_refusing_chmod_costs_a_warning_not_the_save(tmp_path, monkeypatch, caplog):
+    # DeepSpeed's test_chmod_exception_handling: some file shares refuse chmod; the checkpoint
+    # and `latest` must still be complete.
+    from strata import checkpoint as ckpt
+
+    def refuse(*a, **k):
+        raise PermissionError("operation not permitted")
+
+    engine, *_ = strata.initialize(model=small_model(), config=config())
+    try:
+        train(engine, 1)
+        monkeypatch.setattr(ckpt.os, "chmod", refuse)
+        strata.config._warned.clear()
+        with caplog.at_level("WARNING", logger="strata"):
+            assert engine.save_checkpoint(tmp_path / "ck") is True
+        assert (tmp_path / "ck" / "latest").read_text() == "global_step1"
+        assert (tmp_path / "ck" / "zero_to_fp32.py").exists()
+        assert any("cannot make it executable" in r.getMessage() for r in caplog.records)
+    finally:
+        engine.close()
