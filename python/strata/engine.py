@@ -181,6 +181,9 @@ class Engine(torch.nn.Module):
         self._progress = _config.get(config, "strata.progress", "auto")
         self._overlap_backward = bool(_config.get(config, "strata.overlap_backward", True))
 
+        # DeepSpeed's names of modules with sparse gradients (sparse_gradients): strata refuses
+        # such modules (_check_module), so the set is always empty.
+        self.sparse_tensor_module_names = set()
         self._gradient_average = self._check_allreduce_op(config)
         self._grads_released = False
         self._check_module(module)

@@ -41,6 +41,7 @@ def test_engine_surface_partition_cache_wrapper_and_versions():
     engine, opt, _, _ = strata.initialize(model=small_model(), config=config())
     try:
         engine.empty_partition_cache()  # no ZeRO-3 partitions: nothing to free (documented)
+        assert engine.sparse_tensor_module_names == set()  # sparse modules are refused
         assert engine.optimizer.optimizer is engine.optimizer is opt
         assert isinstance(engine.optimizer.optimizer, torch.optim.Optimizer)
         train(engine)
