@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -50,7 +50,7 @@ setup(
     name="strata",
     version=version(),
     description="Optimizer state on the tier that has room: DRAM, CXL, NVMe (io_uring)",
-    packages=["strata"],
+    packages=find_packages("python"),  # strata and its subpackages (ops, utils)
     package_dir={"": "python"},
     ext_modules=[CMakeExtension("strata._C")],
     cmdclass={"build_ext": CMakeBuild},

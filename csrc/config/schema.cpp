@@ -314,6 +314,11 @@ std::vector<ConfigKey> build_schema() {
       .min(0)
       .auto_ok()
       .field(STRATA_FIELD(training.gradient_clipping));
+  add("gradient_allreduce_op", K::kString, "mean",
+      "How data-parallel gradients combine across ranks: mean (averaged, the default) or sum. "
+      "Refused with ZeRO stage 3, as in DeepSpeed.")
+      .allowed({"mean", "sum"})
+      .field(STRATA_FIELD(training.gradient_allreduce_op));
   add("prescale_gradients", K::kBool, kNull, "DeepSpeed: scale gradients before the allreduce.")
       .ignored(kNoteComm);
   add("gradient_predivide_factor", K::kNumber, kNull,
@@ -410,7 +415,7 @@ std::vector<ConfigKey> build_schema() {
   add("scheduler.type", K::kString, kNull,
       "Schedule name (case-sensitive, as in DeepSpeed). "
       "Required when scheduler is given.")
-      .allowed({"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"})
+      .allowed({"LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR"})
       .support_list()
       .field(STRATA_FIELD(scheduler.type));
   add("scheduler.params", K::kObject, json::object(),
@@ -453,6 +458,87 @@ std::vector<ConfigKey> build_schema() {
       .auto_ok()
       .applies({"WarmupCosineLR"})
       .field(STRATA_FIELD(scheduler.cos_min_ratio));
+  add("scheduler.params.lr_range_test_min_lr", K::kNumber, 1e-3,
+      "LRRangeTest: learning rate at the start of the test.")
+      .min(0)
+      .applies({"LRRangeTest"})
+      .field(STRATA_FIELD(scheduler.lr_range_test_min_lr));
+  add("scheduler.params.lr_range_test_step_size", K::kInt, 2000,
+      "LRRangeTest: steps per increase of the learning rate.")
+      .min(1)
+      .applies({"LRRangeTest"})
+      .field(STRATA_FIELD(scheduler.lr_range_test_step_size));
+  add("scheduler.params.lr_range_test_step_rate", K::kNumber, 1.0,
+      "LRRangeTest: lr = min_lr * (1 + step_rate * interval).")
+      .min(0)
+      .applies({"LRRangeTest"})
+      .field(STRATA_FIELD(scheduler.lr_range_test_step_rate));
+  add("scheduler.params.lr_range_test_staircase", K::kBool, false,
+      "LRRangeTest: raise the learning rate in stairs (whole intervals) instead of continuously.")
+      .applies({"LRRangeTest"})
+      .field(STRATA_FIELD(scheduler.lr_range_test_staircase));
+  add("scheduler.params.cycle_min_lr", K::kNumber, kNull,
+      "OneCycle: learning rate at the start and end of the cycle. Required by OneCycle.")
+      .min(0)
+      .auto_ok()
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.cycle_min_lr));
+  add("scheduler.params.cycle_max_lr", K::kNumber, kNull,
+      "OneCycle: learning rate at the peak of the cycle. Required by OneCycle.")
+      .min(0)
+      .auto_ok()
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.cycle_max_lr));
+  add("scheduler.params.decay_lr_rate", K::kNumber, 0.0,
+      "OneCycle: after the cycle, lr = cycle_min_lr / (1 + decay_lr_rate * k / decay_step_size).")
+      .min(0)
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.decay_lr_rate));
+  add("scheduler.params.cycle_first_step_size", K::kInt, 2000,
+      "OneCycle: steps of the rising half of the cycle.")
+      .min(1)
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.cycle_first_step_size));
+  add("scheduler.params.cycle_second_step_size", K::kInt, kNull,
+      "OneCycle: steps of the falling half (default: cycle_first_step_size).")
+      .min(0)
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.cycle_second_step_size));
+  add("scheduler.params.cycle_first_stair_count", K::kInt, 0,
+      "OneCycle: stairs in the rising half (0: continuous).")
+      .min(0)
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.cycle_first_stair_count));
+  add("scheduler.params.cycle_second_stair_count", K::kInt, kNull,
+      "OneCycle: stairs in the falling half (default: cycle_first_stair_count).")
+      .min(0)
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.cycle_second_stair_count));
+  add("scheduler.params.decay_step_size", K::kInt, 0,
+      "OneCycle: steps per decay interval after the cycle (0: no decay).")
+      .min(0)
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.decay_step_size));
+  add("scheduler.params.cycle_momentum", K::kBool, true,
+      "OneCycle: cycle betas[0] inversely to the learning rate (optimizers with betas only).")
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.cycle_momentum));
+  add("scheduler.params.cycle_min_mom", K::kNumber, 0.8,
+      "OneCycle: lowest betas[0] (at the lr peak).")
+      .range(0, 1)
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.cycle_min_mom));
+  add("scheduler.params.cycle_max_mom", K::kNumber, 0.9,
+      "OneCycle: highest betas[0] (at the start and end of the cycle).")
+      .range(0, 1)
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.cycle_max_mom));
+  add("scheduler.params.decay_mom_rate", K::kNumber, 0.0,
+      "OneCycle: after the cycle, betas[0] = cycle_max_mom * (1 + decay_mom_rate * k / "
+      "decay_step_size).")
+      .min(0)
+      .applies({"OneCycle"})
+      .field(STRATA_FIELD(scheduler.decay_mom_rate));
   add("scheduler.params.last_batch_iteration", K::kInt, -1,
       "Index of the last step taken (-1: start from the beginning).")
       .min(-1)
@@ -745,10 +831,10 @@ std::vector<ConfigKey> build_schema() {
       .ignored("not implemented; strata.overlap_backward overlaps updates with backward instead");
   add("zero_optimization.super_offload", K::kBool, kNull, "DeepSpeed SuperOffload switch.")
       .ignored("not implemented; strata.overlap_backward overlaps updates with backward instead");
-  add("zero_allow_untested_optimizer", K::kBool, kNull,
-      "DeepSpeed: allow a client optimizer with ZeRO.")
-      .ignored("strata accepts any client optimizer it can wrap; no opt-in is needed",
-               {true, false});
+  add("zero_allow_untested_optimizer", K::kBool, false,
+      "Allow a client optimizer outside DeepSpeed's ZeRO-tested list (torch Adam, AdamW, "
+      "Adagrad, DeepSpeed's and strata's own) with ZeRO stage 1 or more; without it "
+      "initialize refuses one, as DeepSpeed does.");
   add("zero_force_ds_cpu_optimizer", K::kBool, kNull,
       "DeepSpeed: require its CPU Adam with offload.")
       .ignored("offloaded state is always updated by strata's own kernels", {true, false});

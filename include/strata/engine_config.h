@@ -36,6 +36,7 @@ enum class GradAccumDType : uint8_t { kF32, kF16, kBF16 };        // fp32, fp16,
 enum class ClipMode : uint8_t { kExact };                         // exact
 enum class ScheduleMode : uint8_t { kStatic, kAuto };             // static, auto
 enum class ProgressMode : uint8_t { kAuto, kBar, kLog, kOff };    // auto, bar, log, off
+enum class AllreduceOp : uint8_t { kMean, kSum };                 // mean, sum
 
 // Top-level training keys (read by python/strata).
 struct TrainingConfig {
@@ -45,6 +46,7 @@ struct TrainingConfig {
   int64_t steps_per_print;
   bool wall_clock_breakdown;
   double gradient_clipping;  // 0: off
+  AllreduceOp gradient_allreduce_op;
 };
 
 // optimizer.* (optional section: fields are set only when it is given).
@@ -75,6 +77,24 @@ struct SchedulerConfig {
   double warmup_min_ratio;
   double cos_min_ratio;
   int64_t last_batch_iteration;
+  // LRRangeTest
+  double lr_range_test_min_lr;
+  int64_t lr_range_test_step_size;
+  double lr_range_test_step_rate;
+  bool lr_range_test_staircase;
+  // OneCycle
+  std::optional<double> cycle_min_lr;  // required by OneCycle
+  std::optional<double> cycle_max_lr;  // required by OneCycle
+  double decay_lr_rate;
+  int64_t cycle_first_step_size;
+  std::optional<int64_t> cycle_second_step_size;  // not given: cycle_first_step_size
+  int64_t cycle_first_stair_count;
+  std::optional<int64_t> cycle_second_stair_count;  // not given: cycle_first_stair_count
+  int64_t decay_step_size;
+  bool cycle_momentum;
+  double cycle_min_mom;
+  double cycle_max_mom;
+  double decay_mom_rate;
 };
 
 // fp16.*, bf16.enabled, data_types.*.

@@ -16,6 +16,31 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     ) from exc
 
 __version__ = _C.__version__
+__version_major__, __version_minor__, __version_patch__ = (
+    int(x) for x in (__version__.split("+")[0].split(".") + ["0", "0"])[:3])
+
+_GIT_INFO = None
+
+
+def _git_info():
+    """(hash, branch) of the checkout this package is imported from, read once on first use
+    (DeepSpeed bakes them in at build time); "unknown" outside a git checkout."""
+    global _GIT_INFO
+    if _GIT_INFO is None:
+        import os
+        import subprocess
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = []
+        for args in (["rev-parse", "--short", "HEAD"], ["rev-parse", "--abbrev-ref", "HEAD"]):
+            try:
+                out.append(subprocess.run(["git", "-C", here] + args, capture_output=True,
+                                          text=True, timeout=5, check=True).stdout.strip()
+                           or "unknown")
+            except (OSError, subprocess.SubprocessError):
+                out.append("unknown")
+        _GIT_INFO = tuple(out)
+    return _GIT_INFO
 
 from .config import load_config, schema  # noqa: E402,F401
 from ._C import ConfigError, StrataError, StrataIOError  # noqa: E402,F401
@@ -23,7 +48,7 @@ from ._C import ConfigError, StrataError, StrataIOError  # noqa: E402,F401
 
 # DeepSpeed's surface, for `import strata as deepspeed` (docs/deepspeed.md).
 _LAZY_MODULES = ("zero", "ops", "comm", "lr_schedules", "checkpoint", "export", "engine",
-                 "loss_scaler", "deepspeed_api")
+                 "loss_scaler", "deepspeed_api", "utils")
 _LAZY_NAMES = {
     "initialize": ("deepspeed_api", "initialize"),
     "add_config_arguments": ("deepspeed_api", "add_config_arguments"),
@@ -34,6 +59,10 @@ _LAZY_NAMES = {
 
 
 def __getattr__(name):
+    if name == "__git_hash__":
+        return _git_info()[0]
+    if name == "__git_branch__":
+        return _git_info()[1]
     # Import torch-dependent parts lazily so `python -m strata info` and the
     # config tools work before torch is imported.
     if name == "optim":

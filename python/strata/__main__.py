@@ -106,6 +106,12 @@ def cmd_info(args):
         if blas and not any("openblas" in b or "mkl" in b or "blis" in b for b in blas):
             print("                  (reference BLAS: matmuls ~90x slower; install libopenblas0-pthread)")
     if cfg is not None:
+        diffs = _config.deepspeed_differences(cfg, _config._read(args.config))
+        if diffs:
+            print(f"\nconfig {args.config}: accepted, but acted on differently from DeepSpeed "
+                  "(docs/deepspeed.md):")
+            for d in diffs:
+                print(f"  warning: {d}")
         print(f"\nconfig {args.config} (defaults filled):")
         _print_config(cfg)
     return 0

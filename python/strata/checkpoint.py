@@ -9,8 +9,12 @@ Layout of ``save_dir/tag/`` (see docs/checkpoints.md):
   its own checksum, and the engine's sub-group layout at save time.
 - ``optimizer_state.bin``: raw little-endian fp32 slots (master, then the optimizer's slots in
   torch's order), parameter after parameter, read from the engine one parameter at a time.
-- ``model_states.pt``: the module's ``state_dict()``, a plain torch file (``torch.load`` reads
-  it), written one tensor at a time from the module's own memory.
+- ``mp_rank_00_model_states.pt``: DeepSpeed's layout, a plain torch file (``torch.load`` reads
+  it) of a dict whose ``module`` is the module's ``state_dict()``, written one tensor at a time
+  from the module's own memory, beside DeepSpeed's other keys (older checkpoints:
+  ``model_states.pt``, a flat state_dict; the manifest names the file).
+- ``zero_pp_rank_R_mp_rank_00_optim_states.pt``: DeepSpeed's per-rank optimizer file, naming
+  the strata file that holds the rank's state; ``save_dir/zero_to_fp32.py`` consolidates.
 - ``engine_state.pt``: optimizer param groups (hyper-parameters), scheduler and loss-scaler
   state; ``rng_state.pt``: torch (CPU and CUDA), numpy and Python RNG states;
   ``client_state.pt``: the ``client_state`` given to ``save_checkpoint``.
@@ -63,7 +67,9 @@ FORMAT = "strata-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 OPTIMIZER_FILE = "optimizer_state.bin"
-MODEL_FILE = "model_states.pt"
+MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's name; the module under "module"
+OLD_MODEL_FILE = "model_states.pt"  # checkpoints before issue 25: a flat state_dict
+RECOVERY_SCRIPT = "zero_to_fp32.py"
 ENGINE_FILE = "engine_state.pt"
 RNG_FILE = "rng_state.pt"
 CLIENT_FILE = "client_state.pt"
@@ -345,9 +351,15 @@ class _RefPickler(pickle.Pickler):
         return None
 
 
-def write_tensor_file(path, entries, metadata=None):
+def zero_optim_file(rank):
+    """DeepSpeed's per-rank optimizer file name (zero_pp_rank_R_mp_rank_00_optim_states.pt)."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def write_tensor_file(path, entries, metadata=None, wrap=None):
     """Write a torch-loadable file of an ordered ``name -> tensor`` dict without holding more
-    than one tensor's bytes at a time.
+    than one tensor's bytes at a time. ``wrap``: a dict of plain values; the file then holds
+    ``dict(wrap, module=<the tensors>)`` (DeepSpeed's model-states layout).
 
     ``entries``: list of (name, shape, dtype, storage_id, produce) where ``produce()`` returns
     a contiguous CPU tensor of that shape and dtype (called once per distinct storage_id, in
@@ -367,8 +379,9 @@ def write_tensor_file(path, entries, metadata=None):
         od[name] = _TensorRef(storages[sid], shape)
     if metadata is not None:
         od._metadata = metadata
+    obj = od if wrap is None else dict(wrap, module=od)
     buf = io.BytesIO()
-    _RefPickler(buf, protocol=2).dump(od)
+    _RefPickler(buf, protocol=2).dump(obj)
     data = buf.getvalue()
     w = _HashingWriter(path)
     zf = None
@@ -447,6 +460,10 @@ class TensorFileReader:
             raise CheckpointError(f"{path}: not a readable torch tensor file ({exc})") from exc
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path}: expected a dict of tensors")
+        self.extra = {}
+        if isinstance(obj.get("module"), dict):  # DeepSpeed's layout: the tensors under "module"
+            self.extra = {k: v for k, v in obj.items() if k != "module"}
+            obj = obj["module"]
         self.entries = obj
         self.metadata = getattr(obj, "_metadata", None)
 
@@ -683,7 +700,32 @@ def _write_rest(engine, tmp, files, manifest, client_state, exclude_frozen_param
     """The model, engine, RNG and client files (rank 0's, with several ranks)."""
     opt = engine.optimizer
     entries, metadata, excluded = _model_entries(engine.module, exclude_frozen_parameters)
-    files[MODEL_FILE] = write_tensor_file(os.path.join(tmp, MODEL_FILE), entries, metadata)
+    sched = engine.lr_scheduler
+    sched_state = sched.state_dict() if sched is not None and hasattr(sched, "state_dict") \
+        else None
+    # DeepSpeed's model-states keys around the module (its loaders and users' scripts read
+    # "module"); the optimizer state is in strata's files, named in zero_pp_rank_*.
+    frozen = {n for n, p in engine.module.named_parameters() if not p.requires_grad}
+    wrap = {
+        "buffer_names": [n for n, _ in engine.module.named_buffers()],
+        # Plain values only (lists for shapes, JSON for the rest): the file is read back by
+        # strata's restricted unpickler.
+        "param_shapes": [{n: list(p.shape) for n, p in engine.module.named_parameters()
+                          if p.requires_grad}],
+        "frozen_param_shapes": {n: list(p.shape) for n, p in engine.module.named_parameters()
+                                if n in frozen} or None,
+        "optimizer": None,
+        "lr_scheduler": _jsonable(sched_state),
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+        "dp_world_size": engine.world_size,
+        "mp_world_size": 1,
+        "ds_config": _jsonable(engine.config),
+        "ds_version": f"strata-{_C.__version__}",
+    }
+    files[MODEL_FILE] = write_tensor_file(os.path.join(tmp, MODEL_FILE), entries, metadata,
+                                          wrap=wrap)
     manifest["model"] = {
         "file": MODEL_FILE,
         "tensors": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
@@ -691,10 +733,7 @@ def _write_rest(engine, tmp, files, manifest, client_state, exclude_frozen_param
         "excluded_frozen": excluded,
     }
     kill_point("save_model")
-
-    sched = engine.lr_scheduler
-    sched_state = sched.state_dict() if sched is not None and hasattr(sched, "state_dict") \
-        else None
+    _write_zero_pointers(engine, tmp, files, manifest)
     manifest["lr_scheduler"] = {"class": type(sched).__name__ if sched is not None else None,
                                 "state": _jsonable(sched_state)}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] \
@@ -707,6 +746,56 @@ def _write_rest(engine, tmp, files, manifest, client_state, exclude_frozen_param
     files[RNG_FILE] = _torch_save_file(_rng_state(), os.path.join(tmp, RNG_FILE))
     files[CLIENT_FILE] = _torch_save_file(dict(client_state or {}),
                                           os.path.join(tmp, CLIENT_FILE))
+
+
+def _write_zero_pointers(engine, tmp, files, manifest):
+    """DeepSpeed's zero_pp_rank_R_mp_rank_00_optim_states.pt, one per rank: what that rank's
+    optimizer state is and which strata file (streamed, checksummed) holds it. DeepSpeed's own
+    zero_to_fp32.py cannot read strata's state; strata.utils.zero_to_fp32 (and the
+    zero_to_fp32.py written beside the tags) can."""
+    info = manifest.get("optimizer") or {}
+    stage = engine.zero_optimization_stage()
+    for rank in range(engine.world_size):
+        if info.get("sharded"):
+            state_file = shard_file(rank)
+        else:
+            state_file = info.get("file")
+        files[zero_optim_file(rank)] = _torch_save_file({
+            "optimizer_state_dict": {
+                "zero_stage": stage,
+                "partition_count": engine.world_size if info.get("sharded") else 1,
+                "strata_state_file": state_file,
+                "strata_optimizer": info.get("class"),
+                "loss_scaler": manifest.get("loss_scaler"),
+            },
+            "ds_config": engine.config,
+            "ds_version": f"strata-{_C.__version__}",
+        }, os.path.join(tmp, zero_optim_file(rank)))
+
+
+def write_recovery_script(save_dir):
+    """zero_to_fp32.py in the checkpoint folder, as DeepSpeed writes it (atomically), after the
+    checkpoint and ``latest`` are complete. A folder that refuses it (or refuses chmod, as some
+    network file shares do) costs a warning, never the save."""
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "utils", "zero_to_fp32.py")
+    dst = os.path.join(os.fspath(save_dir), RECOVERY_SCRIPT)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        try:
+            os.chmod(tmp, 0o755)
+        except OSError as exc:
+            _config.warn_once(f"{dst}: cannot make it executable ({exc}); run it with python")
+        os.replace(tmp, dst)
+    except OSError as exc:
+        _config.warn_once(f"{dst}: not written ({exc}); strata.utils.zero_to_fp32 does the same")
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def model_file(manifest):
+    """The model file a manifest names (older checkpoints: model_states.pt)."""
+    return (manifest.get("model") or {}).get("file") or MODEL_FILE
 
 
 def _finalize(save_dir, tmp, final, tag, manifest, files):
@@ -794,6 +883,7 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True,
     if save_latest:
         _write_latest(save_dir, tag)
     kill_point("save_after_latest")
+    write_recovery_script(save_dir)
     return True
 
 
@@ -919,6 +1009,7 @@ def _save_ranks(engine, save_dir, tag, client_state, save_latest, exclude_frozen
         if save_latest:
             _write_latest(save_dir, tag)
         kill_point("save_after_latest")
+        write_recovery_script(save_dir)
     comm.barrier()  # `latest` is written before any rank goes on (and may load it)
     return True
 
@@ -1337,7 +1428,8 @@ def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_sta
             if engine.world_size > 1 else RNG_FILE
         rng = torch_load_trusted(verify_file(tag_dir, manifest, rng_name))
         client_state = torch_load_trusted(verify_file(tag_dir, manifest, CLIENT_FILE))
-        model_reader = _check_model(engine, verify_file(tag_dir, manifest, MODEL_FILE), manifest,
+        model_reader = _check_model(engine,
+                                    verify_file(tag_dir, manifest, model_file(manifest)), manifest,
                                     load_module_strict)
         if with_optimizer:
             groups = engine_state.get("optimizer_param_groups") or []
@@ -1391,4 +1483,4 @@ def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_sta
         _set_rng_state(rng)
     if opt is not None:
         opt._poisoned = None
-    return os.path.join(tag_dir, MODEL_FILE), client_state
+    return os.path.join(tag_dir, model_file(manifest)), client_state

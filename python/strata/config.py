@@ -18,6 +18,11 @@ log = logging.getLogger("strata")
 _warned = set()
 
 
+class DeepSpeedAssertion(AssertionError, ValueError):
+    """A refusal DeepSpeed makes with ``assert`` (so scripts and tests that expect its
+    AssertionError see one), which strata's own callers may catch as a ValueError."""
+
+
 def warn_once(message):
     if message in _warned:
         return
@@ -184,3 +189,30 @@ def schema():
         if r["default"] is not None:
             r["default"] = json.loads(r["default"])
     return rows
+
+
+def deepspeed_differences(cfg, user=None):
+    """Messages for keys of a filled config that strata accepts and acts on differently from
+    DeepSpeed (docs/deepspeed.md, "Differences"); keys accepted but not acted on at all are
+    warned about by the parser itself. ``user``: the config as written (to tell given keys
+    from filled defaults); None reads given-ness from the filled config."""
+    src = user if isinstance(user, dict) else cfg
+    out = []
+    stage = int(get(cfg, "zero_optimization.stage", 0))
+    fp16 = get(src, "fp16") or {}
+    if get(cfg, "fp16.enabled") and stage == 0 and not get(cfg, "fp16.loss_scale"):
+        given = [k for k in ("hysteresis", "consecutive_hysteresis") if k in fp16]
+        if given:
+            out.append(f"fp16.{', fp16.'.join(given)}: not used at ZeRO stage 0 (as in "
+                       "DeepSpeed's FP16_Optimizer, every overflow halves the scale, and the "
+                       "scale stays at min_loss_scale without an error)")
+    accum = get(cfg, "data_types.grad_accum_dtype")
+    low = get(cfg, "bf16.enabled") or get(cfg, "fp16.enabled")
+    if stage == 0 and low and str(accum).lower() in ("fp32", "float32"):
+        out.append("data_types.grad_accum_dtype = fp32 with a 16-bit model at ZeRO stage 0: "
+                   "strata accumulates in fp32 (one process); DeepSpeed refuses this mix")
+    if get(cfg, "optimizer.type") in ("Adam", "AdamW") and get(cfg, "optimizer.params.amsgrad"):
+        out.append("optimizer.params.amsgrad = true: strata runs AMSGrad on its own "
+                   "OffloadAdamW/OffloadAdam; DeepSpeed's FusedAdam and CPU Adam refuse it")
+    # optimizer.params.torch_adam is warned about by the parser (accepted, not acted on).
+    return out

@@ -179,7 +179,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None,
     from .engine import Engine
 
     if model is None:
-        raise ValueError("strata.initialize: a model is required")
+        # DeepSpeed: assert model is not None, "deepspeed.initialize requires a model"
+        raise _config.DeepSpeedAssertion("strata.initialize: a model is required")
     if mpu is not None:
         _config.warn_once("initialize(mpu=...): model parallelism is not implemented; the "
                           "model-parallel unit is ignored and every rank is data-parallel")
@@ -194,6 +195,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None,
                                                           optimizer, torch.optim.Optimizer)
                                                       else None),
                               world_size=comm.get_world_size())
+    if cfg_source is not None:
+        for message in _config.deepspeed_differences(cfg, _config._read(cfg_source)):
+            _config.warn_once(f"{message} (docs/deepspeed.md)")
     # zero_optimization.stage 3 is warned about once by the config parser: parameters stay
     # whole, the optimizer state is offloaded as at stage 2.
     engine = Engine(module=model, config=cfg, optimizer=optimizer,

@@ -45,15 +45,18 @@ log = logging.getLogger("strata")
 _engine_counter = 0
 
 
-class _ClientOptimizer:
+class _ClientOptimizer(torch.optim.Optimizer):
     """A client optimizer strata cannot offload, run as given on the model's parameters.
 
     The engine still does gradient accumulation, fp16 loss scaling (the gradients are unscaled
     in place before ``step``), clipping and the schedule; the optimizer's state stays wherever
-    it keeps it.
+    it keeps it. It is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and
+    ``defaults`` are the client's own (DeepSpeed's wrappers likewise expose the client as
+    ``.optimizer``), so torch's and DeepSpeed's schedulers and ``isinstance`` checks accept it.
+    ``torch.optim.Optimizer.__init__`` is not called: there is nothing of its own to hold.
     """
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer):  # noqa: super().__init__ deliberately not called
         self.optimizer = optimizer
         self._pending_grad_mul = None
         self._poisoned = None
@@ -63,9 +66,31 @@ class _ClientOptimizer:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
     @property
     def state(self):
         return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    def add_param_group(self, param_group):
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self):
+        return f"_ClientOptimizer({self.optimizer!r})"
 
     def _params(self):
         seen = set()
@@ -156,6 +181,11 @@ class Engine(torch.nn.Module):
         self._progress = _config.get(config, "strata.progress")
         self._overlap_backward = bool(_config.get(config, "strata.overlap_backward"))
 
+        # DeepSpeed's names of modules with sparse gradients (sparse_gradients): strata refuses
+        # such modules (_check_module), so the set is always empty.
+        self.sparse_tensor_module_names = set()
+        self._gradient_average = self._check_allreduce_op(config)
+        self._grads_released = False
         self._check_module(module)
         self.device = self._module_device(module)
         if self.world_size > 1:
@@ -166,8 +196,14 @@ class Engine(torch.nn.Module):
         self.optimizer = self._configure_optimizer(optimizer, model_parameters, fp32_sources)
         del fp32_sources
         try:
-            self.lr_scheduler = self._configure_lr_scheduler(lr_scheduler)
-            self.loss_scaler = _loss_scaler.from_config(config, rank0=self.global_rank == 0)
+            self.lr_scheduler = self._configure_lr_scheduler(
+                lr_scheduler, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None)
+            self.loss_scaler = _loss_scaler.from_config(config, rank0=self.global_rank == 0,
+                                                        stage=self.zero_optimization_stage())
+            if self.loss_scaler is not None and self.optimizer is not None:
+                # DeepSpeed's fp16 optimizers carry their scaler as loss_scale_config
+                # (cur_scale, cur_iter, scale_window, dynamic_loss_scale): the same object.
+                self.optimizer.loss_scale_config = self.loss_scaler
             self.training_dataloader = self._configure_dataloader(training_data, collate_fn)
         except BaseException:
             self.close()  # release the optimizer's pool and swap file now, not at GC
@@ -189,6 +225,14 @@ class Engine(torch.nn.Module):
               f"torch intra-op {torch.get_num_threads()}; I/O {io}; {cores} CPUs", flush=True)
 
     # ---- set-up ------------------------------------------------------------
+    @staticmethod
+    def _check_allreduce_op(config):
+        op = str(_config.get(config, "gradient_allreduce_op", "mean")).lower()
+        if op == "sum" and int(_config.get(config, "zero_optimization.stage", 0)) == 3:
+            raise ValueError("gradient_allreduce_op='sum' is not supported with ZeRO stage 3 "
+                             "(as in DeepSpeed)")
+        return op != "sum"
+
     @staticmethod
     def _check_module(module):
         if not isinstance(module, torch.nn.Module):
@@ -254,12 +298,60 @@ class Engine(torch.nn.Module):
         self.module.to(target)
         return sources
 
+    # DeepSpeed's ZERO_SUPPORTED_OPTIMIZERS (deepspeed/runtime/zero/utils.py), by name so that
+    # no import is needed; strata's own classes (and DeepSpeed's names for them) are tested.
+    _ZERO_TESTED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+
+    def _check_client_optimizer(self, client):
+        """DeepSpeed refuses, under ZeRO (stage >= 1), a client optimizer outside its tested
+        list unless ``zero_allow_untested_optimizer`` is true."""
+        if self.zero_optimization_stage() < 1 or isinstance(client, _OffloadOptimizer):
+            return
+        if type(client) in self._ZERO_TESTED:
+            return
+        if not _config.get(self._config, "zero_allow_untested_optimizer", False):
+            raise _config.DeepSpeedAssertion(
+                f"strata.initialize: {type(client).__name__} is not one of the optimizers "
+                "DeepSpeed tests with ZeRO (torch Adam, AdamW, Adagrad, or DeepSpeed's/strata's "
+                'own); add "zero_allow_untested_optimizer": true to the config to use it')
+        if self.global_rank == 0:
+            _config.warn_once(f"ZeRO with an untested optimizer ({type(client).__name__}): "
+                              "proceed with caution")
+
+    def _check_data_types(self, params):
+        """DeepSpeed at ZeRO stage 0 takes only grad_accum_dtype == the model's dtype
+        ("unsupported mix of model_dtype and grad_accum_dtype"). strata also honours fp32
+        accumulation for a bf16/fp16 model in one process (docs/deepspeed.md); every other
+        mix at stage 0 is refused as DeepSpeed refuses it."""
+        want = _config.get(self._config, "data_types.grad_accum_dtype")
+        if want is None or self.zero_optimization_stage() != 0:
+            return
+        names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+                 "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        accum = names.get(str(want).lower())
+        model = {p.dtype for p in params if p.requires_grad}
+        for dt in model:
+            if dt == accum:
+                continue
+            if accum == torch.float32 and dt in (torch.bfloat16, torch.float16) \
+                    and self.world_size == 1:
+                continue
+            raise NotImplementedError(
+                f"strata: unsupported mix of model dtype {dt} and data_types.grad_accum_dtype "
+                f"{want!r} at ZeRO stage 0 (as in DeepSpeed); use the model's dtype"
+                + (", or fp32 accumulation in one process" if self.world_size == 1 else
+                   ", or ZeRO stage 2 for fp32 accumulation with several ranks"))
+
     def _configure_optimizer(self, client, model_parameters, fp32_sources):
         cfg = self._config
         params = model_parameters if model_parameters is not None else self.module.parameters()
         if isinstance(params, torch.Tensor):
             params = [params]
         params = list(params)
+        if isinstance(client, torch.optim.Optimizer):
+            self._check_client_optimizer(client)
+        flat = [p for x in params for p in (x["params"] if isinstance(x, dict) else [x])]
+        self._check_data_types([p for p in flat if isinstance(p, torch.Tensor)])
         if client is not None and cfg.get("optimizer"):
             _config.warn_once("a client optimizer was passed to initialize(): the config's "
                               "optimizer section is not used (as in DeepSpeed)")
@@ -307,11 +399,28 @@ class Engine(torch.nn.Module):
             # The parsed config holds every parameter the type takes (the schema's defaults).
             adamw = True if kind == "AdamW" else bool(p["adam_w_mode"])
             # torch_adam is warned about by the config parser (accepted, not acted on).
-            klass = self._dp_class(OffloadAdamW if adamw else OffloadAdam)
-            opt = self._new_optimizer(klass)
-            klass.__init__(opt, params, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
-                           weight_decay=p["weight_decay"], amsgrad=bool(p["amsgrad"]),
-                           bias_correction=bool(p["bias_correction"]), **common)
+            amsgrad = bool(p["amsgrad"])
+            hyper = dict(lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                         weight_decay=p["weight_decay"], bias_correction=bool(p["bias_correction"]))
+            if amsgrad:
+                # DeepSpeed's Adam classes refuse amsgrad; strata's own run it.
+                klass = self._dp_class(OffloadAdamW if adamw else OffloadAdam)
+                opt = self._new_optimizer(klass)
+                klass.__init__(opt, params, amsgrad=True, **hyper, **common)
+                return opt
+            # The class DeepSpeed builds for this config: DeepSpeedCPUAdam when the state is
+            # offloaded, FusedAdam otherwise (both strata optimizers, adam_w_mode as given).
+            from .ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+            device = _config.get(self._config, "zero_optimization.offload_optimizer.device")
+            if device != "none":
+                klass = self._dp_class(DeepSpeedCPUAdam)
+                opt = self._new_optimizer(klass)
+                klass.__init__(opt, params, adamw_mode=adamw, **hyper, **common)
+            else:
+                klass = self._dp_class(FusedAdam)
+                opt = self._new_optimizer(klass)
+                klass.__init__(opt, params, adam_w_mode=adamw, **hyper, **common)
             return opt
         if kind == "SGD":
             if p.get("lr") is None:
@@ -380,17 +489,27 @@ class Engine(torch.nn.Module):
             opt.load_state_dict(saved)
         client.state.clear()  # the state now lives in strata's engine
         self._client_torch_optimizer = client
-        _config.warn_once(f"client optimizer torch.optim.{type(client).__name__} runs as "
-                          f"strata.optim.{base_klass.__name__} with the same param groups; its "
-                          "state lives on strata's tiers")
+        _config.warn_once(f"client optimizer torch.optim.{type(client).__name__} is replaced by "
+                          f"strata.optim.{base_klass.__name__} (the same update and the same "
+                          "param groups, so schedulers built on it still act) so that its state "
+                          "can live on strata's tiers; initialize returns the strata optimizer, "
+                          "not the object passed (DeepSpeed returns that object at ZeRO-0)")
         return opt
 
-    def _configure_lr_scheduler(self, client):
+    def _configure_lr_scheduler(self, client, client_optimizer=None):
         if client is not None:
             if self.optimizer is None:
                 raise ValueError("strata.initialize: an lr_scheduler needs an optimizer")
             if callable(client) and not hasattr(client, "step"):
                 return client(self.optimizer)
+            bound = getattr(client, "optimizer", None)
+            ours = [self.optimizer, getattr(self.optimizer, "optimizer", None), client_optimizer]
+            if isinstance(bound, torch.optim.Optimizer) and not any(bound is o for o in ours):
+                # DeepSpeed asserts too: stepping it would change another optimizer's lr.
+                raise _config.DeepSpeedAssertion(
+                    "strata.initialize: the client lr_scheduler is bound to another optimizer "
+                    "than the one the engine runs; build it on the optimizer passed to "
+                    "initialize (or pass a callable that takes the optimizer)")
             return client
         if self._config.get("scheduler"):
             if self.optimizer is None:
@@ -514,6 +633,7 @@ class Engine(torch.nn.Module):
         to_backward = loss
         if self.loss_scaler is not None:
             to_backward = self.loss_scaler.scale_loss(loss.float())
+        self._restore_grads()
         if self.world_size > 1 and isinstance(self.optimizer, _sharded.ShardedMixin):
             # Data parallel: the optimizer reduces gradients bucket by bucket (during this
             # backward at stage 2, or with overlap_comm at the boundary; see strata.sharded).
@@ -538,6 +658,31 @@ class Engine(torch.nn.Module):
     def zero_grad(self, set_to_none=None):
         if self.optimizer is not None:
             self.optimizer.zero_grad()
+            if set_to_none is not False:
+                self._release_grads()
+
+    def _release_grads(self):
+        """``.grad`` None after a step (and after ``zero_grad()``), as DeepSpeed leaves it. A
+        strata optimizer's gradient arena stays allocated and zeroed; the next
+        ``engine.backward`` points ``.grad`` back at it before autograd runs, so gradients
+        still accumulate in place (no allocation, no copy). Several ranks: the data-parallel
+        optimizer keeps its own gradient views (docs/deepspeed.md)."""
+        opt = self.optimizer
+        if isinstance(opt, _sharded.ShardedMixin):
+            return
+        if isinstance(opt, _OffloadOptimizer):
+            for p in opt._b.managed:
+                p.grad = None
+            self._grads_released = True
+        elif isinstance(opt, _ClientOptimizer):
+            for p in opt._params():
+                p.grad = None
+
+    def _restore_grads(self):
+        if self._grads_released:
+            self._grads_released = False
+            if isinstance(self.optimizer, _OffloadOptimizer) and not self.optimizer.closed:
+                self.optimizer._restore_grad_views()
 
     def step(self, lr_kwargs=None):
         """Count a micro step; at an accumulation boundary, update the parameters."""
@@ -563,7 +708,9 @@ class Engine(torch.nn.Module):
         # With several ranks the statistics are global: each rank's shard, all-reduced.
         sum_sq, nonfinite = opt.grad_stats()
         scale = self.loss_scaler.cur_scale if self.loss_scaler is not None else 1.0
-        divisor = scale * self.world_size
+        # gradient_allreduce_op "mean" (default) averages the ranks' summed gradients; "sum"
+        # keeps the sum (DeepSpeed's gradient_average False).
+        divisor = scale * (self.world_size if self._gradient_average else 1)
         overflow = bool(nonfinite) and self.loss_scaler is not None
         if overflow:
             self._global_grad_norm = float("inf")
@@ -572,6 +719,7 @@ class Engine(torch.nn.Module):
             if isinstance(opt, _OffloadOptimizer):
                 opt.cancel_step()  # an overlapped backward prefetched state: drop that step
             opt.zero_grad()
+            self._release_grads()
             self.loss_scaler.update_scale(True)
         else:
             norm = math.sqrt(sum_sq) / divisor if math.isfinite(sum_sq) else float("nan")
@@ -593,6 +741,7 @@ class Engine(torch.nn.Module):
             if self._client_torch_optimizer is not None:
                 note_optimizer_step(self._client_torch_optimizer)
             opt.zero_grad()
+            self._release_grads()
             self._step_applied = True
             if self.loss_scaler is not None:
                 self.loss_scaler.update_scale(False)
@@ -692,6 +841,60 @@ class Engine(torch.nn.Module):
         ``.data``; other changes are noticed automatically)."""
         if isinstance(self.optimizer, _OffloadOptimizer):
             self.optimizer.sync_masters()
+
+    # ---- DeepSpeed's memory-management surface ----------------------------------------
+    def empty_partition_cache(self):
+        """DeepSpeed frees the ZeRO-3 parameters it gathered and cached. strata does not
+        partition parameters (strata.zero), so there is no such cache: this is a documented
+        no-op (docs/deepspeed.md)."""
+        self._require_open()
+
+    _states_offloaded = False  # between offload_states() and reload_states()
+    _OFFLOAD_TYPES = ("optim_states", "hp_params", "lp_params", "lp_grads",
+                      "contiguous_grad_buffer")
+
+    def _state_tiers(self):
+        opt = self.optimizer
+        if not isinstance(opt, _OffloadOptimizer):
+            return set()
+        return {sg.get("tier") for sg in opt._b.engine.subgroups()}
+
+    def offload_states(self, include=None, device="cpu", pin_memory=True, non_blocking=False):
+        """DeepSpeed moves the optimizer state, fp32 masters and gradients off the accelerator
+        until ``reload_states()``. strata keeps the state and masters (``optim_states``,
+        ``hp_params``) on host tiers already (DRAM, CXL, NVMe): for them there is nothing to
+        move. What would have to move and cannot is refused, naming it: state on the ``gpu``
+        tier, or the model's own weights and gradients (``lp_params``, ``lp_grads``) when the
+        model lives on an accelerator."""
+        self._require_open()
+        dev = str(getattr(device, "value", device)).lower()
+        if dev not in ("cpu", "offloaddeviceenum.cpu"):
+            raise ValueError(f"strata: offload_states(device={device!r}): only 'cpu' is "
+                             "supported (as in DeepSpeed)")
+        kinds = [str(getattr(k, "name", getattr(k, "value", k))) for k in
+                 (include if include is not None else self._OFFLOAD_TYPES)]
+        unknown = [k for k in kinds if k not in self._OFFLOAD_TYPES]
+        if unknown:
+            raise ValueError(f"strata: offload_states(include=...): unknown {unknown} (known: "
+                             f"{', '.join(self._OFFLOAD_TYPES)})")
+        if ("optim_states" in kinds or "hp_params" in kinds) and "gpu" in self._state_tiers():
+            raise NotImplementedError(
+                "strata: offload_states: part of the optimizer state lives on the gpu tier and "
+                "strata cannot move it at run time; place it on the host instead "
+                "(zero_optimization.offload_optimizer.device: cpu)")
+        on_accel = self.device.type != "cpu"
+        if on_accel and any(k in kinds for k in ("lp_params", "lp_grads",
+                                                 "contiguous_grad_buffer")):
+            raise NotImplementedError(
+                f"strata: offload_states: moving the model's own weights and gradients off "
+                f"{self.device} is not implemented (include only optim_states/hp_params, which "
+                "strata keeps on host tiers already)")
+        self._states_offloaded = True
+
+    def reload_states(self, non_blocking=False):
+        """Counterpart of ``offload_states()``: nothing was moved, so nothing comes back."""
+        self._require_open()
+        self._states_offloaded = False
 
     # ---- strata extras and lifecycle ------------------------------------------------
     def stats(self):

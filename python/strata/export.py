@@ -31,7 +31,7 @@ def export_checkpoint(checkpoint, output, dtype="fp32", tag=None):
         raise ValueError(f"dtype {dtype!r} is not one of fp32, bf16, fp16") from None
     tag_dir = _ckpt.resolve_tag_dir(checkpoint, tag)
     manifest = _ckpt.read_manifest(tag_dir)
-    model_path = _ckpt.verify_file(tag_dir, manifest, _ckpt.MODEL_FILE)
+    model_path = _ckpt.verify_file(tag_dir, manifest, _ckpt.model_file(manifest))
     reader = _ckpt.TensorFileReader(model_path)
 
     names = reader.names()

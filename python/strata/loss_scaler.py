@@ -3,8 +3,10 @@
 ``DynamicLossScaler`` follows DeepSpeed's (``fp16.loss_scale`` 0): the scale starts at
 ``2**initial_scale_power``; an overflow (inf/NaN in the gradients) skips the step and, once
 ``hysteresis`` overflows have been tolerated, halves the scale (not below ``min_loss_scale``);
-after ``loss_scale_window`` overflow-free steps the scale doubles. An overflow at the minimum
-scale raises, as DeepSpeed does ("cannot decrease scale anymore").
+after ``loss_scale_window`` overflow-free steps the scale doubles. With ZeRO (stage >= 1) an
+overflow at the minimum scale raises, as DeepSpeed's ZeRO optimizers do ("cannot decrease scale
+anymore"); at stage 0, as DeepSpeed's FP16_Optimizer, every overflow halves the scale
+(``hysteresis`` unused) and the scale stays at the minimum without raising.
 
 ``LossScaler`` is a static scale (``fp16.loss_scale`` > 0). Unlike DeepSpeed, whose static
 scaler never checks for overflow, strata still skips a step whose gradients are not finite
@@ -20,6 +22,10 @@ log = logging.getLogger("strata")
 
 class LossScaler:
     dynamic = False
+
+    @property
+    def dynamic_loss_scale(self):  # DeepSpeed's LossScaleConfig name
+        return self.dynamic
 
     def __init__(self, scale=1.0):
         self.cur_scale = float(scale)
@@ -111,19 +117,26 @@ class DynamicLossScaler(LossScaler):
         self.overflows = int(sd.get("overflows", 0))
 
 
-def from_config(cfg, rank0=True):
-    """The scaler a filled config asks for: None without fp16."""
+def from_config(cfg, rank0=True, stage=None):
+    """The scaler a filled config asks for: None without fp16. At ZeRO stage 0 DeepSpeed's
+    fp16 optimizer (FP16_Optimizer._update_scale) halves the scale on every overflow and stays
+    at ``min_loss_scale`` without raising (``hysteresis`` is not used there); with ZeRO it
+    uses the hysteresis and raises at the minimum. strata follows both."""
     get = _config.get  # a filled config; absent keys fall back to the schema's defaults
     if not get(cfg, "fp16.enabled"):
         return None
     static = float(get(cfg, "fp16.loss_scale"))
     if static > 0:
         return LossScaler(static)
+    if stage is None:
+        stage = int(get(cfg, "zero_optimization.stage"))
+    zero0 = int(stage) == 0
     return DynamicLossScaler(
         init_scale=2.0 ** int(get(cfg, "fp16.initial_scale_power")),
         scale_window=int(get(cfg, "fp16.loss_scale_window")),
         min_scale=float(get(cfg, "fp16.min_loss_scale")),
-        delayed_shift=int(get(cfg, "fp16.hysteresis")),
+        delayed_shift=1 if zero0 else int(get(cfg, "fp16.hysteresis")),
         consecutive_hysteresis=bool(get(cfg, "fp16.consecutive_hysteresis")),
+        raise_error_at_min_scale=not zero0,
         rank0=rank0,
     )

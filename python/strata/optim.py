@@ -55,6 +55,7 @@ Call ``close()`` (or use ``with``) to drain I/O and remove the swap file; it als
 garbage collection.
 """
 
+import collections.abc
 import json
 import os
 import weakref
@@ -167,6 +168,28 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             self._param_names = {}  # id(param) -> name (error messages); the Engine sets it
         self._b = self._build(None)
         _live.add(self)
+
+    @property
+    def state(self):
+        """``state[p]``: a mapping of parameter ``p``'s state by torch's names ("step",
+        "exp_avg", ...), read from its tier on each access (a new fp32 tensor each time: from
+        NVMe a read of that slot, so costly in a loop) and written to it on assignment
+        (``state[p]["exp_avg"] = t``). Parameters strata does not manage read as an empty
+        dict. See ``_StateView``."""
+        return _StateView(self)
+
+    @state.setter
+    def state(self, value):
+        # torch.optim.Optimizer.__init__ assigns an empty defaultdict: the state is the engine's.
+        if value:
+            raise TypeError("strata: optimizer.state is the engine's; assign state[p][name] "
+                            "or use load_state_dict")
+
+    @property
+    def optimizer(self):
+        """DeepSpeed's ``engine.optimizer`` wraps the base optimizer (``.optimizer``); a strata
+        optimizer is both the wrapper and the base, so this is the optimizer itself."""
+        return self
 
     # ---- subclass hooks -------------------------------------------------
     def _hyper(self, group):
@@ -465,9 +488,18 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     last = b.copied.get(i)
                     if last is None or last[0]() is not g or last[1] != g._version:
                         self._check_dense(b, p, g)
-                        view.copy_(g, non_blocking=g.is_cuda)
+                        view.copy_(g.to_dense() if g.is_sparse else g, non_blocking=g.is_cuda)
                         b.copied[i] = (weakref.ref(g), g._version)
                         pending = g.device if g.is_cuda else pending
+                continue
+            if g is not None and g.is_sparse:
+                # Checked before anything touches its data pointer (a sparse tensor has none).
+                self._check_dense(b, p, g)
+                if copy_existing:
+                    view.copy_(g.to_dense())
+                else:
+                    view.zero_()
+                p.grad = view
                 continue
             if g is not None and g.data_ptr() == view.data_ptr():
                 continue
@@ -480,7 +512,29 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         if pending is not None:
             torch.cuda.current_stream(pending).synchronize()  # the arena is read next
 
+    def _restore_grad_views(self):
+        """After the Engine set ``.grad`` to None (DeepSpeed's state after a step), point it
+        back at the arena views for the next backward. The arena was zeroed by
+        ``zero_grad``; a ``.grad`` set meanwhile is kept (``_attach_grads`` copies it in)."""
+        b = self._b
+        for i, (p, view) in enumerate(zip(b.managed, b.views)):
+            if p.grad is None and not b.fold[i] and b.shadows[i] is None:
+                p.grad = view
+
+    # Whether a sparse gradient may be densified into the arena with the same result as
+    # torch's sparse update (Adagrad without weight decay: zero rows change neither the sum
+    # nor the parameter).
+    _sparse_grads_ok = False
+
     def _check_dense(self, b, p, g):
+        if g.is_sparse and self._sparse_grads_ok:
+            group = next(gr for gr in self.param_groups if any(q is p for q in gr["params"]))
+            if float(group.get("weight_decay", 0.0)) != 0.0:
+                raise ValueError(
+                    f"strata: parameter {self._name_of(p, b.index[id(p)])} has a sparse "
+                    "gradient and weight_decay is not 0; weight decay is not compatible with "
+                    "sparse gradients (as in torch.optim.Adagrad)")
+            return
         if g.is_sparse:
             raise ValueError(
                 f"strata: parameter {self._name_of(p, b.index[id(p)])} has a sparse "
@@ -902,6 +956,50 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         src = src.detach().to("cpu", torch.float32).contiguous()
         self._b.engine.write_param_state(i, slot, src.data_ptr())
 
+    # ---- one parameter's state, by name (strata.utils.safe_*, optimizer.state[p]) ------
+    def _slot_of(self, p, key):
+        """(engine index, slot) of state ``key`` ("fp32"/"master" for the master weights,
+        else a torch state name such as "exp_avg") of parameter ``p``."""
+        self._require_open()
+        self._refresh()
+        b = self._b
+        i = b.index.get(id(p))
+        if i is None:
+            raise KeyError("strata: this parameter is not managed by the optimizer (frozen, "
+                           "or of another optimizer)")
+        if key in ("fp32", "master"):
+            return i, 0
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        names = self._state_names(group)
+        if key not in names:
+            raise KeyError(f"strata: {type(self).__name__} has no state {key!r} (it has "
+                           f"{', '.join(names) or 'none'})")
+        return i, names.index(key) + 1
+
+    def read_state(self, p, key):
+        """A new fp32 tensor shaped like ``p`` holding state ``key`` of ``p``, read from its
+        tier (one read of that slot: costly when the state lives on NVMe)."""
+        i, slot = self._slot_of(p, key)
+        t = torch.empty(p.numel(), dtype=torch.float32)
+        self._b.engine.read_param_state(i, slot, t.data_ptr())
+        return t.view(p.shape)
+
+    def write_state(self, p, key, value):
+        """Write state ``key`` of ``p`` (a tensor of p's numel) to its tier."""
+        i, slot = self._slot_of(p, key)
+        value = torch.as_tensor(value)
+        if value.numel() != p.numel():
+            raise ValueError(f"strata: state {key!r} needs {p.numel()} elements, got "
+                             f"{value.numel()}")
+        self._write_slot(i, slot, value.reshape(-1))
+
+    def read_local_state(self, p, key):
+        """This rank's part of state ``key`` of ``p``, flat (one rank: all of it)."""
+        return self.read_state(p, key).reshape(-1)
+
+    def write_local_state(self, p, key, value):
+        self.write_state(p, key, value)
+
     # ---- strata extras --------------------------------------------------
     def stats(self):
         """Engine counters: bytes moved, pool, swap file, backend."""
@@ -937,7 +1035,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     if p.grad is None and bool(view.any()):
                         # Only the arena held it: hand it back in the parameter's dtype.
                         p.grad = view.to(p.dtype)
-                elif p.grad is not None and p.grad.data_ptr() == view.data_ptr():
+                elif p.grad is not None and not p.grad.is_sparse \
+                        and p.grad.data_ptr() == view.data_ptr():
                     # The arena is about to be freed: keep the values, drop the view.
                     p.grad = p.grad.clone()
         for h in b.hooks:
@@ -977,6 +1076,84 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         raise TypeError("strata optimizers cannot be pickled; use state_dict()")
 
 
+class _StateView(collections.abc.Mapping):
+    """``optimizer.state`` of a strata optimizer: parameter -> ``_ParamState`` for every
+    parameter the engine manages (iteration and ``len`` over those); any other key reads as an
+    empty dict, as torch's defaultdict does (without inserting it)."""
+
+    def __init__(self, opt):
+        self._opt = opt
+
+    def _managed(self):
+        if self._opt.closed:
+            return []
+        self._opt._refresh()
+        return list(self._opt._b.managed)
+
+    def __getitem__(self, p):
+        if isinstance(p, torch.Tensor) and not self._opt.closed and self._opt.manages(p):
+            return _ParamState(self._opt, p)
+        return {}
+
+    def __contains__(self, p):
+        return isinstance(p, torch.Tensor) and not self._opt.closed and self._opt.manages(p)
+
+    def __iter__(self):
+        return iter(self._managed())
+
+    def __len__(self):
+        return len(self._managed())
+
+    def __repr__(self):
+        return f"<strata optimizer state of {len(self)} parameters (read from the tiers)>"
+
+
+class _ParamState(collections.abc.MutableMapping):
+    """One parameter's state: its slots by torch's name, and "step" (the step count of the
+    sub-groups' cohort). Each read is a read of that slot from its tier; each assignment a
+    write; with several ranks both are collectives. Slots cannot be deleted."""
+
+    def __init__(self, opt, p):
+        self._opt, self._p = opt, p
+
+    def _names(self):
+        group = next(g for g in self._opt.param_groups if any(q is self._p for q in g["params"]))
+        names = list(self._opt._state_names(group))
+        return (["step"] if self._opt._has_step_in_state() else []) + names
+
+    def __getitem__(self, key):
+        if key not in self._names():
+            raise KeyError(key)
+        if key == "step":
+            i, _ = self._opt._slot_of(self._p, "fp32")
+            b = self._opt._b
+            return torch.tensor(float(b.engine.step_count(b.cohort_of[i])))
+        return self._opt.read_state(self._p, key)
+
+    def __setitem__(self, key, value):
+        if key not in self._names():
+            raise KeyError(f"strata: {type(self._opt).__name__} keeps no state {key!r} (it keeps "
+                           f"{', '.join(self._names())})")
+        if key == "step":
+            i, _ = self._opt._slot_of(self._p, "fp32")
+            b = self._opt._b
+            b.engine.set_step_count(b.cohort_of[i], int(float(value)))
+            return
+        self._opt.write_state(self._p, key, value)
+
+    def __delitem__(self, key):
+        raise TypeError("strata: a parameter's state slots cannot be deleted")
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self):
+        return len(self._names())
+
+    def __repr__(self):
+        return f"<strata state of a parameter: {', '.join(self._names())} (read on access)>"
+
+
 def _check_adam_args(lr, betas, eps, weight_decay):
     if lr < 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
@@ -997,6 +1174,7 @@ class OffloadAdamW(_OffloadOptimizer):
     """
 
     _kind = "adamw"
+    adam_w_mode = True  # DeepSpeed's attribute (FusedAdam, DeepSpeedCPUAdam)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, bias_correction=True, config=None, default_device="nvme",
@@ -1029,6 +1207,7 @@ class OffloadAdam(OffloadAdamW):
     """Adam (L2 weight decay added to the gradient) with the state on strata's tiers."""
 
     _kind = "adam"
+    adam_w_mode = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, bias_correction=True, config=None, default_device="nvme",
@@ -1085,6 +1264,7 @@ class OffloadAdagrad(_OffloadOptimizer):
     strata's tiers. State: the fp32 master and ``sum`` (torch's name)."""
 
     _kind = "adagrad"
+    _sparse_grads_ok = True  # densified: the same update as torch's sparse Adagrad
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, config=None,

@@ -1055,6 +1055,48 @@ class ShardedMixin:
             groups.append(g)
         return {"state": packed, "param_groups": groups}
 
+    def read_state(self, p, key):
+        """The whole state ``key`` of ``p`` on every rank (a collective: each slice is
+        broadcast by its owner)."""
+        i, slot = self._slot_of(p, key)
+        return self._gather_slot(self._b, i, slot).view(p.shape)
+
+    def _local_range(self, i):
+        b = self._b
+        if b.full:
+            return 0, b.managed[i].numel()
+        j = b.slice_of.get(i)
+        if j is None:
+            return 0, 0
+        _, po, _, n = b.slices[j]
+        return po, n
+
+    def read_local_state(self, p, key):
+        """This rank's slice of state ``key`` of ``p``, flat (empty where it owns none)."""
+        i, slot = self._slot_of(p, key)
+        t = torch.zeros(p.numel(), dtype=torch.float32)
+        if self._b.full:
+            self._b.engine.read_param_state(i, slot, t.data_ptr())
+        else:
+            self._read_slot(i, slot, t)
+        po, n = self._local_range(i)
+        return t[po:po + n].clone()
+
+    def write_local_state(self, p, key, value):
+        """Write this rank's slice of state ``key`` of ``p`` (``value`` has the slice's
+        numel)."""
+        i, slot = self._slot_of(p, key)
+        po, n = self._local_range(i)
+        value = torch.as_tensor(value).reshape(-1)
+        if value.numel() != n:
+            raise ValueError(f"strata: this rank's slice of {key!r} has {n} elements, got "
+                             f"{value.numel()}")
+        if self._b.full:  # stage 0: the engine holds p whole; the slice is all of it
+            self._b.engine.write_param_state(i, slot, value.to(torch.float32).contiguous()
+                                             .data_ptr())
+        elif n:
+            self._write_slot(i, slot, value)
+
     def _gather_slot(self, b, i, slot):
         p = b.managed[i]
         t = torch.zeros(p.numel(), dtype=torch.float32)

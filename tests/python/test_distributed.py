@@ -148,7 +148,7 @@ def test_stages_0_1_2_match_one_process_with_state_on_nvme(tmp_path, swap_dir):
         stage = i
         sts = [r["stats"] for r in per_rank]
         assert [s["stage"] for s in sts] == [stage, stage]
-        assert all(r["type"] == "ShardedOffloadAdamW" for r in per_rank)
+        assert all(r["type"] == "ShardedDeepSpeedCPUAdam" for r in per_rank)
         assert all(r["swap_exists_while_open"] for r in per_rank)
         assert len({s["swap_file_path"] for s in sts}) == 2, "a swap file per rank"
         total = ref_st["swap_file_bytes"]

@@ -131,10 +131,15 @@ TEST(ConfigSchema, DefaultsSatisfyTheirOwnRows) {
     Config again = must_parse(o.json());
     EXPECT_EQ(o.json(), again.json()) << type;
   }
-  for (const char* type : {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"}) {
+  for (const char* type :
+       {"LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR"}) {
     json params = json::object();
-    if (std::string(type) != "WarmupLR") {
+    if (std::string(type) == "WarmupDecayLR" || std::string(type) == "WarmupCosineLR") {
       params["total_num_steps"] = 10;
+    }
+    if (std::string(type) == "OneCycle") {
+      params["cycle_min_lr"] = 0.001;
+      params["cycle_max_lr"] = 0.01;
     }
     Config s = must_parse({{"scheduler", {{"type", type}, {"params", params}}}});
     Config again = must_parse(s.json());

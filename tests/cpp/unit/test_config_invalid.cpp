@@ -172,16 +172,16 @@ const std::vector<InvalidCase>& cases() {
        R"({"zero_optimization": {"sub_group_size": 1e30}})",
        {"zero_optimization.sub_group_size: 1e+30 is too large; expected an integer >= 1"}},
       {"unsupported_scheduler",
-       R"({"scheduler": {"type": "OneCycle", "params": {}}})",
-       {"scheduler.type: \"OneCycle\" is not supported by strata; supported: WarmupLR, "
-        "WarmupDecayLR, WarmupCosineLR"}},
+       R"({"scheduler": {"type": "CyclicLR", "params": {}}})",
+       {"scheduler.type: \"CyclicLR\" is not supported by strata; supported: LRRangeTest, "
+        "OneCycle, WarmupLR, WarmupDecayLR, WarmupCosineLR"}},
       {"scheduler_wrong_case",
        R"({"scheduler": {"type": "WarmupLr"}})",
        {"scheduler.type: \"WarmupLr\" is not supported by strata", "did you mean \"WarmupLR\"?"}},
       {"scheduler_without_type",
        R"({"scheduler": {"params": {"warmup_num_steps": 10}}})",
-       {"scheduler.type: missing; scheduler needs a type, one of WarmupLR, WarmupDecayLR, "
-        "WarmupCosineLR"}},
+       {"scheduler.type: missing; scheduler needs a type, one of LRRangeTest, OneCycle, "
+        "WarmupLR, WarmupDecayLR, WarmupCosineLR"}},
       {"decay_without_total",
        R"({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 10}}})",
        {"scheduler.params.total_num_steps: missing; WarmupDecayLR needs the total number of "

@@ -1,6 +1,5 @@
 """``DeepSpeedCPUAdam`` with DeepSpeed's arguments, on strata's kernels and tiers."""
 
-from ...config import warn_once
 from ...optim import OffloadAdamW
 
 
@@ -9,8 +8,8 @@ class DeepSpeedCPUAdam(OffloadAdamW):
     eps=1e-8, weight_decay=0, amsgrad=False, adamw_mode=True, fp32_optimizer_states=True)``.
 
     A strata offloaded optimizer: AdamW (decoupled weight decay) with ``adamw_mode=True``, Adam
-    with L2 weight decay otherwise. State is always fp32 (``fp32_optimizer_states=False`` is
-    accepted and warned about once). Built directly, the state lives in pinned DRAM unless
+    with L2 weight decay otherwise. State is fp32; ``fp32_optimizer_states=False``
+    (DeepSpeed: moments in the parameters' dtype) is refused with NotImplementedError. Built directly, the state lives in pinned DRAM unless
     ``config=`` says otherwise.
     """
 
@@ -18,8 +17,11 @@ class DeepSpeedCPUAdam(OffloadAdamW):
                  weight_decay=0, amsgrad=False, adamw_mode=True, fp32_optimizer_states=True, *,
                  config=None, tag="", rank=0):
         if not fp32_optimizer_states:
-            warn_once("DeepSpeedCPUAdam(fp32_optimizer_states=False): strata keeps optimizer "
-                      "state in fp32 always")
+            # DeepSpeed then keeps the moments in the parameters' dtype; strata's state records
+            # are fp32 only, so taking the argument would silently keep fp32 state.
+            raise NotImplementedError(
+                "DeepSpeedCPUAdam(fp32_optimizer_states=False): strata keeps optimizer state in fp32 "
+                "only (16-bit state is not implemented); pass fp32_optimizer_states=True")
         self._kind = "adamw" if adamw_mode else "adam"
         self.adam_w_mode = bool(adamw_mode)
         super().__init__(model_params, lr, betas, eps, weight_decay, amsgrad,
