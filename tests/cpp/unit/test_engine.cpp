@@ -13,6 +13,7 @@
 
 #include <strata/engine/engine.h>
 #include <strata/kernels/cast.h>
+#include <strata/platform/vm.h>
 
 namespace fs = std::filesystem;
 using namespace strata;
@@ -130,13 +131,7 @@ TEST(Engine, PlacementInvarianceIsBitIdentical) {
   auto dram = run("cpu", "", 4096, 20);
   auto nvme = run("nvme", dir.path.string(), 4096, 20);
   auto mixed = run("nvme", dir.path.string(), 4096, 20, /*dram_cache=*/200000);
-  auto cxl = run("cxl", "", 4096, 20);
   ASSERT_FALSE(dram.empty());
-  ASSERT_EQ(cxl.size(), dram.size()) << "the cxl tier (bound to node 0) did not run";
-  for (size_t i = 0; i < dram.size(); ++i) {
-    ASSERT_EQ(0, std::memcmp(dram[i].data(), cxl[i].data(), dram[i].size() * 4))
-        << "cxl, param " << i;
-  }
   ASSERT_EQ(dram.size(), nvme.size());
   for (size_t i = 0; i < dram.size(); ++i) {
     ASSERT_EQ(0, std::memcmp(dram[i].data(), nvme[i].data(), dram[i].size() * 4)) << "param " << i;
@@ -147,6 +142,30 @@ TEST(Engine, PlacementInvarianceIsBitIdentical) {
   for (size_t i = 0; i < dram.size(); ++i) {
     ASSERT_EQ(0, std::memcmp(dram[i].data(), coarse[i].data(), dram[i].size() * 4))
         << "param " << i;
+  }
+}
+
+// Regression (issue 18, item 10): the cxl run sat in the test above and failed
+// it where mbind is refused (seccomp, a container without NUMA syscalls); the
+// missing capability is now a skip with the reason.
+TEST(Engine, CxlPlacementIsBitIdenticalToDram) {
+  void* page = nullptr;
+  ASSERT_EQ(platform::map_anonymous(platform::kPageSize, platform::kPageSize, &page), 0);
+  const int node0[] = {0};
+  const int bound = platform::bind_memory(page, platform::kPageSize, platform::MemPolicy::kBind,
+                                          std::span<const int>(node0));
+  ASSERT_EQ(platform::unmap(page, platform::kPageSize), 0);
+  if (bound != 0) {
+    GTEST_SKIP() << "mbind to node 0 is refused here (" << std::strerror(-bound)
+                 << "): the cxl tier cannot bind its records";
+  }
+  auto dram = run("cpu", "", 4096, 20);
+  auto cxl = run("cxl", "", 4096, 20);
+  ASSERT_FALSE(dram.empty());
+  ASSERT_EQ(cxl.size(), dram.size()) << "the cxl tier (bound to node 0) did not run";
+  for (size_t i = 0; i < dram.size(); ++i) {
+    ASSERT_EQ(0, std::memcmp(dram[i].data(), cxl[i].data(), dram[i].size() * 4))
+        << "cxl, param " << i;
   }
 }
 
