@@ -47,8 +47,21 @@ struct Engine::Impl {
   std::unique_ptr<kernels::ThreadPool> backward_threads;  // while backward runs
   std::vector<std::vector<uint32_t>> subgroups_of_param;
   std::vector<uint32_t> params_in_subgroup;  // distinct parameters per sub-group
-  std::unique_ptr<StepRun> run;              // the step in flight, if any
-  std::vector<uint32_t> observed_order;      // ready order of the last complete step
+  // The step in flight, if any. Only the driving thread replaces it, and
+  // always under run_mu; mark_param_ready (any thread) reads it under run_mu,
+  // so a run is never destroyed while a hook is inside it.
+  std::unique_ptr<StepRun> run;
+  std::mutex run_mu;
+  // Guarded by run_mu: the first bad mark_param_ready call not yet reported
+  // (by the next end_backward or step).
+  Status hook_error;
+  Status take_hook_error() {
+    std::lock_guard<std::mutex> lock(run_mu);
+    Status st = std::move(hook_error);
+    hook_error = Status::Ok();
+    return st;
+  }
+  std::vector<uint32_t> observed_order;  // ready order of the last complete step
   // After a failed step: per sub-group, records lost until fully rewritten.
   // lost[sg] => written[sg] counts (segment, slot) pairs rewritten so far.
   std::vector<uint8_t> lost;
@@ -934,8 +947,8 @@ Status Engine::set_hyper(int group, const kernels::OptimizerHyper& hyper) {
 }
 
 void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool backward_running) {
-  run = std::make_unique<StepRun>();
-  StepRun& r = *run;
+  auto fresh = std::make_unique<StepRun>();
+  StepRun& r = *fresh;
   r.queued.assign(plan.subgroups.size(), 0);
   r.waiting = params_in_subgroup;
   r.gate = gate;
@@ -974,6 +987,8 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
     r.finished = true;
     r.cv.notify_all();
   });
+  std::lock_guard<std::mutex> lock(run_mu);
+  run = std::move(fresh);
 }
 
 Status Engine::Impl::wait_updates() {
@@ -1001,7 +1016,12 @@ Status Engine::Impl::sync() {
   run->worker.join();
   Status st = run->status;
   bool cancelled = run->cancel;
-  run.reset();
+  std::unique_ptr<StepRun> done;
+  {
+    std::lock_guard<std::mutex> lock(run_mu);
+    done = std::move(run);
+  }
+  done.reset();
   if (!st.ok()) {
     for (auto& [k, t] : tiers) {
       t->drain();
@@ -1041,7 +1061,16 @@ Status Engine::begin_backward(const BackwardOptions& options) {
 
 void Engine::mark_param_ready(size_t param) {
   Impl& e = *impl_;
-  if (!e.run || param >= e.subgroups_of_param.size()) {
+  std::lock_guard<std::mutex> run_lock(e.run_mu);
+  if (param >= e.subgroups_of_param.size()) {
+    if (e.hook_error.ok()) {
+      e.hook_error = invalid_argument("mark_param_ready(" + std::to_string(param) +
+                                      "): no such parameter (the engine has " +
+                                      std::to_string(e.subgroups_of_param.size()) + ")");
+    }
+    return;
+  }
+  if (!e.run) {
     return;
   }
   StepRun& r = *e.run;
@@ -1064,7 +1093,10 @@ void Engine::mark_param_ready(size_t param) {
 
 Status Engine::end_backward() {
   Impl& e = *impl_;
+  // Taken before r.mu: mark_param_ready locks run_mu, then r.mu.
+  Status hook = e.take_hook_error().with_context("end_backward");
   if (!e.run) {
+    STRATA_RETURN_IF_ERROR(hook);
     return Status(StatusCode::kFailedPrecondition, "end_backward without begin_backward");
   }
   StepRun& r = *e.run;
@@ -1081,11 +1113,12 @@ Status Engine::end_backward() {
   e.in_backward.store(false, std::memory_order_relaxed);
   r.backward_end_ns = now_ns();
   r.cv.notify_all();
-  return Status::Ok();
+  return hook;
 }
 
 Status Engine::step(float grad_mul) {
   Impl& e = *impl_;
+  STRATA_RETURN_IF_ERROR(e.take_hook_error().with_context("step (nothing was updated)"));
   bool begun = false;  // a run started by begin_backward() and not yet stepped
   if (e.run) {
     std::lock_guard<std::mutex> lock(e.run->mu);

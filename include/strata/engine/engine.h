@@ -14,7 +14,8 @@
 //   gradient arenas and its thread pool. Model parameter memory is borrowed:
 //   ParamInfo::data must stay valid (and not move) for the engine's life.
 // Thread-safety: one thread drives an engine (step, zero_grads, state
-//   access); several engines may live in one process.
+//   access); mark_param_ready may also be called from any other thread (see
+//   there). Several engines may live in one process.
 #pragma once
 
 #include <cstddef>
@@ -134,6 +135,11 @@ class Engine {
   // mode prefetches its state and computes its gradient statistics, and the
   // updates run when step(grad_mul) supplies the clip/scale factor. Results
   // are bit-identical to a step without overlap.
+  // mark_param_ready is safe against every other call (it locks the run in
+  // flight; outside a backward it does nothing). An index that names no
+  // parameter is an error (InvalidArgument) reported once, by the next
+  // end_backward() (which still ends the backward) or step() (which then
+  // updates nothing).
   struct BackwardOptions {
     bool eager_update = false;
     float grad_mul = 1.0f;  // eager mode only

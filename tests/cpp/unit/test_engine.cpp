@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -488,4 +489,90 @@ TEST(Engine, GradAccumDtypeSetsTheArenaDtype) {
     EXPECT_EQ(0, std::memcmp(model.data(), expect.param.data(), n * 2))
         << (fp32 ? "fp32" : "unset");
   }
+}
+
+// Regression (issue 18, item 2): mark_param_ready read the engine's run in
+// flight without a lock, though documented callable from any thread: a hook
+// racing with begin_backward/step read the pointer as it was replaced, and
+// one racing with the next step's sync() locked a run being destroyed (a data
+// race and a use after free under TSan). Hooks here fire from three threads
+// at any time, in and out of backward; exact mode keeps the result equal to
+// steps without overlap.
+TEST(EngineOverlap, HooksFromSeveralThreadsAtAnyTime) {
+  const int steps = 30;
+  auto plain = run("cpu", "", 4096, steps);
+  Model m(42);
+  EngineOptions o;
+  o.config = make_config("cpu", "", 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  auto& e = *r.value();
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> hooks;
+  for (size_t t = 0; t < 3; ++t) {
+    hooks.emplace_back([&, t] {
+      for (size_t i = t; !stop.load(std::memory_order_relaxed); ++i) {
+        e.mark_param_ready(i % m.params.size());
+        std::this_thread::yield();
+      }
+    });
+  }
+  for (int s = 0; s < steps; ++s) {
+    fill_grads(e, m, s);
+    Engine::BackwardOptions bo;  // exact: updates wait for step()
+    bo.threads = 1;
+    ASSERT_TRUE(e.begin_backward(bo).ok());
+    for (size_t p = 0; p < m.params.size(); ++p) {
+      e.mark_param_ready(p);
+    }
+    ASSERT_TRUE(e.end_backward().ok());
+    Status st = e.step();
+    ASSERT_TRUE(st.ok()) << st.to_string();
+  }
+  stop = true;
+  for (auto& h : hooks) {
+    h.join();
+  }
+  ASSERT_TRUE(e.close().ok());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    ASSERT_EQ(0, std::memcmp(plain[i].data(), m.params[i].data(), plain[i].size() * 4)) << i;
+  }
+}
+
+// Regression (issue 18, item 2): an out-of-range index given to
+// mark_param_ready was dropped without a word, hiding a binding that mapped
+// hooks to the wrong parameters. It is reported once, by the next
+// end_backward (which still ends the backward) or step (which then updates
+// nothing).
+TEST(EngineOverlap, BadParameterIndexIsReportedByTheNextEndBackwardOrStep) {
+  Model m(42);
+  EngineOptions o;
+  o.config = make_config("cpu", "", 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  auto& e = *r.value();
+  fill_grads(e, m, 0);
+  Engine::BackwardOptions bo;
+  ASSERT_TRUE(e.begin_backward(bo).ok());
+  e.mark_param_ready(m.params.size() + 3);
+  Status st = e.end_backward();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.to_string();
+  EXPECT_NE(st.message().find("mark_param_ready(7)"), std::string::npos) << st.to_string();
+  ASSERT_TRUE(e.step().ok()) << "reported once; the backward was ended";
+  EXPECT_EQ(e.step_count(0), 1);
+
+  // Outside a backward, step() reports it and updates nothing.
+  const auto before = m.params;
+  e.mark_param_ready(size_t(1) << 40);
+  st = e.step();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.to_string();
+  EXPECT_EQ(e.step_count(0), 1);
+  EXPECT_EQ(before, m.params);
+  ASSERT_TRUE(e.step().ok());
+  EXPECT_EQ(e.step_count(0), 2);
+  ASSERT_TRUE(e.close().ok());
 }
