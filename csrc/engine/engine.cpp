@@ -1339,9 +1339,15 @@ Status Engine::sync_master_from_params() {
 }
 
 int64_t Engine::step_count(int group) const { return impl_->step_counts.at(size_t(group)); }
-void Engine::set_step_count(int group, int64_t step) {
-  impl_->sync().ignore();  // an error is kept in error()
-  impl_->step_counts.at(size_t(group)) = step;
+Status Engine::set_step_count(int group, int64_t step) {
+  Impl& e = *impl_;
+  if (group < 0 || size_t(group) >= e.step_counts.size()) {
+    return invalid_argument("set_step_count: no param group " + std::to_string(group));
+  }
+  // No run may be in flight: its pipeline thread reads step_counts.
+  STRATA_RETURN_IF_ERROR(e.sync().with_context("set_step_count"));
+  e.step_counts[size_t(group)] = step;
+  return Status::Ok();
 }
 Status Engine::clear_error() {
   Impl& e = *impl_;

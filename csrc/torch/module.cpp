@@ -306,7 +306,15 @@ PYBIND11_MODULE(_C, m) {
              check(st);
            })
       .def("step_count", [](PyEngine& s, int g) { return s.e().step_count(g); })
-      .def("set_step_count", [](PyEngine& s, int g, int64_t n) { s.e().set_step_count(g, n); })
+      .def("set_step_count",
+           [](PyEngine& s, int g, int64_t n) {
+             Status st;
+             {
+               py::gil_scoped_release release;  // joins the step in flight
+               st = s.e().set_step_count(g, n);
+             }
+             check(st);
+           })
       .def("clear_error", [](PyEngine& s) { check(s.e().clear_error()); })
       .def("error", [](PyEngine& s) { return s.e().error().to_string(); })
       .def("plan_text", [](PyEngine& s) { return s.e().plan().to_string(); })

@@ -192,7 +192,12 @@ class Engine {
   // weights were loaded).
   Status sync_master_from_params();
   int64_t step_count(int group) const;
-  void set_step_count(int group, int64_t step);
+  // Sets the step count of a param group (checkpoint resume). The pipeline
+  // thread reads the counts while a step runs, so this first joins the step
+  // in flight (sync()) and writes nothing if that fails: FailedPrecondition
+  // while a step begun by begin_backward() awaits step()/cancel_step(), or
+  // the failed step's error. InvalidArgument for a group that does not exist.
+  [[nodiscard]] Status set_step_count(int group, int64_t step);
 
   // After a failed step every record counts as lost: reads of it fail, and
   // writes start from an empty record. Once every slot of every parameter was

@@ -576,3 +576,37 @@ TEST(EngineOverlap, BadParameterIndexIsReportedByTheNextEndBackwardOrStep) {
   EXPECT_EQ(e.step_count(0), 2);
   ASSERT_TRUE(e.close().ok());
 }
+
+// Regression (issue 18, item 3): set_step_count dropped sync()'s failure and
+// then wrote the count while the pipeline thread (eager updates during
+// backward) was reading it — a data race, and a step counted with a value
+// nobody gave it.
+TEST(EngineOverlap, SetStepCountWaitsForNoStepInFlight) {
+  Model m(42);
+  EngineOptions o;
+  o.config = make_config("cpu", "", 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  auto& e = *r.value();
+  fill_grads(e, m, 0);
+  Engine::BackwardOptions bo;
+  bo.eager_update = true;  // updates run on the pipeline thread as parameters become ready
+  bo.threads = 1;
+  ASSERT_TRUE(e.begin_backward(bo).ok());
+  for (size_t p = 0; p < m.params.size(); ++p) {
+    e.mark_param_ready(p);
+  }
+  const int64_t during = e.step_count(0);
+  Status st = e.set_step_count(0, 1000);
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st.to_string();
+  EXPECT_EQ(e.step_count(0), during) << "written while the step was in flight";
+  ASSERT_TRUE(e.end_backward().ok());
+  ASSERT_TRUE(e.step().ok());
+  st = e.set_step_count(0, 7);  // joins the write-back first
+  EXPECT_TRUE(st.ok()) << st.to_string();
+  EXPECT_EQ(e.step_count(0), 7);
+  EXPECT_EQ(e.set_step_count(2, 1).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(e.close().ok());
+}

@@ -102,7 +102,7 @@ struct FaultRun {
       std::memcpy(params[i].data(), saved[i * 3].data(),
                   params[i].size() * 4);  // the model's weights too
     }
-    engine->set_step_count(0, step);
+    STRATA_RETURN_IF_ERROR(engine->set_step_count(0, step));
     return engine->clear_error();
   }
 };
