@@ -9,6 +9,7 @@
 #include <map>
 #include <thread>
 
+#include <strata/cuda/device.h>
 #include <strata/io/io_engine.h>
 #include <strata/kernels/cast.h>
 #include <strata/kernels/thread_pool.h>
@@ -703,6 +704,10 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   }
 
   PlanInputs pin;
+  // What the plan tells users about GPU updates must match what
+  // choose_gpu_subgroups() then does.
+  // (A test's injected updater stands for a device.)
+  pin.gpu_available = e.opts.make_gpu_updater ? true : cuda::cuda_available().ok();
   for (const auto& g : e.opts.groups) {
     e.slots.push_back(kernels::state_slots(g));
   }
