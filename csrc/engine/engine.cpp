@@ -42,6 +42,11 @@ struct Engine::Impl {
   std::vector<GradSpan> arenas;
   std::vector<int> arena_of_dtype = std::vector<int>(3, -1);
   std::vector<memory::PinnedBuffer> work;
+  // Working buffers the I/O engine registered for fixed-buffer I/O, and those
+  // it refused (they are used unregistered): registered + unregistered ==
+  // work.size() when an I/O engine exists.
+  uint64_t registered_buffers = 0;
+  uint64_t unregistered_buffers = 0;
   std::vector<size_t> param_grad_offset;
   std::vector<std::vector<kernels::CopyOut>> copy_out;  // per sub-group
   std::unique_ptr<kernels::ThreadPool> threads;
@@ -842,7 +847,19 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
       STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf,
                               e.pool->allocate(e.plan.working_buffer_bytes));
       if (e.io) {
-        STRATA_RETURN_IF_ERROR(e.io->register_buffer(buf.data(), buf.size()));
+        // The I/O engine's contract: a refused registration (low
+        // RLIMIT_MEMLOCK, no CAP_IPC_LOCK, an old kernel) leaves it working
+        // with plain reads and writes of that buffer.
+        Status reg = e.io->register_buffer(buf.data(), buf.size());
+        if (reg.ok()) {
+          ++e.registered_buffers;
+        } else {
+          if (e.unregistered_buffers == 0) {
+            e.plan.notes.push_back("working buffers: fixed-buffer registration refused (" +
+                                   reg.message() + "); I/O continues with unregistered buffers");
+          }
+          ++e.unregistered_buffers;
+        }
       }
       e.work.push_back(std::move(buf));
     }
@@ -1400,6 +1417,8 @@ EngineStats Engine::stats() const {
     s.pool_peak = ps.peak_in_use;
     s.pool_pinned = ps.pinned;
   }
+  s.registered_buffers = e.registered_buffers;
+  s.unregistered_buffers = e.unregistered_buffers;
   s.isa = kernels::isa_name(kernels::detect_isa());
   s.threads = e.threads ? e.threads->size() : 0;
   return s;

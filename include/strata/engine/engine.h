@@ -91,6 +91,11 @@ struct EngineStats {
   bool pool_pinned = false;
   uint64_t swap_file_bytes = 0;
   std::string swap_file_path;
+  // Working buffers of the swap pipeline registered with the I/O engine
+  // (fixed-buffer I/O), and those it refused, used unregistered (a plan note
+  // says why). Both 0 without a fetch/store tier on the I/O engine.
+  uint64_t registered_buffers = 0;
+  uint64_t unregistered_buffers = 0;
   std::string io_backend;
   std::string io_note;
   std::string isa;
