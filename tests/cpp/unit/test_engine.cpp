@@ -736,3 +736,31 @@ TEST(Engine, RefusedBufferRegistrationFallsBackToUnregisteredBuffers) {
   }
   EXPECT_EQ(code, 0) << text;
 }
+
+// Regression (issue 18, item 11): docs/memory.md said the swap pipeline's
+// buffers live in memory::BufferRing, which no production code used (it is
+// gone). What the docs now say, checked: buffer_count working buffers, each
+// the size of the largest record (not the largest tensor), taken from the
+// pool, each given to the I/O engine for registration.
+TEST(Engine, WorkingBuffersAreWhatTheDocsSay) {
+  TempDir dir;
+  Model m(42);
+  EngineOptions o;
+  o.config = make_config("nvme", dir.path.string(), 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  Engine& e = *r.value();
+  size_t largest_record = 0;
+  for (const auto& sg : e.subgroups()) {
+    largest_record = std::max(largest_record, sg.record_bytes);
+  }
+  EXPECT_EQ(e.plan().buffer_count, 3u);
+  EXPECT_EQ(e.plan().working_buffer_bytes, largest_record);
+  EXPECT_LT(largest_record, 25000u * 12) << "sized from records, not from the largest tensor";
+  const EngineStats st = e.stats();
+  EXPECT_EQ(st.registered_buffers + st.unregistered_buffers, 3u);
+  EXPECT_GE(st.pool_requested, 3 * largest_record) << "the buffers come from the pool";
+  ASSERT_TRUE(e.close().ok());
+}
