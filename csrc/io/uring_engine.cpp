@@ -16,6 +16,8 @@
 #include <deque>
 #include <system_error>
 
+#include <strata/log.h>
+
 namespace strata::io::detail {
 
 namespace {
@@ -693,8 +695,8 @@ void UringEngine::run(Ring& r) {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
     if (!fatal.ok()) {
-      std::fprintf(stderr, "strata: io_uring ring broken (%s); failing its requests\n",
-                   fatal.to_string().c_str());
+      log_message(LogLevel::kError,
+                  "io_uring ring broken (" + fatal.to_string() + "); failing its requests");
       {
         std::lock_guard<std::mutex> lk(r.mu);
         r.broken = fatal;

@@ -29,6 +29,7 @@ namespace strata::pybind {
 void bind_system(py::module_& m);
 void bind_model(py::module_& m);
 void bind_cuda(py::module_& m);
+void bind_log(py::module_& m);
 
 namespace {
 
@@ -140,6 +141,7 @@ using namespace strata::pybind;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "strata core binding (torch-free)";
   register_exceptions(m);
+  bind_log(m);  // the core's messages go to logging.getLogger("strata") from here on
   m.attr("__version__") = STRATA_VERSION;
 
   py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
