@@ -9,6 +9,7 @@
 #include <map>
 #include <thread>
 
+#include <strata/cuda/device.h>
 #include <strata/io/io_engine.h>
 #include <strata/kernels/cast.h>
 #include <strata/kernels/thread_pool.h>
@@ -41,14 +42,32 @@ struct Engine::Impl {
   std::vector<GradSpan> arenas;
   std::vector<int> arena_of_dtype = std::vector<int>(3, -1);
   std::vector<memory::PinnedBuffer> work;
+  // Working buffers the I/O engine registered for fixed-buffer I/O, and those
+  // it refused (they are used unregistered): registered + unregistered ==
+  // work.size() when an I/O engine exists.
+  uint64_t registered_buffers = 0;
+  uint64_t unregistered_buffers = 0;
   std::vector<size_t> param_grad_offset;
   std::vector<std::vector<kernels::CopyOut>> copy_out;  // per sub-group
   std::unique_ptr<kernels::ThreadPool> threads;
   std::unique_ptr<kernels::ThreadPool> backward_threads;  // while backward runs
   std::vector<std::vector<uint32_t>> subgroups_of_param;
   std::vector<uint32_t> params_in_subgroup;  // distinct parameters per sub-group
-  std::unique_ptr<StepRun> run;              // the step in flight, if any
-  std::vector<uint32_t> observed_order;      // ready order of the last complete step
+  // The step in flight, if any. Only the driving thread replaces it, and
+  // always under run_mu; mark_param_ready (any thread) reads it under run_mu,
+  // so a run is never destroyed while a hook is inside it.
+  std::unique_ptr<StepRun> run;
+  std::mutex run_mu;
+  // Guarded by run_mu: the first bad mark_param_ready call not yet reported
+  // (by the next end_backward or step).
+  Status hook_error;
+  Status take_hook_error() {
+    std::lock_guard<std::mutex> lock(run_mu);
+    Status st = std::move(hook_error);
+    hook_error = Status::Ok();
+    return st;
+  }
+  std::vector<uint32_t> observed_order;  // ready order of the last complete step
   // After a failed step: per sub-group, records lost until fully rewritten.
   // lost[sg] => written[sg] counts (segment, slot) pairs rewritten so far.
   std::vector<uint8_t> lost;
@@ -689,6 +708,10 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   }
 
   PlanInputs pin;
+  // What the plan tells users about GPU updates must match what
+  // choose_gpu_subgroups() then does.
+  // (A test's injected updater stands for a device.)
+  pin.gpu_available = e.opts.make_gpu_updater ? true : cuda::cuda_available().ok();
   for (const auto& g : e.opts.groups) {
     e.slots.push_back(kernels::state_slots(g));
   }
@@ -812,7 +835,19 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
       STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf,
                               e.pool->allocate(e.plan.working_buffer_bytes));
       if (e.io) {
-        STRATA_RETURN_IF_ERROR(e.io->register_buffer(buf.data(), buf.size()));
+        // The I/O engine's contract: a refused registration (low
+        // RLIMIT_MEMLOCK, no CAP_IPC_LOCK, an old kernel) leaves it working
+        // with plain reads and writes of that buffer.
+        Status reg = e.io->register_buffer(buf.data(), buf.size());
+        if (reg.ok()) {
+          ++e.registered_buffers;
+        } else {
+          if (e.unregistered_buffers == 0) {
+            e.plan.notes.push_back("working buffers: fixed-buffer registration refused (" +
+                                   reg.message() + "); I/O continues with unregistered buffers");
+          }
+          ++e.unregistered_buffers;
+        }
       }
       e.work.push_back(std::move(buf));
     }
@@ -920,8 +955,8 @@ Status Engine::set_hyper(int group, const kernels::OptimizerHyper& hyper) {
 }
 
 void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool backward_running) {
-  run = std::make_unique<StepRun>();
-  StepRun& r = *run;
+  auto fresh = std::make_unique<StepRun>();
+  StepRun& r = *fresh;
   r.queued.assign(plan.subgroups.size(), 0);
   r.waiting = params_in_subgroup;
   r.gate = gate;
@@ -960,6 +995,8 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
     r.finished = true;
     r.cv.notify_all();
   });
+  std::lock_guard<std::mutex> lock(run_mu);
+  run = std::move(fresh);
 }
 
 Status Engine::Impl::wait_updates() {
@@ -987,7 +1024,12 @@ Status Engine::Impl::sync() {
   run->worker.join();
   Status st = run->status;
   bool cancelled = run->cancel;
-  run.reset();
+  std::unique_ptr<StepRun> done;
+  {
+    std::lock_guard<std::mutex> lock(run_mu);
+    done = std::move(run);
+  }
+  done.reset();
   if (!st.ok()) {
     for (auto& [k, t] : tiers) {
       t->drain();
@@ -1027,7 +1069,16 @@ Status Engine::begin_backward(const BackwardOptions& options) {
 
 void Engine::mark_param_ready(size_t param) {
   Impl& e = *impl_;
-  if (!e.run || param >= e.subgroups_of_param.size()) {
+  std::lock_guard<std::mutex> run_lock(e.run_mu);
+  if (param >= e.subgroups_of_param.size()) {
+    if (e.hook_error.ok()) {
+      e.hook_error = invalid_argument("mark_param_ready(" + std::to_string(param) +
+                                      "): no such parameter (the engine has " +
+                                      std::to_string(e.subgroups_of_param.size()) + ")");
+    }
+    return;
+  }
+  if (!e.run) {
     return;
   }
   StepRun& r = *e.run;
@@ -1050,7 +1101,10 @@ void Engine::mark_param_ready(size_t param) {
 
 Status Engine::end_backward() {
   Impl& e = *impl_;
+  // Taken before r.mu: mark_param_ready locks run_mu, then r.mu.
+  Status hook = e.take_hook_error().with_context("end_backward");
   if (!e.run) {
+    STRATA_RETURN_IF_ERROR(hook);
     return Status(StatusCode::kFailedPrecondition, "end_backward without begin_backward");
   }
   StepRun& r = *e.run;
@@ -1067,11 +1121,12 @@ Status Engine::end_backward() {
   e.in_backward.store(false, std::memory_order_relaxed);
   r.backward_end_ns = now_ns();
   r.cv.notify_all();
-  return Status::Ok();
+  return hook;
 }
 
 Status Engine::step(float grad_mul) {
   Impl& e = *impl_;
+  STRATA_RETURN_IF_ERROR(e.take_hook_error().with_context("step (nothing was updated)"));
   bool begun = false;  // a run started by begin_backward() and not yet stepped
   if (e.run) {
     std::lock_guard<std::mutex> lock(e.run->mu);
@@ -1292,9 +1347,15 @@ Status Engine::sync_master_from_params() {
 }
 
 int64_t Engine::step_count(int group) const { return impl_->step_counts.at(size_t(group)); }
-void Engine::set_step_count(int group, int64_t step) {
-  impl_->sync().ignore();  // an error is kept in error()
-  impl_->step_counts.at(size_t(group)) = step;
+Status Engine::set_step_count(int group, int64_t step) {
+  Impl& e = *impl_;
+  if (group < 0 || size_t(group) >= e.step_counts.size()) {
+    return invalid_argument("set_step_count: no param group " + std::to_string(group));
+  }
+  // No run may be in flight: its pipeline thread reads step_counts.
+  STRATA_RETURN_IF_ERROR(e.sync().with_context("set_step_count"));
+  e.step_counts[size_t(group)] = step;
+  return Status::Ok();
 }
 Status Engine::clear_error() {
   Impl& e = *impl_;
@@ -1342,6 +1403,8 @@ EngineStats Engine::stats() const {
     s.pool_peak = ps.peak_in_use;
     s.pool_pinned = ps.pinned;
   }
+  s.registered_buffers = e.registered_buffers;
+  s.unregistered_buffers = e.unregistered_buffers;
   s.isa = kernels::isa_name(kernels::detect_isa());
   s.threads = e.threads ? e.threads->size() : 0;
   return s;

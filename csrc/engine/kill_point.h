@@ -1,9 +1,11 @@
 // Test hook: STRATA_TEST_KILL_AT=<point>:<n> makes the process SIGKILL itself
 // the n-th time (1-based) it reaches <point>, so crash-safety tests cover each
-// phase deterministically rather than by luck of timing. Points in the engine:
-// "engine_update" (before a sub-group's update), "engine_store" (after a
-// store was submitted, before it completes). Other points live in Python.
-// Without the variable this costs one branch per call.
+// phase deterministically rather than by luck of timing. Several points may be
+// given, comma-separated, as python/strata/checkpoint.py reads the same
+// variable. Points in the engine: "engine_update" (before a sub-group's
+// update), "engine_store" (after a store was submitted, before it completes);
+// tests/python/test_checkpoint_resume.py arms both. Other points live in
+// Python. Without the variable this costs one branch per call.
 #pragma once
 
 #include <signal.h>
@@ -11,27 +13,56 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
+#include <deque>
 #include <string>
 
 namespace strata::engine {
 
-inline void kill_point(const char* point) {
-  static const std::string spec = [] {
+namespace detail {
+
+struct KillSpec {
+  std::string point;
+  long target = 0;
+  std::atomic<long> count{0};
+  KillSpec(std::string p, long t) : point(std::move(p)), target(t) {}
+};
+
+// Parsed once from STRATA_TEST_KILL_AT; entries that are not point:index are
+// ignored here (the Python side reports them).
+inline std::deque<KillSpec>& kill_specs() {
+  static std::deque<KillSpec> specs = [] {
+    std::deque<KillSpec> out;
     const char* v = std::getenv("STRATA_TEST_KILL_AT");
-    return std::string(v ? v : "");
+    std::string all = v ? v : "";
+    size_t start = 0;
+    while (start < all.size()) {
+      size_t end = all.find(',', start);
+      if (end == std::string::npos) {
+        end = all.size();
+      }
+      std::string item = all.substr(start, end - start);
+      const size_t colon = item.rfind(':');
+      if (colon != std::string::npos && colon > 0) {
+        out.emplace_back(item.substr(0, colon), std::strtol(item.c_str() + colon + 1, nullptr, 10));
+      }
+      start = end + 1;
+    }
+    return out;
   }();
-  if (spec.empty()) {
+  return specs;
+}
+
+}  // namespace detail
+
+inline void kill_point(const char* point) {
+  auto& specs = detail::kill_specs();
+  if (specs.empty()) {
     return;
   }
-  auto colon = spec.rfind(':');
-  if (colon == std::string::npos || spec.compare(0, colon, point) != 0) {
-    return;
-  }
-  static std::atomic<long> count{0};
-  long target = std::strtol(spec.c_str() + colon + 1, nullptr, 10);
-  if (++count == target) {
-    ::kill(::getpid(), SIGKILL);
+  for (auto& s : specs) {
+    if (s.point == point && ++s.count == s.target) {
+      ::kill(::getpid(), SIGKILL);
+    }
   }
 }
 

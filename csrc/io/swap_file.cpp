@@ -21,6 +21,7 @@
 #include <vector>
 
 #define XXH_INLINE_ALL
+#include <strata/log.h>
 #include <xxhash.h>
 
 #include "io/extent_allocator.h"
@@ -53,12 +54,16 @@ std::string gib(uint64_t bytes) {
 void warn_buffered_once(const std::string& dir, const std::string& path, const std::string& why) {
   static std::mutex mu;
   static std::set<std::string> warned;
-  std::lock_guard<std::mutex> lk(mu);
-  if (warned.insert(dir).second) {
-    std::fprintf(stderr,
-                 "strata: warning: the file system at %s refuses O_DIRECT (%s); swap file %s uses "
-                 "buffered I/O through the page cache\n",
-                 dir.c_str(), why.c_str(), path.c_str());
+  bool first;
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    first = warned.insert(dir).second;
+  }
+  // Outside mu: a sink may block (the binding's waits for the GIL).
+  if (first) {
+    log_message(LogLevel::kWarning, "the file system at " + dir + " refuses O_DIRECT (" + why +
+                                        "); swap file " + path +
+                                        " uses buffered I/O through the page cache");
   }
 }
 
@@ -209,8 +214,8 @@ Result<std::unique_ptr<SwapFile>> SwapFile::create(const SwapFileOptions& option
 
   remove_stale(dir, &impl->stale_removed, &impl->stale_skipped);
   if (impl->stale_removed > 0) {
-    std::fprintf(stderr, "strata: removed %" PRIu64 " stale swap file(s) of dead processes in %s\n",
-                 impl->stale_removed, dir.c_str());
+    log_message(LogLevel::kInfo, "removed " + std::to_string(impl->stale_removed) +
+                                     " stale swap file(s) of dead processes in " + dir);
   }
 
   // Check the space before allocating, and say how much and where.
@@ -309,8 +314,8 @@ Result<std::unique_ptr<SwapFile>> SwapFile::create(const SwapFileOptions& option
     if (err == EOPNOTSUPP) {
       // The file system cannot reserve blocks: a sparse file may hit ENOSPC
       // later, which the engine reports as a NoSpace error then.
-      std::fprintf(stderr, "strata: warning: fallocate unsupported at %s; swap file %s is sparse\n",
-                   dir.c_str(), path.c_str());
+      log_message(LogLevel::kWarning,
+                  "fallocate unsupported at " + dir + "; swap file " + path + " is sparse");
       if (::ftruncate(fd, off_t(impl->size)) != 0) {
         const int terr = errno;
         cleanup(path);
@@ -408,14 +413,17 @@ Result<Extent> SwapFile::allocate(uint64_t bytes) {
 }
 
 void SwapFile::free(const Extent& extent) {
-  std::lock_guard<std::mutex> lk(impl_->mu);
-  Status st = impl_->alloc.free(extent);
-  if (!st.ok()) {
-    std::fprintf(stderr, "strata: swap file %s: %s (ignored)\n", impl_->path.c_str(),
-                 st.message().c_str());
-    return;
+  Status st;
+  {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    st = impl_->alloc.free(extent);
+    if (st.ok()) {
+      impl_->sums[extent.id] = Impl::Sum{};
+      return;
+    }
   }
-  impl_->sums[extent.id] = Impl::Sum{};
+  // Outside mu: a sink may block (the binding's waits for the GIL).
+  log_message(LogLevel::kError, "swap file " + impl_->path + ": " + st.message() + " (ignored)");
 }
 
 Result<Ticket> SwapFile::submit_write(const Extent& extent, const void* buf) {

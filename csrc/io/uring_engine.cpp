@@ -16,13 +16,21 @@
 #include <deque>
 #include <system_error>
 
+#include <strata/log.h>
+
 namespace strata::io::detail {
 
 namespace {
 
-// user_data of the eventfd read armed in every ring; BlockReq pointers are
-// never this small.
+// user_data of the eventfd read armed in every ring, and of cancel requests;
+// BlockReq pointers are never this small.
 constexpr uint64_t kEventTag = 1;
+constexpr uint64_t kCancelTag = 2;
+
+// io_uring_enter results that say nothing is wrong with the ring.
+bool transient_enter_error(int rc) {
+  return rc == -EINTR || rc == -EAGAIN || rc == -EBUSY || rc == -ETIME;
+}
 
 bool has_cap_ipc_lock() {
   __user_cap_header_struct hdr{};
@@ -489,18 +497,150 @@ void UringEngine::dispatch(Batch* batch) {
   }
 }
 
-void UringEngine::fail_all(Ring& r, const Status& status, BlockReq* inflight_head,
-                           std::deque<BlockReq*>& pending) {
-  BlockReq* q = inflight_head;
-  while (q != nullptr) {
-    BlockReq* next = q->next;
-    finish(q, status.with_context(describe(*q)));
-    q = next;
-  }
+void UringEngine::fail_all(const Status& status, std::deque<BlockReq*>& pending) {
   for (BlockReq* p : pending) {
     finish(p, status.with_context(describe(*p)));
   }
   pending.clear();
+}
+
+void UringEngine::fail_enter_for_testing(int err, int times) {
+  for (auto& r : rings_) {
+    r->forced_left.store(times, std::memory_order_relaxed);
+    r->forced_errno.store(err, std::memory_order_release);
+    wake(*r);
+  }
+}
+
+int UringEngine::enter(Ring& r, unsigned wait_nr) {
+  const int forced = r.forced_errno.load(std::memory_order_acquire);
+  if (forced != 0) {
+    // Only this worker consumes the seam once it is set.
+    const int left = r.forced_left.load(std::memory_order_relaxed);
+    if (left > 0) {
+      r.forced_left.store(left - 1, std::memory_order_relaxed);
+      if (left == 1) {
+        r.forced_errno.store(0, std::memory_order_relaxed);
+      }
+    }
+    return -forced;
+  }
+  return io_uring_submit_and_wait(&r.ring, wait_nr);
+}
+
+void UringEngine::quiesce(Ring& r, const Status& status, BlockReq*& inflight_head,
+                          unsigned& inflight, bool& event_armed) {
+  // io_uring_enter failures in a row before the ring counts as not enterable.
+  constexpr unsigned kMaxEnterFailures = 100;
+  unsigned cancels = 0;  // cancel SQEs whose CQE has not come
+  bool cancel_queued = false;
+  bool cancel_any = true;  // IORING_ASYNC_CANCEL_ANY (5.19); else one cancel per request
+  bool entering = true;
+  unsigned enter_failures = 0;
+  const auto start = std::chrono::steady_clock::now();
+  bool warned = false;
+
+  auto done = [&](BlockReq* q) {
+    list_remove(inflight_head, q);
+    --inflight;
+    finish(q, status.with_context(describe(*q)));
+  };
+  auto queue_cancels = [&] {
+    if (cancel_any) {
+      io_uring_sqe* sqe = io_uring_get_sqe(&r.ring);
+      if (sqe == nullptr) {
+        return false;
+      }
+      io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+      io_uring_sqe_set_data64(sqe, kCancelTag);
+      ++cancels;
+      return true;
+    }
+    // One cancel per request (and the eventfd read); what does not fit in
+    // the SQ is queued on the next round (cancelling twice is harmless).
+    bool all = true;
+    auto cancel_one = [&](uint64_t target) {
+      io_uring_sqe* sqe = io_uring_get_sqe(&r.ring);
+      if (sqe == nullptr) {
+        all = false;
+        return;
+      }
+      io_uring_prep_cancel64(sqe, target, 0);
+      io_uring_sqe_set_data64(sqe, kCancelTag);
+      ++cancels;
+    };
+    for (BlockReq* q = inflight_head; q != nullptr && all; q = q->next) {
+      cancel_one(reinterpret_cast<uint64_t>(q));
+    }
+    if (event_armed && all) {
+      cancel_one(kEventTag);
+    }
+    return all;
+  };
+  // Once the ring cannot be entered, the SQEs it never consumed will never
+  // run: what they carry is not the kernel's.
+  auto drop_unconsumed = [&] {
+    const unsigned head = io_uring_smp_load_acquire(r.ring.sq.khead);
+    for (unsigned i = head; i != r.ring.sq.sqe_tail; ++i) {
+      const io_uring_sqe& sqe = r.ring.sq.sqes[r.ring.sq.array[i & r.ring.sq.ring_mask]];
+      const uint64_t tag = sqe.user_data;
+      if (tag == kEventTag) {
+        event_armed = false;
+      } else if (tag == kCancelTag) {
+        --cancels;
+      } else {
+        done(reinterpret_cast<BlockReq*>(tag));
+      }
+    }
+  };
+
+  while (inflight > 0 || event_armed || cancels > 0) {
+    if (entering && !cancel_queued) {
+      cancel_queued = queue_cancels();
+    }
+    if (entering) {
+      const int rc = enter(r, 1);
+      if (rc < 0 && !transient_enter_error(rc)) {
+        if (++enter_failures >= kMaxEnterFailures) {
+          entering = false;
+          drop_unconsumed();
+        } else {
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+      } else {
+        enter_failures = 0;
+      }
+    } else {
+      // Any syscall runs the task work that posts completions (COOP_TASKRUN).
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    unsigned head;
+    unsigned seen = 0;
+    io_uring_cqe* cqe;
+    io_uring_for_each_cqe(&r.ring, head, cqe) {
+      ++seen;
+      const uint64_t tag = io_uring_cqe_get_data64(cqe);
+      if (tag == kEventTag) {
+        event_armed = false;
+      } else if (tag == kCancelTag) {
+        --cancels;
+        if (cancel_any && cqe->res == -EINVAL) {
+          cancel_any = false;  // a kernel before 5.19: cancel one by one
+          cancel_queued = false;
+        }
+      } else {
+        done(static_cast<BlockReq*>(io_uring_cqe_get_data(cqe)));
+      }
+    }
+    io_uring_cq_advance(&r.ring, seen);
+    if (!warned && std::chrono::steady_clock::now() - start > std::chrono::seconds(5)) {
+      warned = true;
+      log_message(LogLevel::kWarning,
+                  "io_uring ring broken: " + std::to_string(inflight) +
+                      " request(s) still held by the kernel after 5 s; their buffers are "
+                      "handed back when it completes them");
+    }
+  }
 }
 
 void UringEngine::run(Ring& r) {
@@ -662,7 +802,7 @@ void UringEngine::run(Ring& r) {
       wait_nr = 0;  // nothing could complete: do not block
     }
     count_submit_call();
-    const int rc = io_uring_submit_and_wait(&r.ring, wait_nr);
+    const int rc = enter(r, wait_nr);
 
     // Reap every completion available, in one pass.
     unsigned head;
@@ -684,7 +824,7 @@ void UringEngine::run(Ring& r) {
     io_uring_cq_advance(&r.ring, seen);
 
     Status fatal;
-    if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY && rc != -ETIME) {
+    if (rc < 0 && !transient_enter_error(rc)) {
       fatal = Status::from_errno(rc, "io_uring_enter");
     } else if (event_failures > 100) {
       fatal = Status(StatusCode::kInternal, "io_uring worker: eventfd read keeps failing");
@@ -693,8 +833,8 @@ void UringEngine::run(Ring& r) {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
     if (!fatal.ok()) {
-      std::fprintf(stderr, "strata: io_uring ring broken (%s); failing its requests\n",
-                   fatal.to_string().c_str());
+      log_message(LogLevel::kError,
+                  "io_uring ring broken (" + fatal.to_string() + "); failing its requests");
       {
         std::lock_guard<std::mutex> lk(r.mu);
         r.broken = fatal;
@@ -703,9 +843,10 @@ void UringEngine::run(Ring& r) {
         }
         r.incoming.clear();
       }
-      fail_all(r, fatal, inflight_head, pending);
-      inflight_head = nullptr;
-      inflight = 0;
+      // The kernel may still own the in-flight requests' buffers (a DMA into
+      // one may be running): the caller gets them back only once it is done.
+      quiesce(r, fatal, inflight_head, inflight, event_armed);
+      fail_all(fatal, pending);
       std::unique_lock<std::mutex> lk(r.mu);
       r.cv.wait(lk, [&r] { return r.stop; });
       return;

@@ -75,6 +75,11 @@ class UringEngine final : public BatchEngine {
   // Test seam: registered pieces are at most `bytes` (default
   // kMaxRegisteredPiece), so the splitting is tested without pinning 1 GiB.
   void set_max_buffer_piece_for_testing(size_t bytes) { max_piece_ = bytes; }
+  // Test seam, a ring torn down mid-batch: the next `times` io_uring_enter
+  // calls of every worker (after the one each is blocked in, which this
+  // wakes) fail with -err without entering the kernel; times < 0: every call
+  // from then on, as on a ring that cannot be entered any more.
+  void fail_enter_for_testing(int err, int times);
 
  protected:
   Status on_register_file(int handle, int fd) override;
@@ -91,11 +96,13 @@ class UringEngine final : public BatchEngine {
     iovec event_iov{};
     std::thread thread;
     std::mutex mu;
-    std::condition_variable cv;       // used only once the ring is broken
-    std::vector<BlockReq*> incoming;  // guarded by mu
-    bool wake_wanted = false;         // guarded by mu: worker blocks in the kernel with room
-    bool stop = false;                // guarded by mu
-    Status broken;                    // guarded by mu: io_uring_enter failed for good
+    std::condition_variable cv;        // used only once the ring is broken
+    std::vector<BlockReq*> incoming;   // guarded by mu
+    bool wake_wanted = false;          // guarded by mu: worker blocks in the kernel with room
+    bool stop = false;                 // guarded by mu
+    Status broken;                     // guarded by mu: io_uring_enter failed for good
+    std::atomic<int> forced_errno{0};  // fail_enter_for_testing
+    std::atomic<int> forced_left{0};   // calls still to fail; < 0: all
   };
   struct Region {
     uintptr_t base = 0;   // piece start
@@ -108,8 +115,18 @@ class UringEngine final : public BatchEngine {
   Status init();
   void run(Ring& r);
   void wake(Ring& r);
-  void fail_all(Ring& r, const Status& status, BlockReq* inflight_head,
-                std::deque<BlockReq*>& pending);
+  // The worker's io_uring_submit_and_wait, behind the test seam.
+  int enter(Ring& r, unsigned wait_nr);
+  // After a fatal error: returns once the kernel holds no request of the ring,
+  // finishing each in-flight request with `status` as its CQE arrives. It
+  // cancels them all (IORING_ASYNC_CANCEL_ANY, else one cancel each) and reaps
+  // every CQE; if io_uring_enter keeps failing, SQEs the kernel never consumed
+  // are failed at once and the rest are waited for by reading the CQ ring.
+  // A request is never finished while the kernel may still move its bytes.
+  void quiesce(Ring& r, const Status& status, BlockReq*& inflight_head, unsigned& inflight,
+               bool& event_armed);
+  // Fails requests the kernel never saw.
+  void fail_all(const Status& status, std::deque<BlockReq*>& pending);
   // Sets the fixed-buffer slots of every ring; rolls back on failure.
   Status update_buffer_slots(const std::vector<int>& slots, const std::vector<iovec>& iovs);
   Status reregister_all_buffers();  // kernels without sparse buffer tables

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include <strata/log.h>
 #include <strata/platform/meminfo.h>
 #include <strata/platform/memlock.h>
 #include <strata/platform/topology.h>
@@ -76,14 +77,19 @@ struct PinnedPool::Impl {
     free_by_addr.erase(it);
   }
 
-  // Records a refused pin: one warning per pool, then unpinned for good.
-  void note_unpinned(const std::string& why) {
+  // Records a refused pin: unpinned for good from now on. Returns true the
+  // first time, when the caller warns (once per pool) after releasing mu: a
+  // log sink may block (the binding's waits for the GIL).
+  bool note_unpinned(const std::string& why) {
     if (unpinned) {
-      return;
+      return false;
     }
     unpinned = true;
     pin_note = why;
-    std::fprintf(stderr, "strata: warning: pinned pool continues unpinned: %s\n", why.c_str());
+    return true;
+  }
+  static void warn_unpinned(const std::string& why) {
+    log_message(LogLevel::kWarning, "pinned pool continues unpinned: " + why);
   }
 
   // Maps and pins (unless refused) one slab; called without mu held because
@@ -122,8 +128,14 @@ struct PinnedPool::Impl {
       if (!options.allow_unpinned) {
         return Status(StatusCode::kPermissionDenied, "pinned pool: " + refused);
       }
-      std::lock_guard<std::mutex> lock(mu);
-      note_unpinned(refused);
+      bool first;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        first = note_unpinned(refused);
+      }
+      if (first) {
+        warn_unpinned(refused);
+      }
     }
     return entry;
   }
@@ -198,14 +210,18 @@ PinnedPool::~PinnedPool() {
   if (!impl_) {
     return;
   }
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  STRATA_DCHECK(impl_->live.empty(),
-                std::to_string(impl_->live.size()) + " buffers outlive their pinned pool");
-  if (!impl_->live.empty()) {
-    std::fprintf(stderr,
-                 "strata: error: pinned pool destroyed with %zu live buffers (%s); their "
-                 "memory is unmapped now\n",
-                 impl_->live.size(), format_bytes(impl_->in_use).c_str());
+  std::string leak;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    STRATA_DCHECK(impl_->live.empty(),
+                  std::to_string(impl_->live.size()) + " buffers outlive their pinned pool");
+    if (!impl_->live.empty()) {
+      leak = "pinned pool destroyed with " + std::to_string(impl_->live.size()) +
+             " live buffers (" + format_bytes(impl_->in_use) + "); their memory is unmapped now";
+    }
+  }
+  if (!leak.empty()) {
+    log_message(LogLevel::kError, leak);  // outside mu: a log sink may block
   }
 }
 
@@ -249,7 +265,9 @@ Result<std::unique_ptr<PinnedPool>> PinnedPool::create(const PoolOptions& option
                       "pinned pool: " + advice +
                           " (or allow an unpinned pool: offload_optimizer.pin_memory=false)");
       }
-      impl->note_unpinned(advice);
+      if (impl->note_unpinned(advice)) {
+        Impl::warn_unpinned(advice);
+      }
     }
   }
   return std::unique_ptr<PinnedPool>(new PinnedPool(std::move(impl)));
@@ -327,7 +345,7 @@ Result<PinnedBuffer> PinnedPool::allocate(size_t bytes) {
 
 void PinnedPool::release(void* data, size_t size, size_t reserved) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::unique_lock<std::mutex> lock(m.mu);
   uintptr_t addr = reinterpret_cast<uintptr_t>(data);
   auto live = m.live.find(addr);
   bool known =
@@ -335,9 +353,11 @@ void PinnedPool::release(void* data, size_t size, size_t reserved) {
   STRATA_DCHECK(known, "release of a range this pool did not hand out (double free?)");
   if (!known) {
     // Release builds: refuse rather than corrupt the free lists.
-    std::fprintf(stderr,
-                 "strata: error: pinned pool: ignoring release of unknown range %p (%zu bytes)\n",
-                 data, size);
+    lock.unlock();  // a log sink may block
+    char what[96];
+    std::snprintf(what, sizeof(what), "%p (%zu bytes)", data, size);
+    log_message(LogLevel::kError,
+                std::string("pinned pool: ignoring release of unknown range ") + what);
     return;
   }
   m.live.erase(live);

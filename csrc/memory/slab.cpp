@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include <strata/log.h>
 #include <strata/platform/meminfo.h>
 
 #include "memory/dcheck.h"
@@ -12,7 +13,8 @@
 namespace strata::memory::detail {
 
 void dcheck_fail(const char* cond, const std::string& msg, const char* file, int line) {
-  std::fprintf(stderr, "strata: DCHECK failed at %s:%d: %s: %s\n", file, line, cond, msg.c_str());
+  log_message(LogLevel::kFatal, std::string("DCHECK failed at ") + file + ":" +
+                                    std::to_string(line) + ": " + cond + ": " + msg);
   std::abort();
 }
 

@@ -257,6 +257,8 @@ py::dict stats_py(engine::Engine& e) {
   d["bytes_stored"] = s.bytes_stored;
   d["io_bytes_read"] = s.io_bytes_read;
   d["io_bytes_written"] = s.io_bytes_written;
+  d["registered_buffers"] = s.registered_buffers;
+  d["unregistered_buffers"] = s.unregistered_buffers;
   d["pool_reserved"] = s.pool_reserved;
   d["pool_requested"] = s.pool_requested;
   d["pool_peak"] = s.pool_peak;

@@ -29,13 +29,18 @@ struct StrataIOError : std::runtime_error {
 
 void register_exceptions(py::module_& m);
 [[noreturn]] void throw_status(const Status& st);
+// Delivers the core's log messages queued by worker threads (log_sink.cpp);
+// a no-op unless this thread holds the GIL.
+void flush_log();
 inline void check(const Status& st) {
+  flush_log();  // what the core said before a failure comes before the exception
   if (!st.ok()) {
     throw_status(st);
   }
 }
 template <typename T>
 T unwrap(Result<T>&& r) {
+  flush_log();
   if (!r.ok()) {
     throw_status(r.status());
   }

@@ -29,6 +29,7 @@ namespace strata::pybind {
 void bind_system(py::module_& m);
 void bind_model(py::module_& m);
 void bind_cuda(py::module_& m);
+void bind_log(py::module_& m);
 
 namespace {
 
@@ -142,6 +143,7 @@ using namespace strata::pybind;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "strata core binding (torch-free)";
   register_exceptions(m);
+  bind_log(m);  // the core's messages go to logging.getLogger("strata") from here on
   m.attr("__version__") = STRATA_VERSION;
 
   py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
@@ -324,7 +326,15 @@ PYBIND11_MODULE(_C, m) {
              check(st);
            })
       .def("step_count", [](PyEngine& s, int g) { return s.e().step_count(g); })
-      .def("set_step_count", [](PyEngine& s, int g, int64_t n) { s.e().set_step_count(g, n); })
+      .def("set_step_count",
+           [](PyEngine& s, int g, int64_t n) {
+             Status st;
+             {
+               py::gil_scoped_release release;  // joins the step in flight
+               st = s.e().set_step_count(g, n);
+             }
+             check(st);
+           })
       .def("clear_error", [](PyEngine& s) { check(s.e().clear_error()); })
       .def("error", [](PyEngine& s) { return s.e().error().to_string(); })
       .def("plan_text", [](PyEngine& s) { return s.e().plan().to_string(); })

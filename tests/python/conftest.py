@@ -19,6 +19,32 @@ def swap_dir(tmp_path):
     return d
 
 
+def fs_type(path):
+    """The file-system type of the mount holding `path` ("ext4", "tmpfs", ...), from
+    /proc/self/mountinfo (longest mount point that is a prefix of the real path)."""
+    real = os.path.realpath(path)
+    best, kind = "", None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mount = left.split()[4].replace("\\040", " ")
+            inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best):
+                best, kind = mount, right.split()[0]
+    return kind
+
+
+def skip_unless_block_io(path):
+    """/proc/self/io's read_bytes/write_bytes count block-device I/O only: skip (with the reason)
+    a check of them when `path` lives on a file system with no block device under it."""
+    if not os.path.exists("/proc/self/io"):
+        pytest.skip("/proc/self/io is not available here")
+    kind = fs_type(path)
+    if kind in ("tmpfs", "ramfs", "nfs", "nfs4", "fuse", "9p", "virtiofs", None):
+        pytest.skip(f"{path} is on {kind}: /proc/self/io counts block-device I/O only, which "
+                    f"this file system does not do")
+
+
 def nvme_config(swap_dir, **extra):
     cfg = {
         "zero_optimization": {

@@ -14,7 +14,8 @@
 //   gradient arenas and its thread pool. Model parameter memory is borrowed:
 //   ParamInfo::data must stay valid (and not move) for the engine's life.
 // Thread-safety: one thread drives an engine (step, zero_grads, state
-//   access); several engines may live in one process.
+//   access); mark_param_ready may also be called from any other thread (see
+//   there). Several engines may live in one process.
 #pragma once
 
 #include <cstddef>
@@ -90,6 +91,11 @@ struct EngineStats {
   bool pool_pinned = false;
   uint64_t swap_file_bytes = 0;
   std::string swap_file_path;
+  // Working buffers of the swap pipeline registered with the I/O engine
+  // (fixed-buffer I/O), and those it refused, used unregistered (a plan note
+  // says why). Both 0 without a fetch/store tier on the I/O engine.
+  uint64_t registered_buffers = 0;
+  uint64_t unregistered_buffers = 0;
   std::string io_backend;
   std::string io_note;
   std::string isa;
@@ -134,6 +140,11 @@ class Engine {
   // mode prefetches its state and computes its gradient statistics, and the
   // updates run when step(grad_mul) supplies the clip/scale factor. Results
   // are bit-identical to a step without overlap.
+  // mark_param_ready is safe against every other call (it locks the run in
+  // flight; outside a backward it does nothing). An index that names no
+  // parameter is an error (InvalidArgument) reported once, by the next
+  // end_backward() (which still ends the backward) or step() (which then
+  // updates nothing).
   struct BackwardOptions {
     bool eager_update = false;
     float grad_mul = 1.0f;  // eager mode only
@@ -186,7 +197,12 @@ class Engine {
   // weights were loaded).
   Status sync_master_from_params();
   int64_t step_count(int group) const;
-  void set_step_count(int group, int64_t step);
+  // Sets the step count of a param group (checkpoint resume). The pipeline
+  // thread reads the counts while a step runs, so this first joins the step
+  // in flight (sync()) and writes nothing if that fails: FailedPrecondition
+  // while a step begun by begin_backward() awaits step()/cancel_step(), or
+  // the failed step's error. InvalidArgument for a group that does not exist.
+  [[nodiscard]] Status set_step_count(int group, int64_t step);
 
   // After a failed step every record counts as lost: reads of it fail, and
   // writes start from an empty record. Once every slot of every parameter was

@@ -122,7 +122,8 @@ class PinnedPool {
   // Sizes are rounded to 4 KiB each, so plan with the sum of rounded sizes.
   // Frees in between can still fragment the slab: a FIFO of variable-size
   // buffers (a swap pipeline allocating per sub-group) may need one more
-  // slab when it wraps; a BufferRing of fixed-size buffers never does.
+  // slab when it wraps; fixed-size buffers allocated once (the engine's
+  // working buffers) never do.
   Status reserve(size_t bytes);
 
   // 4 KiB-aligned buffer of `bytes` (bytes > 0). Adds a slab when no free

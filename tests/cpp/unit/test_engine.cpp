@@ -3,8 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <dirent.h>
+#include <linux/capability.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -13,6 +18,7 @@
 
 #include <strata/engine/engine.h>
 #include <strata/kernels/cast.h>
+#include <strata/platform/vm.h>
 
 namespace fs = std::filesystem;
 using namespace strata;
@@ -130,13 +136,7 @@ TEST(Engine, PlacementInvarianceIsBitIdentical) {
   auto dram = run("cpu", "", 4096, 20);
   auto nvme = run("nvme", dir.path.string(), 4096, 20);
   auto mixed = run("nvme", dir.path.string(), 4096, 20, /*dram_cache=*/200000);
-  auto cxl = run("cxl", "", 4096, 20);
   ASSERT_FALSE(dram.empty());
-  ASSERT_EQ(cxl.size(), dram.size()) << "the cxl tier (bound to node 0) did not run";
-  for (size_t i = 0; i < dram.size(); ++i) {
-    ASSERT_EQ(0, std::memcmp(dram[i].data(), cxl[i].data(), dram[i].size() * 4))
-        << "cxl, param " << i;
-  }
   ASSERT_EQ(dram.size(), nvme.size());
   for (size_t i = 0; i < dram.size(); ++i) {
     ASSERT_EQ(0, std::memcmp(dram[i].data(), nvme[i].data(), dram[i].size() * 4)) << "param " << i;
@@ -147,6 +147,30 @@ TEST(Engine, PlacementInvarianceIsBitIdentical) {
   for (size_t i = 0; i < dram.size(); ++i) {
     ASSERT_EQ(0, std::memcmp(dram[i].data(), coarse[i].data(), dram[i].size() * 4))
         << "param " << i;
+  }
+}
+
+// Regression (issue 18, item 10): the cxl run sat in the test above and failed
+// it where mbind is refused (seccomp, a container without NUMA syscalls); the
+// missing capability is now a skip with the reason.
+TEST(Engine, CxlPlacementIsBitIdenticalToDram) {
+  void* page = nullptr;
+  ASSERT_EQ(platform::map_anonymous(platform::kPageSize, platform::kPageSize, &page), 0);
+  const int node0[] = {0};
+  const int bound = platform::bind_memory(page, platform::kPageSize, platform::MemPolicy::kBind,
+                                          std::span<const int>(node0));
+  ASSERT_EQ(platform::unmap(page, platform::kPageSize), 0);
+  if (bound != 0) {
+    GTEST_SKIP() << "mbind to node 0 is refused here (" << std::strerror(-bound)
+                 << "): the cxl tier cannot bind its records";
+  }
+  auto dram = run("cpu", "", 4096, 20);
+  auto cxl = run("cxl", "", 4096, 20);
+  ASSERT_FALSE(dram.empty());
+  ASSERT_EQ(cxl.size(), dram.size()) << "the cxl tier (bound to node 0) did not run";
+  for (size_t i = 0; i < dram.size(); ++i) {
+    ASSERT_EQ(0, std::memcmp(dram[i].data(), cxl[i].data(), dram[i].size() * 4))
+        << "cxl, param " << i;
   }
 }
 
@@ -469,4 +493,274 @@ TEST(Engine, GradAccumDtypeSetsTheArenaDtype) {
     EXPECT_EQ(0, std::memcmp(model.data(), expect.param.data(), n * 2))
         << (fp32 ? "fp32" : "unset");
   }
+}
+
+// Regression (issue 18, item 2): mark_param_ready read the engine's run in
+// flight without a lock, though documented callable from any thread: a hook
+// racing with begin_backward/step read the pointer as it was replaced, and
+// one racing with the next step's sync() locked a run being destroyed (a data
+// race and a use after free under TSan). Hooks here fire from three threads
+// at any time, in and out of backward; exact mode keeps the result equal to
+// steps without overlap.
+TEST(EngineOverlap, HooksFromSeveralThreadsAtAnyTime) {
+  const int steps = 30;
+  auto plain = run("cpu", "", 4096, steps);
+  Model m(42);
+  EngineOptions o;
+  o.config = make_config("cpu", "", 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  auto& e = *r.value();
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> hooks;
+  for (size_t t = 0; t < 3; ++t) {
+    hooks.emplace_back([&, t] {
+      for (size_t i = t; !stop.load(std::memory_order_relaxed); ++i) {
+        e.mark_param_ready(i % m.params.size());
+        std::this_thread::yield();
+      }
+    });
+  }
+  for (int s = 0; s < steps; ++s) {
+    fill_grads(e, m, s);
+    Engine::BackwardOptions bo;  // exact: updates wait for step()
+    bo.threads = 1;
+    ASSERT_TRUE(e.begin_backward(bo).ok());
+    for (size_t p = 0; p < m.params.size(); ++p) {
+      e.mark_param_ready(p);
+    }
+    ASSERT_TRUE(e.end_backward().ok());
+    Status st = e.step();
+    ASSERT_TRUE(st.ok()) << st.to_string();
+  }
+  stop = true;
+  for (auto& h : hooks) {
+    h.join();
+  }
+  ASSERT_TRUE(e.close().ok());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    ASSERT_EQ(0, std::memcmp(plain[i].data(), m.params[i].data(), plain[i].size() * 4)) << i;
+  }
+}
+
+// Regression (issue 18, item 2): an out-of-range index given to
+// mark_param_ready was dropped without a word, hiding a binding that mapped
+// hooks to the wrong parameters. It is reported once, by the next
+// end_backward (which still ends the backward) or step (which then updates
+// nothing).
+TEST(EngineOverlap, BadParameterIndexIsReportedByTheNextEndBackwardOrStep) {
+  Model m(42);
+  EngineOptions o;
+  o.config = make_config("cpu", "", 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  auto& e = *r.value();
+  fill_grads(e, m, 0);
+  Engine::BackwardOptions bo;
+  ASSERT_TRUE(e.begin_backward(bo).ok());
+  e.mark_param_ready(m.params.size() + 3);
+  Status st = e.end_backward();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.to_string();
+  EXPECT_NE(st.message().find("mark_param_ready(7)"), std::string::npos) << st.to_string();
+  ASSERT_TRUE(e.step().ok()) << "reported once; the backward was ended";
+  EXPECT_EQ(e.step_count(0), 1);
+
+  // Outside a backward, step() reports it and updates nothing.
+  const auto before = m.params;
+  e.mark_param_ready(size_t(1) << 40);
+  st = e.step();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.to_string();
+  EXPECT_EQ(e.step_count(0), 1);
+  EXPECT_EQ(before, m.params);
+  ASSERT_TRUE(e.step().ok());
+  EXPECT_EQ(e.step_count(0), 2);
+  ASSERT_TRUE(e.close().ok());
+}
+
+// Regression (issue 18, item 3): set_step_count dropped sync()'s failure and
+// then wrote the count while the pipeline thread (eager updates during
+// backward) was reading it — a data race, and a step counted with a value
+// nobody gave it.
+TEST(EngineOverlap, SetStepCountWaitsForNoStepInFlight) {
+  Model m(42);
+  EngineOptions o;
+  o.config = make_config("cpu", "", 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  auto& e = *r.value();
+  fill_grads(e, m, 0);
+  Engine::BackwardOptions bo;
+  bo.eager_update = true;  // updates run on the pipeline thread as parameters become ready
+  bo.threads = 1;
+  ASSERT_TRUE(e.begin_backward(bo).ok());
+  for (size_t p = 0; p < m.params.size(); ++p) {
+    e.mark_param_ready(p);
+  }
+  const int64_t during = e.step_count(0);
+  Status st = e.set_step_count(0, 1000);
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st.to_string();
+  EXPECT_EQ(e.step_count(0), during) << "written while the step was in flight";
+  ASSERT_TRUE(e.end_backward().ok());
+  ASSERT_TRUE(e.step().ok());
+  st = e.set_step_count(0, 7);  // joins the write-back first
+  EXPECT_TRUE(st.ok()) << st.to_string();
+  EXPECT_EQ(e.step_count(0), 7);
+  EXPECT_EQ(e.set_step_count(2, 1).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(e.close().ok());
+}
+
+namespace {
+
+// Runs fn in a forked child; returns its exit code (-1 if it did not exit)
+// and what it wrote to *text.
+template <typename Fn>
+int run_in_child(Fn fn, std::string* text) {
+  int fds[2];
+  if (pipe(fds) != 0) {
+    return -1;
+  }
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    std::string out;
+    int code = fn(&out);
+    (void)!write(fds[1], out.data(), out.size());
+    _exit(code);
+  }
+  close(fds[1]);
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fds[0], buf, sizeof(buf))) > 0) {
+    text->append(buf, size_t(n));
+  }
+  close(fds[0]);
+  int status = 0;
+  if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) {
+    return -1;
+  }
+  return WEXITSTATUS(status);
+}
+
+// Drops CAP_IPC_LOCK from this process (root ignores RLIMIT_MEMLOCK otherwise).
+bool drop_cap_ipc_lock() {
+  __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[2] = {};
+  if (syscall(SYS_capget, &hdr, data) != 0) {
+    return false;
+  }
+  data[0].effective &= ~(1u << CAP_IPC_LOCK);
+  data[0].permitted &= ~(1u << CAP_IPC_LOCK);
+  data[0].inheritable &= ~(1u << CAP_IPC_LOCK);
+  return syscall(SYS_capset, &hdr, data) == 0;
+}
+
+}  // namespace
+
+// Regression (issue 18, item 4): a refused buffer registration was fatal in
+// Engine::create, although the I/O engine's contract is that it keeps
+// working without fixed buffers: with a low RLIMIT_MEMLOCK and no
+// CAP_IPC_LOCK no NVMe engine could start. Checked in a child that really
+// has both, against the same run in this process.
+TEST(Engine, RefusedBufferRegistrationFallsBackToUnregisteredBuffers) {
+  TempDir dir;
+  const std::string path = dir.path.string();
+  auto want = run("nvme", path, 4096, 3);
+  ASSERT_FALSE(want.empty());
+  std::string text;
+  const int code = run_in_child(
+      [&](std::string* out) -> int {
+        rlimit rl{};
+        rl.rlim_cur = rl.rlim_max = 16 << 10;  // less than one 48 KiB record buffer
+        if (setrlimit(RLIMIT_MEMLOCK, &rl) != 0 || !drop_cap_ipc_lock()) {
+          *out = "setrlimit/capset failed";
+          return 10;
+        }
+        Model m(42);
+        EngineOptions o;
+        o.config = make_config("nvme", path, 4096);
+        o.params = m.infos();
+        o.groups = hypers();
+        auto r = Engine::create(std::move(o));
+        if (!r.ok()) {
+          *out = "create: " + r.status().to_string();
+          return 11;
+        }
+        Engine& e = *r.value();
+        const EngineStats st = e.stats();
+        if (st.io_backend != "io_uring") {
+          *out = "backend " + st.io_backend + " (" + st.io_note + ") has no fixed buffers";
+          return 77;
+        }
+        if (st.unregistered_buffers != 3 || st.registered_buffers != 0) {
+          *out = "unregistered " + std::to_string(st.unregistered_buffers) + ", registered " +
+                 std::to_string(st.registered_buffers);
+          return 12;
+        }
+        bool noted = false;
+        for (const auto& n : e.plan().notes) {
+          noted = noted || (n.find("registration refused") != std::string::npos &&
+                            n.find("RLIMIT_MEMLOCK") != std::string::npos);
+        }
+        if (!noted) {
+          *out = "no plan note says why";
+          return 13;
+        }
+        for (int s = 0; s < 3; ++s) {
+          fill_grads(e, m, s);
+          if (Status st2 = e.step(); !st2.ok()) {
+            *out = "step: " + st2.to_string();
+            return 14;
+          }
+        }
+        if (!e.close().ok()) {
+          *out = "close failed";
+          return 15;
+        }
+        for (size_t i = 0; i < want.size(); ++i) {
+          if (std::memcmp(want[i].data(), m.params[i].data(), want[i].size() * 4) != 0) {
+            *out = "param " + std::to_string(i) + " differs from the run with fixed buffers";
+            return 16;
+          }
+        }
+        return 0;
+      },
+      &text);
+  if (code == 77) {
+    GTEST_SKIP() << text;
+  }
+  EXPECT_EQ(code, 0) << text;
+}
+
+// Regression (issue 18, item 11): docs/memory.md said the swap pipeline's
+// buffers live in memory::BufferRing, which no production code used (it is
+// gone). What the docs now say, checked: buffer_count working buffers, each
+// the size of the largest record (not the largest tensor), taken from the
+// pool, each given to the I/O engine for registration.
+TEST(Engine, WorkingBuffersAreWhatTheDocsSay) {
+  TempDir dir;
+  Model m(42);
+  EngineOptions o;
+  o.config = make_config("nvme", dir.path.string(), 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  Engine& e = *r.value();
+  size_t largest_record = 0;
+  for (const auto& sg : e.subgroups()) {
+    largest_record = std::max(largest_record, sg.record_bytes);
+  }
+  EXPECT_EQ(e.plan().buffer_count, 3u);
+  EXPECT_EQ(e.plan().working_buffer_bytes, largest_record);
+  EXPECT_LT(largest_record, 25000u * 12) << "sized from records, not from the largest tensor";
+  const EngineStats st = e.stats();
+  EXPECT_EQ(st.registered_buffers + st.unregistered_buffers, 3u);
+  EXPECT_GE(st.pool_requested, 3 * largest_record) << "the buffers come from the pool";
+  ASSERT_TRUE(e.close().ok());
 }

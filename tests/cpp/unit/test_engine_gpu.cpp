@@ -13,6 +13,7 @@
 #include <fstream>
 #include <random>
 
+#include <strata/cuda/device.h>
 #include <strata/engine/engine.h>
 
 #include "cuda/adam_math.h"
@@ -329,4 +330,47 @@ TEST(EngineGpu, AutoScheduleTakesTheModelsSplit) {
     ASSERT_EQ(
         0, std::memcmp(cpu.masters[i].data(), chosen.masters[i].data(), cpu.masters[i].size() * 4));
   }
+}
+
+// Regression (issue 18, item 5): Engine::create never set
+// PlanInputs::gpu_available, so with offload_optimizer.ratio < 1 the plan
+// told users "no GPU is available" and the engine then updated on the GPU.
+TEST(EngineGpu, PlanNotesAgreeWithWhereUpdatesRun) {
+  auto says_no_gpu = [](const Outcome& o) {
+    for (const auto& n : o.notes) {
+      if (n.find("no GPU is available") != std::string::npos) {
+        return true;
+      }
+    }
+    return false;
+  };
+  Outcome mixed = run(0.5, 1);
+  size_t gpu_sgs = 0;
+  for (uint8_t x : mixed.on_gpu) gpu_sgs += x;
+  ASSERT_GT(gpu_sgs, 0u);
+  EXPECT_FALSE(says_no_gpu(mixed)) << "the GPU took " << gpu_sgs << " sub-groups";
+
+  // Without an injected updater the answer is the CUDA runtime's.
+  std::vector<float> host(5000, 0.5f), device(5000, 0.f);
+  EngineOptions o;
+  o.config = config(0.5);
+  ParamInfo p{"w", int64_t(host.size()), kernels::DType::kF32, 0, host.data()};
+  p.device_data = device.data();
+  o.params = {p};
+  o.groups = {hypers()[0]};
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  bool any_gpu = false;
+  for (uint32_t sg = 0; sg < r.value()->subgroups().size(); ++sg) {
+    any_gpu = any_gpu || r.value()->gpu_updated(sg);
+  }
+  Outcome plain;
+  plain.notes = r.value()->plan().notes;
+  if (!cuda::cuda_available().ok()) {
+    EXPECT_FALSE(any_gpu);
+    EXPECT_TRUE(says_no_gpu(plain)) << cuda::cuda_available().to_string();
+  } else {
+    EXPECT_FALSE(says_no_gpu(plain)) << "a device is here";
+  }
+  ASSERT_TRUE(r.value()->close().ok());
 }

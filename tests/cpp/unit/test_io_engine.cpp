@@ -639,5 +639,107 @@ TEST(ProbeTest, DirectIoOnDiskAndMissingDir) {
   EXPECT_TRUE(*r) << "ext4/xfs under /tmp should accept O_DIRECT";
 }
 
+// A ring torn down mid-batch, through UringEngine's enter seam. Reads of an
+// empty pipe stand for requests the kernel holds: they stay in flight until
+// data arrives, and data written later lands in whatever buffer a read still
+// in the kernel owns.
+class BrokenRingTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    if (!test::uring_unavailable_reason().empty()) {
+      GTEST_SKIP() << "io_uring unavailable: " << test::uring_unavailable_reason();
+    }
+    IoOptions o = test::options_for(Backend::kUring);
+    o.block_size = 4096;
+    o.queue_depth = 8;
+    auto made = detail::UringEngine::create(o, "");
+    ASSERT_TRUE(made.ok()) << made.status().to_string();
+    engine_ = std::move(made).value();
+    ASSERT_EQ(::pipe(fds_), 0);
+    auto h = engine_->register_file(fds_[0], "pipe", false);
+    ASSERT_TRUE(h.ok()) << h.status().to_string();
+    handle_ = *h;
+  }
+  void TearDown() override {
+    engine_.reset();
+    for (int fd : fds_) {
+      if (fd >= 0) {
+        ::close(fd);
+      }
+    }
+  }
+  // Submits reads of `bytes` (4 KiB pieces) into buf_ and lets them reach
+  // the kernel, where they wait for data.
+  Ticket submit_reads(size_t bytes) {
+    buf_.assign(bytes, 0);
+    IoRequest req{IoOp::kRead, handle_, buf_.data(), bytes, 0};
+    auto t = engine_->submit({&req, 1});
+    EXPECT_TRUE(t.ok()) << t.status().to_string();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    auto done = engine_->poll(*t);
+    EXPECT_TRUE(done.ok() && !*done) << "reads of an empty pipe completed";
+    return *t;
+  }
+  void write_pipe(char c, size_t bytes) {
+    std::string data(bytes, c);
+    ASSERT_EQ(::write(fds_[1], data.data(), data.size()), ssize_t(data.size()));
+  }
+
+  std::unique_ptr<detail::UringEngine> engine_;
+  int fds_[2] = {-1, -1};
+  int handle_ = -1;
+  std::vector<char> buf_;
+};
+
+// Regression (issue 18, item 1): on a broken ring, fail_all completed the
+// requests the kernel still held, so the caller got back buffers the kernel
+// was still going to write into (here: data written to the pipe after wait()
+// returned landed in the "failed" buffer). The worker now cancels what is in
+// flight and reaps every CQE before failing the requests.
+TEST_F(BrokenRingTest, InFlightRequestsAreCancelledBeforeTheyFail) {
+  const size_t bytes = 4 * 4096;
+  Ticket t = submit_reads(bytes);
+  engine_->fail_enter_for_testing(EIO, 1);  // the ring breaks mid-batch
+  Status st = engine_->wait(t);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("io_uring_enter"), std::string::npos) << st.to_string();
+  EXPECT_NE(st.message().find("read pipe"), std::string::npos) << st.to_string();
+  // The buffer is the caller's again: nothing the kernel held may fill it.
+  write_pipe('x', bytes);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(std::count(buf_.begin(), buf_.end(), 0), ptrdiff_t(bytes))
+      << "a read still in the kernel wrote into a buffer already handed back";
+  // ... and no cancelled read took the data.
+  ASSERT_EQ(::fcntl(fds_[0], F_SETFL, O_NONBLOCK), 0);
+  std::vector<char> back(bytes + 1);
+  EXPECT_EQ(::read(fds_[0], back.data(), back.size()), ssize_t(bytes));
+  // The ring stays broken: new work fails at once with the same error.
+  IoRequest req{IoOp::kRead, handle_, buf_.data(), 4096, 0};
+  auto t2 = engine_->submit({&req, 1});
+  ASSERT_TRUE(t2.ok());
+  EXPECT_NE(engine_->wait(*t2).message().find("io_uring_enter"), std::string::npos);
+  EXPECT_EQ(engine_->stats().errors, 5u);
+}
+
+// Regression (issue 18, item 1): a ring that cannot be entered any more can
+// cancel nothing; its requests were failed at once all the same. Now they
+// fail only when the kernel has completed them (read from the CQ ring, no
+// io_uring_enter needed), and SQEs it never consumed fail at once.
+TEST_F(BrokenRingTest, RingThatCannotBeEnteredWaitsForTheKernel) {
+  const size_t bytes = 2 * 4096;
+  Ticket t = submit_reads(bytes);
+  engine_->fail_enter_for_testing(EBADF, -1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  auto done = engine_->poll(t);
+  ASSERT_TRUE(done.ok());
+  EXPECT_FALSE(*done) << "failed while the kernel still held its buffers";
+  write_pipe('y', bytes);  // the kernel completes the reads
+  Status st = engine_->wait(t);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("Bad file descriptor"), std::string::npos) << st.to_string();
+  EXPECT_EQ(std::count(buf_.begin(), buf_.end(), 'y'), ptrdiff_t(bytes))
+      << "the reads completed into the buffer before it was handed back";
+}
+
 }  // namespace
 }  // namespace strata::io

@@ -1,4 +1,4 @@
-// PinnedPool and BufferRing: allocation without power-of-two rounding,
+// PinnedPool: allocation without power-of-two rounding,
 // best fit and coalescing, slab growth, the invariants, RLIMIT_MEMLOCK
 // handling (seam and a real capability-less child), and MADV_DONTFORK.
 #include <linux/capability.h>
@@ -10,11 +10,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <mutex>
 #include <random>
 #include <sstream>
 #include <string>
@@ -23,7 +21,6 @@
 
 #include <gtest/gtest.h>
 
-#include <strata/memory/buffer_ring.h>
 #include <strata/memory/pinned_pool.h>
 #include <strata/platform/meminfo.h>
 #include <strata/platform/memlock.h>
@@ -636,116 +633,5 @@ void fork_test(bool dontfork) {
 
 TEST(PinnedPoolFork, ChildDoesNotInheritThePool) { fork_test(true); }
 TEST(PinnedPoolFork, ControlWithoutDontforkChildInheritsIt) { fork_test(false); }
-
-// --------------------------------------------------------------------------
-// BufferRing
-
-TEST(BufferRing, AcquireReleaseFifo) {
-  auto pool = make_pool(small_options(size_t(1) << 20));
-  ASSERT_TRUE(pool);
-  auto ring = BufferRing::create(*pool, 3, 10000);
-  ASSERT_TRUE(ring.ok()) << ring.status().to_string();
-  EXPECT_EQ(ring->buffer_count(), 3u);
-  EXPECT_EQ(ring->buffer_bytes(), 10000u);
-  EXPECT_EQ(pool->stats().requested, 30000u);
-  EXPECT_EQ(pool->stats().in_use, 3 * 3 * kPage);
-  std::vector<BufferRing::Lease> held;
-  for (size_t i = 0; i < 3; ++i) {
-    auto l = ring->try_acquire();
-    ASSERT_TRUE(l.ok());
-    EXPECT_EQ(l->index(), i);
-    EXPECT_EQ(l->size(), 10000u);
-    EXPECT_EQ(reinterpret_cast<uintptr_t>(l->data()) % kPoolAlignment, 0u);
-    EXPECT_EQ(l->data(), ring->buffer(i));
-    std::memset(l->data(), int(i), l->size());
-    held.push_back(std::move(l).value());
-  }
-  EXPECT_EQ(ring->in_use(), 3u);
-  auto full = ring->try_acquire();
-  EXPECT_EQ(full.status().code(), StatusCode::kUnavailable);
-  EXPECT_TRUE(full.status().retryable());
-  held[1].release();
-  held[1].release();              // idempotent
-  held[0] = BufferRing::Lease();  // move-assign releases buffer 0
-  EXPECT_EQ(ring->in_use(), 1u);
-  auto n1 = ring->try_acquire();
-  ASSERT_TRUE(n1.ok());
-  EXPECT_EQ(n1->index(), 1u) << "released first, reused first";
-  EXPECT_EQ(n1->as<unsigned char>()[9999], 1) << "buffers keep their contents";
-  auto n0 = ring->acquire();
-  EXPECT_EQ(n0.index(), 0u);
-  EXPECT_EQ(ring->buffer(3), nullptr);
-  held.clear();
-  n1->release();
-  n0.release();
-  EXPECT_EQ(ring->in_use(), 0u);
-}
-
-TEST(BufferRing, AcquireBlocksUntilAnotherThreadReleases) {
-  auto pool = make_pool(small_options(size_t(1) << 20));
-  ASSERT_TRUE(pool);
-  auto ring = BufferRing::create(*pool, 2, kPage);
-  ASSERT_TRUE(ring.ok());
-  // A pipeline of depth 2: the consumer thread "writes back" and releases.
-  std::vector<size_t> order;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<BufferRing::Lease> queue;
-  bool done = false;
-  std::thread writer([&] {
-    for (;;) {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return !queue.empty() || done; });
-      if (queue.empty()) {
-        return;
-      }
-      BufferRing::Lease l = std::move(queue.front());
-      queue.erase(queue.begin());
-      lock.unlock();
-      l.release();
-    }
-  });
-  for (int i = 0; i < 50; ++i) {
-    BufferRing::Lease l = ring->acquire();
-    order.push_back(l.index());
-    EXPECT_LE(ring->in_use(), 2u);
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      queue.push_back(std::move(l));
-    }
-    cv.notify_one();
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    done = true;
-  }
-  cv.notify_one();
-  writer.join();
-  EXPECT_EQ(ring->in_use(), 0u);
-  EXPECT_EQ(order.size(), 50u);
-  EXPECT_EQ(order[0], 0u);
-  EXPECT_EQ(order[1], 1u);
-}
-
-TEST(BufferRing, SizedFromRecordsAndReturnsBuffersToThePool) {
-  auto pool = make_pool(small_options(size_t(1) << 20));
-  ASSERT_TRUE(pool);
-  const size_t records[] = {12 * 1000, 12 * 250'000, 12 * 999};
-  {
-    auto ring = BufferRing::create_for_records(*pool, 4, records);
-    ASSERT_TRUE(ring.ok());
-    EXPECT_EQ(ring->buffer_bytes(), 12u * 250'000);
-    EXPECT_EQ(pool->stats().requested, 4u * 12 * 250'000);
-    BufferRing moved = std::move(ring).value();
-    EXPECT_EQ(moved.buffer_count(), 4u);
-  }
-  EXPECT_EQ(pool->stats().in_use, 0u);
-  EXPECT_EQ(BufferRing::create(*pool, 0, 10).status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(BufferRing::create(*pool, 1, 0).status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(BufferRing::create_for_records(*pool, 2, {}).status().code(),
-            StatusCode::kInvalidArgument);
-  BufferRing empty;
-  EXPECT_EQ(empty.try_acquire().status().code(), StatusCode::kFailedPrecondition);
-}
 
 }  // namespace
