@@ -834,7 +834,8 @@ std::vector<ConfigKey> build_schema() {
   add("zero_allow_untested_optimizer", K::kBool, false,
       "Allow a client optimizer outside DeepSpeed's ZeRO-tested list (torch Adam, AdamW, "
       "Adagrad, DeepSpeed's and strata's own) with ZeRO stage 1 or more; without it "
-      "initialize refuses one, as DeepSpeed does.");
+      "initialize refuses one, as DeepSpeed does.")
+      .field(STRATA_FIELD(training.zero_allow_untested_optimizer));
   add("zero_force_ds_cpu_optimizer", K::kBool, kNull,
       "DeepSpeed: require its CPU Adam with offload.")
       .ignored("offloaded state is always updated by strata's own kernels", {true, false});

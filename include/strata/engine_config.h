@@ -47,6 +47,7 @@ struct TrainingConfig {
   bool wall_clock_breakdown;
   double gradient_clipping;  // 0: off
   AllreduceOp gradient_allreduce_op;
+  bool zero_allow_untested_optimizer;
 };
 
 // optimizer.* (optional section: fields are set only when it is given).

@@ -198,7 +198,7 @@ def deepspeed_differences(cfg, user=None):
     from filled defaults); None reads given-ness from the filled config."""
     src = user if isinstance(user, dict) else cfg
     out = []
-    stage = int(get(cfg, "zero_optimization.stage", 0))
+    stage = int(get(cfg, "zero_optimization.stage"))
     fp16 = get(src, "fp16") or {}
     if get(cfg, "fp16.enabled") and stage == 0 and not get(cfg, "fp16.loss_scale"):
         given = [k for k in ("hysteresis", "consecutive_hysteresis") if k in fp16]

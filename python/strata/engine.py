@@ -227,8 +227,8 @@ class Engine(torch.nn.Module):
     # ---- set-up ------------------------------------------------------------
     @staticmethod
     def _check_allreduce_op(config):
-        op = str(_config.get(config, "gradient_allreduce_op", "mean")).lower()
-        if op == "sum" and int(_config.get(config, "zero_optimization.stage", 0)) == 3:
+        op = str(_config.get(config, "gradient_allreduce_op")).lower()
+        if op == "sum" and int(_config.get(config, "zero_optimization.stage")) == 3:
             raise ValueError("gradient_allreduce_op='sum' is not supported with ZeRO stage 3 "
                              "(as in DeepSpeed)")
         return op != "sum"
@@ -309,7 +309,7 @@ class Engine(torch.nn.Module):
             return
         if type(client) in self._ZERO_TESTED:
             return
-        if not _config.get(self._config, "zero_allow_untested_optimizer", False):
+        if not _config.get(self._config, "zero_allow_untested_optimizer"):
             raise _config.DeepSpeedAssertion(
                 f"strata.initialize: {type(client).__name__} is not one of the optimizers "
                 "DeepSpeed tests with ZeRO (torch Adam, AdamW, Adagrad, or DeepSpeed's/strata's "

@@ -179,8 +179,19 @@ TEST(ConfigFields, EveryKeyReachesItsField) {
     if (key.path.rfind("scheduler.params.", 0) == 0) {
       std::string type = key.applies_to.empty() ? "WarmupLR" : key.applies_to.front();
       user["scheduler"]["type"] = type;
-      if (type != "WarmupLR" && key.path != "scheduler.params.total_num_steps") {
-        user["scheduler"]["params"]["total_num_steps"] = 100;
+      // Each type's required parameters, unless the key under test is one.
+      json& params = user["scheduler"]["params"];
+      const auto require = [&](const std::string& name, const json& v) {
+        if (key.path != "scheduler.params." + name) {
+          params[name] = v;
+        }
+      };
+      if (type == "WarmupDecayLR" || type == "WarmupCosineLR") {
+        require("total_num_steps", 100);
+      }
+      if (type == "OneCycle") {
+        require("cycle_min_lr", 1e-4);
+        require("cycle_max_lr", 1e-3);
       }
     }
     auto c = Config::parse(user, po);
