@@ -47,8 +47,10 @@ from ._C import ConfigError, StrataError, StrataIOError  # noqa: E402,F401
 
 
 # DeepSpeed's surface, for `import strata as deepspeed` (docs/deepspeed.md).
-_LAZY_MODULES = ("zero", "ops", "comm", "lr_schedules", "checkpoint", "export", "engine",
-                 "loss_scaler", "deepspeed_api", "utils")
+# (importlib, not `from . import x`: that looks the name up on this module first, which
+# calls __getattr__ again and recursed without end for `import strata; strata.optim`.)
+_LAZY_MODULES = ("optim", "zero", "ops", "comm", "lr_schedules", "checkpoint", "export",
+                 "engine", "loss_scaler", "deepspeed_api", "utils")
 _LAZY_NAMES = {
     "initialize": ("deepspeed_api", "initialize"),
     "add_config_arguments": ("deepspeed_api", "add_config_arguments"),
@@ -65,10 +67,6 @@ def __getattr__(name):
         return _git_info()[1]
     # Import torch-dependent parts lazily so `python -m strata info` and the
     # config tools work before torch is imported.
-    if name == "optim":
-        from . import optim
-
-        return optim
     if name in _LAZY_MODULES:
         import importlib
 

@@ -214,3 +214,17 @@ def test_errors_are_clear(tmp_path):
         with pytest.raises(strata.ConfigError, match="nvme_path"):
             strata.optim.OffloadAdamW(model.parameters(), config={
                 "zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": str(ro)}}})
+
+
+def test_strata_optim_is_reachable_after_import_strata():
+    # Regression: `import strata; strata.optim` recursed without end (the lazy attribute
+    # hook used `from . import optim`, which looks the name up on the package first).
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "python"))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import strata; print(strata.optim.OffloadAdamW.__name__)"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 0 and "OffloadAdamW" in proc.stdout, proc.stdout[-2000:]
