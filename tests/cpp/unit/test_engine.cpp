@@ -20,6 +20,8 @@
 #include <strata/kernels/cast.h>
 #include <strata/platform/vm.h>
 
+#include "unit/test_child.h"
+
 namespace fs = std::filesystem;
 using namespace strata;
 using namespace strata::engine;
@@ -615,52 +617,7 @@ TEST(EngineOverlap, SetStepCountWaitsForNoStepInFlight) {
   ASSERT_TRUE(e.close().ok());
 }
 
-namespace {
-
-// Runs fn in a forked child; returns its exit code (-1 if it did not exit)
-// and what it wrote to *text.
-template <typename Fn>
-int run_in_child(Fn fn, std::string* text) {
-  int fds[2];
-  if (pipe(fds) != 0) {
-    return -1;
-  }
-  pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    std::string out;
-    int code = fn(&out);
-    (void)!write(fds[1], out.data(), out.size());
-    _exit(code);
-  }
-  close(fds[1]);
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fds[0], buf, sizeof(buf))) > 0) {
-    text->append(buf, size_t(n));
-  }
-  close(fds[0]);
-  int status = 0;
-  if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) {
-    return -1;
-  }
-  return WEXITSTATUS(status);
-}
-
-// Drops CAP_IPC_LOCK from this process (root ignores RLIMIT_MEMLOCK otherwise).
-bool drop_cap_ipc_lock() {
-  __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
-  __user_cap_data_struct data[2] = {};
-  if (syscall(SYS_capget, &hdr, data) != 0) {
-    return false;
-  }
-  data[0].effective &= ~(1u << CAP_IPC_LOCK);
-  data[0].permitted &= ~(1u << CAP_IPC_LOCK);
-  data[0].inheritable &= ~(1u << CAP_IPC_LOCK);
-  return syscall(SYS_capset, &hdr, data) == 0;
-}
-
-}  // namespace
+namespace {}  // namespace
 
 // Regression (issue 18, item 4): a refused buffer registration was fatal in
 // Engine::create, although the I/O engine's contract is that it keeps

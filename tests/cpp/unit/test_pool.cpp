@@ -26,6 +26,8 @@
 #include <strata/platform/memlock.h>
 #include <strata/platform/vm.h>
 
+#include "unit/test_child.h"
+
 namespace {
 
 using strata::StatusCode;
@@ -448,51 +450,6 @@ TEST(PinnedPoolMemlock, BackendRefusalFollowsAllowUnpinned) {
   ASSERT_TRUE(c.ok());
   EXPECT_FALSE(lax->stats().pinned);
   EXPECT_NE(err.find("refused by test"), std::string::npos);
-}
-
-// Runs `fn` in a forked child and returns its exit status (or -1). Output of
-// the child goes through the pipe in *text.
-template <typename Fn>
-int run_in_child(Fn fn, std::string* text) {
-  int fds[2];
-  if (pipe(fds) != 0) {
-    return -1;
-  }
-  pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    std::string out;
-    int code = fn(&out);
-    (void)!write(fds[1], out.data(), out.size());
-    _exit(code);
-  }
-  close(fds[1]);
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fds[0], buf, sizeof(buf))) > 0) {
-    text->append(buf, size_t(n));
-  }
-  close(fds[0]);
-  int status = 0;
-  if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) {
-    return -1;
-  }
-  return WEXITSTATUS(status);
-}
-
-// Drops CAP_IPC_LOCK from this (single-threaded, forked) process: what
-// `setpriv --inh-caps=-ipc_lock --bounding-set=-ipc_lock` does for a new
-// program, without needing setpriv or an exec.
-bool drop_cap_ipc_lock() {
-  __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
-  __user_cap_data_struct data[2] = {};
-  if (syscall(SYS_capget, &hdr, data) != 0) {
-    return false;
-  }
-  data[0].effective &= ~(1u << CAP_IPC_LOCK);
-  data[0].permitted &= ~(1u << CAP_IPC_LOCK);
-  data[0].inheritable &= ~(1u << CAP_IPC_LOCK);
-  return syscall(SYS_capset, &hdr, data) == 0;
 }
 
 TEST(PinnedPoolMemlock, RealLowLimitInACapabilityLessChild) {
