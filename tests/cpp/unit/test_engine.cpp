@@ -617,8 +617,6 @@ TEST(EngineOverlap, SetStepCountWaitsForNoStepInFlight) {
   ASSERT_TRUE(e.close().ok());
 }
 
-namespace {}  // namespace
-
 // Regression (issue 18, item 4): a refused buffer registration was fatal in
 // Engine::create, although the I/O engine's contract is that it keeps
 // working without fixed buffers: with a low RLIMIT_MEMLOCK and no
