@@ -86,7 +86,26 @@ def _check_steps(warmup_num_steps):
         raise ValueError(f"warmup_num_steps must be a positive integer, got {warmup_num_steps!r}")
 
 
-class WarmupLR:
+class _Schedule:
+    """What every schedule shares: its position (``last_batch_iteration``), the learning rates
+    it last set, and DeepSpeed's ``state_dict`` form. Subclasses give ``get_lr`` and a ``step``
+    with DeepSpeed's argument name for the class (``last_batch_iteration`` or
+    ``batch_iteration``)."""
+
+    def get_last_lr(self):
+        assert self._last_lr is not None, "need to call step() first"
+        return self._last_lr
+
+    def _advance(self, iteration):
+        self.last_batch_iteration = self.last_batch_iteration + 1 if iteration is None \
+            else iteration
+        self._last_lr = update_lr(self.optimizer.param_groups, self.get_lr())
+
+    def state_dict(self):
+        return {"last_batch_iteration": self.last_batch_iteration}
+
+
+class WarmupLR(_Schedule):
     """Warm the learning rate of each group up from ``warmup_min_lr`` to ``warmup_max_lr``
     over ``warmup_num_steps`` steps, then keep it at ``warmup_max_lr``."""
 
@@ -114,18 +133,8 @@ class WarmupLR:
         gamma = self._get_gamma()
         return [min_lr + delta * gamma for min_lr, delta in zip(self.min_lrs, self.delta_lrs)]
 
-    def get_last_lr(self):
-        assert self._last_lr is not None, "need to call step() first"
-        return self._last_lr
-
     def step(self, last_batch_iteration=None):
-        if last_batch_iteration is None:
-            last_batch_iteration = self.last_batch_iteration + 1
-        self.last_batch_iteration = last_batch_iteration
-        self._last_lr = update_lr(self.optimizer.param_groups, self.get_lr())
-
-    def state_dict(self):
-        return {"last_batch_iteration": self.last_batch_iteration}
+        self._advance(last_batch_iteration)
 
     def load_state_dict(self, sd):
         self.last_batch_iteration = sd["last_batch_iteration"]
@@ -173,7 +182,7 @@ class WarmupDecayLR(WarmupLR):
                    / float(max(1.0, self.total_num_steps - self.warmup_num_steps)))
 
 
-class WarmupCosineLR:
+class WarmupCosineLR(_Schedule):
     """Warm up from ``warmup_min_ratio`` x lr to lr over ``warmup_num_steps``, then follow a
     cosine down to ``cos_min_ratio`` x lr at ``total_num_steps`` (and stay there)."""
 
@@ -217,18 +226,8 @@ class WarmupCosineLR:
         ratio = self.get_lr_ratio()
         return [lr * ratio for lr in self.org_lrs]
 
-    def get_last_lr(self):
-        assert self._last_lr is not None, "need to call step() first"
-        return self._last_lr
-
     def step(self, last_batch_iteration=None):
-        if last_batch_iteration is None:
-            last_batch_iteration = self.last_batch_iteration + 1
-        self.last_batch_iteration = last_batch_iteration
-        self._last_lr = update_lr(self.optimizer.param_groups, self.get_lr())
-
-    def state_dict(self):
-        return {"last_batch_iteration": self.last_batch_iteration}
+        self._advance(last_batch_iteration)
 
     def load_state_dict(self, sd):
         self.last_batch_iteration = sd["last_batch_iteration"]
@@ -236,7 +235,7 @@ class WarmupCosineLR:
             self._last_lr = update_lr(self.optimizer.param_groups, self.get_lr())
 
 
-class LRRangeTest:
+class LRRangeTest(_Schedule):
     """Learning-rate range test: raise each group's lr from ``lr_range_test_min_lr`` by
     ``lr_range_test_step_rate`` per ``lr_range_test_step_size`` steps (continuously, or in
     stairs with ``lr_range_test_staircase``)."""
@@ -267,24 +266,14 @@ class LRRangeTest:
         increase = 1 + self.step_rate * self._interval()
         return [lr * increase for lr in self.min_lr]
 
-    def get_last_lr(self):
-        assert self._last_lr is not None, "need to call step() first"
-        return self._last_lr
-
     def step(self, batch_iteration=None):
-        if batch_iteration is None:
-            batch_iteration = self.last_batch_iteration + 1
-        self.last_batch_iteration = batch_iteration
-        self._last_lr = update_lr(self.optimizer.param_groups, self.get_lr())
-
-    def state_dict(self):
-        return {"last_batch_iteration": self.last_batch_iteration}
+        self._advance(batch_iteration)
 
     def load_state_dict(self, sd):
         self.last_batch_iteration = sd["last_batch_iteration"]
 
 
-class OneCycle:
+class OneCycle(_Schedule):
     """The 1Cycle policy: lr from ``cycle_min_lr`` up to ``cycle_max_lr`` over
     ``cycle_first_step_size`` steps and back over ``cycle_second_step_size``, then decay; the
     momentum (``betas[0]``) cycles the other way when ``cycle_momentum`` is on."""
@@ -382,21 +371,11 @@ class OneCycle:
         k = (self.last_batch_iteration - self.total_size + 1) / self.decay_step_size
         return [(b0 * (1 + self.decay_mom_rate * k), b1) for b0, b1 in self.max_moms]
 
-    def get_last_lr(self):
-        assert self._last_lr is not None, "need to call step() first"
-        return self._last_lr
-
     def step(self, batch_iteration=None):
-        if batch_iteration is None:
-            batch_iteration = self.last_batch_iteration + 1
-        self.last_batch_iteration = batch_iteration
-        self._last_lr = update_lr(self.optimizer.param_groups, self.get_lr())
+        self._advance(batch_iteration)
         if self.cycle_momentum:
             for group, mom in zip(self.optimizer.param_groups, self.get_mom()):
                 group["betas"] = mom
-
-    def state_dict(self):
-        return {"last_batch_iteration": self.last_batch_iteration}
 
     def load_state_dict(self, sd):
         self.last_batch_iteration = sd["last_batch_iteration"]
