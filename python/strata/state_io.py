@@ -1,0 +1,158 @@
+"""Moving optimizer state between the engine's records and torch tensors, by record.
+
+Every function here takes *engine parameters*: the index ``j`` the engine was built with
+(a whole model parameter, or this rank's slice of one). Each visits every sub-group record
+it needs once, in swap-file order, with a few records in flight (``Engine.read_records`` /
+``Engine.write_records`` in C++), so the bytes fetched and stored are the state's size,
+not the state's size times the tensors per sub-group. Nothing else in the package calls
+the engine's per-parameter state access.
+
+Tensors are flat, contiguous float32 on the host, ``numel`` of the engine parameter;
+slot 0 is the fp32 master weights, slots 1.. the optimizer's state in its declared order.
+"""
+
+import torch
+
+__all__ = ["read_slots", "write_slots", "copy_slots", "visit_records"]
+
+
+def _by_record(engine):
+    # Transitional (issue 19): engines built before Engine::read_records existed in _C are
+    # served by the per-parameter calls. Removed once the by-record binding lands.
+    return hasattr(engine, "read_records")
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _check(t, n, what):
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != n or t.device.type != "cpu":
+        raise ValueError(f"strata: {what} must be a contiguous float32 host tensor of {n} "
+                         f"elements (got {t.dtype}, {tuple(t.shape)}, {t.device})")
+
+
+def read_slots(engine, requests):
+    """Fill ``requests`` = {j: [out tensor per slot, or None]} from the engine's records
+    (one fetch per record holding any of them)."""
+    if not requests:
+        return
+    if not _by_record(engine):
+        for j, outs in requests.items():
+            engine.read_param_states(j, [_ptr(t) for t in outs])
+        return
+    want = {}
+    for j, outs in requests.items():
+        n = engine.param_numel(j)
+        for k, t in enumerate(outs):
+            if t is not None:
+                _check(t, n, f"the output for slot {k} of engine parameter {j}")
+        want[j] = outs
+
+    def visit(slices, record):
+        for j, po, off, n, stride in slices:
+            outs = want.get(j)
+            if outs is None:
+                continue
+            for k, t in enumerate(outs):
+                if t is not None:
+                    t[po:po + n].copy_(record[k * stride + off:k * stride + off + n])
+
+    engine.read_records(visit, list(want))
+
+
+def write_slots(engine, sources):
+    """Write ``sources`` = {j: [source tensor per slot, or None]} into the engine's records
+    (each record holding any of them stored once; fetched first only when part of it is not
+    overwritten)."""
+    if not sources:
+        return
+    if not _by_record(engine):
+        for j, srcs in sources.items():
+            engine.write_param_states(j, [_ptr(t) for t in srcs])
+        return
+    have = {}
+    full = True
+    for j, srcs in sources.items():
+        n = engine.param_numel(j)
+        for k, t in enumerate(srcs):
+            if t is not None:
+                _check(t, n, f"the source for slot {k} of engine parameter {j}")
+        if len(srcs) < engine.param_slots(j) or any(t is None for t in srcs):
+            full = False
+        have[j] = srcs
+
+    def visit(slices, record):
+        for j, po, off, n, stride in slices:
+            srcs = have.get(j)
+            if srcs is None:
+                continue
+            for k, t in enumerate(srcs):
+                if t is not None:
+                    record[k * stride + off:k * stride + off + n].copy_(t[po:po + n])
+
+    engine.write_records(visit, list(have), full)
+
+
+def copy_slots(src, dst, pairs):
+    """Carry state from engine ``src`` to engine ``dst``: ``pairs`` = [(dst_j, src_j,
+    first_slot, numel, nslots)], equal numel each; slots first_slot..nslots-1 are copied. Streams: the source is
+    read record by record and the destination written record by record, holding at most
+    one source record's worth of tensors at a time beyond the engines' own buffers."""
+    if not pairs:
+        return
+    if not _by_record(src):
+        for dj, sj, first, n, nslots in pairs:
+            t = torch.empty(n, dtype=torch.float32)
+            for k in range(first, nslots):
+                src.read_param_state(sj, k, t.data_ptr())
+                dst.write_param_state(dj, k, t.data_ptr())
+        return
+    by_src = {}
+    for dj, sj, first, _, _ in pairs:
+        n = src.param_numel(sj)
+        if dst.param_numel(dj) != n:
+            raise ValueError(f"strata: engine parameter {sj} has {n} elements, its new place "
+                             f"{dj} has {dst.param_numel(dj)}")
+        by_src[sj] = (dj, first)
+    # Gather the source by record into per-parameter tensors, writing each parameter to the
+    # destination as soon as all of its pieces arrived.
+    pending, seen = {}, {}
+
+    def flush(ready):
+        write_slots(dst, ready)
+
+    def visit(slices, record):
+        ready = {}
+        for sj, po, off, n, stride in slices:
+            if sj not in by_src:
+                continue
+            dj, first = by_src[sj]
+            total = src.param_numel(sj)
+            nslots = min(src.param_slots(sj), dst.param_slots(dj))
+            bufs = pending.get(sj)
+            if bufs is None:
+                bufs = pending[sj] = [None] * first + [
+                    torch.empty(total, dtype=torch.float32) for _ in range(first, nslots)]
+            for k in range(first, nslots):
+                bufs[k][po:po + n].copy_(record[k * stride + off:k * stride + off + n])
+            seen[sj] = seen.get(sj, 0) + n
+            if seen[sj] == total:
+                ready[dj] = pending.pop(sj)
+        if ready:
+            flush(ready)
+
+    src.read_records(visit, list(by_src))
+
+
+def visit_records(engine, fn, params=None):
+    """Call ``fn(j, param_offset, numel, [slot views])`` for every piece of every engine
+    parameter (of ``params``, or all), record by record in swap-file order; the views are
+    valid only during the call (copy or write them out before returning)."""
+
+    def visit(slices, record):
+        for j, po, off, n, stride in slices:
+            fn(j, po, n, [record[k * stride + off:k * stride + off + n]
+                          for k in range(engine.param_slots(j))])
+
+    engine.read_records(visit, params)
