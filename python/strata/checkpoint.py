@@ -60,6 +60,7 @@ import time
 import torch
 
 from . import _C
+from . import _ckpt_state
 from . import config as _config
 from ._torch_compat import torch_load_trusted
 
@@ -168,7 +169,7 @@ class _HashingWriter:
     def __init__(self, path):
         self.path = path
         self.f = open(path, "wb")
-        self.h = hashlib.blake2b(digest_size=16)
+        self.h = _C.Xxh3()
         self.n = 0
 
     def write(self, data):
@@ -188,11 +189,11 @@ class _HashingWriter:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        return {"bytes": self.n, "blake2b": self.h.hexdigest()}
+        return {"bytes": self.n, "xxh3": self.h.hexdigest()}
 
 
-def _file_digest(path):
-    h = hashlib.blake2b(digest_size=16)
+def _file_digest(path, algo="xxh3"):
+    h = _C.Xxh3() if algo == "xxh3" else hashlib.blake2b(digest_size=16)
     n = 0
     buf = bytearray(_CHUNK)
     mv = memoryview(buf)
@@ -203,7 +204,7 @@ def _file_digest(path):
                 break
             h.update(mv[:k])
             n += k
-    return {"bytes": n, "blake2b": h.hexdigest()}
+    return {"bytes": n, algo: h.hexdigest()}
 
 
 def _torch_save_file(obj, path):
@@ -581,46 +582,29 @@ def _state_progress(opt, phase, total_bytes):
 
 
 def _write_optimizer_state(opt, path, names):
-    """Stream every parameter's slots into ``path``; returns (file entry, params list)."""
+    """Stream every parameter's slots into ``path`` by record (one fetch per record); returns
+    (file entry, params list)."""
     b = opt._b
-    w = _HashingWriter(path)
-    params = []
-    offset = 0
-    buf = None
+    items = [(i, opt._slot_names(i)) for i in range(len(b.managed))]
     total = sum(p.numel() * 4 * len(opt._slot_names(i)) for i, p in enumerate(b.managed))
     advance, done = _state_progress(opt, "saving optimizer state", total)
     try:
-        for i, p in enumerate(b.managed):
-            n = p.numel()
-            if buf is None or buf.numel() < n:
-                buf = torch.empty(n, dtype=torch.float32)
-            t = buf[:n]
-            slots = []
-            for slot, slot_name in enumerate(opt._slot_names(i)):
-                opt._read_slot(i, slot, t)
-                mv = memoryview(t.numpy()).cast("B")
-                digest = hashlib.blake2b(mv, digest_size=16).hexdigest()
-                w.write(mv)
-                slots.append({"name": slot_name, "offset": offset, "bytes": len(mv),
-                              "blake2b": digest})
-                offset += len(mv)
-            params.append({
-                "name": names[i],
-                "shape": list(p.shape),
-                "numel": n,
-                "dtype": str(p.dtype).replace("torch.", ""),
-                "group": b.cohort_group[b.cohort_of[i]],
-                "step": b.engine.step_count(b.cohort_of[i]),
-                "slots": slots,
-            })
-            advance(n * 4 * len(slots))
-            kill_point("save_state")
-    except BaseException:
-        w.f.close()
-        raise
+        entry, metas = _ckpt_state.save_state(b.engine, path, items, advance,
+                                              lambda: kill_point("save_state"))
     finally:
         done()
-    return w.close(), params
+    params = []
+    for i, p in enumerate(b.managed):
+        params.append({
+            "name": names[i],
+            "shape": list(p.shape),
+            "numel": p.numel(),
+            "dtype": str(p.dtype).replace("torch.", ""),
+            "group": b.cohort_group[b.cohort_of[i]],
+            "step": b.engine.step_count(b.cohort_of[i]),
+            "slots": metas[i],
+        })
+    return entry, params
 
 
 def _is_sharded(opt):
@@ -647,34 +631,15 @@ def rng_file(rank):
 
 
 def _write_optimizer_shard(opt, path, names):
-    """Stream this rank's slices of every parameter's slots into ``path`` (one pass over each
-    slice's records); returns (file entry, per-slice entries)."""
+    """Stream this rank's slices of every parameter's slots into ``path`` by record (one
+    fetch per record); returns (file entry, per-slice entries)."""
     b = opt._b
-    w = _HashingWriter(path)
-    params = []
-    offset = 0
-    buf = None
-    try:
-        for j, (i, po, _, n) in enumerate(b.slices):
-            slot_names = opt._slot_names(i)
-            if buf is None or buf.numel() < len(slot_names) * n:
-                buf = torch.empty(len(slot_names) * n, dtype=torch.float32)
-            rows = [buf[k * n:(k + 1) * n] for k in range(len(slot_names))]
-            b.engine.read_param_states(j, [r.data_ptr() for r in rows])
-            slots = []
-            for slot_name, t in zip(slot_names, rows):
-                mv = memoryview(t.numpy()).cast("B")
-                digest = hashlib.blake2b(mv, digest_size=16).hexdigest()
-                w.write(mv)
-                slots.append({"name": slot_name, "offset": offset, "bytes": len(mv),
-                              "blake2b": digest})
-                offset += len(mv)
-            params.append({"name": names[i], "start": po, "numel": n, "slots": slots})
-            kill_point("save_state")
-    except BaseException:
-        w.f.close()
-        raise
-    return w.close(), params
+    items = [(j, opt._slot_names(i)) for j, (i, _, _, _) in enumerate(b.slices)]
+    entry, metas = _ckpt_state.save_state(b.engine, path, items, None,
+                                          lambda: kill_point("save_state"))
+    params = [{"name": names[i], "start": po, "numel": n, "slots": metas[j]}
+              for j, (i, po, _, n) in enumerate(b.slices)]
+    return entry, params
 
 
 def _base_manifest(engine, tag):
@@ -1042,15 +1007,16 @@ def verify_file(tag_dir, manifest, name):
     if entry is None:
         raise CheckpointError(f"{path}: not listed in the manifest")
     try:
-        got = _file_digest(path)
+        algo = "blake2b" if "blake2b" in entry and "xxh3" not in entry else "xxh3"
+        got = _file_digest(path, algo)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     if got["bytes"] != entry["bytes"]:
         raise CheckpointError(f"{path}: {got['bytes']} bytes, the manifest says "
                               f"{entry['bytes']} (truncated or replaced)")
-    if got["blake2b"] != entry["blake2b"]:
-        raise CheckpointError(f"{path}: checksum mismatch (BLAKE2b {got['blake2b']}, the "
-                              f"manifest says {entry['blake2b']}): the file is corrupted")
+    if got[algo] != entry[algo]:
+        raise CheckpointError(f"{path}: checksum mismatch ({algo} {got[algo]}, the "
+                              f"manifest says {entry[algo]}): the file is corrupted")
     return path
 
 
@@ -1090,8 +1056,9 @@ def read_slot(f, path, param, slot, out):
     if got != len(mv):
         raise CheckpointError(f"{path}: short read of parameter {param['name']!r} slot "
                               f"{slot['name']} at offset {slot['offset']} (file truncated)")
-    digest = hashlib.blake2b(mv, digest_size=16).hexdigest()
-    if digest != slot["blake2b"]:
+    h, algo = _ckpt_state.hasher_for(slot)
+    h.update(mv)
+    if h.hexdigest() != slot[algo]:
         raise CheckpointError(f"{path}: checksum mismatch in parameter {param['name']!r} slot "
                               f"{slot['name']} (bytes {slot['offset']}..{slot['offset'] + len(mv)})"
                               ": the file is corrupted")
@@ -1281,7 +1248,7 @@ def _read_piece(f, path, name, slot, start, numel, lo, out):
     [lo, lo + out.numel())), checking the whole extent's checksum."""
     hi = lo + out.numel()
     a, e = max(start, lo), min(start + numel, hi)
-    h = hashlib.blake2b(digest_size=16)
+    h, algo = _ckpt_state.hasher_for(slot)
     f.seek(slot["offset"])
     if a == start and e == start + numel:  # the whole extent is wanted: read it in place
         mv = memoryview(out[a - lo:e - lo].numpy()).cast("B")
@@ -1307,7 +1274,7 @@ def _read_piece(f, path, name, slot, start, numel, lo, out):
                 out[ca - lo:ce - lo].copy_(chunk[ca - pos:ce - pos])
             pos += m
             left -= k
-    if h.hexdigest() != slot["blake2b"]:
+    if h.hexdigest() != slot[algo]:
         raise CheckpointError(f"{path}: checksum mismatch in parameter {name!r} slot "
                               f"{slot['name']} (bytes {slot['offset']}.."
                               f"{slot['offset'] + slot['bytes']}): the file is corrupted")
@@ -1333,43 +1300,32 @@ def read_master(tag_dir, manifest, name):
 
 
 def _apply_pieces(engine, plan):
+    """Load the saved state into the engine by record: each record written once, never
+    fetched; each slice read from its place in the checkpoint's file(s)."""
     _, saved, params = plan
     opt = engine.optimizer
     opt._set_steps({id(p): int(sp.get("step", 0)) for p, (sp, _) in zip(params, saved)})
     b = opt._b
     sharded = _is_sharded(opt)
-    handles = {}
-    buf = None
-    total = sum(4 * p.numel() * len(sp.get("slot_names") or sp["slots"]) for p, (sp, _) in zip(params, saved))
+    items = {}
+    for p, (sp, pieces) in zip(params, saved):
+        i = b.index[id(p)]
+        if sharded:
+            j = b.slice_of.get(i)
+            if j is None:
+                continue  # no part of it on this rank
+            _, lo, _, _ = b.slices[j]
+        else:
+            j, lo = i, 0
+        items[j] = (sp["name"], lo, pieces)
+    total = sum(4 * b.engine.param_numel(j) * b.engine.param_slots(j) for j in items)
     advance, done = _state_progress(opt, "loading optimizer state", total)
     try:
-        for p, (sp, pieces) in zip(params, saved):
-            i = b.index[id(p)]
-            advance(4 * p.numel() * len(sp.get("slot_names") or sp["slots"]))
-            if sharded:
-                j = b.slice_of.get(i)
-                if j is None:
-                    continue  # no part of it on this rank
-                _, lo, _, n = b.slices[j]
-            else:
-                j, lo, n = i, 0, p.numel()
-            nslots = len(sp.get("slot_names") or sp["slots"])
-            if buf is None or buf.numel() < nslots * n:
-                buf = torch.empty(nslots * n, dtype=torch.float32)
-            rows = [buf[k * n:(k + 1) * n] for k in range(nslots)]
-            for start, numel, path, slots in pieces:
-                if start >= lo + n or start + numel <= lo:
-                    continue
-                f = handles.get(path)
-                if f is None:
-                    f = handles[path] = open(path, "rb", buffering=0)
-                for k, slot in enumerate(slots):
-                    _read_piece(f, path, sp["name"], slot, start, numel, lo, rows[k])
-            b.engine.write_param_states(j, [r.data_ptr() for r in rows])
+        _ckpt_state.load_state(b.engine, items, advance)
+    except _ckpt_state.StateFileError as e:
+        raise CheckpointError(str(e)) from None
     finally:
         done()
-        for f in handles.values():
-            f.close()
     opt._mark_synced()
     b.engine.clear_error()
 
@@ -1382,23 +1338,10 @@ def _apply_optimizer(engine, plan):
     if plan[0] == "pieces":
         _apply_pieces(engine, plan)
         return
+    # The one-file layout: each parameter is one piece, elements [0, numel).
     _, path, saved, params = plan
-    # Step counts: parameters of one group that stepped a different number of times get
-    # cohorts of their own, as they had when saved.
-    opt._set_steps({id(p): int(sp.get("step", 0)) for p, sp in zip(params, saved)})
-    b = opt._b
-    buf = None
-    with open(path, "rb", buffering=0) as f:
-        for p, sp in zip(params, saved):
-            i = b.index[id(p)]
-            if buf is None or buf.numel() < p.numel():
-                buf = torch.empty(p.numel(), dtype=torch.float32)
-            t = buf[: p.numel()]
-            for slot_index, slot in enumerate(sp["slots"]):
-                read_slot(f, path, sp, slot, t)
-                opt._write_slot(i, slot_index, t)
-    opt._mark_synced()
-    b.engine.clear_error()
+    _apply_pieces(engine, ("pieces", [(sp, [(0, sp["numel"], path, sp["slots"])])
+                                      for sp in saved], params))
 
 
 def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,

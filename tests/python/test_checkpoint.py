@@ -85,7 +85,7 @@ def test_manifest_records_state_files_checksums_and_versions(tmp_path):
         assert sorted(names) == sorted(n for n, _ in e.module.named_parameters())
         for p in m["optimizer"]["params"]:
             assert [s["name"] for s in p["slots"]] == ["master", "exp_avg", "exp_avg_sq"]
-            assert all(s["bytes"] == 4 * p["numel"] and len(s["blake2b"]) == 32
+            assert all(s["bytes"] == 4 * p["numel"] and len(s["xxh3"]) == 32
                        for s in p["slots"])
             assert p["shape"] == list(dict(e.module.named_parameters())[p["name"]].shape)
         for name, entry in m["files"].items():
