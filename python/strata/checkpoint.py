@@ -1,14 +1,15 @@
-"""Checkpoints: atomic, checksummed, streamed per parameter; and the kill-point test hook.
+"""Checkpoints: atomic, checksummed, streamed by record; and the kill-point test hook.
 
 Layout of ``save_dir/tag/`` (see docs/checkpoints.md):
 
 - ``manifest.json``: format version, tag, strata/torch/Python/numpy versions, the filled
   config, counters (global steps, samples, micro steps, skipped steps), loss-scaler and
-  scheduler state, and for every file its size and BLAKE2b checksum; for every trainable
+  scheduler state, and for every file its size and XXH3-128 checksum; for every trainable
   parameter (by name and shape) the extent of each state slot in ``optimizer_state.bin`` with
   its own checksum, and the engine's sub-group layout at save time.
 - ``optimizer_state.bin``: raw little-endian fp32 slots (master, then the optimizer's slots in
-  torch's order), parameter after parameter, read from the engine one parameter at a time.
+  torch's order), parameter after parameter, moved to and from the engine record by record
+  (``_ckpt_state``).
 - ``mp_rank_00_model_states.pt``: DeepSpeed's layout, a plain torch file (``torch.load`` reads
   it) of a dict whose ``module`` is the module's ``state_dict()``, written one tensor at a time
   from the module's own memory, beside DeepSpeed's other keys (older checkpoints:
