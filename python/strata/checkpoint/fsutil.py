@@ -11,8 +11,6 @@ a complete one; ``_clean_stale`` removes what dead processes left behind.
 """
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import json
 import os
@@ -20,6 +18,7 @@ import shutil
 
 import torch
 
+from .. import _C
 from ..testing.kill_points import kill_point
 
 # The last file written into a tag directory: a directory holding it is complete.
@@ -96,23 +95,11 @@ def _torch_save_file(obj, path):
 
 
 
-def _renameat2_exchange(a, b):
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    AT_FDCWD = -100
-    RENAME_EXCHANGE = 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"renameat2 exchange {a} <-> {b}: {os.strerror(err)}")
+def _rename_exchange(a, b):
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE, csrc/platform/fs.cpp).
+    False if the kernel or file system cannot (ENOSYS, EINVAL, EOPNOTSUPP); OSError with the
+    errno for any other failure."""
+    return _C.rename_exchange(os.fspath(a), os.fspath(b))
 
 
 
@@ -191,7 +178,7 @@ def _finalize(save_dir, tmp, final, tag, manifest, files):
     _fsync_dir(tmp)
     kill_point("save_before_rename")
     if os.path.lexists(final):
-        if _renameat2_exchange(tmp, final):
+        if _rename_exchange(tmp, final):
             _fsync_dir(save_dir)
             shutil.rmtree(tmp, ignore_errors=True)
         else:
