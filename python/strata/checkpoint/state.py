@@ -20,8 +20,8 @@ import os
 
 import torch
 
-from . import _C
-from ._torch_compat import tensor_from_buffer
+from .. import _C
+from .._torch_compat import tensor_from_buffer
 
 _CHUNK = 8 << 20
 
