@@ -669,7 +669,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         for c, gi in enumerate(b.cohort_group):
             b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
         self._install_hooks(b)
-        threads = max(1, (os.cpu_count() or 1) - torch.get_num_threads())
+        threads = _C.backward_update_threads(torch.get_num_threads())
         self._set_model_stream(b)
         b.engine.begin_backward(not exact, 1.0, threads)
         self._overlap_active = True
