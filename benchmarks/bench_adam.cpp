@@ -17,6 +17,7 @@
 // (the machine is shared: a round sees one load, where the fastest-of-N of
 // each can come from different moments). The ratio that counts is
 // ratio_to_bound.
+#include <strata/engine/plan.h>
 #include <strata/kernels/cast.h>
 #include <strata/kernels/cpu_features.h>
 #include <strata/kernels/optimizer.h>
@@ -48,12 +49,16 @@ const char* kUsage =
     "                  [--param-out none,bf16,fp16,fp32] [--threads 0] [--isa "
     "auto|avx512|avx2|scalar]\n"
     "                  [--optimizer adamw|adam|sgd|adagrad] [--iters 10] [--scalar-iters 1]\n"
-    "                  [--scalar-max-size 64M] [--huge-pages on|off] [--json]\n"
+    "                  [--scalar-max-size 64M] [--huge-pages on|off] [--slot-skew on|off]\n"
+    "                  [--json]\n"
     "  sizes are parameter counts (1M = 2^20); --threads 0 = every usable CPU;\n"
     "  --scalar-iters 0 skips the scalar reference rows; sizes above --scalar-max-size\n"
     "  skip them too (the reference runs ~20x slower than the bound: seconds per run);\n"
     "  --huge-pages: THP advice for the kernel's buffers (the independent bound's own\n"
-    "  arrays are plain aligned_alloc memory either way).";
+    "  arrays are plain aligned_alloc memory either way);\n"
+    "  the kernel's state is one record laid out as the engine's (engine/plan.h);\n"
+    "  --slot-skew off spaces its slots by exact multiples of 4 KiB instead (the\n"
+    "  layout before issue 17's fix, whose cache-set aliasing cost up to 2.3x).";
 
 // ------------------------------------------------------ the independent bound
 // A plain streaming loop that shares no code with the kernel path: its own
@@ -402,6 +407,7 @@ int main(int argc, char** argv) {
                     {"scalar-iters", "1"},
                     {"scalar-max-size", "64M"},
                     {"huge-pages", "on"},
+                    {"slot-skew", "on"},
                     {"json", "false"}},
                    kUsage);
   const bool json = args.flag("json");
@@ -410,6 +416,7 @@ int main(int argc, char** argv) {
   const uint64_t scalar_max = args.size("scalar-max-size");
   const Isa isa = parse_isa(args.get("isa"));
   const bool huge = args.get("huge-pages") != "off";
+  const bool skew = args.get("slot-skew") != "off";
   if (!isa_supported(isa)) {
     std::fprintf(stderr, "--isa %s: this CPU cannot run it (%s)\n", args.get("isa").c_str(),
                  cpu_features_string().c_str());
@@ -451,7 +458,8 @@ int main(int argc, char** argv) {
   table.note(std::string("optimizer ") + optimizer_name(hyper.kind) + ", " + std::to_string(slots) +
              " fp32 slots, isa " + isa_name(run_isa) + ", threads " + std::to_string(pool.size()) +
              ", cpu: " + cpu_features_string() +
-             ", kernel buffers: " + (huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE"));
+             ", kernel buffers: " + (huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE") + ", slots " +
+             (skew ? "skewed (the engine's layout)" : "unskewed (--slot-skew off)"));
   table.note(std::to_string(iters) + " rounds each (scalar: " + std::to_string(scalar_iters_arg) +
              ", up to " + std::to_string(scalar_max) +
              " params); a round runs kernel, own_loop and indep_bound back to back, order rotated;"
@@ -463,15 +471,17 @@ int main(int argc, char** argv) {
   for (const auto& size_text : args.list("sizes")) {
     const size_t n = bench::parse_size(size_text);
     const int scalar_iters = n <= scalar_max ? scalar_iters_arg : 0;
-    std::vector<std::unique_ptr<Region>> state;
-    for (int s = 0; s < slots; ++s) {
-      state.push_back(std::make_unique<Region>(n * sizeof(float), huge));
-    }
+    // The state as the engine holds it: one record, slot k at k * slot_stride
+    // (engine/plan.h), so the layout measured is the engine's own.
+    const size_t stride = skew ? strata::engine::slot_stride_for(n) : (n + 1023) / 1024 * 1024;
+    Region record(
+        skew ? strata::engine::record_bytes_for(n, slots) : stride * size_t(slots) * sizeof(float),
+        huge);
     Region grad(n * sizeof(float), huge);
     Region out(n * std::max<size_t>(out_elem_max, 1), huge);
     StateView view;
     for (int s = 0; s < slots; ++s) {
-      view.slot[s] = state[size_t(s)]->as<float>();
+      view.slot[s] = record.as<float>() + size_t(s) * stride;
       const float init = s == 0 ? 1.0f : initial_slot_value(hyper, s);
       float* x = view.slot[s];
       fill(pool, n, 17 + uint64_t(s), 1.0f,

@@ -11,8 +11,8 @@
 #include <random>
 #include <set>
 
-#include <nlohmann/json.hpp>
 #include <strata/engine/engine.h>
+#include <nlohmann/json.hpp>
 
 namespace fs = std::filesystem;
 using namespace strata;
@@ -267,8 +267,8 @@ TEST(EngineRecords, VisitorErrorStopsTheWalkWithContext) {
   EXPECT_EQ(calls, 2);
   // The engine still works after a stopped walk.
   step_once(*e);
-  EXPECT_FALSE(e->read_records({9999}, [](const Engine::RecordView&) { return Status::Ok(); })
-                   .ok());
+  EXPECT_FALSE(
+      e->read_records({9999}, [](const Engine::RecordView&) { return Status::Ok(); }).ok());
   ASSERT_TRUE(e->close().ok());
 }
 
