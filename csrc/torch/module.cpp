@@ -30,6 +30,7 @@ void bind_system(py::module_& m);
 void bind_model(py::module_& m);
 void bind_cuda(py::module_& m);
 void bind_log(py::module_& m);
+void bind_shard(py::module_& m);
 
 namespace {
 
@@ -358,5 +359,6 @@ PYBIND11_MODULE(_C, m) {
 
   bind_system(m);
   bind_model(m);
+  bind_shard(m);
   bind_cuda(m);
 }

@@ -59,6 +59,7 @@ from . import comm
 from . import config as _config
 from ._torch_compat import (dtype_from_name, dtype_name, has_post_accumulate_grad_hook,
                             tensor_from_buffer)
+from .layout import Space, shard_bounds  # noqa: F401 (shard_bounds: strata.sharded's name)
 from .optim import (OffloadAdagrad, OffloadAdam, OffloadAdamW, OffloadSGD, _Built,
                     _OffloadOptimizer, _storage_key)
 
@@ -90,65 +91,6 @@ class Settings:
         self.reduce_scatter = True if rs is None else bool(rs)
         cg = z.get("contiguous_gradients")
         self.contiguous_gradients = True if cg is None else bool(cg)
-
-
-class Space:
-    """Where parameters sit in a flat coordinate space, per dtype.
-
-    ``entries``: (param index, dtype, offset, numel). ``pieces(d, a, e)`` lists the parts of the
-    parameters of dtype ``d`` that fall in ``[a, e)`` as (param index, offset in the parameter,
-    offset in the space, numel), in space order."""
-
-    def __init__(self, entries, totals=None):
-        self.dtypes = []
-        self.total = {}
-        self._starts = {}
-        self._rows = {}
-        self.offset = {}
-        for i, d, off, n in sorted(entries, key=lambda e: e[2]):  # stable: index order kept
-            if d not in self._rows:
-                self.dtypes.append(d)
-                self._rows[d] = []
-                self._starts[d] = []
-                self.total[d] = 0
-            self._rows[d].append((i, off, n))
-            self._starts[d].append(off)
-            self.total[d] = max(self.total[d], off + n)
-            self.offset[i] = (d, off, n)
-        # dtypes in the order their first parameter is ready
-        first = {d: min(r[0] for r in rows) for d, rows in self._rows.items()}
-        self.dtypes.sort(key=lambda d: first[d])
-        for d, t in (totals or {}).items():
-            self.total[d] = max(self.total.get(d, 0), t)
-
-    @classmethod
-    def flat(cls, params):
-        """Parameters back to back, per dtype, in the given order."""
-        entries, run = [], {}
-        for i, p in enumerate(params):
-            off = run.get(p.dtype, 0)
-            entries.append((i, p.dtype, off, p.numel()))
-            run[p.dtype] = off + p.numel()
-        return cls(entries)
-
-    def pieces(self, d, a, e):
-        rows = self._rows.get(d, [])
-        k = max(0, bisect.bisect_right(self._starts[d], a) - 1) if rows else 0
-        out = []
-        while k < len(rows):
-            i, off, n = rows[k]
-            if off >= e:
-                break
-            lo, hi = max(a, off), min(e, off + n)
-            if lo < hi:
-                out.append((i, lo - off, lo, hi - lo))
-            k += 1
-        return out
-
-
-def shard_bounds(total, world):
-    """Rank r owns [b[r], b[r+1]) of a space of ``total`` elements."""
-    return [total * r // world for r in range(world + 1)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -573,11 +515,8 @@ class ShardedMixin:
         b.index = {id(p): i for i, p in enumerate(b.managed)}
         b.cohort_of, b.cohort_group, cohort_steps = self._cohorts(trainable, prev)
         b.space = Space.flat(b.managed)
-        b.bounds = {d: shard_bounds(b.space.total[d], dp.world) for d in b.space.dtypes}
-        owned = []
-        for d in b.space.dtypes:
-            owned.extend(b.space.pieces(d, b.bounds[d][dp.rank], b.bounds[d][dp.rank + 1]))
-        b.slices = sorted(owned)
+        b.bounds = b.space.bounds(dp.world)
+        b.slices = b.space.shard_slices(dp.world, dp.rank)
         b.slice_of = {s[0]: j for j, s in enumerate(b.slices)}
         specs = []
         for j, (i, po, fo, n) in enumerate(b.slices):
