@@ -28,8 +28,9 @@ contiguous tensors of float32, bfloat16 or float16, all on one device. Tied para
 storage reached twice) are updated once.
 
 Parameters on a GPU (ZeRO-Offload's data flow): the CPU update cannot write device memory, so
-each such parameter gets a host copy in its dtype (pinned when CUDA is there) that the engine
-reads its masters from and writes its updated values to; ``step`` copies the gradients from the
+each such parameter gets a host copy in its dtype, allocated by the engine from its pinned pool
+(counted by ``strata plan``), that the engine reads its masters from and writes its updated
+values to; ``step`` copies the gradients from the
 device into the engine's arena (where ``.grad`` stays a device tensor, set to None by
 ``zero_grad``), runs the update and copies the host copies back into the parameters (H2D, on
 the current stream, so the next forward sees them). With ``backward(loss)`` (overlap) each
@@ -68,7 +69,7 @@ from .grad_path import ArenaGrads, ReducerGrads, Settings
 from .layout import ShardLayout, WholeLayout, whole_tensors
 from .progress import EngineProgress
 from .state_io import copy_slots, read_slots, write_slots
-from ._torch_compat import dtype_from_name, dtype_name
+from ._torch_compat import dtype_from_name, dtype_name, tensor_from_buffer
 
 DEFAULT_SWAP_DIR = "strata_swap"
 
@@ -387,14 +388,21 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         b.cohort_of, b.cohort_group, cohort_steps = self._cohorts(trainable, prev)
         b.layout = self._layout_for(b.managed)
 
-        for p in b.managed:
-            staged = self._staged(p) and not b.layout.sharded
-            b.shadows.append(self._new_shadow(p) if staged else None)
+        # Parameters updated through host copies: the engine allocates them from its pool.
+        staged = [self._staged(p) and not b.layout.sharded for p in b.managed]
         if any(p.is_cuda for p in b.managed):
             _use_cuda_pinning()
-        specs = [self._spec(b, j) for j in range(len(b.layout.slices))]
-        b.engine = self._start_engine(specs, b.cohort_group, cohort_steps)
+        specs = [self._spec(b, j, staged) for j in range(len(b.layout.slices))]
+
+        def fill(j, buf):  # a host copy's first values: the parameter's
+            p = b.managed[b.layout.slices[j][0]]
+            tensor_from_buffer(buf, p.dtype).view(p.shape).copy_(p.detach())
+
+        b.engine = self._start_engine(specs, b.cohort_group, cohort_steps,
+                                      fill if any(staged) else None)
         try:
+            b.shadows = [tensor_from_buffer(b.engine.host_copy(i), p.dtype).view(p.shape)
+                         if s else None for i, (p, s) in enumerate(zip(b.managed, staged))]
             b.grads.build(b)
             b.ptrs = [_storage_key(p) for p in b.managed]
             b.versions = [p._version for p in b.managed]
@@ -408,19 +416,19 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         b.grads.adopt(prev, b)
         return b
 
-    def _spec(self, b, j):
+    def _spec(self, b, j, staged):
         """What the C++ engine gets for engine parameter ``j``: its name, numel, dtype,
-        cohort and host memory — and, for a GPU parameter, its device memory (where a GPU
+        cohort and host memory (None: a host copy from the engine's pool, for a parameter
+        updated through one) — and, for a GPU parameter, its device memory (where a GPU
         update writes instead of the host copy)."""
         i, po, _, n = b.layout.slices[j]
-        p, h = b.managed[i], b.shadows[i]
+        p = b.managed[i]
         name = self._name_of(p, i)
         if n != p.numel():
             name = f"{name}[{po}:{po + n}]"
-        host = p if h is None else h
         return (name, n, dtype_name(p.dtype), b.cohort_of[i],
-                host.data_ptr() + po * p.element_size(),
-                p.data_ptr() if h is not None and p.is_cuda else None,
+                None if staged[i] else p.data_ptr() + po * p.element_size(),
+                p.data_ptr() if staged[i] and p.is_cuda else None,
                 (p.device.index or 0) if p.is_cuda else 0)
 
     def _cohorts(self, trainable, prev):
@@ -454,15 +462,16 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             cohort_group, cohort_steps = [0], [0]
         return cohort_of, cohort_group, cohort_steps
 
-    def _start_engine(self, specs, cohort_group, cohort_steps):
+    def _start_engine(self, specs, cohort_group, cohort_steps, fill_host_copy=None):
         """A C++ engine for ``specs`` (one hyper-parameter set per cohort) with its step
-        counts set and its plan notes said: expected ones logged, the others warned once."""
+        counts set and its plan notes said: expected ones logged, the others warned once.
+        ``fill_host_copy(j, buffer)`` fills the host copies the engine allocates."""
         hypers = [self._hyper(self.param_groups[g]) for g in cohort_group]
         progress = EngineProgress(_config.get(self.config, "strata.progress"))
         try:
             # The engine gets the parsed handle: no JSON is serialised or parsed again.
             engine = _C.Engine(self._engine_config(), specs, hypers, self._rank, self._tag,
-                               progress=progress)
+                               progress=progress, fill_host_copy=fill_host_copy)
         finally:
             progress.close()
         try:
@@ -483,14 +492,6 @@ class _OffloadOptimizer(torch.optim.Optimizer):
     def _set_hypers(self, b):
         for c, gi in enumerate(b.cohort_group):
             b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
-
-    @staticmethod
-    def _new_shadow(p):
-        """The host copy of device parameter ``p`` the engine reads and writes."""
-        pin = torch.cuda.is_available()
-        h = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
-        h.copy_(p.detach())
-        return h
 
     def _pull_shadows(self, b):
         """Host copies := the device parameters (before the engine reads them as masters)."""
@@ -1067,6 +1068,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         if b is None or b.engine is None or b.engine.closed:
             return
         b.grads.release(b, keep_grads)
+        b.shadows = [None] * len(b.shadows)  # views of the engine's pool, freed with it
         b.engine.close()
 
     def _trace_path(self):
