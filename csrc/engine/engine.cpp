@@ -177,6 +177,10 @@ struct Engine::Impl {
   // fetched into working buffer 0 (write back with put_record).
   Result<float*> get_record(const SubGroup& sg);
   Status put_record(const SubGroup& sg, float* record);
+  using RecordVisitor = Engine::RecordVisitor;
+  using RecordView = Engine::RecordView;
+  Status walk_records(const std::vector<size_t>& params, bool write, bool overwrite,
+                      const RecordVisitor& visit);
   Status close();
 };
 
@@ -1332,6 +1336,314 @@ Status Engine::write_param_state(size_t param, int slot, const float* in) {
   std::vector<const float*> bufs(size_t(slot) + 1, nullptr);
   bufs[size_t(slot)] = in;
   return write_param_states(param, bufs);
+}
+
+// The walk behind read_records / write_records: resident records in place,
+// the others through the working buffers as a ring — record i uses buffer
+// i % nb, whose previous record's store is waited for only when the buffer
+// is reused, and fetches run nb - 1 records ahead of the visitor.
+Status Engine::Impl::walk_records(const std::vector<size_t>& params, bool write, bool overwrite,
+                                  const RecordVisitor& visit) {
+  STRATA_RETURN_IF_ERROR(sync());
+  const char* what = write ? "write_records" : "read_records";
+  std::vector<uint8_t> wanted(opts.params.size(), params.empty() ? 1 : 0);
+  for (size_t p : params) {
+    if (p >= opts.params.size()) {
+      return invalid_argument(std::string(what) + ": no parameter " + std::to_string(p) + " (" +
+                              std::to_string(opts.params.size()) + " parameters)");
+    }
+    wanted[p] = 1;
+  }
+  // The records to visit, in tier order (resident first: no I/O).
+  std::vector<uint32_t> ids;
+  for (const auto& sg : plan.subgroups) {
+    for (const auto& seg : sg.segments) {
+      if (wanted[seg.param]) {
+        ids.push_back(sg.id);
+        break;
+      }
+    }
+  }
+  auto key = [&](uint32_t id) {
+    const SubGroup& sg = plan.subgroups[id];
+    Tier* t = tier_of(sg);
+    return std::make_tuple(!t->resident(), int(sg.tier), t->record_offset(handles[id]), id);
+  };
+  std::sort(ids.begin(), ids.end(), [&](uint32_t a, uint32_t b) { return key(a) < key(b); });
+  auto make_view = [&](const SubGroup& sg, float* rec, bool* covers_all) {
+    RecordView v;
+    v.subgroup = sg.id;
+    v.data = rec;
+    v.slot_stride = sg.slot_stride;
+    v.slots = slots[size_t(sg.group)];
+    bool all = true;
+    for (const auto& seg : sg.segments) {
+      if (wanted[seg.param]) {
+        v.slices.push_back({seg.param, seg.param_offset, seg.offset, seg.numel});
+      } else {
+        all = false;
+      }
+    }
+    if (covers_all) {
+      *covers_all = all;
+    }
+    return v;
+  };
+  auto after_write = [&](const SubGroup& sg) {
+    for (size_t si = 0; si < sg.segments.size(); ++si) {
+      if (wanted[sg.segments[si].param]) {
+        for (int k = 0; k < slots[size_t(sg.group)]; ++k) {
+          note_written(sg, si, size_t(k));
+        }
+      }
+    }
+  };
+  auto run_visitor = [&](const RecordView& v) -> Status {
+    Status st = visit(v);
+    if (!st.ok()) {
+      return st.with_context(std::string(what) + ", sub-group " + std::to_string(v.subgroup));
+    }
+    return Status::Ok();
+  };
+  std::vector<uint32_t> ring;  // records that go through the working buffers
+  for (uint32_t id : ids) {
+    const SubGroup& sg = plan.subgroups[id];
+    Tier* tier = tier_of(sg);
+    if (!tier->resident()) {
+      ring.push_back(id);
+      continue;
+    }
+    if (!write || !overwrite) {
+      STRATA_RETURN_IF_ERROR(check_readable(sg));
+    }
+    bool all = false;
+    RecordView v = make_view(sg, tier->data(handles[id]), &all);
+    if (write && (lost.empty() || !lost[id] ? false : !rewrite_started[id])) {
+      std::memset(v.data, 0, sg.record_bytes);  // a lost record's old contents are unknown
+      rewrite_started[id] = 1;
+    }
+    STRATA_RETURN_IF_ERROR(run_visitor(v));
+    if (write) {
+      after_write(sg);
+      note_record_stored(sg);
+    }
+  }
+  if (ring.empty()) {
+    return Status::Ok();
+  }
+  if (work.empty()) {
+    return Status(StatusCode::kInternal, std::string(what) + ": no working buffers");
+  }
+  const size_t nb = work.size();
+  struct Slot {
+    Tier* tier = nullptr;
+    TierTicket ticket = 0;
+    bool fetching = false;
+  };
+  std::vector<Slot> inflight(nb);
+  auto settle = [&](size_t b) -> Status {
+    Slot& s = inflight[b];
+    Status st = Status::Ok();
+    if (s.tier) {
+      st = s.tier->wait(s.ticket);
+    }
+    s = Slot{};
+    return st;
+  };
+  auto drain_all = [&]() {
+    for (size_t b = 0; b < nb; ++b) {
+      settle(b).ignore();
+    }
+  };
+  // Puts record i into its buffer: a fetch submitted, or a fresh record
+  // (write with overwrite of the whole record, or a lost record's first
+  // rewrite) zeroed. Waits for the buffer's previous store first.
+  auto prepare = [&](size_t i) -> Status {
+    const size_t b = i % nb;
+    STRATA_RETURN_IF_ERROR(settle(b));
+    const SubGroup& sg = plan.subgroups[ring[i]];
+    Tier* tier = tier_of(sg);
+    bool all = false;
+    make_view(sg, nullptr, &all);
+    const bool is_lost = !lost.empty() && lost[sg.id];
+    bool fresh = write && overwrite && all;
+    if (write && is_lost && !rewrite_started[sg.id]) {
+      fresh = true;
+      rewrite_started[sg.id] = 1;
+    }
+    if (fresh) {
+      std::memset(work[b].data(), 0, sg.record_bytes);
+      return Status::Ok();
+    }
+    if (!write) {
+      STRATA_RETURN_IF_ERROR(check_readable(sg));
+    }
+    STRATA_ASSIGN_OR_RETURN(TierTicket t, tier->submit_fetch(handles[sg.id], work[b].data()));
+    inflight[b] = {tier, t, true};
+    return Status::Ok();
+  };
+  Status st = Status::Ok();
+  const size_t ahead = nb > 1 ? nb - 1 : 1;
+  for (size_t i = 0; i < ring.size() && i < ahead && st.ok(); ++i) {
+    st = prepare(i);
+  }
+  for (size_t i = 0; i < ring.size() && st.ok(); ++i) {
+    if (i + ahead < ring.size() && ahead == nb - 1) {
+      st = prepare(i + ahead);  // the buffer of record i - 1, whose store was submitted last
+      if (!st.ok()) {
+        break;
+      }
+    }
+    const size_t b = i % nb;
+    if (inflight[b].fetching) {
+      st = settle(b);
+      if (!st.ok()) {
+        break;
+      }
+    }
+    const SubGroup& sg = plan.subgroups[ring[i]];
+    RecordView v = make_view(sg, work[b].as<float>(), nullptr);
+    st = run_visitor(v);
+    if (!st.ok()) {
+      break;
+    }
+    if (write) {
+      after_write(sg);
+      auto t = tier_of(sg)->submit_store(handles[sg.id], work[b].data());
+      if (!t.ok()) {
+        st = t.status();
+        break;
+      }
+      inflight[b] = {tier_of(sg), t.value(), false};
+      note_record_stored(sg);
+    }
+    if (nb == 1 && i + 1 < ring.size()) {
+      st = prepare(i + 1);
+    }
+  }
+  if (!st.ok()) {
+    drain_all();
+    return st;
+  }
+  for (size_t b = 0; b < nb; ++b) {
+    Status s2 = settle(b);
+    if (st.ok() && !s2.ok()) {
+      st = s2.with_context(std::string(what) + ": storing a record");
+    }
+  }
+  return st;
+}
+
+Status Engine::read_records(const std::vector<size_t>& params, const RecordVisitor& visit) {
+  return impl_->walk_records(params, false, false, visit);
+}
+
+Status Engine::write_records(const std::vector<size_t>& params, bool overwrite,
+                             const RecordVisitor& visit) {
+  return impl_->walk_records(params, true, overwrite, visit);
+}
+
+size_t Engine::param_count() const { return impl_->opts.params.size(); }
+size_t Engine::param_numel(size_t param) const {
+  return size_t(impl_->opts.params.at(param).numel);
+}
+int Engine::param_slots(size_t param) const {
+  const Impl& e = *impl_;
+  return e.slots.at(size_t(e.opts.params.at(param).group));
+}
+
+Status Engine::copy_state_from(Engine& src_engine, const std::vector<StateCopy>& copies) {
+  Impl& dst = *impl_;
+  Impl& src = *src_engine.impl_;
+  if (&src == &dst) {
+    return invalid_argument("copy_state_from: an engine cannot copy from itself");
+  }
+  STRATA_RETURN_IF_ERROR(src.sync().with_context("copy_state_from: the source engine"));
+  std::vector<const StateCopy*> by_dst(dst.opts.params.size(), nullptr);
+  std::vector<size_t> params;
+  bool whole = true;
+  for (const auto& c : copies) {
+    if (c.dst_param >= dst.opts.params.size() || c.src_param >= src.opts.params.size()) {
+      return invalid_argument("copy_state_from: parameter " + std::to_string(c.dst_param) + " <- " +
+                              std::to_string(c.src_param) + " out of range");
+    }
+    if (dst.opts.params[c.dst_param].numel != src.opts.params[c.src_param].numel) {
+      return invalid_argument("copy_state_from: " + dst.opts.params[c.dst_param].name + " has " +
+                              std::to_string(dst.opts.params[c.dst_param].numel) +
+                              " elements, its source " +
+                              std::to_string(src.opts.params[c.src_param].numel));
+    }
+    if (c.first_slot > 0 ||
+        param_slots(c.dst_param) != src.slots.at(size_t(src.opts.params[c.src_param].group))) {
+      whole = false;  // some slots keep their fresh contents: fetch those records
+    }
+    by_dst[c.dst_param] = &c;
+    params.push_back(c.dst_param);
+  }
+  if (params.empty()) {
+    return Status::Ok();
+  }
+  // Source records through the source's working buffers, least recently used
+  // out; resident records in place.
+  struct Cached {
+    uint32_t sg = UINT32_MAX;
+    uint64_t used = 0;
+  };
+  std::vector<Cached> cache(src.work.size());
+  uint64_t clock = 0;
+  auto src_record = [&](uint32_t id) -> Result<const float*> {
+    const SubGroup& sg = src.plan.subgroups[id];
+    STRATA_RETURN_IF_ERROR(src.check_readable(sg));
+    Tier* t = src.tier_of(sg);
+    if (t->resident()) {
+      return static_cast<const float*>(t->data(src.handles[id]));
+    }
+    if (cache.empty()) {
+      return Status(StatusCode::kInternal, "copy_state_from: the source has no working buffers");
+    }
+    size_t victim = 0;
+    for (size_t b = 0; b < cache.size(); ++b) {
+      if (cache[b].sg == id) {
+        cache[b].used = ++clock;
+        return static_cast<const float*>(src.work[b].as<float>());
+      }
+      if (cache[b].used < cache[victim].used) {
+        victim = b;
+      }
+    }
+    cache[victim] = {UINT32_MAX, 0};
+    STRATA_RETURN_IF_ERROR(t->fetch(src.handles[id], src.work[victim].data()));
+    cache[victim] = {id, ++clock};
+    return static_cast<const float*>(src.work[victim].as<float>());
+  };
+  return dst.walk_records(params, true, whole, [&](const RecordView& v) -> Status {
+    for (const auto& s : v.slices) {
+      const StateCopy& c = *by_dst[s.param];
+      const int nslots =
+          std::min(v.slots, src.slots.at(size_t(src.opts.params[c.src_param].group)));
+      // The source pieces overlapping [param_offset, param_offset + numel).
+      for (uint32_t id : src.subgroups_of_param[c.src_param]) {
+        const SubGroup& sg = src.plan.subgroups[id];
+        for (const auto& seg : sg.segments) {
+          if (seg.param != c.src_param) {
+            continue;
+          }
+          const size_t a = std::max(seg.param_offset, s.param_offset);
+          const size_t e = std::min(seg.param_offset + seg.numel, s.param_offset + s.numel);
+          if (a >= e) {
+            continue;
+          }
+          STRATA_ASSIGN_OR_RETURN(const float* rec, src_record(id));
+          for (int k = c.first_slot; k < nslots; ++k) {
+            std::memcpy(v.data + size_t(k) * v.slot_stride + s.record_offset + (a - s.param_offset),
+                        rec + size_t(k) * sg.slot_stride + seg.offset + (a - seg.param_offset),
+                        (e - a) * sizeof(float));
+          }
+        }
+      }
+    }
+    return Status::Ok();
+  });
 }
 
 Status Engine::read_record(uint32_t subgroup, float* out) {

@@ -1,7 +1,7 @@
 // Test hook: STRATA_TEST_KILL_AT=<point>:<n> makes the process SIGKILL itself
 // the n-th time (1-based) it reaches <point>, so crash-safety tests cover each
 // phase deterministically rather than by luck of timing. Several points may be
-// given, comma-separated, as python/strata/checkpoint.py reads the same
+// given, comma-separated, as python/strata/testing/kill_points.py reads the same
 // variable. Points in the engine: "engine_update" (before a sub-group's
 // update), "engine_store" (after a store was submitted, before it completes);
 // tests/python/test_checkpoint_resume.py arms both. Other points live in

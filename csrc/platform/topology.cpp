@@ -156,6 +156,32 @@ Result<std::vector<int>> parse_cpulist(std::string_view text) {
   return out;
 }
 
+std::string format_cpulist(std::span<const int> cpus) {
+  std::string list;
+  for (size_t i = 0; i < cpus.size();) {
+    size_t j = i;
+    while (j + 1 < cpus.size() && cpus[j + 1] == cpus[j] + 1) {
+      ++j;
+    }
+    list += (list.empty() ? "" : ",") + std::to_string(cpus[i]);
+    if (j > i) {
+      list += "-" + std::to_string(cpus[j]);
+    }
+    i = j + 1;
+  }
+  return list;
+}
+
+Result<std::vector<int>> node_cpus(int node, const std::string& sysfs_root) {
+  const fs::path path = fs::path(sysfs_root) / ("node" + std::to_string(node)) / "cpulist";
+  STRATA_ASSIGN_OR_RETURN(std::string text, read_text(path));
+  auto cpus = parse_cpulist(text);
+  if (!cpus.ok()) {
+    return cpus.status().with_context(path.string());
+  }
+  return cpus;
+}
+
 Result<std::vector<NumaNode>> read_topology(const std::string& sysfs_root) {
   std::error_code ec;
   fs::path root(sysfs_root);
@@ -249,20 +275,7 @@ std::string describe_topology(const std::vector<NumaNode>& topology) {
     } else if (n.cpus.empty()) {
       out += "no cpus, no memory";
     } else {
-      // Print the cpulist compactly again ("0-15,32-47").
-      std::string list;
-      for (size_t i = 0; i < n.cpus.size();) {
-        size_t j = i;
-        while (j + 1 < n.cpus.size() && n.cpus[j + 1] == n.cpus[j] + 1) {
-          ++j;
-        }
-        list += (list.empty() ? "" : ",") + std::to_string(n.cpus[i]);
-        if (j > i) {
-          list += "-" + std::to_string(n.cpus[j]);
-        }
-        i = j + 1;
-      }
-      out += "cpus " + list;
+      out += "cpus " + format_cpulist(n.cpus);
     }
     out +=
         ", " + format_bytes(n.mem_total_bytes) + " (" + format_bytes(n.mem_free_bytes) + " free)";

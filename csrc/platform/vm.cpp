@@ -44,6 +44,21 @@ int to_kernel_mode(MemPolicy policy) {
   return MPOL_DEFAULT;
 }
 
+// The kernel's node mask for `nodes`; -EINVAL for an id outside
+// [0, kMaxNumaNodes) or no node with a policy other than kDefault.
+int node_mask(MemPolicy policy, std::span<const int> nodes, unsigned long (&mask)[kMaskWords]) {
+  for (int n : nodes) {
+    if (n < 0 || n >= kMaxNumaNodes) {
+      return -EINVAL;
+    }
+    mask[n / 64] |= 1UL << (n % 64);
+  }
+  if (policy != MemPolicy::kDefault && nodes.empty()) {
+    return -EINVAL;
+  }
+  return 0;
+}
+
 }  // namespace
 
 const char* mem_policy_name(MemPolicy policy) {
@@ -107,19 +122,24 @@ int bind_memory(void* addr, size_t bytes, MemPolicy policy, std::span<const int>
     return -EINVAL;
   }
   unsigned long mask[kMaskWords] = {};
-  for (int n : nodes) {
-    if (n < 0 || n >= kMaxNumaNodes) {
-      return -EINVAL;
-    }
-    mask[n / 64] |= 1UL << (n % 64);
-  }
-  if (policy != MemPolicy::kDefault && nodes.empty()) {
-    return -EINVAL;
+  if (int r = node_mask(policy, nodes, mask); r != 0) {
+    return r;
   }
   const unsigned long* mask_arg = policy == MemPolicy::kDefault ? nullptr : mask;
   unsigned long maxnode = policy == MemPolicy::kDefault ? 0 : kMaskBitsArg;
   long r = syscall(SYS_mbind, addr, round_up(bytes, kPageSize), to_kernel_mode(policy), mask_arg,
                    maxnode, 0u);
+  return r == 0 ? 0 : neg_errno();
+}
+
+int set_thread_policy(MemPolicy policy, std::span<const int> nodes) {
+  unsigned long mask[kMaskWords] = {};
+  if (int r = node_mask(policy, nodes, mask); r != 0) {
+    return r;
+  }
+  const unsigned long* mask_arg = policy == MemPolicy::kDefault ? nullptr : mask;
+  unsigned long maxnode = policy == MemPolicy::kDefault ? 0 : kMaskBitsArg;
+  long r = syscall(SYS_set_mempolicy, to_kernel_mode(policy), mask_arg, maxnode);
   return r == 0 ? 0 : neg_errno();
 }
 

@@ -31,6 +31,7 @@ void bind_model(py::module_& m);
 void bind_cuda(py::module_& m);
 void bind_log(py::module_& m);
 void bind_shard(py::module_& m);
+void bind_checksum(py::module_& m);
 
 namespace {
 
@@ -44,6 +45,10 @@ struct HostBuffer {
   void* data;
   size_t bytes;
 };
+
+class PyEngine;
+void walk_records(PyEngine& s, const py::function& fn, const py::object& params, bool write,
+                  bool overwrite);
 
 class PyEngine {
  public:
@@ -170,6 +175,49 @@ class PyEngine {
   std::vector<size_t> param_bytes_;  // per parameter: numel * dtype size
 };
 
+// The by-record walks for Python: the walk runs without the GIL; each visit
+// takes it, hands Python the slices and a memoryview of the record, and a
+// Python exception stops the walk and is re-raised as itself afterwards.
+void walk_records(PyEngine& s, const py::function& fn, const py::object& params, bool write,
+                  bool overwrite) {
+  std::vector<size_t> which;
+  if (!params.is_none()) {
+    for (const auto& p : params) {
+      which.push_back(p.cast<size_t>());
+    }
+    if (which.empty()) {
+      return;  // nothing asked for (an empty list is not "all")
+    }
+  }
+  std::unique_ptr<py::error_already_set> raised;
+  auto visit = [&](const engine::Engine::RecordView& v) -> Status {
+    py::gil_scoped_acquire gil;
+    try {
+      py::list slices;
+      for (const auto& sl : v.slices) {
+        slices.append(
+            py::make_tuple(sl.param, sl.param_offset, sl.record_offset, sl.numel, v.slot_stride));
+      }
+      auto mv = py::memoryview::from_memory(
+          v.data, py::ssize_t(v.slot_stride * size_t(v.slots) * sizeof(float)), false);
+      fn(slices, mv);
+      return Status::Ok();
+    } catch (py::error_already_set& e) {
+      raised = std::make_unique<py::error_already_set>(std::move(e));
+      return Status(StatusCode::kAborted, "the Python visitor raised");
+    }
+  };
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = write ? s.e().write_records(which, overwrite, visit) : s.e().read_records(which, visit);
+  }
+  if (raised) {
+    throw std::move(*raised);
+  }
+  check(st);
+}
+
 }  // namespace
 }  // namespace strata::pybind
 
@@ -178,6 +226,7 @@ using namespace strata::pybind;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "strata core binding (torch-free)";
   register_exceptions(m);
+  bind_checksum(m);
   bind_log(m);  // the core's messages go to logging.getLogger("strata") from here on
   m.attr("__version__") = STRATA_VERSION;
 
@@ -357,6 +406,47 @@ PYBIND11_MODULE(_C, m) {
              }
              check(st);
            })
+      .def(
+          "read_records",
+          [](PyEngine& s, const py::function& fn, const py::object& params) {
+            walk_records(s, fn, params, false, false);
+          },
+          py::arg("visit"), py::arg("params") = py::none(),
+          "Calls visit(slices, record) once per sub-group record holding any of params "
+          "(engine parameter indices; None: all), in swap-file order, fetches running "
+          "ahead. slices: [(param, param_offset, record_offset, numel, slot_stride)]; record: "
+          "a writable memoryview of the record's float32 values (slot k of a slice at "
+          "k * slot_stride + record_offset), valid only during the call.")
+      .def(
+          "write_records",
+          [](PyEngine& s, const py::function& fn, const py::object& params, bool overwrite) {
+            walk_records(s, fn, params, true, overwrite);
+          },
+          py::arg("visit"), py::arg("params") = py::none(), py::arg("overwrite") = false,
+          "As read_records, and each record is stored back after visit changed it. "
+          "overwrite=True: visit writes every slot of every slice, so records holding only "
+          "those parameters are not fetched first.")
+      .def(
+          "copy_state_from",
+          [](PyEngine& s, PyEngine& src,
+             const std::vector<std::tuple<size_t, size_t, int>>& copies) {
+            std::vector<engine::Engine::StateCopy> c;
+            for (const auto& [d, sp, first] : copies) {
+              c.push_back({d, sp, first});
+            }
+            Status st;
+            {
+              py::gil_scoped_release release;
+              st = s.e().copy_state_from(src.e(), c);
+            }
+            check(st);
+          },
+          py::arg("src"), py::arg("copies"),
+          "Carries state over from engine src: copies = [(dst_param, src_param, first_slot)], "
+          "each record of this engine written once.")
+      .def("param_count", [](PyEngine& s) { return s.e().param_count(); })
+      .def("param_numel", [](PyEngine& s, size_t i) { return s.e().param_numel(i); })
+      .def("param_slots", [](PyEngine& s, size_t i) { return s.e().param_slots(i); })
       .def("sync_master_from_params",
            [](PyEngine& s) {
              Status st;

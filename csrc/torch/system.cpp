@@ -1,5 +1,6 @@
 // strata._C.system_info(): what this machine offers strata, for
-// `python -m strata info`.
+// `python -m strata info`; and the platform calls Python would otherwise make
+// through ctypes (rename_exchange, bind_to_numa_node).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -7,9 +8,12 @@
 
 #include <strata/io/probe.h>
 #include <strata/kernels/optimizer.h>
+#include <strata/platform/affinity.h>
+#include <strata/platform/fs.h>
 #include <strata/platform/meminfo.h>
 #include <strata/platform/memlock.h>
 #include <strata/platform/topology.h>
+#include <strata/platform/vm.h>
 
 #include "torch/convert.h"
 
@@ -73,10 +77,45 @@ static py::dict system_info(const std::string& swap_dir) {
   return d;
 }
 
+// True when swapped, False when the kernel or file system cannot exchange
+// (the caller renames twice instead); any other failure is an OSError with
+// its errno, as os.rename raises.
+static bool rename_exchange_py(const std::string& a, const std::string& b) {
+  Status st = platform::rename_exchange(a, b);
+  if (st.ok()) {
+    return true;
+  }
+  if (st.code() == StatusCode::kUnavailable) {
+    return false;
+  }
+  throw StrataIOError(st.to_string(), st.sys_errno() ? st.sys_errno() : EIO);
+}
+
+static void reset_memory_policy_py() {
+  if (int r = platform::set_thread_policy(platform::MemPolicy::kDefault, {}); r != 0) {
+    check(Status::from_errno(r, "set_mempolicy MPOL_DEFAULT"));
+  }
+}
+
 void bind_system(py::module_& m) {
   m.def("system_info", &system_info, py::arg("swap_dir") = "",
         "io_uring, O_DIRECT on swap_dir, NUMA/CXL nodes, memlock, SIMD, memory.");
   m.def("format_bytes", [](uint64_t b) { return platform::format_bytes(b); });
+  m.def("rename_exchange", &rename_exchange_py, py::arg("a"), py::arg("b"),
+        "Swap two paths atomically (renameat2 RENAME_EXCHANGE). True when swapped, False when "
+        "the kernel or file system cannot (ENOSYS, EINVAL, EOPNOTSUPP); OSError otherwise.");
+  m.def(
+      "bind_to_numa_node",
+      [](int node, const std::string& sysfs_root) {
+        check(platform::bind_to_numa_node(node, sysfs_root));
+      },
+      py::arg("node"), py::arg("sysfs_root") = platform::kDefaultSysfsNodeRoot,
+      "Run the calling thread on the CPUs of NUMA node `node` (<sysfs_root>/node<N>/cpulist) and "
+      "prefer that node for its new memory; threads it starts later inherit both. Raises "
+      "ValueError (ConfigError) for a node without CPUs, StrataError/OSError when refused.");
+  m.def("reset_memory_policy", &reset_memory_policy_py,
+        "The default memory policy (local allocation) for the calling thread: undoes the memory "
+        "half of bind_to_numa_node.");
 }
 
 }  // namespace strata::pybind

@@ -39,6 +39,7 @@ from . import lr_schedules
 from . import sharded as _sharded
 from ._torch_compat import note_optimizer_step
 from .optim import (OffloadAdagrad, OffloadAdam, OffloadAdamW, OffloadSGD, _OffloadOptimizer)
+from .testing.kill_points import kill_during, kill_point
 
 log = logging.getLogger("strata")
 
@@ -609,7 +610,7 @@ class Engine(torch.nn.Module):
 
     # ---- training -----------------------------------------------------------
     def forward(self, *inputs, **kwargs):
-        _ckpt.kill_point("forward")
+        kill_point("forward")
         t0 = time.perf_counter()
         if self.fp16_enabled() and _config.get(self._config, "fp16.auto_cast"):
             inputs, kwargs = _cast_inputs(inputs, torch.float16), \
@@ -622,7 +623,7 @@ class Engine(torch.nn.Module):
         """Backward of ``loss`` / gradient_accumulation_steps (x the fp16 loss scale).
         Returns the loss as scaled for accumulation (as DeepSpeed does)."""
         self._require_open()
-        _ckpt.kill_point("backward")
+        kill_point("backward")
         t0 = time.perf_counter()
         gas = self.gradient_accumulation_steps()
         if scale_wrt_gas and gas > 1:
@@ -700,7 +701,7 @@ class Engine(torch.nn.Module):
 
     def _take_model_step(self, lr_kwargs):
         opt = self.optimizer
-        _ckpt.kill_point("step_begin")
+        kill_point("step_begin")
         if self.world_size > 1:
             if self._data_parallel_optimizer():
                 opt.reduce_gradients()  # buckets still pending; the shard's sums kept
@@ -733,13 +734,13 @@ class Engine(torch.nn.Module):
                 if coef < 1.0:
                     grad_mul *= coef
             opt._pending_grad_mul = grad_mul
-            with _ckpt.kill_during("update") as arm:
+            with kill_during("update") as arm:
                 opt._engine_step_hook = arm
                 try:
                     opt.step()
                 finally:
                     opt._engine_step_hook = None
-            _ckpt.kill_point("step_end")
+            kill_point("step_end")
             if self._client_torch_optimizer is not None:
                 note_optimizer_step(self._client_torch_optimizer)
             opt.zero_grad()

@@ -30,6 +30,7 @@ from . import config as _config
 from ._torch_compat import dtype_from_name, dtype_name, has_post_accumulate_grad_hook, \
     tensor_from_buffer
 from .layout import Space
+from .numa import bind_numa_node, numa_node_for
 
 DEFAULT_BUCKET = 500_000_000  # elements: DeepSpeed's default for both bucket sizes
 MAX_IN_FLIGHT = 2             # asynchronous reductions in flight (overlap_comm), as double buffers
@@ -365,8 +366,6 @@ class Settings:
         """The settings of this process's rank (one rank without torch.distributed); the
         process is bound to its local rank's NUMA node where there are several
         (``STRATA_NUMA_BIND=0``: not)."""
-        from .sharded import bind_numa_node, numa_node_for  # sharded.py imports this module
-
         world, rank = comm.get_world_size(), comm.get_rank()
         s = cls(cfg, world, rank, comm.get_local_rank())
         node = numa_node_for(s.local_rank, comm.get_local_world_size()) \

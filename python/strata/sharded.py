@@ -51,82 +51,9 @@ Every rank must make the same calls in the same order (backward, step, zero_grad
 state_dict, add_param_group, changes of ``requires_grad``): several of them communicate.
 """
 
-import ctypes
-import os
-import platform
-
 from .grad_path import DEFAULT_BUCKET, MAX_IN_FLIGHT, Settings, _make_buckets  # noqa: F401
 from .layout import Space, shard_bounds  # noqa: F401
 from .optim import OffloadAdagrad, OffloadAdam, OffloadAdamW, OffloadSGD, _OffloadOptimizer
-
-
-# ---------------------------------------------------------------------------------------
-# NUMA: one node per local rank
-
-
-def _node_cpus(sysfs_root="/sys/devices/system/node"):
-    """{node: [cpus]} for the NUMA nodes that have CPUs."""
-    out = {}
-    try:
-        names = os.listdir(sysfs_root)
-    except OSError:
-        return out
-    for name in names:
-        if not (name.startswith("node") and name[4:].isdigit()):
-            continue
-        try:
-            with open(os.path.join(sysfs_root, name, "cpulist")) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        cpus = []
-        for part in filter(None, text.split(",")):
-            lo, _, hi = part.partition("-")
-            cpus.extend(range(int(lo), int(hi or lo) + 1))
-        if cpus:
-            out[int(name[4:])] = cpus
-    return out
-
-
-def numa_node_for(local_rank, local_world, sysfs_root="/sys/devices/system/node"):
-    """The NUMA node local rank ``local_rank`` of ``local_world`` binds to, or None (one node,
-    or one process per machine). Ranks go round-robin over the nodes that have CPUs."""
-    nodes = _node_cpus(sysfs_root)
-    if len(nodes) < 2 or local_world < 2:
-        return None
-    order = sorted(nodes)
-    return order[local_rank % len(order)]
-
-
-_MPOL_PREFERRED = 1
-_SYS_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237, "ppc64le": 261}
-
-
-def bind_numa_node(node, sysfs_root="/sys/devices/system/node"):
-    """Run this thread (and the threads it starts later: the engine's update threads) on the
-    CPUs of ``node``, and prefer that node for new memory (the pinned pool is pre-faulted by
-    this thread). Returns a note saying what was done."""
-    cpus = _node_cpus(sysfs_root).get(node)
-    if not cpus:
-        return f"NUMA node {node} has no CPUs: not bound"
-    try:
-        os.sched_setaffinity(0, cpus)
-    except OSError as exc:
-        return f"NUMA node {node}: CPU affinity refused ({exc.strerror})"
-    nr = _SYS_SET_MEMPOLICY.get(platform.machine())
-    if nr is None:
-        return f"NUMA node {node}: CPUs bound, memory policy not set on {platform.machine()}"
-    mask = ctypes.c_ulong * ((node // 64) + 1)
-    m = mask()
-    m[node // 64] = 1 << (node % 64)
-    libc = ctypes.CDLL(None, use_errno=True)
-    # maxnode: the kernel reads maxnode - 1 bits of the mask
-    rc = libc.syscall(nr, _MPOL_PREFERRED, ctypes.byref(m), ctypes.c_ulong(64 * len(m) + 1))
-    if rc != 0:
-        return (f"NUMA node {node}: CPUs bound, set_mempolicy failed "
-                f"({os.strerror(ctypes.get_errno())})")
-    return f"NUMA node {node}: CPUs and memory bound for local rank"
-
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,17 +13,13 @@ slot 0 is the fp32 master weights, slots 1.. the optimizer's state in its declar
 
 import torch
 
+from ._torch_compat import tensor_from_buffer
+
 __all__ = ["read_slots", "write_slots", "copy_slots", "visit_records"]
 
 
-def _by_record(engine):
-    # Transitional (issue 19): engines built before Engine::read_records existed in _C are
-    # served by the per-parameter calls. Removed once the by-record binding lands.
-    return hasattr(engine, "read_records")
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
+def _floats(mv):
+    return tensor_from_buffer(mv, torch.float32)
 
 
 def _check(t, n, what):
@@ -37,10 +33,6 @@ def read_slots(engine, requests):
     (one fetch per record holding any of them)."""
     if not requests:
         return
-    if not _by_record(engine):
-        for j, outs in requests.items():
-            engine.read_param_states(j, [_ptr(t) for t in outs])
-        return
     want = {}
     for j, outs in requests.items():
         n = engine.param_numel(j)
@@ -49,7 +41,8 @@ def read_slots(engine, requests):
                 _check(t, n, f"the output for slot {k} of engine parameter {j}")
         want[j] = outs
 
-    def visit(slices, record):
+    def visit(slices, mv):
+        record = _floats(mv)
         for j, po, off, n, stride in slices:
             outs = want.get(j)
             if outs is None:
@@ -67,10 +60,6 @@ def write_slots(engine, sources):
     overwritten)."""
     if not sources:
         return
-    if not _by_record(engine):
-        for j, srcs in sources.items():
-            engine.write_param_states(j, [_ptr(t) for t in srcs])
-        return
     have = {}
     full = True
     for j, srcs in sources.items():
@@ -82,7 +71,8 @@ def write_slots(engine, sources):
             full = False
         have[j] = srcs
 
-    def visit(slices, record):
+    def visit(slices, mv):
+        record = _floats(mv)
         for j, po, off, n, stride in slices:
             srcs = have.get(j)
             if srcs is None:
@@ -96,53 +86,20 @@ def write_slots(engine, sources):
 
 def copy_slots(src, dst, pairs):
     """Carry state from engine ``src`` to engine ``dst``: ``pairs`` = [(dst_j, src_j,
-    first_slot, numel, nslots)], equal numel each; slots first_slot..nslots-1 are copied. Streams: the source is
-    read record by record and the destination written record by record, holding at most
-    one source record's worth of tensors at a time beyond the engines' own buffers."""
+    first_slot, numel, nslots)], equal numel each; slots first_slot.. are copied (numel and
+    nslots are checked against the engines). Each of ``dst``'s records is written once;
+    ``src``'s are read through a small cache, once each when the orders match."""
     if not pairs:
         return
-    if not _by_record(src):
-        for dj, sj, first, n, nslots in pairs:
-            t = torch.empty(n, dtype=torch.float32)
-            for k in range(first, nslots):
-                src.read_param_state(sj, k, t.data_ptr())
-                dst.write_param_state(dj, k, t.data_ptr())
-        return
-    by_src = {}
-    for dj, sj, first, _, _ in pairs:
-        n = src.param_numel(sj)
-        if dst.param_numel(dj) != n:
-            raise ValueError(f"strata: engine parameter {sj} has {n} elements, its new place "
-                             f"{dj} has {dst.param_numel(dj)}")
-        by_src[sj] = (dj, first)
-    # Gather the source by record into per-parameter tensors, writing each parameter to the
-    # destination as soon as all of its pieces arrived.
-    pending, seen = {}, {}
-
-    def flush(ready):
-        write_slots(dst, ready)
-
-    def visit(slices, record):
-        ready = {}
-        for sj, po, off, n, stride in slices:
-            if sj not in by_src:
-                continue
-            dj, first = by_src[sj]
-            total = src.param_numel(sj)
-            nslots = min(src.param_slots(sj), dst.param_slots(dj))
-            bufs = pending.get(sj)
-            if bufs is None:
-                bufs = pending[sj] = [None] * first + [
-                    torch.empty(total, dtype=torch.float32) for _ in range(first, nslots)]
-            for k in range(first, nslots):
-                bufs[k][po:po + n].copy_(record[k * stride + off:k * stride + off + n])
-            seen[sj] = seen.get(sj, 0) + n
-            if seen[sj] == total:
-                ready[dj] = pending.pop(sj)
-        if ready:
-            flush(ready)
-
-    src.read_records(visit, list(by_src))
+    copies = []
+    for dj, sj, first, n, nslots in pairs:
+        if src.param_numel(sj) != n or dst.param_numel(dj) != n:
+            raise ValueError(f"strata: copy_slots: engine parameter {sj} -> {dj}: {n} elements "
+                             f"given, the engines have {src.param_numel(sj)} and "
+                             f"{dst.param_numel(dj)}")
+        if first < nslots:
+            copies.append((dj, sj, first))
+    dst.copy_state_from(src, copies)
 
 
 def visit_records(engine, fn, params=None):
@@ -150,7 +107,8 @@ def visit_records(engine, fn, params=None):
     parameter (of ``params``, or all), record by record in swap-file order; the views are
     valid only during the call (copy or write them out before returning)."""
 
-    def visit(slices, record):
+    def visit(slices, mv):
+        record = _floats(mv)
         for j, po, off, n, stride in slices:
             fn(j, po, n, [record[k * stride + off:k * stride + off + n]
                           for k in range(engine.param_slots(j))])

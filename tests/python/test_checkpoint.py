@@ -85,7 +85,7 @@ def test_manifest_records_state_files_checksums_and_versions(tmp_path):
         assert sorted(names) == sorted(n for n, _ in e.module.named_parameters())
         for p in m["optimizer"]["params"]:
             assert [s["name"] for s in p["slots"]] == ["master", "exp_avg", "exp_avg_sq"]
-            assert all(s["bytes"] == 4 * p["numel"] and len(s["blake2b"]) == 32
+            assert all(s["bytes"] == 4 * p["numel"] and len(s["xxh3"]) == 32
                        for s in p["slots"])
             assert p["shape"] == list(dict(e.module.named_parameters())[p["name"]].shape)
         for name, entry in m["files"].items():
@@ -220,6 +220,45 @@ def test_overwriting_a_tag_and_stale_temporaries(tmp_path):
         assert sorted(os.listdir(tmp_path)) == ["latest", "same", "zero_to_fp32.py"]
     finally:
         e.close()
+
+
+def test_overwriting_a_tag_without_rename_exchange_falls_back(tmp_path, monkeypatch):
+    # Where the file system cannot exchange (rename_exchange answers False), the old tag is
+    # renamed aside, the new one renamed in, and the old one removed.
+    from strata.checkpoint import fsutil
+
+    e = make()
+    try:
+        train(e, batches(2))
+        e.save_checkpoint(tmp_path, tag="same")
+        asked = []
+        monkeypatch.setattr(fsutil, "_rename_exchange", lambda a, b: asked.append(b) or False)
+        train(e, batches(2))
+        e.save_checkpoint(tmp_path, tag="same")
+        assert asked == [str(tmp_path / "same")]
+        assert json.loads((tmp_path / "same" / "manifest.json").read_text())["global_steps"] == 2
+        assert sorted(os.listdir(tmp_path)) == ["latest", "same", "zero_to_fp32.py"]
+    finally:
+        e.close()
+
+
+def test_rename_exchange_swaps_and_raises_oserror_with_the_errno(tmp_path):
+    import errno
+
+    from strata.checkpoint import fsutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "which").write_text("a")
+    (b / "which").write_text("b")
+    if not fsutil._rename_exchange(a, b):
+        pytest.skip(f"no RENAME_EXCHANGE on the file system of {tmp_path}")
+    assert (a / "which").read_text() == "b" and (b / "which").read_text() == "a"
+    with pytest.raises(OSError) as info:
+        fsutil._rename_exchange(a, tmp_path / "missing")
+    assert info.value.errno == errno.ENOENT
+    assert str(a) in str(info.value) and str(tmp_path / "missing") in str(info.value)
 
 
 def test_bf16_masters_survive_a_checkpoint(tmp_path):

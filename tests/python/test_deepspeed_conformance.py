@@ -603,15 +603,13 @@ def test_optimizer_state_reads_and_writes_the_tier(device, swap_dir):
 def test_a_folder_refusing_chmod_costs_a_warning_not_the_save(tmp_path, monkeypatch, caplog):
     # DeepSpeed's test_chmod_exception_handling: some file shares refuse chmod; the checkpoint
     # and `latest` must still be complete.
-    from strata import checkpoint as ckpt
-
     def refuse(*a, **k):
         raise PermissionError("operation not permitted")
 
     engine, *_ = strata.initialize(model=small_model(), config=config())
     try:
         train(engine, 1)
-        monkeypatch.setattr(ckpt.os, "chmod", refuse)
+        monkeypatch.setattr(os, "chmod", refuse)  # os.chmod as the checkpoint code calls it
         strata.config._warned.clear()
         with caplog.at_level("WARNING", logger="strata"):
             assert engine.save_checkpoint(tmp_path / "ck") is True

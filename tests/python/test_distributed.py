@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import strata
+import strata.numa as numa
 import strata.optim
 import strata.sharded as sharded
 from strata import comm
@@ -415,33 +416,30 @@ def test_numa_node_per_local_rank_from_sysfs(tmp_path):
         d = tmp_path / f"node{node}"
         d.mkdir()
         (d / "cpulist").write_text(cpus + "\n")
-    assert sharded._node_cpus(str(tmp_path)) == {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}
-    assert [sharded.numa_node_for(r, 4, str(tmp_path)) for r in range(4)] == [0, 1, 0, 1]
-    assert sharded.numa_node_for(0, 1, str(tmp_path)) is None  # one process: no binding
+    assert numa._node_cpus(str(tmp_path)) == {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}
+    assert [numa.numa_node_for(r, 4, str(tmp_path)) for r in range(4)] == [0, 1, 0, 1]
+    assert numa.numa_node_for(0, 1, str(tmp_path)) is None  # one process: no binding
     one = tmp_path / "one"
     (one / "node0").mkdir(parents=True)
     (one / "node0" / "cpulist").write_text("0-7\n")
-    assert sharded.numa_node_for(1, 2, str(one)) is None  # one node: nothing to choose
+    assert numa.numa_node_for(1, 2, str(one)) is None  # one node: nothing to choose
 
 
 def test_binding_to_a_numa_node_sets_affinity_and_memory_policy(tmp_path):
-    import ctypes
-    import platform
-
-    nr = sharded._SYS_SET_MEMPOLICY.get(platform.machine())
     cpus = sorted(os.sched_getaffinity(0))
     (tmp_path / "node0").mkdir()
     (tmp_path / "node0" / "cpulist").write_text(",".join(map(str, cpus)) + "\n")
+    (tmp_path / "node2").mkdir()
+    (tmp_path / "node2" / "cpulist").write_text("\n")  # memory only (CXL)
     try:
-        note = sharded.bind_numa_node(0, str(tmp_path))
+        note = numa.bind_numa_node(0, str(tmp_path))
         assert os.sched_getaffinity(0) == set(cpus)
-        if nr is not None:
-            assert note == "NUMA node 0: CPUs and memory bound for local rank", note
-        assert "no CPUs" in sharded.bind_numa_node(5, str(tmp_path))
+        assert note == "NUMA node 0: CPUs and memory bound for local rank", note
+        assert "no CPUs" in numa.bind_numa_node(5, str(tmp_path))
+        assert "no CPUs" in numa.bind_numa_node(2, str(tmp_path))
     finally:
         os.sched_setaffinity(0, cpus)
-        if nr is not None:  # back to the default policy (MPOL_DEFAULT, no mask)
-            ctypes.CDLL(None, use_errno=True).syscall(nr, 0, None, ctypes.c_ulong(0))
+        strata._C.reset_memory_policy()  # back to the default policy (MPOL_DEFAULT)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
@@ -482,7 +480,7 @@ def test_shard_turns_data_parallel_on_without_changing_the_class(stage, swap_dir
     backward, 941f49d). Now data parallel is a setting of the one class: ``shard`` keeps the
     class, the state is carried over to the shard's engine unchanged, and the next steps give
     the bits of an optimizer that was data parallel from the start."""
-    import strata.checkpoint as ckpt
+    import strata.checkpoint.format as ckpt
 
     def model_and_batches():
         torch.manual_seed(0)

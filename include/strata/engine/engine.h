@@ -187,8 +187,9 @@ class Engine {
   void set_model_stream(void* stream);
   bool gpu_updated(uint32_t subgroup) const;
 
-  // State access by parameter, for checkpoints and state_dict. slot 0 is the
-  // master weights. Buffers hold numel floats.
+  // State access by parameter (tests and tools; a call fetches every record
+  // the parameter touches, so loops over parameters should use the by-record
+  // calls below). slot 0 is the master weights. Buffers hold numel floats.
   Status read_param_state(size_t param, int slot, float* out);
   Status write_param_state(size_t param, int slot, const float* in);
   // All slots in one pass over the parameter's records (one fetch and at
@@ -196,6 +197,53 @@ class Engine {
   // entry skips that slot.
   Status read_param_states(size_t param, const std::vector<float*>& bufs);
   Status write_param_states(size_t param, const std::vector<const float*>& bufs);
+  // State access by record — what checkpoints, state_dict, load_state_dict
+  // and rebuilds use. Each call visits the sub-groups holding any of `params`
+  // (every parameter when empty) once each, in their order on the tier (the
+  // swap file's order), with up to buffer_count records in flight (fetches
+  // run ahead while the visitor works on the current record). Bytes moved:
+  // each visited record fetched at most once and, for writes, stored once.
+  // The visitor runs on the calling thread; the view and its memory are
+  // valid only during the call. An error from the visitor stops the walk
+  // (records already stored stay stored) and is returned with context.
+  struct StateSlice {
+    size_t param = 0;          // engine parameter
+    size_t param_offset = 0;   // elements into the parameter
+    size_t record_offset = 0;  // elements into each slot of the record
+    size_t numel = 0;
+  };
+  struct RecordView {
+    uint32_t subgroup = 0;
+    float* data = nullptr;   // slot k of slice s: data + k * slot_stride + s.record_offset
+    size_t slot_stride = 0;  // elements
+    int slots = 0;
+    std::vector<StateSlice> slices;  // the pieces of the asked-for parameters, by offset
+  };
+  using RecordVisitor = std::function<Status(const RecordView&)>;
+  Status read_records(const std::vector<size_t>& params, const RecordVisitor& visit);
+  // The visitor writes into view.data. overwrite: it writes every slot of
+  // every slice, so a record whose segments are all among `params` is not
+  // fetched first (its padding is zeroed); other records are fetched, then
+  // changed. A record lost in a failed step counts as rewritten for the
+  // (slice, slot) pairs written this way (see clear_error).
+  Status write_records(const std::vector<size_t>& params, bool overwrite,
+                       const RecordVisitor& visit);
+  // Carries state over from another engine (a rebuild after the parameters
+  // changed): slots first_slot.. of src parameter src_param become those of
+  // this engine's dst_param (equal numel). Walks this engine's records once
+  // (write_records) and reads src's records through its idle working
+  // buffers as a small cache, so matching orders read each source record
+  // once. src must not be stepping; both engines are driven by this thread.
+  struct StateCopy {
+    size_t dst_param = 0;
+    size_t src_param = 0;
+    int first_slot = 0;
+  };
+  Status copy_state_from(Engine& src, const std::vector<StateCopy>& copies);
+  size_t param_count() const;
+  size_t param_numel(size_t param) const;
+  int param_slots(size_t param) const;  // state slots of the parameter's group, master included
+
   // A whole sub-group record (record_bytes, all slots) and where it lives.
   Status read_record(uint32_t subgroup, float* out);
   struct RecordLocation {

@@ -43,6 +43,15 @@ Result<std::vector<NumaNode>> read_topology(const std::string& sysfs_root = kDef
 // "0-3,8,10-11" -> {0,1,2,3,8,10,11}. Empty or whitespace-only text -> {}.
 Result<std::vector<int>> parse_cpulist(std::string_view text);
 
+// The inverse for ascending ids: {0,1,2,3,8,10,11} -> "0-3,8,10-11"; {} -> "".
+std::string format_cpulist(std::span<const int> cpus);
+
+// The CPUs of node `node` alone (<sysfs_root>/node<N>/cpulist, ascending; {}
+// for a memory-only node), without the rest of read_topology's files.
+// NotFound when the cpulist cannot be read; InvalidArgument naming the file
+// when it is malformed.
+Result<std::vector<int>> node_cpus(int node, const std::string& sysfs_root = kDefaultSysfsNodeRoot);
+
 // Ids of the CPU-less nodes with memory: the default of strata.cxl_nodes.
 std::vector<int> cpu_less_nodes(const std::vector<NumaNode>& topology);
 

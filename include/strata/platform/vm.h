@@ -2,9 +2,10 @@
 // pre-fault, lock, and ask the kernel where pages landed.
 //
 // The layer under the pinned pool and NUMA regions (mimalloc's prim.h): thin
-// wrappers over mmap/mbind/madvise/mlock/move_pages/get_mempolicy that return
-// 0 or -errno (liburing style) and never print, throw or exit. Turning -errno
-// into a Status with context is the caller's job (Status::from_errno).
+// wrappers over mmap/mbind/set_mempolicy/madvise/mlock/move_pages/
+// get_mempolicy that return 0 or -errno (liburing style) and never print,
+// throw or exit. Turning -errno into a Status with context is the caller's job
+// (Status::from_errno).
 //
 // NUMA calls go through the raw syscalls (constants from <linux/mempolicy.h>),
 // so they work with or without libnuma; a kernel without CONFIG_NUMA answers
@@ -57,6 +58,12 @@ const char* mem_policy_name(MemPolicy policy);
 // no memory; -ENOSYS without CONFIG_NUMA; -EPERM under a seccomp filter.
 [[nodiscard]] int bind_memory(void* addr, size_t bytes, MemPolicy policy,
                               std::span<const int> nodes);
+
+// set_mempolicy(policy, nodes): the calling thread's policy for the pages it
+// faults in from now on, outside ranges that have one of their own
+// (bind_memory); threads it starts later inherit it. kDefault with no nodes
+// restores local allocation. Errors as bind_memory's.
+[[nodiscard]] int set_thread_policy(MemPolicy policy, std::span<const int> nodes);
 
 // madvise(MADV_HUGEPAGE). -EINVAL when THP is compiled out; callers ignore that.
 [[nodiscard]] int advise_hugepage(void* addr, size_t bytes);

@@ -1,19 +1,31 @@
 // Platform primitives: mapping, pre-fault, locking, page-node queries,
-// RLIMIT_MEMLOCK reporting and /proc/meminfo.
+// RLIMIT_MEMLOCK reporting, /proc/meminfo, rename-exchange and NUMA binding.
+#include <linux/mempolicy.h>
+#include <sched.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include <strata/platform/affinity.h>
+#include <strata/platform/fs.h>
 #include <strata/platform/meminfo.h>
 #include <strata/platform/memlock.h>
+#include <strata/platform/topology.h>
 #include <strata/platform/vm.h>
+
+#include "unit/test_child.h"
 
 namespace {
 
@@ -282,6 +294,143 @@ TEST(Meminfo, FormatBytes) {
   EXPECT_EQ(format_bytes(1536), "1.50 KiB");
   EXPECT_EQ(format_bytes(uint64_t(256) << 20), "256.00 MiB");
   EXPECT_EQ(format_bytes(uint64_t(3) << 40), "3.00 TiB");
+}
+
+// A fresh directory under /tmp, removed with what it holds.
+struct TempDir {
+  TempDir() {
+    char tmpl[] = "/tmp/strata_platform_XXXXXX";
+    if (mkdtemp(tmpl) != nullptr) {
+      path = tmpl;
+    }
+  }
+  ~TempDir() {
+    if (!path.empty()) {
+      fs::remove_all(path);
+    }
+  }
+  fs::path path;
+};
+
+void write_file(const fs::path& path, const std::string& text) { std::ofstream(path) << text; }
+
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+TEST(Fs, RenameExchangeSwapsTwoDirectories) {
+  TempDir t;
+  ASSERT_FALSE(t.path.empty());
+  const fs::path a = t.path / "a", b = t.path / "b";
+  fs::create_directory(a);
+  fs::create_directory(b);
+  write_file(a / "which", "a");
+  write_file(b / "which", "b");
+  strata::Status st = rename_exchange(a, b);
+  if (st.code() == strata::StatusCode::kUnavailable) {
+    GTEST_SKIP() << "no RENAME_EXCHANGE on this kernel or file system: " << st.to_string();
+  }
+  ASSERT_TRUE(st.ok()) << st.to_string();
+  EXPECT_EQ(read_file(a / "which"), "b");
+  EXPECT_EQ(read_file(b / "which"), "a");
+}
+
+TEST(Fs, RenameExchangeWithAMissingPathNamesBothPathsAndTheErrno) {
+  TempDir t;
+  ASSERT_FALSE(t.path.empty());
+  const fs::path a = t.path / "a", missing = t.path / "missing";
+  fs::create_directory(a);
+  strata::Status st = rename_exchange(a, missing);
+  if (st.code() == strata::StatusCode::kUnavailable) {
+    GTEST_SKIP() << "no RENAME_EXCHANGE on this kernel or file system: " << st.to_string();
+  }
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.code(), strata::StatusCode::kNotFound) << st.to_string();
+  EXPECT_EQ(st.sys_errno(), ENOENT);
+  for (const std::string& want : {a.string(), missing.string(), std::string(strerror(ENOENT))}) {
+    EXPECT_NE(st.message().find(want), std::string::npos)
+        << want << " missing from: " << st.message();
+  }
+  EXPECT_TRUE(fs::is_directory(a));  // nothing moved
+}
+
+TEST(Affinity, BindRefusesNodesWithoutCpusAndChangesNothing) {
+  cpu_set_t before;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(before), &before), 0);
+  strata::Status bad = bind_to_numa_node(-1);
+  EXPECT_EQ(bad.code(), strata::StatusCode::kInvalidArgument) << bad.to_string();
+  strata::Status cxl = bind_to_numa_node(1, fixture("dram_cxl"));  // memory only
+  EXPECT_EQ(cxl.code(), strata::StatusCode::kNotFound) << cxl.to_string();
+  EXPECT_NE(cxl.message().find("NUMA node 1: no CPUs"), std::string::npos) << cxl.message();
+  strata::Status absent = bind_to_numa_node(7, fixture("dram_cxl"));
+  EXPECT_EQ(absent.code(), strata::StatusCode::kNotFound) << absent.to_string();
+  EXPECT_NE(absent.message().find("node7/cpulist"), std::string::npos) << absent.message();
+  cpu_set_t after;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(after), &after), 0);
+  EXPECT_TRUE(CPU_EQUAL(&before, &after));
+}
+
+TEST(Affinity, BindToNode0SetsCpusAndPreferredMemory) {
+  if (!fs::exists("/sys/devices/system/node/node0")) {
+    GTEST_SKIP() << "no /sys/devices/system/node/node0 (kernel without CONFIG_NUMA)";
+  }
+  auto cpus = node_cpus(0);
+  ASSERT_TRUE(cpus.ok()) << cpus.status().to_string();
+  if (cpus->empty()) {
+    GTEST_SKIP() << "NUMA node 0 has no CPUs here";
+  }
+  // In a child: the binding changes the calling thread for good.
+  std::string text;
+  int code = run_in_child(
+      [&](std::string* out) {
+        strata::Status st = bind_to_numa_node(0);
+        if (!st.ok()) {
+          *out = st.to_string();
+          // set_mempolicy refused by a seccomp filter or missing: a capability, not a bug.
+          return st.code() == strata::StatusCode::kUnavailable || st.sys_errno() == EPERM ? 2 : 1;
+        }
+        cpu_set_t set;
+        if (sched_getaffinity(0, sizeof(set), &set) != 0) {
+          *out = "sched_getaffinity failed";
+          return 1;
+        }
+        for (int cpu : *cpus) {
+          if (!CPU_ISSET(cpu, &set)) {
+            *out = "CPU " + std::to_string(cpu) + " of node 0 not in the affinity mask";
+            return 1;
+          }
+        }
+        if (size_t(CPU_COUNT(&set)) != cpus->size()) {
+          *out = "affinity has " + std::to_string(CPU_COUNT(&set)) + " CPUs, node 0 " +
+                 std::to_string(cpus->size());
+          return 1;
+        }
+        int mode = -1;
+        unsigned long mask[kMaxNumaNodes / 64] = {};
+        if (syscall(SYS_get_mempolicy, &mode, mask, kMaxNumaNodes + 1, nullptr, 0) != 0) {
+          *out = std::string("get_mempolicy: ") + strerror(errno);
+          return 1;
+        }
+        if (mode != MPOL_PREFERRED || mask[0] != 1) {
+          *out = "policy " + std::to_string(mode) + " mask " + std::to_string(mask[0]);
+          return 1;
+        }
+        if (set_thread_policy(MemPolicy::kDefault, {}) != 0 ||
+            syscall(SYS_get_mempolicy, &mode, nullptr, 0, nullptr, 0) != 0 ||
+            mode != MPOL_DEFAULT) {
+          *out = "set_thread_policy(kDefault) did not restore the default policy";
+          return 1;
+        }
+        return 0;
+      },
+      &text);
+  if (code == 2) {
+    GTEST_SKIP() << "memory policy refused here: " << text;
+  }
+  EXPECT_EQ(code, 0) << text;
 }
 
 }  // namespace

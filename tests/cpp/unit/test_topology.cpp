@@ -98,6 +98,29 @@ TEST(Topology, ParseCpulist) {
   }
 }
 
+TEST(Topology, FormatCpulistInvertsParse) {
+  EXPECT_EQ(format_cpulist(std::vector<int>{0, 1, 2, 3, 8, 10, 11}), "0-3,8,10-11");
+  EXPECT_EQ(format_cpulist(std::vector<int>{5}), "5");
+  EXPECT_EQ(format_cpulist(std::vector<int>{}), "");
+  auto back = parse_cpulist(format_cpulist(std::vector<int>{0, 2, 3, 4, 9}));
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back.value(), (std::vector<int>{0, 2, 3, 4, 9}));
+}
+
+TEST(Topology, NodeCpusReadsOneCpulist) {
+  auto cpus = node_cpus(0, data_dir("dram_cxl"));
+  ASSERT_TRUE(cpus.ok()) << cpus.status().to_string();
+  EXPECT_EQ(cpus->size(), 32u);
+  EXPECT_EQ(format_cpulist(cpus.value()), "0-15,32-47");
+  auto cxl = node_cpus(1, data_dir("dram_cxl"));  // memory only
+  ASSERT_TRUE(cxl.ok());
+  EXPECT_TRUE(cxl->empty());
+  auto missing = node_cpus(7, data_dir("dram_cxl"));
+  EXPECT_EQ(missing.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find("node7/cpulist"), std::string::npos)
+      << missing.status().message();
+}
+
 class TempTree : public ::testing::Test {
  protected:
   void SetUp() override {
