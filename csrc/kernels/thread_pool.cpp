@@ -1,11 +1,12 @@
 #include <strata/kernels/thread_pool.h>
 
 #include <pthread.h>
-#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <system_error>
+
+#include <strata/platform/affinity.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -18,19 +19,6 @@ namespace {
 // The pool whose task the current thread is running, to turn a nested
 // parallel_for into a serial loop instead of a deadlock.
 thread_local const ThreadPool* tls_current_pool = nullptr;
-
-unsigned usable_cpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-    const int count = CPU_COUNT(&set);
-    if (count > 0) {
-      return unsigned(count);
-    }
-  }
-  const long online = sysconf(_SC_NPROCESSORS_ONLN);
-  return online > 0 ? unsigned(online) : 1u;
-}
 
 // The control bits of MXCSR (DAZ, exception masks, rounding, FTZ); the low
 // six bits are sticky exception flags, not settings.
@@ -87,7 +75,8 @@ class CurrentPoolScope {
 
 }  // namespace
 
-ThreadPool::ThreadPool(unsigned threads) : threads_(threads == 0 ? usable_cpus() : threads) {
+ThreadPool::ThreadPool(unsigned threads)
+    : threads_(threads == 0 ? platform::usable_cpus() : threads) {
   const unsigned wanted = threads_ - 1;
   tids_.assign(wanted, 0);
   workers_.reserve(wanted);

@@ -1,10 +1,11 @@
-// Binding a thread to a NUMA node; see strata/platform/affinity.h.
+// Usable CPUs and binding a thread to a NUMA node; see strata/platform/affinity.h.
 #include <strata/platform/affinity.h>
 
 #include <sched.h>
 
 #include <cerrno>
 #include <memory>
+#include <thread>
 
 #include <strata/platform/vm.h>
 
@@ -17,6 +18,36 @@ struct CpuSetFree {
 };
 
 }  // namespace
+
+unsigned usable_cpus() {
+  // Grow the set past cpu_set_t's 1024 CPUs until the kernel's mask fits
+  // (sched_getaffinity answers EINVAL while the set is too small).
+  for (int count = CPU_SETSIZE; count <= (1 << 20); count *= 2) {
+    std::unique_ptr<cpu_set_t, CpuSetFree> set(CPU_ALLOC(count));
+    if (!set) {
+      break;
+    }
+    const size_t bytes = CPU_ALLOC_SIZE(count);
+    CPU_ZERO_S(bytes, set.get());
+    if (sched_getaffinity(0, bytes, set.get()) == 0) {
+      const int n = CPU_COUNT_S(bytes, set.get());
+      if (n > 0) {
+        return unsigned(n);
+      }
+      break;
+    }
+    if (errno != EINVAL) {
+      break;
+    }
+  }
+  const unsigned online = std::thread::hardware_concurrency();
+  return online > 0 ? online : 1u;
+}
+
+unsigned backward_update_threads(unsigned compute_threads) {
+  const unsigned usable = usable_cpus();
+  return usable > compute_threads ? usable - compute_threads : 1u;
+}
 
 Status bind_to_numa_node(int node, const std::string& sysfs_root) {
   const std::string what = "NUMA node " + std::to_string(node);

@@ -13,6 +13,8 @@
 #include <cstring>
 #include <thread>
 
+#include <strata/platform/affinity.h>
+
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -186,7 +188,7 @@ int prefault(void* addr, size_t bytes, unsigned threads) {
   bytes = round_up(bytes, kPageSize);
   if (threads == 0) {
     size_t by_size = std::max<size_t>(1, bytes / (size_t(64) << 20));
-    size_t cpus = std::max(1u, std::thread::hardware_concurrency());
+    size_t cpus = usable_cpus();
     threads = unsigned(std::min<size_t>({by_size, cpus, 16}));
   }
   // Chunks are whole huge pages where possible so two threads never fault

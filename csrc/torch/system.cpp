@@ -1,6 +1,7 @@
 // strata._C.system_info(): what this machine offers strata, for
-// `python -m strata info`; and the platform calls Python would otherwise make
-// through ctypes (rename_exchange, bind_to_numa_node).
+// `python -m strata info`; the platform calls Python would otherwise make
+// through ctypes (rename_exchange, bind_to_numa_node); and the one count of
+// usable CPUs (usable_cpus, backward_update_threads).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -113,6 +114,11 @@ void bind_system(py::module_& m) {
       "Run the calling thread on the CPUs of NUMA node `node` (<sysfs_root>/node<N>/cpulist) and "
       "prefer that node for its new memory; threads it starts later inherit both. Raises "
       "ValueError (ConfigError) for a node without CPUs, StrataError/OSError when refused.");
+  m.def("usable_cpus", &platform::usable_cpus,
+        "CPUs in the calling thread's affinity mask (the online CPUs if unreadable), at least 1.");
+  m.def("backward_update_threads", &platform::backward_update_threads, py::arg("compute_threads"),
+        "Update threads while backward runs: max(1, usable_cpus() - compute_threads), "
+        "compute_threads being torch.get_num_threads().");
   m.def("reset_memory_policy", &reset_memory_policy_py,
         "The default memory policy (local allocation) for the calling thread: undoes the memory "
         "half of bind_to_numa_node.");

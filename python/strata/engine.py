@@ -218,8 +218,8 @@ class Engine(torch.nn.Module):
         if self.global_rank != 0 or self._progress == "off" or not isinstance(self.optimizer, _OffloadOptimizer):
             return
         st = self.optimizer.stats()
-        cores = os.cpu_count() or 1
-        during = max(1, cores - torch.get_num_threads())
+        cores = _config._C.usable_cpus()
+        during = _config._C.backward_update_threads(torch.get_num_threads())
         io = st.get("io_backend") or "none (state in memory)"
         print(f"[strata] threads: update {st.get('threads')} ({st.get('isa')}), "
               f"{during if self._overlap_backward and self.world_size == 1 else 0} while backward runs; "

@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from . import comm
+from . import _C, comm
 from . import config as _config
 from ._torch_compat import dtype_from_name, dtype_name, has_post_accumulate_grad_hook, \
     tensor_from_buffer
@@ -215,7 +215,7 @@ class ArenaGrads:
         b = opt._b
         opt._set_hypers(b)
         self.install_hooks(b)
-        threads = max(1, (os.cpu_count() or 1) - torch.get_num_threads())
+        threads = _C.backward_update_threads(torch.get_num_threads())
         opt._set_model_stream(b)
         b.engine.begin_backward(not exact, 1.0, threads)
         opt._overlap_active = True

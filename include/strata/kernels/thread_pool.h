@@ -35,10 +35,11 @@ namespace strata::kernels {
 
 class ThreadPool {
  public:
-  // threads == 0: one per CPU this process may run on (sched_getaffinity;
-  // the online CPU count if that fails). The calling thread takes part in
-  // parallel_for, so the pool starts threads-1 workers. If the OS refuses to
-  // start a thread, the pool runs with the threads it got (size() says so).
+  // threads == 0: one per CPU this process may run on (platform::
+  // usable_cpus(): the affinity mask, else the online CPUs). The calling
+  // thread takes part in parallel_for, so the pool starts threads-1 workers.
+  // If the OS refuses to start a thread, the pool runs with the threads it got
+  // (size() says so).
   explicit ThreadPool(unsigned threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;

@@ -1,9 +1,13 @@
-// strata/platform/affinity.h — binding the calling thread to one NUMA node
-// (its CPUs and its memory), for one data-parallel rank per node.
+// strata/platform/affinity.h — the CPUs this process may run on, how many of
+// them the optimizer's update threads get while backward runs, and binding the
+// calling thread to one NUMA node (its CPUs and its memory), for one
+// data-parallel rank per node.
 //
-// Thread-safety: bind_to_numa_node changes the calling thread's CPU affinity
-//   and memory policy only; threads it starts afterwards inherit both, other
-//   threads keep theirs.
+// Units: counts of CPUs (logical CPUs, as sched_getaffinity counts them).
+// Thread-safety: usable_cpus and backward_update_threads read the calling
+//   thread's affinity mask and nothing else. bind_to_numa_node changes the
+//   calling thread's CPU affinity and memory policy only; threads it starts
+//   afterwards inherit both, other threads keep theirs.
 #pragma once
 
 #include <string>
@@ -12,6 +16,18 @@
 #include <strata/status.h>
 
 namespace strata::platform {
+
+// CPUs in the calling thread's affinity mask (sched_getaffinity: what taskset,
+// cgroup cpusets and bind_to_numa_node leave it), at least 1; the online CPU
+// count (std::thread::hardware_concurrency) when the mask cannot be read. The
+// one count of "cores" in strata: the kernel pool's default size, prefault's
+// cap, and the base of backward_update_threads.
+unsigned usable_cpus();
+
+// Update threads while backward runs: the usable CPUs that torch's intra-op
+// threads (`compute_threads`, torch.get_num_threads()) leave free, at least 1:
+// max(1, usable_cpus() - compute_threads).
+unsigned backward_update_threads(unsigned compute_threads);
 
 // Runs the calling thread on the CPUs of NUMA node `node` (sched_setaffinity)
 // and makes it prefer that node for the pages it faults in from now on

@@ -73,7 +73,7 @@ const char* mem_policy_name(MemPolicy policy);
 
 // Writes every page of [addr, addr+bytes) once so the kernel allocates it now
 // (on the node the range's policy names), in `threads` parallel chunks
-// (0: one thread per 64 MiB, at most the online CPUs and 16). Uses
+// (0: one thread per 64 MiB, at most usable_cpus() and 16). Uses
 // MADV_POPULATE_WRITE (Linux 5.14) and falls back to touching one byte per
 // page. The contents of freshly mapped anonymous memory stay zero.
 [[nodiscard]] int prefault(void* addr, size_t bytes, unsigned threads = 0);

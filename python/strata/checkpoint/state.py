@@ -170,6 +170,13 @@ def save_state(engine, path, items, advance=None, kill_point=None):
     late = set()  # (j, k): an extent whose pieces came out of order, hashed from the file
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        # Allocated up front: a file grown by out-of-order writes from several threads is
+        # allocated piecemeal at writeback (3x slower to write here, 0.65 vs 1.9 GB/s).
+        try:
+            os.posix_fallocate(fd, 0, off)
+        except OSError:
+            pass  # a file system without fallocate: the writes still work
+
         def visit(slices, mv):
             record = _floats(mv)
             moved = 0

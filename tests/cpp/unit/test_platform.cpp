@@ -8,6 +8,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -355,6 +356,46 @@ TEST(Fs, RenameExchangeWithAMissingPathNamesBothPathsAndTheErrno) {
         << want << " missing from: " << st.message();
   }
   EXPECT_TRUE(fs::is_directory(a));  // nothing moved
+}
+
+TEST(Affinity, UsableCpusFollowTheAffinityMask) {
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  ASSERT_EQ(sched_getaffinity(0, sizeof(mask), &mask), 0);
+  EXPECT_EQ(usable_cpus(), unsigned(CPU_COUNT(&mask)));
+  std::vector<int> allowed;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &mask)) {
+      allowed.push_back(cpu);
+    }
+  }
+  ASSERT_FALSE(allowed.empty());
+  // In a child, as taskset would: one CPU, then two where there are two.
+  for (size_t k = 1; k <= std::min<size_t>(2, allowed.size()); ++k) {
+    std::string text;
+    int code = run_in_child(
+        [&](std::string* out) {
+          cpu_set_t few;
+          CPU_ZERO(&few);
+          for (size_t i = 0; i < k; ++i) {
+            CPU_SET(allowed[i], &few);
+          }
+          if (sched_setaffinity(0, sizeof(few), &few) != 0) {
+            *out = std::string("sched_setaffinity: ") + strerror(errno);
+            return 1;
+          }
+          const unsigned n = unsigned(k);
+          const unsigned usable = usable_cpus(), all = backward_update_threads(0),
+                         one_left = backward_update_threads(n - 1),
+                         none_left = backward_update_threads(n + 4);
+          *out = "usable " + std::to_string(usable) + ", backward(0) " + std::to_string(all) +
+                 ", backward(" + std::to_string(n - 1) + ") " + std::to_string(one_left) +
+                 ", backward(" + std::to_string(n + 4) + ") " + std::to_string(none_left);
+          return usable == n && all == n && one_left == 1 && none_left == 1 ? 0 : 1;
+        },
+        &text);
+    EXPECT_EQ(code, 0) << k << " CPU(s): " << text;
+  }
 }
 
 TEST(Affinity, BindRefusesNodesWithoutCpusAndChangesNothing) {

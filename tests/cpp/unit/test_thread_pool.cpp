@@ -21,6 +21,8 @@
 #include <xmmintrin.h>
 #endif
 
+#include "unit/test_child.h"
+
 namespace strata::kernels {
 namespace {
 
@@ -78,6 +80,35 @@ TEST(ThreadPool, DefaultSizeIsTheUsableCpuCount) {
   ThreadPool pool;
   EXPECT_EQ(pool.size(), unsigned(CPU_COUNT(&set)));
   EXPECT_EQ(pool.worker_tids().size(), pool.size() - 1);
+}
+
+// The engine's update pool (strata.threads 0) takes its size from the same
+// count as the backward threads: the affinity mask, not the machine's CPUs.
+TEST(ThreadPool, DefaultSizeFollowsAnAffinityMaskOfOneCpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  ASSERT_EQ(sched_getaffinity(0, sizeof(set), &set), 0);
+  int first = 0;
+  while (first < CPU_SETSIZE && !CPU_ISSET(first, &set)) {
+    ++first;
+  }
+  ASSERT_LT(first, CPU_SETSIZE);
+  std::string text;
+  int code = run_in_child(
+      [&](std::string* out) {
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(first, &one);
+        if (sched_setaffinity(0, sizeof(one), &one) != 0) {
+          *out = "sched_setaffinity failed";
+          return 1;
+        }
+        ThreadPool pool;
+        *out = "pool of " + std::to_string(pool.size());
+        return pool.size() == 1 && pool.worker_tids().empty() ? 0 : 1;
+      },
+      &text);
+  EXPECT_EQ(code, 0) << text;
 }
 
 TEST(ThreadPool, WorkerTidsAreDistinctLiveThreadsOfThisProcess) {
