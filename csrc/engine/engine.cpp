@@ -39,6 +39,7 @@ struct Engine::Impl {
   std::map<TierKind, std::unique_ptr<Tier>> tiers;
   std::vector<uint32_t> handles;  // per sub-group, in its tier
   std::vector<memory::PinnedBuffer> arenas_mem;
+  std::vector<memory::PinnedBuffer> host_copies;  // per parameter; empty unless host_copy
   std::vector<GradSpan> arenas;
   std::vector<int> arena_of_dtype = std::vector<int>(3, -1);
   std::vector<memory::PinnedBuffer> work;
@@ -692,6 +693,7 @@ Status Engine::Impl::close() {
   work.clear();
   arenas.clear();
   arenas_mem.clear();
+  host_copies.clear();
   io.reset();
   threads.reset();
   backward_threads.reset();
@@ -721,10 +723,14 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   }
   pin.slots = e.slots;
   for (const auto& p : e.opts.params) {
-    if (p.data == nullptr && !e.opts.grad_source) {
+    if (p.host_copy && p.data != nullptr) {
+      return invalid_argument("parameter " + p.name +
+                              " asks for a host copy and gives host memory too");
+    }
+    if (p.data == nullptr && !p.host_copy && !e.opts.grad_source) {
       return invalid_argument("parameter " + p.name + " has no data pointer");
     }
-    pin.params.push_back(PlanParam{p.numel, p.dtype, p.group});
+    pin.params.push_back(PlanParam{p.numel, p.dtype, p.group, p.host_copy});
   }
   STRATA_ASSIGN_OR_RETURN(e.plan, build_plan(cfg, pin));
   e.step_counts.assign(e.opts.groups.size(), 0);
@@ -733,7 +739,12 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   e.threads = std::make_unique<kernels::ThreadPool>(nthreads);
 
   memory::PoolOptions po;
-  po.pin = cfg.typed().zero.offload.pin_memory;
+  // A GPU model's host copies and gradient arena cross PCIe every step: the
+  // pool is pinned for them whatever pin_memory says about the state.
+  const bool gpu_copies =
+      std::any_of(e.opts.params.begin(), e.opts.params.end(),
+                  [](const ParamInfo& p) { return p.host_copy && p.device_data; });
+  po.pin = cfg.typed().zero.offload.pin_memory || gpu_copies;
   po.allow_unpinned = true;
   // One slab sized from the plan, so reserved tracks requested.
   uint64_t pool_bytes = e.plan.pool_bytes - (e.opts.grad_source ? e.plan.grad_bytes : 0);
@@ -746,6 +757,24 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   report("pinning memory", 0, po.slab_bytes);
   STRATA_ASSIGN_OR_RETURN(e.pool, memory::PinnedPool::create(po));
   report("pinning memory", po.slab_bytes, po.slab_bytes);
+
+  // Host copies of device parameters: from the pool, before anything reads
+  // the parameters' host memory (copy-out targets, the initial masters).
+  e.host_copies.resize(e.opts.params.size());
+  for (size_t i = 0; i < e.opts.params.size(); ++i) {
+    ParamInfo& p = e.opts.params[i];
+    if (!p.host_copy) {
+      continue;
+    }
+    STRATA_ASSIGN_OR_RETURN(e.host_copies[i],
+                            e.pool->allocate(size_t(p.numel) * kernels::dtype_size(p.dtype)));
+    p.data = e.host_copies[i].data();
+    if (e.opts.fill_host_copy) {
+      STRATA_RETURN_IF_ERROR(e.opts.fill_host_copy(i, p.data));
+    } else {
+      std::memset(p.data, 0, e.host_copies[i].size());
+    }
+  }
 
   // Gradient arenas, one per gradient dtype, zeroed.
   std::vector<size_t> arena_numel(3, 0);
@@ -927,6 +956,10 @@ const Plan& Engine::plan() const { return impl_->plan; }
 const std::vector<SubGroup>& Engine::subgroups() const { return impl_->plan.subgroups; }
 const std::vector<GradSpan>& Engine::grad_arenas() const { return impl_->arenas; }
 size_t Engine::grad_offset(size_t param) const { return impl_->param_grad_offset.at(param); }
+void* Engine::host_copy(size_t param) const {
+  const auto& h = impl_->host_copies;
+  return param < h.size() ? h[param].data() : nullptr;
+}
 kernels::DType Engine::grad_dtype(size_t param) const {
   const auto& sgs = impl_->subgroups_of_param.at(param);
   return sgs.empty() ? impl_->opts.params.at(param).dtype

@@ -145,6 +145,10 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   for (size_t i = 0; i < in.params.size(); ++i) {
     const auto& p = in.params[i];
     plan.model_param_bytes += uint64_t(p.numel) * kernels::dtype_size(p.dtype);
+    if (p.host_copy) {  // one pool allocation each, 4 KiB-aligned
+      plan.host_copy_bytes +=
+          (uint64_t(p.numel) * kernels::dtype_size(p.dtype) + 4095) / 4096 * 4096;
+    }
     if (open && (cur.group != p.group || cur.dtype != p.dtype)) {
       close_cur();
     }
@@ -257,7 +261,8 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   }
   plan.working_buffer_bytes = any_fetch ? max_record : 0;
   plan.nvme_bytes = plan.bytes_on(tiers::TierKind::kNvme);
-  plan.pool_bytes = plan.bytes_on(tiers::TierKind::kHost) + working + plan.grad_bytes;
+  plan.pool_bytes =
+      plan.bytes_on(tiers::TierKind::kHost) + working + plan.grad_bytes + plan.host_copy_bytes;
   if (plan.nvme_bytes && !(device == OffloadDevice::kNvme || has_nvme_path)) {
     return internal_error("plan puts state on NVMe without an nvme_path");
   }
@@ -277,8 +282,12 @@ std::string Plan::to_string() const {
   os << "sub_group_size " << sub_group_size << " elements, buffer_count " << buffer_count
      << ", working buffer " << human(double(working_buffer_bytes)) << " each\n";
   os << "host memory: pinned pool " << human(double(pool_bytes)) << " (of which gradients "
-     << human(double(grad_bytes)) << "), model parameters " << human(double(model_param_bytes))
-     << ", dram_budget " << human(double(dram_budget)) << "\n";
+     << human(double(grad_bytes));
+  if (host_copy_bytes) {
+    os << ", host copies of device parameters " << human(double(host_copy_bytes));
+  }
+  os << "), model parameters " << human(double(model_param_bytes)) << ", dram_budget "
+     << human(double(dram_budget)) << "\n";
   for (const auto& n : notes) {
     os << "note: " << n << "\n";
   }
@@ -293,6 +302,7 @@ nlohmann::json Plan::to_json() const {
   j["working_buffer_bytes"] = working_buffer_bytes;
   j["dram_budget"] = dram_budget;
   j["grad_bytes"] = grad_bytes;
+  j["host_copy_bytes"] = host_copy_bytes;
   j["model_param_bytes"] = model_param_bytes;
   j["pool_bytes"] = pool_bytes;
   j["nvme_bytes"] = nvme_bytes;

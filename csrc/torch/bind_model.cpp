@@ -48,9 +48,7 @@ engine::Plan plan_from(const Config& c, const py::list& params, const std::vecto
                        bool gpu, uint64_t mem_available) {
   engine::PlanInputs in;
   for (const auto& p : params) {
-    auto t = p.cast<py::tuple>();
-    in.params.push_back(
-        {t[0].cast<int64_t>(), dtype_from_name(t[1].cast<std::string>()), t[2].cast<int>()});
+    in.params.push_back(plan_param_from(p));
   }
   in.slots = slots;
   in.gpu_available = gpu;

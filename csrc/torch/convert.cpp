@@ -210,14 +210,18 @@ Config config_arg(const py::object& config) {
   return config_from_text(config.cast<std::string>(), /*check_paths=*/false);
 }
 
+engine::PlanParam plan_param_from(const py::handle& item) {
+  auto t = item.cast<py::tuple>();
+  return {t[0].cast<int64_t>(), dtype_from_name(t[1].cast<std::string>()), t[2].cast<int>(),
+          t.size() > 3 && t[3].cast<bool>()};
+}
+
 py::tuple build_plan_py(const py::object& config, const py::list& params,
                         const std::vector<int>& slots, bool gpu_available, uint64_t mem_available) {
   const Config c = config_arg(config);
   engine::PlanInputs in;
   for (const auto& p : params) {
-    auto t = p.cast<py::tuple>();
-    in.params.push_back(
-        {t[0].cast<int64_t>(), dtype_from_name(t[1].cast<std::string>()), t[2].cast<int>()});
+    in.params.push_back(plan_param_from(p));
   }
   in.slots = slots;
   in.gpu_available = gpu_available;

@@ -64,6 +64,8 @@ py::tuple grad_stats_py(uintptr_t grad, const std::string& dtype, size_t n, unsi
 // A Config handle (strata._C.Config) as is, or JSON text parsed without the
 // path checks (tools that inspect a config meant for another machine).
 Config config_arg(const py::object& config);
+// A parameter of a plan given without a model: (numel, dtype, group[, host_copy]).
+engine::PlanParam plan_param_from(const py::handle& item);
 py::tuple build_plan_py(const py::object& config, const py::list& params,
                         const std::vector<int>& slots, bool gpu_available, uint64_t mem_available);
 py::list subgroups_py(engine::Engine& e);

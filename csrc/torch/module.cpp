@@ -30,6 +30,7 @@ void bind_system(py::module_& m);
 void bind_model(py::module_& m);
 void bind_cuda(py::module_& m);
 void bind_log(py::module_& m);
+void bind_shard(py::module_& m);
 void bind_checksum(py::module_& m);
 
 namespace {
@@ -53,8 +54,11 @@ class PyEngine {
  public:
   // `config` is the handle Python parsed (strata._C.Config): the engine reads
   // its typed fields; nothing is serialised or parsed again here.
+  // A parameter whose address (params[i][4]) is None gets a host copy from the
+  // engine's pool; `fill_host_copy(i, buffer)` gives it its first values (the
+  // buffer is valid during the call only; host_copy(i) returns it for good).
   PyEngine(const Config& config, const py::list& params, const py::list& groups, int rank,
-           const std::string& tag, const py::object& progress) {
+           const std::string& tag, const py::object& progress, const py::object& fill_host_copy) {
     engine::EngineOptions o;
     if (!progress.is_none()) {
       // The callable is released with the GIL held, wherever the options die.
@@ -79,12 +83,34 @@ class PyEngine {
       p.numel = t[1].cast<int64_t>();
       p.dtype = dtype_from_name(t[2].cast<std::string>());
       p.group = t[3].cast<int>();
-      p.data = reinterpret_cast<void*>(t[4].cast<uintptr_t>());
+      if (t[4].is_none()) {
+        p.host_copy = true;
+      } else {
+        p.data = reinterpret_cast<void*>(t[4].cast<uintptr_t>());
+      }
       if (t.size() > 5 && !t[5].is_none()) {  // the parameter's device memory (GPU updates)
         p.device_data = reinterpret_cast<void*>(t[5].cast<uintptr_t>());
         p.device = t.size() > 6 ? t[6].cast<int>() : 0;
       }
       o.params.push_back(std::move(p));
+    }
+    for (const auto& p : o.params) {
+      param_bytes_.push_back(size_t(p.numel) * kernels::dtype_size(p.dtype));
+    }
+    if (!fill_host_copy.is_none()) {
+      std::shared_ptr<py::object> cb(new py::object(fill_host_copy), [](py::object* p) {
+        py::gil_scoped_acquire gil;
+        delete p;
+      });
+      o.fill_host_copy = [cb, bytes = param_bytes_](size_t i, void* data) -> Status {
+        py::gil_scoped_acquire gil;
+        try {
+          (*cb)(i, HostBuffer{nullptr, data, bytes.at(i)});
+        } catch (py::error_already_set& e) {
+          return Status(StatusCode::kInternal, std::string("filling a host copy: ") + e.what());
+        }
+        return Status::Ok();
+      };
     }
     for (const auto& g : groups) {
       o.groups.push_back(hyper_from_dict(g.cast<py::dict>()));
@@ -104,6 +130,14 @@ class PyEngine {
       throw StrataError("the engine is closed");
     }
     return *holder_->engine;
+  }
+
+  py::object host_copy(size_t i) {
+    void* data = e().host_copy(i);
+    if (data == nullptr) {
+      return py::none();
+    }
+    return py::cast(HostBuffer{holder_, data, param_bytes_.at(i)});
   }
 
   HostBuffer grad_arena(const std::string& dtype) {
@@ -138,6 +172,7 @@ class PyEngine {
   }
 
   std::shared_ptr<EngineHolder> holder_;
+  std::vector<size_t> param_bytes_;  // per parameter: numel * dtype size
 };
 
 // The by-record walks for Python: the walk runs without the GIL; each visit
@@ -252,15 +287,21 @@ PYBIND11_MODULE(_C, m) {
   // ---- plan ----
   m.def("build_plan", &build_plan_py, py::arg("config"), py::arg("params"), py::arg("slots"),
         py::arg("gpu_available") = false, py::arg("mem_available") = 0,
-        "Plan without a model: params is a list of (numel, dtype, group). Returns (text, json).");
+        "Plan without a model: params is a list of (numel, dtype, group[, host_copy]) — "
+        "host_copy: a device parameter whose host copy the engine keeps in its pool. Returns "
+        "(text, json).");
 
   // ---- engine ----
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<const Config&, const py::list&, const py::list&, int, const std::string&,
-                    const py::object&>(),
+                    const py::object&, const py::object&>(),
            py::arg("config"), py::arg("params"), py::arg("groups"), py::arg("rank") = 0,
-           py::arg("tag") = "", py::arg("progress") = py::none())
+           py::arg("tag") = "", py::arg("progress") = py::none(),
+           py::arg("fill_host_copy") = py::none())
       .def("grad_arena", &PyEngine::grad_arena, py::arg("dtype"))
+      .def("host_copy", &PyEngine::host_copy, py::arg("param"),
+           "The host copy (a writable buffer) the engine keeps for a parameter given without "
+           "host memory, from its pool; None for the others.")
       .def("grad_offset", [](PyEngine& s, size_t i) { return s.e().grad_offset(i); })
       .def("grad_dtype",
            [](PyEngine& s, size_t i) {
@@ -448,5 +489,6 @@ PYBIND11_MODULE(_C, m) {
 
   bind_system(m);
   bind_model(m);
+  bind_shard(m);
   bind_cuda(m);
 }

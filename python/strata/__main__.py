@@ -150,7 +150,8 @@ def cmd_plan(args):
     if n <= 0:
         raise SystemExit("--params must be positive")
     mem = int(float(args.mem_available)) if args.mem_available else 0
-    params, slots = [(n, args.dtype, 0)], [_slots_for(cfg)]
+    # A model on a GPU: the engine keeps a host copy of it in its pinned pool.
+    params, slots = [(n, args.dtype, 0, bool(args.model_on_gpu))], [_slots_for(cfg)]
     profile = _C.load_hardware_profile(args.hardware) if args.hardware else None
     gpu = bool(profile and profile.get("gpu_update_params_per_s", 0) > 0)
     text, plan_json = _C.build_plan(cfg.handle, params, slots, gpu, mem)
@@ -265,6 +266,9 @@ def main(argv=None):
     p.add_argument("--params", required=True, help="number of trainable parameters, e.g. 7e9")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mem-available", help="bytes of MemAvailable to plan for (default: this machine)")
+    p.add_argument("--model-on-gpu", action="store_true",
+                   help="the model's parameters live on a GPU (ZeRO-Offload): count the host copies "
+                        "the engine keeps of them in its pinned pool")
     p.add_argument("--hardware", metavar="PROFILE",
                    help="hardware-profile JSON (benchmarks/profiles/): show the CPU/GPU split, gap k, overlap "
                         "and step time the performance model chooses for that machine")

@@ -367,7 +367,7 @@ class Engine(torch.nn.Module):
             opt._tag = opt._tag or self._tag
             if self.world_size > 1:
                 opt._rank = self.global_rank
-                _sharded.shard(opt)  # this rank's shard on this engine's tiers
+                opt._set_data_parallel(True)  # this rank's shard on this engine's tiers
             else:
                 opt._rebuild()  # on this engine's tiers; masters kept (also across the cast)
             fp32_sources = {}
@@ -380,12 +380,9 @@ class Engine(torch.nn.Module):
             raise TypeError(f"strata.initialize: optimizer must be a torch.optim.Optimizer or "
                             f"a callable that builds one, not {type(client).__name__}")
         if isinstance(opt, _OffloadOptimizer) and fp32_sources:
-            b = opt._b
-            for i, p in enumerate(b.managed):
-                src = fp32_sources.get(id(p))
-                if src is not None:
-                    opt._write_slot(i, 0, src.contiguous().view(-1))
-            opt._mark_synced()
+            managed = opt._b.managed
+            opt._write_masters({i: fp32_sources[id(p)] for i, p in enumerate(managed)
+                                if id(p) in fp32_sources})
         return opt
 
     def _names_by_id(self):
@@ -635,7 +632,7 @@ class Engine(torch.nn.Module):
         if self.loss_scaler is not None:
             to_backward = self.loss_scaler.scale_loss(loss.float())
         self._restore_grads()
-        if self.world_size > 1 and isinstance(self.optimizer, _sharded.ShardedMixin):
+        if self.world_size > 1 and self._data_parallel_optimizer():
             # Data parallel: the optimizer reduces gradients bucket by bucket (during this
             # backward at stage 2, or with overlap_comm at the boundary; see strata.sharded).
             self.optimizer.backward(to_backward, retain_graph=retain_graph,
@@ -650,6 +647,11 @@ class Engine(torch.nn.Module):
             to_backward.backward(retain_graph=retain_graph)
         self._timers["backward"] += time.perf_counter() - t0
         return loss
+
+    def _data_parallel_optimizer(self):
+        """A strata optimizer that reduces gradients across ranks itself."""
+        opt = self.optimizer
+        return isinstance(opt, _OffloadOptimizer) and opt.data_parallel
 
     def _overlap_this_backward(self, retain_graph):
         return (self._overlap_backward and not retain_graph and self.world_size == 1
@@ -669,7 +671,7 @@ class Engine(torch.nn.Module):
         still accumulate in place (no allocation, no copy). Several ranks: the data-parallel
         optimizer keeps its own gradient views (docs/deepspeed.md)."""
         opt = self.optimizer
-        if isinstance(opt, _sharded.ShardedMixin):
+        if self._data_parallel_optimizer():
             return
         if isinstance(opt, _OffloadOptimizer):
             for p in opt._b.managed:
@@ -701,7 +703,7 @@ class Engine(torch.nn.Module):
         opt = self.optimizer
         kill_point("step_begin")
         if self.world_size > 1:
-            if isinstance(opt, _sharded.ShardedMixin):
+            if self._data_parallel_optimizer():
                 opt.reduce_gradients()  # buckets still pending; the shard's sums kept
             else:
                 for arena in opt.grad_arenas():  # a client optimizer: whole gradients

@@ -28,8 +28,9 @@ contiguous tensors of float32, bfloat16 or float16, all on one device. Tied para
 storage reached twice) are updated once.
 
 Parameters on a GPU (ZeRO-Offload's data flow): the CPU update cannot write device memory, so
-each such parameter gets a host copy in its dtype (pinned when CUDA is there) that the engine
-reads its masters from and writes its updated values to; ``step`` copies the gradients from the
+each such parameter gets a host copy in its dtype, allocated by the engine from its pinned pool
+(counted by ``strata plan``), that the engine reads its masters from and writes its updated
+values to; ``step`` copies the gradients from the
 device into the engine's arena (where ``.grad`` stays a device tensor, set to None by
 ``zero_grad``), runs the update and copies the host copies back into the parameters (H2D, on
 the current stream, so the next forward sees them). With ``backward(loss)`` (overlap) each
@@ -62,11 +63,13 @@ import weakref
 
 import torch
 
-from . import _C
+from . import _C, comm
 from . import config as _config
+from .grad_path import ArenaGrads, ReducerGrads, Settings
+from .layout import ShardLayout, WholeLayout, whole_tensors
 from .progress import EngineProgress
-from ._torch_compat import (dtype_from_name, dtype_name, has_post_accumulate_grad_hook,
-                            tensor_from_buffer)
+from .state_io import copy_slots, read_slots, write_slots
+from ._torch_compat import dtype_from_name, dtype_name, tensor_from_buffer
 
 DEFAULT_SWAP_DIR = "strata_swap"
 
@@ -126,29 +129,78 @@ class _Built:
 
     def __init__(self):
         self.engine = None
-        self.managed = []      # parameters in gradient-ready order (engine param index)
-        self.index = {}        # id(param) -> engine param index
-        self.cohort_of = []    # engine param index -> engine group (cohort)
+        self.grads = None      # the gradient path that built it (strata.grad_path)
+        self.layout = None     # WholeLayout / ShardLayout: engine param j -> (i, po, fo, n)
+        self.managed = []      # parameters in gradient-ready order (model parameter index i)
+        self.index = {}        # id(param) -> i
+        self.cohort_of = []    # i -> engine group (cohort)
         self.cohort_group = []  # cohort -> torch param group index
-        self.ptrs = []         # engine param index -> (data_ptr, dtype, numel) at build time
-        self.versions = []     # engine param index -> param._version when masters last matched
-        self.arenas = {}        # gradient dtype -> flat arena tensor
-        self.views = []         # engine param index -> its range of the arena, shaped like it
-        self.fold = []          # engine param index -> True when .grad is added into the view
+        self.ptrs = []         # i -> (data_ptr, dtype, numel) at build time
+        self.versions = []     # i -> param._version when masters last matched
+        self.arenas = {}        # dtype -> flat arena tensor
+        self.views = []         # i -> its range of the arena, shaped like it (whole layout)
+        self.fold = []          # i -> True when .grad is added into the view
                                 # (gradient dtype != parameter dtype) instead of being it
-        self.shadows = []       # engine param index -> host copy of a device parameter, or None
+        self.shadows = []       # i -> host copy of a device parameter, or None
         self.pushed = None      # CUDA event after the last H2D copies of the host copies
-        self.push = []          # engine param index -> None (push all) or CPU-updated ranges
-        self.copied = {}        # engine param index -> (weakref, version) of the device .grad
+        self.push = []          # i -> None (push all) or CPU-updated ranges
+        self.copied = {}        # i -> (weakref, version) of the device .grad
                                 # last copied into the arena (grad_stats then step: copy once)
         self.hooks = []         # per-parameter hooks: fold, and gradient-ready (overlap)
         self.hook_refs = []     # AccumulateGrad nodes kept alive (torch < 2.1)
+        # data parallel (strata.grad_path.ReducerGrads)
+        self.reducer = None     # the gradient buckets (_GradComm)
+        self.gather = None      # the updated parameters' all-gather (_ParamGather), a shard
+        self.flats = {}         # stage 1 with contiguous_gradients: full gradients per dtype
+        self.gviews = []        # i -> its view of flats
+        self.arena_off = []     # j -> offset in the shard's arena
+        self.dp_hooks = []      # gradient-ready hooks that reduce buckets
+        self.dp_refs = []
+
+    @property
+    def slices(self):
+        return self.layout.slices
+
+    @property
+    def slice_of(self):
+        return self.layout.slice_of
+
+
+def _fp32_host(t):
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
+def _batches(items, size_of, limit):
+    """``items`` in consecutive lists of at most ``limit`` (by ``size_of``; at least one
+    item each)."""
+    batch, used = [], 0
+    for it in items:
+        n = size_of(it)
+        if batch and used + n > limit:
+            yield batch
+            batch, used = [], 0
+        batch.append(it)
+        used += n
+    if batch:
+        yield batch
+
+
+# A rebuild whose layout moved assembles parameters whole: at most this many bytes of them at
+# once (one batch of state_io calls each).
+_REBUILD_BATCH_BYTES = 256 << 20
 
 
 class _OffloadOptimizer(torch.optim.Optimizer):
-    """Common machinery of strata's optimizers; subclasses name the kind and hyper keys."""
+    """Common machinery of strata's optimizers; subclasses name the kind and hyper keys.
+
+    Composed of a layout (``strata.layout``: whole parameters, or this rank's shard) and a
+    gradient path (``strata.grad_path``: arena views, or data-parallel reducer buckets), so
+    step, state_dict, state access, rebuild and checkpoints are written once. Data parallel
+    (``data_parallel``): set by the class (``strata.sharded``'s ``Sharded*`` classes) or by
+    ``_set_data_parallel``; ZeRO stage 0 keeps whole parameters, stages 1-2 a shard."""
 
     _kind = None
+    _data_parallel = False  # the class's choice; an instance changes it with _set_data_parallel
 
     def __init__(self, params, defaults, *, config=None, default_device="nvme", tag="", rank=0):
         self._b = None
@@ -159,6 +211,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._stage_thread = None
         self._poisoned = None  # why steps are refused (an incomplete checkpoint load)
         self._forced_steps = None
+        self._dp = None  # data-parallel settings (strata.grad_path.Settings), or None
+        self._grads = None
         super().__init__(params, defaults)
         self._user_config = _default_config(config, default_device)
         self.config = _config.load_config(self._user_config, world_size=_world_size())
@@ -166,6 +220,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._rank = rank
         if not hasattr(self, "_param_names"):
             self._param_names = {}  # id(param) -> name (error messages); the Engine sets it
+        # The Engine sets it when every rank already has rank 0's weights.
+        self._dp_synced_init = bool(getattr(self, "_dp_synced_init", False))
+        self._choose_grad_path()
         self._b = self._build(None)
         _live.add(self)
 
@@ -202,6 +259,63 @@ class _OffloadOptimizer(torch.optim.Optimizer):
     def _has_step_in_state(self):
         return True
 
+    # ---- data parallel ------------------------------------------------
+    @property
+    def data_parallel(self):
+        """True when gradients are summed across ranks (strata.sharded's module doc)."""
+        return self._dp is not None
+
+    @property
+    def zero_stage(self):
+        """The ZeRO stage the data-parallel optimizer runs (0, 1 or 2); None in one process."""
+        return self._dp.stage if self._dp is not None else None
+
+    @property
+    def layout(self):
+        """Which engine parameters this rank's engine holds (``strata.layout``)."""
+        return None if self._b is None else self._b.layout
+
+    @property
+    def class_name(self):
+        """The class checkpoints record: the optimizer's, not its data-parallel alias
+        (``strata.sharded.ShardedOffloadAdamW`` records ``OffloadAdamW``)."""
+        klass = type(self)
+        while klass.__dict__.get("_data_parallel_alias", False):
+            klass = klass.__mro__[1]
+        return klass.__name__
+
+    def _choose_grad_path(self):
+        if self._data_parallel:
+            self._dp = Settings.for_this_rank(self.config)
+            if self._dp.world > 1:
+                self._rank = self._dp.rank
+            self._grads = ReducerGrads(self, self._dp)
+        else:
+            self._dp = None
+            self._grads = ArenaGrads(self)
+
+    def _set_data_parallel(self, on=True):
+        """From now on reduce gradients across ranks and keep this rank's shard (``on``), or
+        run as one process: the engine is rebuilt, the state carried over piece by piece."""
+        if bool(on) == self.data_parallel:
+            return self
+        self._data_parallel = bool(on)
+        self._choose_grad_path()
+        self._rebuild()
+        return self
+
+    def _broadcast_params(self):
+        """Every rank starts from rank 0's weights, as DDP and DeepSpeed do."""
+        seen = set()
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    key = _storage_key(p)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    comm.broadcast(p.data, 0, stats=self._grads.comm_stats)
+
     # ---- construction -------------------------------------------------
     def _trainable(self):
         """(param, group index) of every trainable parameter, deduplicated by storage."""
@@ -227,10 +341,6 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             self._check_param(p)
         return out
 
-    # Device parameters go through host copies (see the module doc); the data-parallel
-    # optimizer shards parameters by address and does not take them yet.
-    _device_params_ok = True
-
     def _staged(self, p):
         """True when ``p`` is updated through a host copy (not CPU memory, or the test hook)."""
         return p.device.type != "cpu" or os.environ.get("STRATA_TEST_STAGE_PARAMS") == "1"
@@ -241,7 +351,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                 "strata: a parameter is on the meta device (shape only, no memory); materialise "
                 "the model first (for example model.to_empty(device='cpu') and load its weights) "
                 "— strata.zero.Init does not defer parameter creation")
-        if p.device.type != "cpu" and not self._device_params_ok:
+        if p.device.type != "cpu" and self.data_parallel:
+            # Device parameters go through host copies (see the module doc); the data-parallel
+            # optimizer shards parameters by address and does not take them yet.
             raise ValueError(
                 f"strata: parameter on {p.device} — {type(self).__name__} updates CPU "
                 "parameters only (with several ranks, keep the model on the CPU for now)")
@@ -251,56 +363,73 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             raise ValueError("strata: parameters must be contiguous")
         dtype_name(p.dtype)
 
+    def _layout_for(self, managed):
+        if self._dp is not None and self._dp.stage >= 1:
+            return ShardLayout(managed, self._dp.world, self._dp.rank)
+        return WholeLayout(managed)
+
     def _build(self, prev, resync=()):
         """A new engine for the current trainable parameters.
 
-        With ``prev``, state is copied from the previous engine parameter by parameter;
+        With ``prev``, state is carried over from the previous engine (``_copy_state``);
         parameters in ``resync`` (ids) take their master from the model instead.
         """
+        if self._dp is not None and self._dp.world > 1 and not self._dp_synced_init \
+                and prev is None:
+            self._broadcast_params()
+            self._dp_synced_init = True
         trainable = self._trainable()
         # Gradients become ready roughly in reverse registration order.
         trainable.reverse()
         b = _Built()
+        b.grads = self._grads
         b.managed = [p for p, _ in trainable]
         b.index = {id(p): i for i, p in enumerate(b.managed)}
-
         b.cohort_of, b.cohort_group, cohort_steps = self._cohorts(trainable, prev)
+        b.layout = self._layout_for(b.managed)
 
-        for p in b.managed:
-            b.shadows.append(self._new_shadow(p) if self._staged(p) else None)
+        # Parameters updated through host copies: the engine allocates them from its pool.
+        staged = [self._staged(p) and not b.layout.sharded for p in b.managed]
         if any(p.is_cuda for p in b.managed):
             _use_cuda_pinning()
-        # A GPU parameter's host copy is what the CPU update reads and writes; its device
-        # memory is where a GPU update (offload_optimizer.ratio < 1) writes instead.
-        specs = [
-            (self._name_of(p, i), p.numel(), dtype_name(p.dtype), b.cohort_of[i],
-             (b.shadows[i] if b.shadows[i] is not None else p).data_ptr(),
-             p.data_ptr() if b.shadows[i] is not None and p.is_cuda else None,
-             (p.device.index or 0) if p.is_cuda else 0)
-            for i, p in enumerate(b.managed)
-        ]
-        b.engine = self._start_engine(specs, b.cohort_group, cohort_steps)
+        specs = [self._spec(b, j, staged) for j in range(len(b.layout.slices))]
+
+        def fill(j, buf):  # a host copy's first values: the parameter's
+            p = b.managed[b.layout.slices[j][0]]
+            tensor_from_buffer(buf, p.dtype).view(p.shape).copy_(p.detach())
+
+        b.engine = self._start_engine(specs, b.cohort_group, cohort_steps,
+                                      fill if any(staged) else None)
         try:
-            gdt = [dtype_from_name(b.engine.grad_dtype(i)) for i in range(len(b.managed))]
-            for dt in set(gdt):
-                b.arenas[dt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(dt)), dt)
-            for i, p in enumerate(b.managed):
-                off = b.engine.grad_offset(i)
-                b.views.append(b.arenas[gdt[i]][off: off + p.numel()].view_as(p))
-                b.fold.append(gdt[i] != p.dtype)
+            b.shadows = [tensor_from_buffer(b.engine.host_copy(i), p.dtype).view(p.shape)
+                         if s else None for i, (p, s) in enumerate(zip(b.managed, staged))]
+            b.grads.build(b)
             b.ptrs = [_storage_key(p) for p in b.managed]
             b.versions = [p._version for p in b.managed]
             b.push = self._push_ranges(b)
             if prev is not None and prev.engine is not None and not prev.engine.closed:
                 self._copy_state(prev, b, resync)
-                self._carry_folded_grads(prev, b)
+                b.grads.carry(prev, b)
         except BaseException:
             b.engine.close()
             raise
-        self._attach_grads(b, copy_existing=True)
-        if any(b.fold):
-            self._install_hooks(b)  # every backward adds .grad into the arena
+        b.grads.adopt(prev, b)
         return b
+
+    def _spec(self, b, j, staged):
+        """What the C++ engine gets for engine parameter ``j``: its name, numel, dtype,
+        cohort and host memory (None: a host copy from the engine's pool, for a parameter
+        updated through one) — and, for a GPU parameter, its device memory (where a GPU
+        update writes instead of the host copy)."""
+        i, po, _, n = b.layout.slices[j]
+        p = b.managed[i]
+        name = self._name_of(p, i)
+        if n != p.numel():
+            name = f"{name}[{po}:{po + n}]"
+        return (name, n, dtype_name(p.dtype), b.cohort_of[i],
+                None if staged[i] else p.data_ptr() + po * p.element_size(),
+                p.data_ptr() if staged[i] and p.is_cuda else None,
+                (p.device.index or 0) if p.is_cuda else 0)
 
     def _cohorts(self, trainable, prev):
         """(cohort_of, cohort_group, cohort_steps) for ``trainable`` (param, group index) in
@@ -333,15 +462,16 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             cohort_group, cohort_steps = [0], [0]
         return cohort_of, cohort_group, cohort_steps
 
-    def _start_engine(self, specs, cohort_group, cohort_steps):
+    def _start_engine(self, specs, cohort_group, cohort_steps, fill_host_copy=None):
         """A C++ engine for ``specs`` (one hyper-parameter set per cohort) with its step
-        counts set and its plan notes said: expected ones logged, the others warned once."""
+        counts set and its plan notes said: expected ones logged, the others warned once.
+        ``fill_host_copy(j, buffer)`` fills the host copies the engine allocates."""
         hypers = [self._hyper(self.param_groups[g]) for g in cohort_group]
         progress = EngineProgress(_config.get(self.config, "strata.progress"))
         try:
             # The engine gets the parsed handle: no JSON is serialised or parsed again.
             engine = _C.Engine(self._engine_config(), specs, hypers, self._rank, self._tag,
-                               progress=progress)
+                               progress=progress, fill_host_copy=fill_host_copy)
         finally:
             progress.close()
         try:
@@ -359,13 +489,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             raise
         return engine
 
-    @staticmethod
-    def _new_shadow(p):
-        """The host copy of device parameter ``p`` the engine reads and writes."""
-        pin = torch.cuda.is_available()
-        h = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
-        h.copy_(p.detach())
-        return h
+    def _set_hypers(self, b):
+        for c, gi in enumerate(b.cohort_group):
+            b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
 
     def _pull_shadows(self, b):
         """Host copies := the device parameters (before the engine reads them as masters)."""
@@ -421,105 +547,23 @@ class _OffloadOptimizer(torch.optim.Optimizer):
     def _engine_config(self):
         """The parsed configuration (``strata._C.Config``) the C++ engine reads: the handle
         ``self.config`` was parsed into (a plain dict assigned to ``config`` is parsed here)."""
-        return _config.handle_of(self.config, world_size=_world_size())
-
-    @staticmethod
-    def _carry_folded_grads(prev, b):
-        """Gradients accumulated in ``prev``'s arena for folded parameters (not reachable
-        through ``.grad``) move to ``b``'s; ``_attach_grads`` carries the others."""
-        for i, p in enumerate(b.managed):
-            j = prev.index.get(id(p))
-            if j is None or not prev.fold[j] or prev.managed[j].numel() != p.numel():
-                continue
-            b.views[i].copy_(prev.views[j])
-            if not b.fold[i]:
-                p.grad = b.views[i]  # now a view parameter: _attach_grads keeps it
-
-    def _copy_state(self, prev, b, resync):
-        """Carry state over from ``prev`` to ``b``, one parameter at a time."""
-        buf = None
-        for i, p in enumerate(b.managed):
-            j = prev.index.get(id(p))
-            if j is None:
-                continue  # new parameter: fresh state, master from the model
-            if prev.managed[j].numel() != p.numel():
-                continue
-            nslots = 1 + len(self._state_names(self.param_groups[b.cohort_group[b.cohort_of[i]]]))
-            if buf is None or buf.numel() < p.numel():
-                buf = torch.empty(p.numel(), dtype=torch.float32)
-            t = buf[: p.numel()]
-            first = 1 if id(p) in resync else 0
-            for slot in range(first, nslots):
-                prev.engine.read_param_state(j, slot, t.data_ptr())
-                b.engine.write_param_state(i, slot, t.data_ptr())
+        cfg = _config.handle_of(self.config, world_size=_world_size())
+        dp = self._dp
+        want = _config.get(self.config, "data_types.grad_accum_dtype")
+        if dp is not None and want and dp.world > 1 and dp.stage < 2:
+            if any(p.dtype != dtype_from_name(want) for p, _ in self._trainable()):
+                _config.warn_once(
+                    f"data_types.grad_accum_dtype {want!r} with several ranks is honoured at "
+                    f"ZeRO stage 2 only; at stage {dp.stage} gradients accumulate in "
+                    "the parameters' dtype (torch's .grad) and are converted when reduced")
+            cfg = cfg.with_default("data_types.grad_accum_dtype")
+        return cfg
 
     def _name_of(self, p, i):
         name = self._param_names.get(id(p))
         if name:
             return name
         return f"param{i}"
-
-    def _attach_grads(self, b, copy_existing, skip_staged=False):
-        """Make the arena hold the gradients: ``.grad`` becomes the arena view (a replaced
-        ``.grad`` is copied in, a missing one zeroes the view); folded parameters add a
-        ``.grad`` that was set by other means than backward and drop it. ``copy_existing``
-        False (``zero_grad``): the arena was zeroed, nothing is carried."""
-        pending = None  # a CUDA device whose gradient copies are in flight (one sync at the end)
-        for i, (p, view) in enumerate(zip(b.managed, b.views)):
-            g = p.grad
-            if b.fold[i]:
-                if g is not None:
-                    if copy_existing:
-                        self._check_dense(b, p, g)
-                        view.add_(g.to(view.device))
-                    p.grad = None
-                continue
-            if b.shadows[i] is not None:
-                # A device parameter: .grad stays where autograd put it; the arena gets a copy
-                # (once per change of .grad: accumulation bumps its version).
-                if skip_staged:
-                    continue
-                if g is None or not copy_existing:
-                    view.zero_()
-                    b.copied.pop(i, None)
-                    if not copy_existing:
-                        p.grad = None
-                else:
-                    last = b.copied.get(i)
-                    if last is None or last[0]() is not g or last[1] != g._version:
-                        self._check_dense(b, p, g)
-                        view.copy_(g.to_dense() if g.is_sparse else g, non_blocking=g.is_cuda)
-                        b.copied[i] = (weakref.ref(g), g._version)
-                        pending = g.device if g.is_cuda else pending
-                continue
-            if g is not None and g.is_sparse:
-                # Checked before anything touches its data pointer (a sparse tensor has none).
-                self._check_dense(b, p, g)
-                if copy_existing:
-                    view.copy_(g.to_dense())
-                else:
-                    view.zero_()
-                p.grad = view
-                continue
-            if g is not None and g.data_ptr() == view.data_ptr():
-                continue
-            if g is None:
-                view.zero_()
-            elif copy_existing:
-                self._check_dense(b, p, g)
-                view.copy_(g)
-            p.grad = view
-        if pending is not None:
-            torch.cuda.current_stream(pending).synchronize()  # the arena is read next
-
-    def _restore_grad_views(self):
-        """After the Engine set ``.grad`` to None (DeepSpeed's state after a step), point it
-        back at the arena views for the next backward. The arena was zeroed by
-        ``zero_grad``; a ``.grad`` set meanwhile is kept (``_attach_grads`` copies it in)."""
-        b = self._b
-        for i, (p, view) in enumerate(zip(b.managed, b.views)):
-            if p.grad is None and not b.fold[i] and b.shadows[i] is None:
-                p.grad = view
 
     # Whether a sparse gradient may be densified into the arena with the same result as
     # torch's sparse update (Adagrad without weight decay: zero rows change neither the sum
@@ -541,6 +585,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                 "gradient (for example nn.Embedding(sparse=True)); strata needs dense "
                 "gradients — construct the layer with sparse=False")
 
+    # ---- keeping the engine up to date with the model ------------------------
     def _refresh(self):
         """Notice changes made to the parameters since the last step (see the module doc)."""
         b = self._b
@@ -565,14 +610,15 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         if rebuild:
             self._rebuild(resync=changed_storage)
             return
-        for i, p in enumerate(b.managed):
-            if p._version != b.versions[i]:
-                self._sync_master(b, i, p)
+        stale = [i for i, p in enumerate(b.managed) if p._version != b.versions[i]]
+        if stale:
+            self._sync_masters_of(b, stale)
 
-    def _sync_master(self, b, i, p):
-        t = p.detach().to("cpu", torch.float32).contiguous().view(-1)
-        b.engine.write_param_state(i, 0, t.data_ptr())
-        b.versions[i] = p._version
+    def _sync_masters_of(self, b, indices):
+        """The masters of managed parameters ``indices`` := the model's weights."""
+        self._write_whole(b, {i: [b.managed[i]] for i in indices})
+        for i in indices:
+            b.versions[i] = b.managed[i]._version
 
     def _set_steps(self, steps):
         """Set each parameter's step count (``{id(param): step}``), splitting cohorts when
@@ -607,139 +653,83 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._b = new
         self._release(old, keep_grads=False)
 
-    # ---- overlap with backward -----------------------------------------
-    def _install_hooks(self, b):
-        """One hook per managed parameter, run when a backward has accumulated its gradient:
-        a folded parameter's ``.grad`` is added into the arena and dropped; then, during an
-        overlapped backward, the engine hears that the gradient is final."""
-        if b.hooks:
-            return
-        engine = b.engine
-        opt = weakref.ref(self)
-
-        def ready(i, pref, view, fold, staged):
-            def hook(*_):
-                if fold:
-                    p = pref()
-                    g = None if p is None else p.grad
-                    if g is not None:
-                        with torch.no_grad():
-                            view.add_(g.to(view.device))
-                        p.grad = None
-                o = opt()
-                if o is not None and o._overlap_active:
-                    if staged:
-                        o._stage_ready(b, i, pref())
-                    else:
-                        engine.mark_param_ready(i)
-            return hook
-
+    def _copy_state(self, prev, b, resync):
+        """Carry state over from ``prev`` to ``b``: a parameter in both with the same numel
+        keeps its state (one in ``resync`` all but its master, which the new engine took from
+        the model). Where every rank keeps the same pieces, engine parameter to engine
+        parameter; otherwise (the layout moved) parameters are assembled whole from their old
+        pieces, in batches, and the new pieces written."""
+        kept = []
         for i, p in enumerate(b.managed):
-            staged = b.shadows[i] is not None and not b.fold[i]
-            h = ready(i, weakref.ref(p), b.views[i], b.fold[i], staged)
-            if has_post_accumulate_grad_hook():
-                b.hooks.append(p.register_post_accumulate_grad_hook(h))
-            else:
-                # torch < 2.1: the parameter's AccumulateGrad node runs once per backward,
-                # after every gradient contribution to it was summed (as DDP uses it).
-                acc = p.expand_as(p).grad_fn.next_functions[0][0]
-                b.hook_refs.append(acc)
-                b.hooks.append(acc.register_hook(h))
+            k = prev.index.get(id(p))
+            if k is None or prev.managed[k].numel() != p.numel():
+                continue  # new parameter: fresh state, master from the model
+            kept.append((i, k, 1 if id(p) in resync else 0, len(self._slot_names(i, b))))
+        if b.layout.keeps_pieces_of(prev.layout):
+            pairs = []
+            for i, k, first, nslots in kept:
+                j = b.layout.slice_of.get(i)
+                if j is not None:
+                    pairs.append((j, prev.layout.slice_of[k], first, b.layout.slices[j][3],
+                                  nslots))
+            copy_slots(prev.engine, b.engine, pairs)
+            return
+        for batch in _batches(kept, lambda t: 4 * b.managed[t[0]].numel() * t[3],
+                              _REBUILD_BATCH_BYTES):
+            whole = self._read_whole(prev, {k: [s >= first for s in range(nslots)]
+                                            for _, k, first, nslots in batch})
+            self._write_whole(b, {i: whole[k] for i, k, _, _ in batch})
 
-    def backward(self, loss, *, exact=False, retain_graph=False):
-        """``loss.backward()`` with this step's updates overlapped with it.
+    # ---- moving state: every call goes through strata.state_io, all parameters at once ----
+    def _read_whole(self, b, wanted):
+        """{i: [whole fp32 tensor, or None, per slot]} for ``wanted`` = {i: [bool per slot]}:
+        this rank's pieces read from ``b``'s engine in one pass, the others gathered from
+        their owners (a collective when sharded)."""
+        whole, local = whole_tensors(b.layout, b.managed, wanted)
+        read_slots(b.engine, local)
+        b.layout.gather(whole, self._grads.comm_stats)
+        return whole
 
-        Call it for the last backward before ``step()`` (at the accumulation boundary).
-        Eager (default): a sub-group is updated as soon as all its gradients are final, while
-        backward goes on; the model's parameters are written once every use of them in this
-        backward is over. Exact (``exact=True``, needed with gradient clipping or fp16 loss
-        scaling): state is prefetched and gradient statistics computed during backward; the
-        updates run in ``step()`` once the clip/scale factor is known. Either way the result is
-        bit-identical to ``loss.backward(); step()``. Update threads during backward: the cores
-        torch leaves free, at least one."""
+    def _write_whole(self, b, sources):
+        """Write ``sources`` = {i: [tensor of the whole parameter's numel, or None, per
+        slot]}: each rank keeps its pieces, in one pass over ``b``'s engine."""
+        local = {}
+        for i, srcs in sources.items():
+            j = b.layout.slice_of.get(i)
+            if j is None or all(t is None for t in srcs):
+                continue
+            _, po, _, n = b.layout.slices[j]
+            local[j] = [None if t is None else _fp32_host(t.detach().reshape(-1)[po:po + n])
+                        for t in srcs]
+        write_slots(b.engine, local)
+
+    def _write_masters(self, sources):
+        """The masters of managed parameters := ``sources`` ({i: tensor of the parameter's
+        numel}); the model counts as in sync with them."""
+        self._write_whole(self._b, {i: [t] for i, t in sources.items()})
+        self._mark_synced()
+
+    # ---- backward and step ----------------------------------------------
+    def backward(self, loss, *, exact=False, retain_graph=False, boundary=True):
+        """``loss.backward()`` with this step's work overlapped with it.
+
+        One process: call it for the last backward before ``step()`` (at the accumulation
+        boundary). Eager (default): a sub-group is updated as soon as all its gradients are
+        final, while backward goes on; the model's parameters are written once every use of
+        them in this backward is over. Exact (``exact=True``, needed with gradient clipping or
+        fp16 loss scaling): state is prefetched and gradient statistics computed during
+        backward; the updates run in ``step()`` once the clip/scale factor is known. Either way
+        the result is bit-identical to ``loss.backward(); step()``. Update threads during
+        backward: the cores torch leaves free, at least one.
+
+        Data parallel: this rank's gradient communication — at stage 2 buckets are reduced as
+        gradients become ready (every backward); at stage 0 and 1, with ``overlap_comm`` and
+        ``boundary`` (the last backward before ``step()``), while backward goes on. ``exact``
+        is accepted for the one-process signature (the update itself never overlaps
+        backward there)."""
         self._require_open()
-        if self._overlap is not None:
-            raise RuntimeError("strata: backward() again before step(): one overlapped backward per step")
-        if self._poisoned:
-            raise RuntimeError(f"strata: optimizer step refused: {self._poisoned}")
-        # Device parameters: their gradients are copied into the arena by the hooks as they
-        # become final (not before: the earlier micro-steps' sums would be copied for nothing).
-        self._prepare(skip_staged=True)
-        b = self._b
-        for c, gi in enumerate(b.cohort_group):
-            b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
-        self._install_hooks(b)
-        threads = _C.backward_update_threads(torch.get_num_threads())
-        self._set_model_stream(b)
-        b.engine.begin_backward(not exact, 1.0, threads)
-        self._overlap_active = True
-        try:
-            loss.backward(retain_graph=retain_graph)
-            self._stage_drain()
-            # Device parameters no hook reported (no gradient in this backward): their
-            # .grad, if any, goes into the arena before end_backward marks them final.
-            self._attach_grads(b, copy_existing=True)
-        except BaseException:
-            self._overlap_active = False
-            self._stage_drain()
-            b.engine.end_backward()
-            try:
-                b.engine.cancel_step()
-            except Exception as exc:  # eager updates already ran: the state is part-stepped
-                self._poisoned = f"backward failed after some eager updates ran ({exc})"
-            raise
-        finally:
-            self._overlap_active = False
-        b.engine.end_backward()
-        self._overlap = "exact" if exact else "eager"
-        return loss
-
-    def _stage_ready(self, b, i, p):
-        """Hook of device parameter ``i`` during an overlapped backward: copy its final
-        gradient into the arena, then tell the engine — at once for CPU memory, after the
-        copy's CUDA event for a GPU gradient (a watcher thread waits for it, so backward is
-        not held up)."""
-        g = None if p is None else p.grad
-        view = b.views[i]
-        if g is None:
-            view.zero_()
-            b.copied.pop(i, None)
-            b.engine.mark_param_ready(i)
-            return
-        if not g.is_cuda:
-            view.copy_(g)
-            b.copied[i] = (weakref.ref(g), g._version)
-            b.engine.mark_param_ready(i)
-            return
-        view.copy_(g, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        b.copied[i] = (weakref.ref(g), g._version)
-        if self._stage_queue is None:
-            import queue
-            import threading
-
-            self._stage_queue = queue.Queue()
-            engine = b.engine
-
-            def watch(q=self._stage_queue):
-                while True:
-                    item = q.get()
-                    if item is None:
-                        return
-                    item[1].synchronize()
-                    engine.mark_param_ready(item[0])
-
-            self._stage_thread = threading.Thread(target=watch, name="strata-d2h", daemon=True)
-            self._stage_thread.start()
-        self._stage_queue.put((i, event))
-
-    def _stage_drain(self):
-        """Wait until every gradient copy the hooks started has reached the engine."""
-        if self._stage_queue is not None:
-            self._stage_queue.put(None)
-            self._stage_thread.join()
-            self._stage_queue = self._stage_thread = None
+        return self._grads.backward(loss, exact=exact, retain_graph=retain_graph,
+                                    boundary=boundary)
 
     def cancel_step(self):
         """Drop the step begun by an exact ``backward()`` (fp16 overflow): no state changes."""
@@ -748,11 +738,13 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._overlap = None
         self._b.engine.cancel_step()
 
-    # ---- torch.optim.Optimizer API ------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step. The DeepSpeed-style Engine passes its gradient multiplier
-        (loss scale and clip coefficient) through ``_pending_grad_mul``."""
+        (loss scale and clip coefficient) through ``_pending_grad_mul``; without it the
+        gradients are used as summed (one process) or averaged over the ranks (data parallel,
+        like DDP). Data parallel: the gradient communication is finished first, and the new
+        parameters are all-gathered after the update of this rank's shard."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -766,56 +758,59 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             if mode == "eager" and grad_mul not in (None, 1.0):
                 raise RuntimeError("strata: an eager overlapped step cannot apply a gradient "
                                    "multiplier (clipping, loss scale): use backward(exact=True)")
-            hook = getattr(self, "_engine_step_hook", None)
-            if hook is not None:
-                hook()  # test hook: arms a kill that lands inside the C++ step
-            self._b.engine.step(1.0 if grad_mul is None else float(grad_mul))
-            self._push_shadows(self._b)
+            self._engine_step(self._b, grad_mul)
             return loss
         if self._poisoned:
             raise RuntimeError(f"strata: optimizer step refused: {self._poisoned}; load a "
                                "checkpoint (or state dict) successfully before stepping again")
-        self._prepare()
+        self._grads.prepare_step()
         b = self._b
-        for c, gi in enumerate(b.cohort_group):
-            b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
+        self._set_hypers(b)
+        self._set_model_stream(b)
+        self._engine_step(b, grad_mul)
+        return loss
+
+    def _engine_step(self, b, grad_mul):
         hook = getattr(self, "_engine_step_hook", None)
         if hook is not None:
             hook()  # test hook: arms a kill that lands inside the C++ step
-        self._set_model_stream(b)
-        b.engine.step(1.0 if grad_mul is None else float(grad_mul))
+        b.engine.step(self._grads.default_grad_mul if grad_mul is None else float(grad_mul))
         self._push_shadows(b)
-        return loss
+        self._grads.after_step(b)
 
     def _prepare(self, skip_staged=False):
         """Bring the engine up to date with the model and gather the gradients."""
         self._require_open()
         self._refresh()
-        self._attach_grads(self._b, copy_existing=True, skip_staged=skip_staged)
+        self._grads.attach(self._b, copy_existing=True, skip_staged=skip_staged)
         b = self._b
         if b.pushed is not None:
             # The previous step's H2D copies read the host copies the update will write.
             b.pushed.synchronize()
             b.pushed = None
 
+    def reduce_gradients(self):
+        """Data parallel: finish this step's gradient communication (idempotent until
+        ``zero_grad``); one process: nothing to do."""
+        self._require_open()
+        self._grads.reduce_gradients()
+
     def grad_stats(self):
-        """(sum of squares, any inf/nan) over every gradient, in the engine's fixed order."""
-        if self._overlap is not None:
-            return self._b.engine.grad_stats()  # gathered during backward
-        self._prepare()
-        return self._b.engine.grad_stats()
+        """(sum of squares, any inf/nan) over every gradient, in the engine's fixed order
+        (data parallel: over the global gradient, each rank's shard all-reduced)."""
+        return self._grads.grad_stats()
 
     def grad_arenas(self):
         """The flat gradient buffers (one tensor per dtype), for collective operations."""
         self._require_open()
-        return list(self._b.arenas.values())
+        return self._grads.grad_arenas(self._b)
+
+    def _restore_grad_views(self):
+        self._grads.restore_views(self._b)
 
     def zero_grad(self, set_to_none=None):
         self._require_open()
-        if self._overlap is not None:
-            raise RuntimeError("strata: zero_grad() between an overlapped backward() and step()")
-        self._b.engine.zero_grads()
-        self._attach_grads(self._b, copy_existing=False)
+        self._grads.zero_grad(self._b)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -829,54 +824,55 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._refresh()
         b = self._b
         targets = b.managed if params is None else list(params)
-        for p in targets:
-            i = b.index.get(id(p))
-            if i is not None:
-                self._sync_master(b, i, p)
+        indices = sorted({b.index[id(p)] for p in targets if id(p) in b.index})
+        if indices:
+            self._sync_masters_of(b, indices)
 
     def manages(self, p):
         return self._b is not None and id(p) in self._b.index
 
+    # ---- torch's state_dict ---------------------------------------------
     def state_dict(self):
-        """torch-compatible: tensors in memory (costs RAM equal to the state; large runs
+        """torch-compatible and whole on every rank (with a shard, a collective: each piece is
+        broadcast by its owner); tensors in memory (costs RAM equal to the state; large runs
         should use the engine's streaming checkpoints, ``Engine.save_checkpoint``)."""
         self._require_open()
         self._refresh()
         b = self._b
-        packed = {}
-        groups = []
-        index = 0
-        seen = set()
-        for gi, group in enumerate(self.param_groups):
+        rows, wanted, groups, index = [], {}, [], 0
+        for group in self.param_groups:
             g = {k: v for k, v in group.items() if k != "params"}
             g["params"] = []
             names = self._state_names(group)
             for p in group["params"]:
                 g["params"].append(index)
                 i = b.index.get(id(p))
-                if i is not None and i not in seen:
-                    seen.add(i)
-                    entry = {}
-                    if self._has_step_in_state():
-                        entry["step"] = torch.tensor(float(b.engine.step_count(b.cohort_of[i])))
-                    for slot, name in enumerate(names, start=1):
-                        t = torch.empty(p.numel(), dtype=torch.float32)
-                        b.engine.read_param_state(i, slot, t.data_ptr())
-                        entry[name] = t.view(p.shape)
-                    if not self._has_step_in_state():
-                        entry["strata_step"] = b.engine.step_count(b.cohort_of[i])
-                        if not names:
-                            entry["momentum_buffer"] = None  # torch's SGD without momentum
-                    if p.dtype != torch.float32:
-                        t = torch.empty(p.numel(), dtype=torch.float32)
-                        b.engine.read_param_state(i, 0, t.data_ptr())
-                        entry["master"] = t.view(p.shape)
-                    packed[index] = entry
+                if i is not None and i not in wanted:
+                    wanted[i] = [p.dtype != torch.float32] + [True] * len(names)
+                    rows.append((index, i, p, names))
                 index += 1
             groups.append(g)
+        whole = self._read_whole(b, wanted)
+        packed = {}
+        for index, i, p, names in rows:
+            entry = {}
+            step = b.engine.step_count(b.cohort_of[i])
+            if self._has_step_in_state():
+                entry["step"] = torch.tensor(float(step))
+            for slot, name in enumerate(names, start=1):
+                entry[name] = whole[i][slot].view(p.shape)
+            if not self._has_step_in_state():
+                entry["strata_step"] = step
+                if not names:
+                    entry["momentum_buffer"] = None  # torch's SGD without momentum
+            if p.dtype != torch.float32:
+                entry["master"] = whole[i][0].view(p.shape)
+            packed[index] = entry
         return {"state": packed, "param_groups": groups}
 
     def load_state_dict(self, state_dict):
+        """torch-compatible: every rank passes the whole state dict (a shard keeps its
+        pieces)."""
         self._require_open()
         self._refresh()
         groups = state_dict["param_groups"]
@@ -895,14 +891,14 @@ class _OffloadOptimizer(torch.optim.Optimizer):
 
     def _load_saved_state(self, groups, state):
         """Write a torch-format state (``groups`` and ``state`` of a state_dict, already
-        checked against this optimizer's groups) into the engine, through ``_write_slot`` so a
-        sharded optimizer keeps only its slices."""
+        checked against this optimizer's groups) into the engine in one pass."""
         b = self._b
         # Model weights are the source of truth for the masters: re-sync first,
         # then overwrite with saved masters where present (non-fp32 models).
         self._pull_shadows(b)
         b.engine.sync_master_from_params()
         cohort_step = {}
+        sources = {}
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
             for k, v in saved.items():
                 if k != "params":
@@ -913,6 +909,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                 entry = state.get(saved_idx, state.get(str(saved_idx)))
                 if i is None or entry is None:
                     continue
+                srcs = [None] * (1 + len(names))
                 for slot, name in enumerate(names, start=1):
                     if name not in entry or entry[name] is None:
                         continue
@@ -920,9 +917,10 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     if t.numel() != p.numel():
                         raise ValueError(f"state {name} of parameter {saved_idx} has "
                                          f"{t.numel()} elements, expected {p.numel()}")
-                    self._write_slot(i, slot, t)
+                    srcs[slot] = t
                 if "master" in entry:
-                    self._write_slot(i, 0, entry["master"].detach().to(torch.float32).contiguous().view(-1))
+                    srcs[0] = entry["master"].detach().to(torch.float32).contiguous().view(-1)
+                sources[i] = srcs
                 if "step" in entry:
                     step = int(float(entry["step"]))
                 elif "strata_step" in entry:
@@ -932,33 +930,47 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     step = 1 if any(entry.get(n) is not None for n in names) else 0
                 c = b.cohort_of[i]
                 cohort_step[c] = max(cohort_step.get(c, 0), step)
+        self._write_whole(b, sources)
         for c, step in cohort_step.items():
             b.engine.set_step_count(c, step)
-        for c, gi in enumerate(b.cohort_group):
-            b.engine.set_hyper(c, self._hyper(self.param_groups[gi]))
+        self._set_hypers(b)
         self._mark_synced()
         b.engine.clear_error()
         self._poisoned = None
 
-    # ---- streaming state access (checkpoints) ----------------------------
-    def _slot_names(self, i):
-        b = self._b
+    # ---- one parameter's state (checkpoints, strata.utils.safe_*, optimizer.state[p]) ----
+    def _slot_names(self, i, b=None):
+        b = self._b if b is None else b
         return ["master"] + self._state_names(self.param_groups[b.cohort_group[b.cohort_of[i]]])
 
     def _read_slot(self, i, slot, out):
-        """Copy slot ``slot`` of engine parameter ``i`` into the contiguous fp32 CPU tensor
-        ``out``."""
+        """Copy slot ``slot`` of managed parameter ``i`` into the contiguous fp32 CPU tensor
+        ``out`` (of the parameter's numel): only this rank's piece of it is filled
+        (``state_dict()`` and ``read_state`` gather the whole)."""
         if out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError("strata: _read_slot needs a contiguous CPU tensor")
-        self._b.engine.read_param_state(i, slot, out.data_ptr())
+        b = self._b
+        j = b.layout.slice_of.get(i)
+        if j is None:
+            return
+        _, po, _, n = b.layout.slices[j]
+        read_slots(b.engine, {j: [None] * slot + [out.view(-1)[po:po + n]]})
 
     def _write_slot(self, i, slot, src):
-        src = src.detach().to("cpu", torch.float32).contiguous()
-        self._b.engine.write_param_state(i, slot, src.data_ptr())
+        """Write slot ``slot`` of managed parameter ``i`` from ``src``: the whole parameter
+        (this rank takes its piece) or exactly this rank's piece."""
+        b = self._b
+        j = b.layout.slice_of.get(i)
+        if j is None:
+            return
+        _, po, _, n = b.layout.slices[j]
+        flat = src.reshape(-1)
+        if flat.numel() != n:
+            flat = flat[po:po + n]
+        write_slots(b.engine, {j: [None] * slot + [_fp32_host(flat)]})
 
-    # ---- one parameter's state, by name (strata.utils.safe_*, optimizer.state[p]) ------
     def _slot_of(self, p, key):
-        """(engine index, slot) of state ``key`` ("fp32"/"master" for the master weights,
+        """(managed index, slot) of state ``key`` ("fp32"/"master" for the master weights,
         else a torch state name such as "exp_avg") of parameter ``p``."""
         self._require_open()
         self._refresh()
@@ -978,11 +990,11 @@ class _OffloadOptimizer(torch.optim.Optimizer):
 
     def read_state(self, p, key):
         """A new fp32 tensor shaped like ``p`` holding state ``key`` of ``p``, read from its
-        tier (one read of that slot: costly when the state lives on NVMe)."""
+        tier (one read of that slot: costly when the state lives on NVMe); whole on every
+        rank (with a shard, a collective: each piece is broadcast by its owner)."""
         i, slot = self._slot_of(p, key)
-        t = torch.empty(p.numel(), dtype=torch.float32)
-        self._b.engine.read_param_state(i, slot, t.data_ptr())
-        return t.view(p.shape)
+        whole = self._read_whole(self._b, {i: [s == slot for s in range(slot + 1)]})
+        return whole[i][slot].view(p.shape)
 
     def write_state(self, p, key, value):
         """Write state ``key`` of ``p`` (a tensor of p's numel) to its tier."""
@@ -991,20 +1003,46 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         if value.numel() != p.numel():
             raise ValueError(f"strata: state {key!r} needs {p.numel()} elements, got "
                              f"{value.numel()}")
-        self._write_slot(i, slot, value.reshape(-1))
+        self._write_whole(self._b, {i: [None] * slot + [value]})
 
     def read_local_state(self, p, key):
-        """This rank's part of state ``key`` of ``p``, flat (one rank: all of it)."""
-        return self.read_state(p, key).reshape(-1)
+        """This rank's piece of state ``key`` of ``p``, flat (one process: all of it; empty
+        where the rank owns none)."""
+        i, slot = self._slot_of(p, key)
+        b = self._b
+        _, n = b.layout.local_range(i)
+        t = torch.empty(n, dtype=torch.float32)
+        if n:
+            read_slots(b.engine, {b.layout.slice_of[i]: [None] * slot + [t]})
+        return t
 
     def write_local_state(self, p, key, value):
-        self.write_state(p, key, value)
+        """Write this rank's piece of state ``key`` of ``p`` (``value`` has its numel)."""
+        i, slot = self._slot_of(p, key)
+        b = self._b
+        _, n = b.layout.local_range(i)
+        value = torch.as_tensor(value).reshape(-1)
+        if value.numel() != n:
+            raise ValueError(f"strata: this rank's piece of {key!r} has {n} elements, got "
+                             f"{value.numel()}")
+        if n:
+            write_slots(b.engine, {b.layout.slice_of[i]: [None] * slot + [_fp32_host(value)]})
 
     # ---- strata extras --------------------------------------------------
     def stats(self):
-        """Engine counters: bytes moved, pool, swap file, backend."""
+        """Engine counters: bytes moved, pool, swap file, backend. Data parallel adds: stage,
+        world_size, rank, total_numel and shard_numel (elements of trainable parameters, all /
+        this rank's state), grad_arena_bytes (the engine's gradient buffers: the shard at
+        stage 1 and 2), grad_flat_bytes (stage 1's full gradient buffers),
+        grad_bucket_peak_bytes (bucket buffers held at once, in use or kept for reuse),
+        reduce_buckets, allgather_rounds, comm (this optimizer's collectives: calls, bytes,
+        async launches per operation), buckets_reduced and buckets_reduced_during_backward
+        (launched from a gradient hook while backward went on: overlap) and numa_node (bound,
+        or None)."""
         self._require_open()
-        return self._b.engine.stats()
+        s = self._b.engine.stats()
+        s.update(self._grads.stats(self._b))
+        return s
 
     def plan(self):
         self._require_open()
@@ -1029,27 +1067,23 @@ class _OffloadOptimizer(torch.optim.Optimizer):
     def _release(self, b, keep_grads=True):
         if b is None or b.engine is None or b.engine.closed:
             return
-        if keep_grads:
-            for i, (p, view) in enumerate(zip(b.managed, b.views)):
-                if b.fold[i]:
-                    if p.grad is None and bool(view.any()):
-                        # Only the arena held it: hand it back in the parameter's dtype.
-                        p.grad = view.to(p.dtype)
-                elif p.grad is not None and not p.grad.is_sparse \
-                        and p.grad.data_ptr() == view.data_ptr():
-                    # The arena is about to be freed: keep the values, drop the view.
-                    p.grad = p.grad.clone()
-        for h in b.hooks:
-            h.remove()
-        b.hooks, b.hook_refs = [], []
-        b.arenas = {}
-        b.views = []
+        b.grads.release(b, keep_grads)
+        b.shadows = [None] * len(b.shadows)  # views of the engine's pool, freed with it
         b.engine.close()
+
+    def _trace_path(self):
+        """strata.trace.path; with several ranks, rank r > 0 writes path.rank<r>.json."""
+        path = _config.get(self.config, "strata.trace.path")
+        dp = self._dp
+        if path and dp is not None and dp.world > 1 and dp.rank != 0:
+            root, ext = os.path.splitext(path)
+            path = f"{root}.rank{dp.rank}{ext}"
+        return path
 
     def _close_engine(self):
         b = self._b
         if b is not None and b.engine is not None and not b.engine.closed:
-            trace_path = _config.get(self.config, "strata.trace.path")
+            trace_path = self._trace_path()
             if trace_path:
                 os.makedirs(os.path.dirname(os.path.abspath(trace_path)), exist_ok=True)
                 b.engine.write_trace(trace_path)

@@ -79,6 +79,45 @@ def test_staged_parameters_follow_torch_adamw(staged, swap_dir):
         opt.close()
 
 
+def test_host_copies_come_from_the_engines_pool_and_the_plan_counts_them(staged, swap_dir):
+    """Regression (issue 19): the host copies came from torch's pinned allocator (a tensor
+    rounded up to a power of two, outside the pool and outside ``strata plan``). The engine
+    allocates them from its pool now, and the plan — of the engine and of the CLI — counts
+    them, each 4 KiB-aligned."""
+    import json
+    import subprocess
+    import sys
+
+    model = mlp()
+    opt = so.OffloadAdamW(model.parameters(), lr=1e-2, config=nvme_config(swap_dir))
+    try:
+        b = opt._b
+        want = sum((p.numel() * p.element_size() + 4095) // 4096 * 4096 for p in b.managed)
+        plan = json.loads(b.engine.plan_json())
+        assert plan["host_copy_bytes"] == want
+        st = opt.stats()
+        raw = sum(p.numel() * p.element_size() for p in b.managed)
+        arenas = sum(a.numel() * a.element_size() for a in b.arenas.values())
+        assert st["pool_requested"] >= raw + arenas
+        # the one slab sized by the plan (at least 1 MiB) holds them
+        assert st["pool_reserved"] <= max(plan["pool_bytes"], 1 << 20)
+        for i, h in enumerate(b.shadows):
+            assert h.data_ptr() == b.engine.host_copy(i).address
+    finally:
+        opt.close()
+    cfg = swap_dir / "plan.json"
+    cfg.write_text(json.dumps(nvme_config(swap_dir)))
+    out = {}
+    for flag in ([], ["--model-on-gpu"]):
+        r = subprocess.run([sys.executable, "-m", "strata", "plan", "--config", str(cfg),
+                            "--params", "1000000", "--dtype", "bfloat16", "--json"] + flag,
+                           capture_output=True, text=True, check=True)
+        out[bool(flag)] = json.loads(r.stdout)
+    assert out[False]["host_copy_bytes"] == 0
+    assert out[True]["host_copy_bytes"] == (2_000_000 + 4095) // 4096 * 4096
+    assert out[True]["pool_bytes"] - out[False]["pool_bytes"] == out[True]["host_copy_bytes"]
+
+
 def test_gradients_are_copied_once_and_replaced_gradients_are_seen(staged):
     """grad_stats then step copy each device gradient once; a .grad replaced between steps
     (torch's own zero_grad(set_to_none=True), an assignment) is copied again, even when the

@@ -473,6 +473,54 @@ def test_one_rank_is_bit_identical_to_the_plain_optimizer(stage, swap_dir):
                 assert torch.equal(v[name], sd["state"][k][name])
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_shard_turns_data_parallel_on_without_changing_the_class(stage, swap_dir):
+    """Regression (issue 19): ``shard(opt)`` swapped ``__class__`` in place and the two classes
+    kept copies of step/state_dict/rebuild (one keyword added to the base broke data-parallel
+    backward, 941f49d). Now data parallel is a setting of the one class: ``shard`` keeps the
+    class, the state is carried over to the shard's engine unchanged, and the next steps give
+    the bits of an optimizer that was data parallel from the start."""
+    import strata.checkpoint.format as ckpt
+
+    def model_and_batches():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 3))
+        return model, [worker.global_batch(step, 0) for step in range(4)]
+
+    def train(opt, model, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[:, :8]), y % 3).backward()
+            opt.step()
+
+    cfg = config(stage, swap_dir)
+    del cfg["gradient_clipping"]
+    ref_model, batches = model_and_batches()
+    with sharded.ShardedOffloadAdamW(ref_model.parameters(), lr=1e-2, config=cfg) as ref:
+        assert ref.data_parallel and ref.zero_stage == stage
+        assert ckpt._class_name(ref) == "OffloadAdamW", "checkpoints name the optimizer"
+        train(ref, ref_model, batches)
+        ref_sd = ref.state_dict()
+    model, batches = model_and_batches()
+    with strata.optim.OffloadAdamW(model.parameters(), lr=1e-2, config=cfg) as opt:
+        assert not opt.data_parallel and not opt.layout.sharded
+        train(opt, model, batches[:2])
+        before = opt.state_dict()
+        assert sharded.shard(opt) is opt and type(opt) is strata.optim.OffloadAdamW
+        assert opt.data_parallel and opt.layout.sharded == (stage >= 1)
+        assert ckpt._is_sharded(opt) == (stage >= 1)
+        after = opt.state_dict()
+        for k, v in before["state"].items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(v[name], after["state"][k][name])
+        train(opt, model, batches[2:])
+        for a, b in zip(ref_model.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+        for k, v in ref_sd["state"].items():
+            assert torch.equal(v["exp_avg_sq"], opt.state_dict()["state"][k]["exp_avg_sq"])
+
+
 def test_comm_counts_collectives_and_says_what_the_backend_lacks():
     assert comm.backend() is None and not comm.has_reduce_scatter()
     comm.reset_stats()

@@ -46,6 +46,10 @@ struct ParamInfo {
   // here instead of into data. nullptr: CPU updates only.
   void* device_data = nullptr;
   int device = 0;  // the CUDA device of device_data
+  // The engine allocates `data` itself, from its pool (counted by the plan:
+  // Plan::host_copy_bytes): the host copy of a device parameter. `data` must
+  // then be null; EngineOptions::fill_host_copy gives it its first values.
+  bool host_copy = false;
 };
 
 struct EngineOptions {
@@ -62,6 +66,10 @@ struct EngineOptions {
   // the pool, writing the initial state to the tiers. Called on the creating
   // thread; may be empty.
   std::function<void(const char* phase, uint64_t done, uint64_t total)> progress;
+  // Parameters with host_copy: called on the creating thread once each, when
+  // its buffer (numel elements of its dtype, 4 KiB-aligned) is allocated and
+  // before the initial state is read from it. Empty: the copy starts zeroed.
+  std::function<Status(size_t param, void* data)> fill_host_copy;
   // Tests: wraps the I/O engine the NVMe tier uses (e.g. in a
   // FaultInjectionEngine) — the engine's own seam, no syscall patching.
   std::function<std::unique_ptr<io::IoEngine>(std::unique_ptr<io::IoEngine>)> wrap_io;
@@ -120,6 +128,10 @@ class Engine {
   size_t grad_offset(size_t param) const;
   kernels::DType grad_dtype(size_t param) const;
   Status zero_grads();
+
+  // The host copy the engine allocated for a parameter with host_copy
+  // (numel elements of its dtype; valid until close), else nullptr.
+  void* host_copy(size_t param) const;
 
   // Hyper-parameters may change between steps (LR schedulers).
   Status set_hyper(int group, const kernels::OptimizerHyper& hyper);

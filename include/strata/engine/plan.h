@@ -49,6 +49,7 @@ struct PlanParam {
   int64_t numel = 0;
   kernels::DType dtype = kernels::DType::kF32;
   int group = 0;
+  bool host_copy = false;  // a device parameter the engine keeps a host copy of, in its pool
 };
 
 struct PlanInputs {
@@ -71,9 +72,11 @@ struct Plan {
   size_t buffer_count = 0;
   size_t working_buffer_bytes = 0;  // each
   uint64_t dram_budget = 0;
-  uint64_t grad_bytes = 0;  // flat gradient arenas
+  uint64_t grad_bytes = 0;       // flat gradient arenas
+  uint64_t host_copy_bytes = 0;  // host copies of device parameters (each rounded to 4 KiB)
   uint64_t model_param_bytes = 0;
-  uint64_t pool_bytes = 0;  // predicted pinned pool (host records + working buffers + grads)
+  // predicted pinned pool: host records + working buffers + grads + host copies
+  uint64_t pool_bytes = 0;
   uint64_t nvme_bytes = 0;
   std::vector<std::string> notes;  // spills, caps, warnings (shown once)
 

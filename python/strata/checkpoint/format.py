@@ -419,18 +419,14 @@ def _write_optimizer_state(opt, path, names):
 
 def _is_sharded(opt):
     """A data-parallel optimizer whose engine holds only this rank's slices."""
-    b = getattr(opt, "_b", None)
-    return b is not None and getattr(b, "full", True) is False
+    from ..optim import _OffloadOptimizer
+
+    return isinstance(opt, _OffloadOptimizer) and opt.layout is not None and opt.layout.sharded
 
 
 
 def _class_name(opt):
-    from ..sharded import ShardedMixin
-
-    klass = type(opt)
-    if isinstance(opt, ShardedMixin):  # the checkpoint names the optimizer, not its sharding
-        klass = next(k for k in klass.__mro__[1:] if not issubclass(k, ShardedMixin))
-    return klass.__name__
+    return opt.class_name  # the optimizer, not its sharding
 
 
 

@@ -244,6 +244,53 @@ TEST(Engine, CloseMidLifeLeavesNothingBehind) {
   EXPECT_FALSE(r.value()->step().ok());
 }
 
+// Host copies of device parameters come from the engine's pool (counted by the
+// plan), not from a power-of-two allocator beside it: the same bits as when the
+// caller owns the memory, the pool's slab holding them.
+TEST(Engine, HostCopiesComeFromThePoolAndMatchCallerMemory) {
+  const auto want = run("cpu", "", 4096, 3);
+  Model m(42);
+  const Model initial(42);
+  EngineOptions o;
+  o.config = make_config("cpu", "", 4096);
+  o.params = m.infos();
+  for (auto& p : o.params) {
+    p.data = nullptr;
+    p.host_copy = true;
+  }
+  o.groups = hypers();
+  std::vector<size_t> filled;
+  o.fill_host_copy = [&](size_t i, void* data) {
+    filled.push_back(i);
+    std::memcpy(data, initial.params[i].data(), initial.params[i].size() * sizeof(float));
+    return Status::Ok();
+  };
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  auto& e = *r.value();
+  EXPECT_EQ(filled, (std::vector<size_t>{0, 1, 2, 3}));
+  uint64_t copies = 0;
+  for (const auto& p : initial.params) {
+    copies += (p.size() * sizeof(float) + 4095) / 4096 * 4096;
+  }
+  EXPECT_EQ(e.plan().host_copy_bytes, copies);
+  const auto st = e.stats();
+  EXPECT_GE(st.pool_requested, copies);
+  EXPECT_LE(st.pool_reserved, std::max<uint64_t>(e.plan().pool_bytes, 1 << 20))
+      << "the one slab sized by the plan (at least 1 MiB) holds them";
+  for (int s = 0; s < 3; ++s) {
+    fill_grads(e, m, s);
+    ASSERT_TRUE(e.step().ok());
+  }
+  for (size_t i = 0; i < want.size(); ++i) {
+    const auto* h = static_cast<const float*>(e.host_copy(i));
+    ASSERT_NE(h, nullptr);
+    EXPECT_EQ(std::memcmp(h, want[i].data(), want[i].size() * sizeof(float)), 0) << "param " << i;
+  }
+  EXPECT_EQ(e.host_copy(99), nullptr);
+  EXPECT_TRUE(e.close().ok());
+}
+
 TEST(Plan, RespectsBudgetsAndSplits) {
   nlohmann::json j = {
       {"zero_optimization", {{"sub_group_size", 1000}, {"offload_optimizer", {{"device", "cpu"}}}}},
