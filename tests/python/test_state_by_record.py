@@ -175,3 +175,44 @@ def test_xxh3_matches_its_reference_vectors():
     for k in range(0, 100000, 7777):
         h2.update(b"a" * min(7777, 100000 - k))
     assert h2.hexdigest() == whole
+
+
+def test_state_dict_fetches_the_state_once(trained):
+    sd, fetched, stored = moved(trained, lambda: trained.optimizer.state_dict())
+    assert state_bytes(trained) <= fetched <= bound(trained)
+    assert stored == 0
+    assert len(sd["state"]) == 51
+
+
+def test_load_state_dict_moves_the_state_once_each_way(trained, tmp_path):
+    sd = trained.optimizer.state_dict()
+    (tmp_path / "swap_b").mkdir()
+    other = make(tmp_path / "swap_b", seed=3)
+    try:
+        _, fetched, stored = moved(other, lambda: other.optimizer.load_state_dict(sd))
+        # The torch layout has no master for fp32 parameters (the parameter is its master):
+        # the records are fetched once for it and stored once with the loaded moments.
+        assert fetched <= bound(other)
+        assert state_bytes(other) <= stored <= bound(other)
+        back = other.optimizer.state_dict()
+        for k, entry in sd["state"].items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(entry[name], back["state"][k][name])
+    finally:
+        other.close()
+
+
+def test_a_rebuild_carries_the_state_by_record(trained):
+    """Freezing a parameter rebuilds the engine; the others keep their state bit for bit."""
+    before = trained.optimizer.state_dict()
+    names = [n for n, _ in trained.module.named_parameters()]
+    trained.module.layers[3].bias.requires_grad_(False)
+    train(trained, 0)
+    trained.optimizer._refresh()
+    after = trained.optimizer.state_dict()
+    frozen = names.index("layers.3.bias")
+    kept = [k for k in before["state"] if k != frozen]
+    assert kept and frozen not in after["state"]
+    for k in kept:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(before["state"][k][name], after["state"][k][name])
