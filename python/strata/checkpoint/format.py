@@ -16,7 +16,7 @@ import torch
 from .. import _C
 from .. import config as _config
 from . import state as _ckpt_state
-from .._torch_compat import torch_load_trusted
+from .._torch_compat import tensor_from_buffer, torch_load_trusted
 from ..testing.kill_points import kill_point
 from .fsutil import _CHUNK, _OLD_MARK, LATEST, MANIFEST, _file_digest, _fsync_dir, \
     _HashingWriter, read_latest
@@ -172,7 +172,7 @@ def write_tensor_file(path, entries, metadata=None, wrap=None):
         zf = None
     except BaseException:
         zf = None  # its destructor still writes through w: close the file after it
-        w.f.close()
+        w.abort()
         raise
     return w.close()
 
@@ -250,14 +250,26 @@ class TensorFileReader:
     def meta(self, name):
         return self.entries[name]
 
-    def tensor(self, name):
+    def _view(self, name):
+        """A read-only view of the saved tensor over the record's bytes (valid while the
+        returned bytes object lives)."""
         lt = self.entries[name]
         if not isinstance(lt, _LazyTensor):
             raise CheckpointError(f"{self.path}: entry {name!r} is not a tensor")
         raw = self._zf.get_record(f"data/{lt.key}")
-        whole = torch.frombuffer(bytearray(raw), dtype=lt.dtype) if len(raw) else \
+        whole = tensor_from_buffer(raw, lt.dtype) if len(raw) else \
             torch.empty(0, dtype=lt.dtype)
-        return torch.as_strided(whole, lt.shape, lt.stride, lt.offset).clone()
+        return torch.as_strided(whole, lt.shape, lt.stride, lt.offset), raw
+
+    def tensor(self, name):
+        view, _ = self._view(name)
+        return view.clone()
+
+    def copy_to(self, name, dst):
+        """Copies the saved tensor into ``dst`` (one copy out of the record, no clone)."""
+        view, raw = self._view(name)
+        dst.copy_(view)
+        del view, raw
 
 
 
@@ -365,7 +377,7 @@ def _load_model(engine, reader):
     with torch.no_grad():
         for name in reader.names():
             if name in target:
-                target[name].copy_(reader.tensor(name))
+                reader.copy_to(name, target[name])
 
 
 

@@ -77,23 +77,44 @@ def _chunks(mv, offset):
     return [(mv[a:a + _IO_CHUNK], offset + a) for a in range(0, len(mv), _IO_CHUNK)]
 
 
-def _pwrite_all(fd, mv, offset, path):
-    if len(mv) <= _IO_CHUNK:
-        return _pwrite_one(fd, mv, offset, path)
-    for f in [_io_pool().submit(_pwrite_one, fd, m, o, path) for m, o in _chunks(mv, offset)]:
-        f.result()
+def submit_pwrite(fd, mv, offset, path):
+    """Start writing ``mv`` at ``offset`` in _IO_CHUNK pieces on the I/O threads; returns
+    the futures (``mv`` must stay valid until they are done)."""
+    return [_io_pool().submit(_pwrite_one, fd, m, o, path) for m, o in _chunks(mv, offset)]
+
+
+def submit_pread(fd, mv, offset):
+    """Start reading into ``mv`` from ``offset``; returns [(piece, future)] (each future's
+    result: bytes read into that piece)."""
+    return [(m, _io_pool().submit(_pread_one, fd, m, o)) for m, o in _chunks(mv, offset)]
+
+
+def wait_all(futures):
+    """Waits for every future (also when one failed), then raises the first error."""
+    first = None
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as e:  # noqa: B902 - re-raised below, after the others finished
+            if first is None:
+                first = e
+    if first is not None:
+        raise first
 
 
 def _pread_all(fd, mv, offset):
     """Bytes read into ``mv`` from ``offset`` (fewer only at the end of the file)."""
     if len(mv) <= _IO_CHUNK:
         return _pread_one(fd, mv, offset)
-    parts = _chunks(mv, offset)
-    done = [f.result() for f in [_io_pool().submit(_pread_one, fd, m, o) for m, o in parts]]
+    return _count_read(submit_pread(fd, mv, offset))
+
+
+def _count_read(parts):
+    wait_all([f for _, f in parts])
     got = 0
-    for (m, _), k in zip(parts, done):
-        got += k
-        if k < len(m):
+    for m, f in parts:
+        got += f.result()
+        if f.result() < len(m):
             break
     return got
 
@@ -178,19 +199,27 @@ def save_state(engine, path, items, advance=None, kill_point=None):
             pass  # a file system without fallocate: the writes still work
 
         def visit(slices, mv):
+            # Every write of the record is queued first; the extents are hashed while the
+            # I/O threads write; the visit returns (and the record's buffer is reused) only
+            # when all of them are done.
             record = _floats(mv)
-            moved = 0
+            moved, pending, hash_now = 0, [], []
             for j, po, roff, n, stride in slices:
                 slots, hashers, done = layout[j]
                 for k, slot in enumerate(slots):
                     b = _bytes_of(record[k * stride + roff:k * stride + roff + n])
-                    _pwrite_all(fd, b, slot["offset"] + 4 * po, path)
+                    pending += submit_pwrite(fd, b, slot["offset"] + 4 * po, path)
                     if done[k] == 4 * po:
-                        hashers[k].update(b)
+                        hash_now.append((hashers[k], b))
                         done[k] += len(b)
                     else:
                         late.add((j, k))
                     moved += len(b)
+            try:
+                for h, b in hash_now:
+                    h.update(b)
+            finally:
+                wait_all(pending)
             if advance:
                 advance(moved)
             if kill_point:
@@ -231,8 +260,10 @@ def load_state(engine, items, advance=None):
 
     try:
         def visit(slices, mv):
+            # Every read of the record is queued first, then checked (lengths, checksums
+            # in each extent's order) as the pieces arrive.
             record = _floats(mv)
-            moved = 0
+            moved, reads = 0, []
             for j, po, roff, n, stride in slices:
                 name, lo, pieces = items[j]
                 a0, e0 = lo + po, lo + po + n
@@ -245,16 +276,22 @@ def load_state(engine, items, advance=None):
                         at = k * stride + roff + (a - a0)
                         b = _bytes_of(record[at:at + (e - a)])
                         pos = 4 * (a - start)
-                        if _pread_all(fd, b, slot["offset"] + pos) != len(b):
-                            raise StateFileError(
-                                f"{path}: short read of parameter {name!r} slot {slot['name']} "
-                                f"at offset {slot['offset'] + pos} (file truncated)")
-                        key = (path, slot["offset"])
-                        chk = checks.get(key)
-                        if chk is None:
-                            chk = checks[key] = _ExtentCheck(path, name, slot)
-                        chk.feed(fd, pos, b)
+                        reads.append((path, fd, name, slot, pos, b,
+                                      submit_pread(fd, b, slot["offset"] + pos)))
                         moved += len(b)
+            try:
+                for path, fd, name, slot, pos, b, parts in reads:
+                    if _count_read(parts) != len(b):
+                        raise StateFileError(
+                            f"{path}: short read of parameter {name!r} slot {slot['name']} "
+                            f"at offset {slot['offset'] + pos} (file truncated)")
+                    key = (path, slot["offset"])
+                    chk = checks.get(key)
+                    if chk is None:
+                        chk = checks[key] = _ExtentCheck(path, name, slot)
+                    chk.feed(fd, pos, b)
+            finally:
+                wait_all([f for *_, parts in reads for _, f in parts])
             if advance:
                 advance(moved)
 
