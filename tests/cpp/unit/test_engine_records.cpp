@@ -12,22 +12,16 @@
 #include <set>
 
 #include <strata/engine/engine.h>
-#include <nlohmann/json.hpp>
 
-namespace fs = std::filesystem;
+#include <nlohmann/json.hpp>
+#include "unit/test_io_common.h"
+
 using namespace strata;
 using namespace strata::engine;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    char tmpl[] = "/tmp/strata-records-test-XXXXXX";
-    path = mkdtemp(tmpl);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using io::test::TempDir;  // the I/O tests' temp folder (under /tmp: O_DIRECT works)
 
 Config nvme_config(const std::string& dir, int64_t sub_group_size, int buffer_count = 3) {
   nlohmann::json j = {
@@ -119,7 +113,7 @@ float pattern(size_t p, int k, size_t i) { return float(p) * 1000.f + float(k) *
 TEST(EngineRecords, ReadVisitsEachRecordOnceInTierOrder) {
   TempDir dir;
   Model m;
-  auto e = make(m, dir.path);
+  auto e = make(m, dir.path());
   ASSERT_TRUE(e);
   ASSERT_GE(e->subgroups().size(), 4u);
   size_t most = 0;
@@ -159,7 +153,7 @@ TEST(EngineRecords, ReadVisitsEachRecordOnceInTierOrder) {
 TEST(EngineRecords, ReadOfSomeParametersFetchesOnlyTheirRecords) {
   TempDir dir;
   Model m;
-  auto e = make(m, dir.path);
+  auto e = make(m, dir.path());
   ASSERT_TRUE(e);
   // Parameter 20 is split across sub-groups: exactly those records are read.
   std::set<uint32_t> expect;
@@ -195,7 +189,7 @@ TEST(EngineRecords, OverwriteStoresEachRecordOnceAndFetchesNone) {
   for (int buffers : {1, 2, 4}) {
     TempDir dir;
     Model m;
-    auto e = make(m, dir.path, buffers);
+    auto e = make(m, dir.path(), buffers);
     ASSERT_TRUE(e);
     auto before = e->stats();
     Status st = e->write_records({}, true, [&](const Engine::RecordView& v) {
@@ -226,7 +220,7 @@ TEST(EngineRecords, OverwriteStoresEachRecordOnceAndFetchesNone) {
 TEST(EngineRecords, PartialWriteKeepsTheRestOfTheRecord) {
   TempDir dir;
   Model m;
-  auto e = make(m, dir.path);
+  auto e = make(m, dir.path());
   ASSERT_TRUE(e);
   step_once(*e);
   auto want = dump(*e);
@@ -256,7 +250,7 @@ TEST(EngineRecords, PartialWriteKeepsTheRestOfTheRecord) {
 TEST(EngineRecords, VisitorErrorStopsTheWalkWithContext) {
   TempDir dir;
   Model m;
-  auto e = make(m, dir.path);
+  auto e = make(m, dir.path());
   ASSERT_TRUE(e);
   int calls = 0;
   Status st = e->read_records({}, [&](const Engine::RecordView&) {
@@ -275,8 +269,8 @@ TEST(EngineRecords, VisitorErrorStopsTheWalkWithContext) {
 TEST(EngineRecords, CopyStateReadsTheSourceOnceAndWritesEachRecordOnce) {
   TempDir a_dir, b_dir;
   Model ma, mb;
-  auto a = make(ma, a_dir.path);
-  auto b = make(mb, b_dir.path);
+  auto a = make(ma, a_dir.path());
+  auto b = make(mb, b_dir.path());
   ASSERT_TRUE(a && b);
   step_once(*a);
   step_once(*a);
