@@ -15,7 +15,7 @@ import torch
 
 from ._torch_compat import tensor_from_buffer
 
-__all__ = ["read_slots", "write_slots", "copy_slots", "visit_records"]
+__all__ = ["read_slots", "write_slots", "copy_slots"]
 
 
 def _floats(mv):
@@ -100,17 +100,3 @@ def copy_slots(src, dst, pairs):
         if first < nslots:
             copies.append((dj, sj, first))
     dst.copy_state_from(src, copies)
-
-
-def visit_records(engine, fn, params=None):
-    """Call ``fn(j, param_offset, numel, [slot views])`` for every piece of every engine
-    parameter (of ``params``, or all), record by record in swap-file order; the views are
-    valid only during the call (copy or write them out before returning)."""
-
-    def visit(slices, mv):
-        record = _floats(mv)
-        for j, po, off, n, stride in slices:
-            fn(j, po, n, [record[k * stride + off:k * stride + off + n]
-                          for k in range(engine.param_slots(j))])
-
-    engine.read_records(visit, params)

@@ -22,7 +22,7 @@ from .format import CLIENT_FILE, ENGINE_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE
     OPTIMIZER_FILE, RECOVERY_SCRIPT, RNG_FILE, TORCH_OPTIMIZER_FILE, CheckpointError, \
     _apply_optimizer, _check_model, _check_optimizer, _class_name, _is_sharded, _load_model, \
     _write_optimizer_shard, _write_optimizer_state, model_file, read_manifest, resolve_tag_dir, \
-    rng_file, shard_file, verify_file, write_tensor_file, zero_optim_file
+    param_entry, rng_file, shard_file, verify_file, write_tensor_file, zero_optim_file
 from .fsutil import _TMP_MARK, LATEST, _check_tag, _clean_stale, _finalize, _torch_save_file, \
     _write_latest, read_latest
 
@@ -328,18 +328,10 @@ def _write_shards(engine, tmp, files, manifest, shards):
                 {"rank": sh["rank"], "file": sh["file"], "start": sp["start"],
                  "numel": sp["numel"], "slots": sp["slots"]})
     params = []
-    for i, p in enumerate(b.managed):
+    for i in range(len(b.managed)):
         parts = sorted(by_name.get(names[i], []), key=lambda s: s["start"])
-        params.append({
-            "name": names[i],
-            "shape": list(p.shape),
-            "numel": p.numel(),
-            "dtype": str(p.dtype).replace("torch.", ""),
-            "group": b.cohort_group[b.cohort_of[i]],
-            "step": b.engine.step_count(b.cohort_of[i]),
-            "slot_names": opt._slot_names(i),
-            "shards": parts,
-        })
+        params.append(dict(param_entry(opt, names, i), slot_names=opt._slot_names(i),
+                           shards=parts))
     manifest["optimizer"] = {
         "class": _class_name(opt),
         "kind": opt._kind,

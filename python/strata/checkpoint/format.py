@@ -4,7 +4,6 @@ engine). Layout of a tag directory: see the package doc (``strata/checkpoint/__i
 """
 
 import collections
-import hashlib
 import io
 import json
 import os
@@ -415,18 +414,22 @@ def _write_optimizer_state(opt, path, names):
                                               lambda: kill_point("save_state"))
     finally:
         done()
-    params = []
-    for i, p in enumerate(b.managed):
-        params.append({
-            "name": names[i],
-            "shape": list(p.shape),
-            "numel": p.numel(),
-            "dtype": str(p.dtype).replace("torch.", ""),
-            "group": b.cohort_group[b.cohort_of[i]],
-            "step": b.engine.step_count(b.cohort_of[i]),
-            "slots": metas[i],
-        })
-    return entry, params
+    return entry, [dict(param_entry(opt, names, i), slots=metas[i]) for i in range(len(b.managed))]
+
+
+def param_entry(opt, names, i):
+    """The manifest's description of parameter ``i``: name, shape, numel, dtype, param group
+    and step count (each layout adds where its state is)."""
+    b = opt._b
+    p = b.managed[i]
+    return {
+        "name": names[i],
+        "shape": list(p.shape),
+        "numel": p.numel(),
+        "dtype": str(p.dtype).replace("torch.", ""),
+        "group": b.cohort_group[b.cohort_of[i]],
+        "step": b.engine.step_count(b.cohort_of[i]),
+    }
 
 
 def _is_sharded(opt):
