@@ -563,6 +563,11 @@ class ConfigParser {
         } else if (is_batch_key(path)) {
           unresolved_batch_.insert(path);
           continue;
+        } else if (is_stage3_key(path) && !key->default_value.is_null()) {
+          // Hugging Face writes "auto" for these and fills them from the
+          // model's hidden size; without that value the default stands.
+          erase.push_back(name);
+          continue;
         } else {
           return error(path, "\"auto\" has no value to resolve to; write " +
                                  describe_allowed(without_auto(*key)) +
@@ -753,24 +758,28 @@ class ConfigParser {
     return Status::Ok();
   }
 
-  Status check_offload() {
-    const std::string dev_path = "zero_optimization.offload_optimizer.device";
-    const std::string nvme_key = "zero_optimization.offload_optimizer.nvme_path";
+  // device / nvme_path of one offload section (offload_optimizer or
+  // offload_param): nvme needs the folder, which is made like mkdir -p.
+  Status check_nvme_section(const std::string& section, const std::string& holds) {
+    const std::string dev_path = section + ".device";
+    const std::string nvme_key = section + ".nvme_path";
     const json* dev = find_in(cfg_.json_, dev_path);
     const std::string device =
         (dev != nullptr && dev->is_string()) ? dev->get<std::string>() : "none";
     const json* nvme = find_in(cfg_.json_, nvme_key);
     if (device == "nvme" && nvme == nullptr) {
-      return error(nvme_key, "missing; " + shown(dev_path) +
-                                 " \"nvme\" needs a directory for the swap file: set nvme_path "
-                                 "to an existing, writable directory on a local NVMe drive");
+      return error(nvme_key, "missing; " + shown(dev_path) + " \"nvme\" needs a directory for " +
+                                 holds +
+                                 ": set nvme_path to an existing, writable directory on a local "
+                                 "NVMe drive");
     }
     if (nvme != nullptr && opt_.check_paths) {
       const std::string dir = nvme->get<std::string>();
-      const std::string use = device == "nvme"
-                                  ? "it holds the optimizer-state swap file"
-                                  : "with device \"" + device +
-                                        "\" it holds state that does not fit strata.dram_budget";
+      const std::string use =
+          device == "nvme" ? "it holds " + holds
+          : section.find("offload_optimizer") != std::string::npos
+              ? "with device \"" + device + "\" it holds state that does not fit strata.dram_budget"
+              : "used with device nvme";
       if (dir.empty()) {
         return error(nvme_key,
                      "\"\" is empty; set it to an existing, writable directory (" + use + ")");
@@ -817,6 +826,29 @@ class ConfigParser {
                                    use + ")");
       }
     }
+    return Status::Ok();
+  }
+
+  Status check_offload() {
+    STRATA_RETURN_IF_ERROR(
+        check_nvme_section("zero_optimization.offload_optimizer", "the optimizer-state swap file"));
+    STRATA_RETURN_IF_ERROR(
+        check_nvme_section("zero_optimization.offload_param", "the model weights' swap file"));
+    const json* pdev = find_in(cfg_.json_, "zero_optimization.offload_param.device");
+    const json* stage = number_at("zero_optimization.stage");
+    const int64_t stage_v = stage != nullptr ? stage->get<int64_t>() : 0;
+    if (pdev != nullptr && pdev->is_string() && pdev->get<std::string>() != "none" && stage_v < 3) {
+      // DeepSpeed documents offload_param as "valid only with stage 3" and
+      // ignores it below; a shared config keeps working, loudly.
+      warn("zero_optimization.offload_param.device: " + show(*pdev) +
+           " is not acted on at zero_optimization.stage " + std::to_string(stage_v) +
+           " (parameter offload needs stage 3, as in DeepSpeed); the weights stay in the model's "
+           "memory");
+    }
+    const std::string dev_path = "zero_optimization.offload_optimizer.device";
+    const json* dev = find_in(cfg_.json_, dev_path);
+    const std::string device =
+        (dev != nullptr && dev->is_string()) ? dev->get<std::string>() : "none";
     const json* cache = number_at("strata.dram_cache_bytes");
     if (cache != nullptr && cache->get<int64_t>() > 0 && device != "nvme") {
       warn("strata.dram_cache_bytes: " + show(*cache) + " has no effect with " + dev_path + " \"" +
@@ -910,7 +942,9 @@ class ConfigParser {
   // Face ZeRO-2 config sets five communication knobs that share one reason.
   void emit_ignored_warnings() {
     const json* stage = number_at("zero_optimization.stage");
-    const bool stage3 = stage != nullptr && stage->get<int64_t>() == 3;
+    // One process honours stage 3 (the param tier); several ranks run it as
+    // stage 2 for now, which one warning says with the keys it leaves alone.
+    const bool stage3 = stage != nullptr && stage->get<int64_t>() == 3 && opt_.world_size > 1;
     std::vector<std::string> stage3_keys;
     std::vector<std::pair<std::string, std::vector<std::string>>> by_note;
     for (const auto& entry : ignored_) {
@@ -938,9 +972,10 @@ class ConfigParser {
     }
     if (stage3) {
       std::string msg =
-          "zero_optimization.stage: 3 is accepted, but ZeRO-3 parameter partitioning and "
-          "offload_param are not implemented: parameters stay whole on every rank and on the "
-          "compute device, and optimizer-state offload (offload_optimizer) runs as at stage 2";
+          "zero_optimization.stage: 3 is accepted, but with " + std::to_string(opt_.world_size) +
+          " ranks it runs as stage 2: parameter partitioning across ranks is not implemented "
+          "(one process honours stage 3 and offload_param); parameters stay whole on every rank "
+          "and optimizer-state offload (offload_optimizer) runs as at stage 2";
       if (!stage3_keys.empty()) {
         msg += "; not acted on: " + join(stage3_keys, ", ");
       }

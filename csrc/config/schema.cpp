@@ -259,7 +259,9 @@ const char* const kNoteComm =
     "overlap_comm, reduce_bucket_size, allgather_bucket_size, reduce_scatter and "
     "contiguous_gradients (docs/distributed.md), not on the others";
 const char* const kNoteStage3 =
-    "ZeRO-3 parameter partitioning is not implemented: parameters stay whole on every rank";
+    "a DeepSpeed stage-3 tuning knob with no counterpart in strata's parameter window "
+    "(stage3_prefetch_bucket_size, stage3_max_live_parameters and stage3_max_reuse_distance "
+    "are the ones it acts on)";
 const char* const kNoteMonitor =
     "strata reports progress and per-step timing itself (strata.progress, strata.trace, "
     "wall_clock_breakdown); this DeepSpeed feature is not available";
@@ -598,8 +600,10 @@ std::vector<ConfigKey> build_schema() {
       "ZeRO settings. The old form true/false means stage 1/0 (deprecated).");
   add("zero_optimization.stage", K::kInt, 0,
       "0: no sharding; 1 and 2: optimizer state (and gradients) sharded across data-parallel "
-      "ranks; 3: accepted, runs as stage 2 with one warning (parameter partitioning is not "
-      "implemented).")
+      "ranks; 3: in one process, the model's weights live on the param tier (offload_param) "
+      "and are fetched per module, and gradients stream to the optimizer as they are final; "
+      "with several ranks, stage 3 runs as stage 2 (parameters whole on every rank) with one "
+      "warning.")
       .range(0, 3)
       .field(STRATA_FIELD(zero.stage));
   add("zero_optimization.sub_group_size", K::kInt, 1000000000,
@@ -651,10 +655,43 @@ std::vector<ConfigKey> build_schema() {
   add("zero_optimization.offload_optimizer.cpuadam_cores_perc", K::kNumber, kNull,
       "DeepSpeed: share of cores for SuperOffload's CPU Adam.")
       .ignored("strata.threads sets the update threads", {0.8});
-  add("zero_optimization.offload_param", K::kObject, kNull,
-      "DeepSpeed: offload of model parameters (device, nvme_path, buffer_count, buffer_size, "
-      "max_in_cpu, pin_memory).")
-      .ignored("parameter offload is not implemented: parameters stay on the compute device");
+  add("zero_optimization.offload_param", K::kObject, json::object(),
+      "Where the model's own weights (their model dtype) live at ZeRO stage 3: the param tier. "
+      "Acted on at stage 3 only (DeepSpeed: \"valid only with stage 3\"); at stages 0-2 a "
+      "device other than none is warned about and not acted on.");
+  add("zero_optimization.offload_param.device", K::kString, "none",
+      "Tier of the model weights at stage 3: none (the model's own memory; at stage 3 "
+      "gradients still stream to the optimizer as they are final), cpu (pinned DRAM), cxl (the "
+      "strata.cxl_nodes NUMA nodes), nvme (a swap file of its own under nvme_path). Weights are "
+      "fetched before a module runs and released after.")
+      .allowed({"none", "cpu", "nvme", "cxl"})
+      .field(STRATA_FIELD(zero.offload_param.device));
+  add("zero_optimization.offload_param.nvme_path", K::kString, kNull,
+      "Directory for the weights' swap file, checked at parse time like "
+      "offload_optimizer.nvme_path. Required with device nvme.")
+      .field(STRATA_FIELD(zero.offload_param.nvme_path));
+  add("zero_optimization.offload_param.buffer_count", K::kInt, 5,
+      "Staging buffers for weights fetched from NVMe or CXL: the resident window is "
+      "buffer_count x buffer_size elements (with stage3_max_live_parameters, whichever is "
+      "smaller).")
+      .min(1)
+      .field(STRATA_FIELD(zero.offload_param.buffer_count));
+  add("zero_optimization.offload_param.buffer_size", K::kInt, 100000000,
+      "Elements per staging buffer; a parameter larger than this is refused (the error names it "
+      "and the size needed).")
+      .min(1)
+      .field(STRATA_FIELD(zero.offload_param.buffer_size));
+  add("zero_optimization.offload_param.max_in_cpu", K::kInt, kNull,
+      "DeepSpeed: parameter elements kept in CPU memory with device nvme.")
+      .min(0)
+      .ignored(
+          "with device nvme strata keeps no weights in CPU memory beyond the staging "
+          "buffers (buffer_count x buffer_size) and the persistent parameters",
+          {1000000000});
+  add("zero_optimization.offload_param.pin_memory", K::kBool, false,
+      "Page-lock the param tier (device cpu) and the staging buffers, for faster copies to a "
+      "GPU.")
+      .field(STRATA_FIELD(zero.offload_param.pin_memory));
   add("zero_optimization.cpu_offload", K::kBool, kNull,
       "Old form of offload_optimizer.device: true means cpu.")
       .alias("zero_optimization.offload_optimizer.device", {{"true", "cpu"}, {"false", nullptr}});
@@ -714,37 +751,45 @@ std::vector<ConfigKey> build_schema() {
       .ignored(kNoteFeature);
   add("zero_optimization.legacy_stage1", K::kBool, kNull, "DeepSpeed: old stage-1 code.")
       .ignored(kNoteNoEffect);
-  add("zero_optimization.stage3_max_live_parameters", K::kInt, kNull,
-      "DeepSpeed: parameters resident per GPU at stage 3.")
+  add("zero_optimization.stage3_max_live_parameters", K::kInt, 1000000000,
+      "Stage 3: weight elements resident at once (fetched, prefetched and persistent), on the "
+      "compute device (CPU memory on a CPU-only machine). A module whose own weights exceed it "
+      "is an error naming the module.")
       .min(0)
       .auto_ok()
-      .ignored(kNoteStage3);
-  add("zero_optimization.stage3_max_reuse_distance", K::kInt, kNull,
-      "DeepSpeed: parameter reuse distance at stage 3.")
+      .field(STRATA_FIELD(zero.stage3.max_live_parameters));
+  add("zero_optimization.stage3_max_reuse_distance", K::kInt, 1000000000,
+      "Stage 3: a weight used again within this many elements of fetches (in the order recorded "
+      "in the first step) is kept resident instead of released and fetched again.")
       .min(0)
       .auto_ok()
-      .ignored(kNoteStage3);
-  add("zero_optimization.stage3_prefetch_bucket_size", K::kInt, kNull,
-      "DeepSpeed: parameter elements prefetched at stage 3.")
+      .field(STRATA_FIELD(zero.stage3.max_reuse_distance));
+  add("zero_optimization.stage3_prefetch_bucket_size", K::kInt, 50000000,
+      "Stage 3: weight elements fetched ahead of the module that runs, following the module "
+      "order recorded in the first step (0: no prefetch).")
       .min(0)
       .auto_ok()
-      .ignored(kNoteStage3);
-  add("zero_optimization.stage3_param_persistence_threshold", K::kInt, kNull,
-      "DeepSpeed: parameters smaller than this are not partitioned.")
+      .field(STRATA_FIELD(zero.stage3.prefetch_bucket_size));
+  add("zero_optimization.stage3_param_persistence_threshold", K::kInt, 100000,
+      "Stage 3: parameters with fewer elements stay resident (never offloaded; biases, "
+      "LayerNorm weights).")
       .min(0)
       .auto_ok()
-      .ignored(kNoteStage3);
+      .field(STRATA_FIELD(zero.stage3.param_persistence_threshold));
   add("zero_optimization.stage3_model_persistence_threshold", K::kInt, kNull,
-      "DeepSpeed: bound on unpartitioned parameters.")
+      "Stage 3: at most this many elements in total stay resident by "
+      "stage3_param_persistence_threshold, the first ones built first (not given: no bound).")
       .min(0)
       .auto_ok()
-      .ignored(kNoteStage3);
-  add("zero_optimization.stage3_gather_16bit_weights_on_model_save", K::kBool, kNull,
-      "DeepSpeed: gather partitioned weights when saving a 16-bit model.")
-      .ignored("parameters are never partitioned in strata, so there is nothing to gather");
+      .field(STRATA_FIELD(zero.stage3.model_persistence_threshold));
+  add("zero_optimization.stage3_gather_16bit_weights_on_model_save", K::kBool, false,
+      "Stage 3: save_16bit_model writes the whole weights (fetched from the param tier one "
+      "parameter at a time). false: DeepSpeed writes no weights then; strata says so and "
+      "writes none.")
+      .field(STRATA_FIELD(zero.stage3.gather_16bit_weights_on_model_save));
   add("zero_optimization.stage3_gather_fp16_weights_on_model_save", K::kBool, kNull,
       "DeepSpeed: old name of stage3_gather_16bit_weights_on_model_save.")
-      .ignored("parameters are never partitioned in strata, so there is nothing to gather");
+      .alias("zero_optimization.stage3_gather_16bit_weights_on_model_save");
   add("zero_optimization.stage3_module_granularity_threshold", K::kInt, kNull,
       "DeepSpeed: stage-3 module fetch granularity.")
       .auto_ok()
@@ -761,32 +806,22 @@ std::vector<ConfigKey> build_schema() {
       .ignored(kNoteStage3);
   add("zero_optimization.prefetch_bucket_size", K::kInt, kNull,
       "DeepSpeed: field name of stage3_prefetch_bucket_size.")
-      .min(0)
-      .auto_ok()
-      .ignored(kNoteStage3);
+      .alias("zero_optimization.stage3_prefetch_bucket_size");
   add("zero_optimization.param_persistence_threshold", K::kInt, kNull,
       "DeepSpeed: field name of stage3_param_persistence_threshold.")
-      .min(0)
-      .auto_ok()
-      .ignored(kNoteStage3);
+      .alias("zero_optimization.stage3_param_persistence_threshold");
   add("zero_optimization.model_persistence_threshold", K::kInt, kNull,
       "DeepSpeed: field name of stage3_model_persistence_threshold.")
-      .min(0)
-      .auto_ok()
-      .ignored(kNoteStage3);
+      .alias("zero_optimization.stage3_model_persistence_threshold");
   add("zero_optimization.max_live_parameters", K::kInt, kNull,
       "DeepSpeed: field name of stage3_max_live_parameters.")
-      .min(0)
-      .auto_ok()
-      .ignored(kNoteStage3);
+      .alias("zero_optimization.stage3_max_live_parameters");
   add("zero_optimization.max_reuse_distance", K::kInt, kNull,
       "DeepSpeed: field name of stage3_max_reuse_distance.")
-      .min(0)
-      .auto_ok()
-      .ignored(kNoteStage3);
+      .alias("zero_optimization.stage3_max_reuse_distance");
   add("zero_optimization.gather_16bit_weights_on_model_save", K::kBool, kNull,
       "DeepSpeed: field name of stage3_gather_16bit_weights_on_model_save.")
-      .ignored("parameters are never partitioned in strata, so there is nothing to gather");
+      .alias("zero_optimization.stage3_gather_16bit_weights_on_model_save");
   add("zero_optimization.memory_efficient_linear", K::kBool, kNull,
       "DeepSpeed: memory-efficient linear layers at stage 3.")
       .ignored(kNoteStage3);

@@ -14,6 +14,8 @@
 #include <strata/kernels/cast.h>
 #include <strata/kernels/thread_pool.h>
 #include <strata/memory/pinned_pool.h>
+#include <strata/platform/vm.h>
+#include <strata/tiers/param_store.h>
 #include <strata/tiers/tiers.h>
 
 #include "engine/kill_point.h"
@@ -42,6 +44,22 @@ struct Engine::Impl {
   std::vector<memory::PinnedBuffer> host_copies;  // per parameter; empty unless host_copy
   std::vector<GradSpan> arenas;
   std::vector<int> arena_of_dtype = std::vector<int>(3, -1);
+  // release_grads: the arenas are plain mappings (address, bytes), unmapped at close.
+  std::vector<std::pair<void*, size_t>> arena_maps;
+  // Parameters on a non-resident param tier (store_id >= 0, no data): the
+  // new weights of a step gather in wb[param] (from the store's staging
+  // pool) until every piece is updated (wb_pieces counts them), then go to
+  // the store. Pipeline thread only (reset before each step starts).
+  std::vector<uint8_t> in_store;
+  std::vector<uint8_t> sg_has_store;  // per sub-group: a segment of such a parameter
+  std::vector<memory::PinnedBuffer> wb;
+  std::vector<uint32_t> wb_pieces;
+  // The last parameter fetched from the store to read its weights (creation,
+  // sync_master_from_params), so its pieces in several sub-groups fetch once.
+  memory::PinnedBuffer scratch;
+  int64_t scratch_of = -1;
+  Result<const char*> param_source(size_t param);
+  Status release_grad_range(void* data, size_t bytes);
   std::vector<memory::PinnedBuffer> work;
   // Working buffers the I/O engine registered for fixed-buffer I/O, and those
   // it refused (they are used unregistered): registered + unregistered ==
@@ -189,11 +207,11 @@ Status Engine::Impl::init_record(const SubGroup& sg, float* record) {
   std::memset(record, 0, sg.record_bytes);
   for (const auto& seg : sg.segments) {
     const ParamInfo& p = opts.params[seg.param];
-    if (p.data == nullptr) {
+    STRATA_ASSIGN_OR_RETURN(const char* base, param_source(seg.param));
+    if (base == nullptr) {
       continue;  // bench mode: masters start at zero
     }
-    const char* src =
-        static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
+    const char* src = base + seg.param_offset * kernels::dtype_size(p.dtype);
     STRATA_RETURN_IF_ERROR(
         kernels::cast_to_f32(src, p.dtype, record + seg.offset, seg.numel, threads.get()));
   }
@@ -202,6 +220,47 @@ Status Engine::Impl::init_record(const SubGroup& sg, float* record) {
     if (init != 0.0f) {
       std::fill_n(record + size_t(k) * sg.slot_stride, sg.numel, init);
     }
+  }
+  return Status::Ok();
+}
+
+Result<const char*> Engine::Impl::param_source(size_t param) {
+  const ParamInfo& p = opts.params[param];
+  if (p.data != nullptr || p.store_id < 0) {
+    return static_cast<const char*>(p.data);
+  }
+  if (scratch_of != int64_t(param)) {
+    const size_t rb = opts.param_store->record_bytes(uint32_t(p.store_id));
+    if (!scratch || scratch.size() < rb) {
+      scratch.reset();
+      STRATA_ASSIGN_OR_RETURN(scratch, opts.param_store->staging(rb));
+    }
+    scratch_of = -1;
+    STRATA_RETURN_IF_ERROR(opts.param_store->fetch(uint32_t(p.store_id), scratch.data())
+                               .with_context("weights of parameter " + p.name));
+    scratch_of = int64_t(param);
+  }
+  return static_cast<const char*>(scratch.data());
+}
+
+// Zeroes a sub-group's gradients and gives their whole pages back (the
+// pages at either end may hold a neighbour's gradients: only this range's
+// bytes of them are zeroed).
+Status Engine::Impl::release_grad_range(void* data, size_t bytes) {
+  char* a = static_cast<char*>(data);
+  char* start = reinterpret_cast<char*>(
+      platform::round_up(reinterpret_cast<uintptr_t>(a), platform::kPageSize));
+  char* end = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(a + bytes) / platform::kPageSize *
+                                      platform::kPageSize);
+  if (end <= start) {
+    std::memset(a, 0, bytes);
+    return Status::Ok();
+  }
+  std::memset(a, 0, size_t(start - a));
+  std::memset(end, 0, size_t(a + bytes - end));
+  int rc = platform::release_pages(start, size_t(end - start));
+  if (rc != 0) {
+    return Status::from_errno(-rc, "madvise(MADV_DONTNEED) of gradient pages");
   }
   return Status::Ok();
 }
@@ -420,10 +479,50 @@ Status Engine::Impl::update(const SubGroup& sg, float* record, float grad_mul,
   args.step = step_counts[size_t(sg.group)];
   args.grad_mul = grad_mul;
   int64_t t0 = now_ns();
+  std::span<const kernels::CopyOut> outs = copy_out[sg.id];
+  std::vector<kernels::CopyOut> with_store;
+  if (sg_has_store[sg.id]) {
+    // Weights on a non-resident param tier: copied out into write-back buffers.
+    with_store = copy_out[sg.id];
+    for (const auto& seg : sg.segments) {
+      if (!in_store[seg.param]) {
+        continue;
+      }
+      const ParamInfo& p = opts.params[seg.param];
+      if (!wb[seg.param]) {
+        auto b = opts.param_store->staging(opts.param_store->record_bytes(uint32_t(p.store_id)));
+        if (!b.ok()) {
+          return b.status().with_context("write-back buffer of parameter " + p.name);
+        }
+        wb[seg.param] = std::move(b).value();
+      }
+      with_store.push_back(kernels::CopyOut{
+          seg.offset, seg.numel,
+          wb[seg.param].as<char>() + seg.param_offset * kernels::dtype_size(p.dtype)});
+    }
+    outs = with_store;
+  }
   Status st = kernels::optimizer_step(opts.groups[size_t(sg.group)], args, view(sg, record),
-                                      grad_ptr(sg), sg.grad_dtype, copy_out[sg.id], sg.dtype, pool);
+                                      grad_ptr(sg), sg.grad_dtype, outs, sg.dtype, pool);
   trace.record(
       {EventKind::kUpdate, step_id, int32_t(sg.id), "cpu", uint64_t(sg.numel), t0, now_ns()});
+  if (st.ok() && sg_has_store[sg.id]) {
+    for (const auto& seg : sg.segments) {
+      if (in_store[seg.param] && ++wb_pieces[seg.param] == subgroups_of_param[seg.param].size()) {
+        wb_pieces[seg.param] = 0;
+        const ParamInfo& p = opts.params[seg.param];
+        st = opts.param_store->store_owned(uint32_t(p.store_id), std::move(wb[seg.param]))
+                 .with_context("new weights of parameter " + p.name);
+        if (!st.ok()) {
+          break;
+        }
+      }
+    }
+  }
+  if (st.ok() && opts.release_grads && !arenas.empty()) {
+    st = release_grad_range(const_cast<void*>(grad_ptr(sg)),
+                            sg.numel * kernels::dtype_size(sg.grad_dtype));
+  }
   return st.with_context("update of sub-group " + std::to_string(sg.id));
 }
 
@@ -693,6 +792,12 @@ Status Engine::Impl::close() {
   work.clear();
   arenas.clear();
   arenas_mem.clear();
+  for (auto& [addr, bytes] : arena_maps) {
+    (void)platform::unmap(addr, bytes);  // nothing to do about a failure at close
+  }
+  arena_maps.clear();
+  wb.clear();
+  scratch.reset();
   host_copies.clear();
   io.reset();
   threads.reset();
@@ -727,7 +832,23 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
       return invalid_argument("parameter " + p.name +
                               " asks for a host copy and gives host memory too");
     }
-    if (p.data == nullptr && !p.host_copy && !e.opts.grad_source) {
+    if (p.store_id >= 0) {
+      if (e.opts.param_store == nullptr) {
+        return invalid_argument("parameter " + p.name + " names param-store record " +
+                                std::to_string(p.store_id) + " but the engine has no param store");
+      }
+      if (p.data != nullptr || p.host_copy) {
+        return invalid_argument("parameter " + p.name +
+                                " lives in the param store and gives host memory too");
+      }
+      const size_t want = size_t(p.numel) * kernels::dtype_size(p.dtype);
+      if (size_t(p.store_id) >= e.opts.param_store->count() ||
+          e.opts.param_store->bytes(uint32_t(p.store_id)) != want) {
+        return invalid_argument("parameter " + p.name + ": param-store record " +
+                                std::to_string(p.store_id) + " does not hold its " +
+                                std::to_string(want) + " bytes");
+      }
+    } else if (p.data == nullptr && !p.host_copy && !e.opts.grad_source) {
       return invalid_argument("parameter " + p.name + " has no data pointer");
     }
     pin.params.push_back(PlanParam{p.numel, p.dtype, p.group, p.host_copy});
@@ -747,7 +868,8 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   po.pin = cfg.typed().zero.offload.pin_memory || gpu_copies;
   po.allow_unpinned = true;
   // One slab sized from the plan, so reserved tracks requested.
-  uint64_t pool_bytes = e.plan.pool_bytes - (e.opts.grad_source ? e.plan.grad_bytes : 0);
+  uint64_t pool_bytes =
+      e.plan.pool_bytes - ((e.opts.grad_source || e.opts.release_grads) ? e.plan.grad_bytes : 0);
   po.slab_bytes = std::max<uint64_t>(pool_bytes, 1 << 20);
   auto report = [&](const char* phase, uint64_t done, uint64_t total) {
     if (e.opts.progress) {
@@ -776,7 +898,31 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
     }
   }
 
-  // Gradient arenas, one per gradient dtype, zeroed.
+  // Parameters in the param store: a resident store's record is their memory;
+  // the others are read from and written back to the store.
+  e.in_store.assign(e.opts.params.size(), 0);
+  for (size_t i = 0; i < e.opts.params.size(); ++i) {
+    ParamInfo& p = e.opts.params[i];
+    if (p.store_id < 0) {
+      continue;
+    }
+    if (e.opts.param_store->resident()) {
+      p.data = e.opts.param_store->data(uint32_t(p.store_id));
+    } else {
+      e.in_store[i] = 1;
+    }
+  }
+  e.wb.resize(e.opts.params.size());
+  e.wb_pieces.assign(e.opts.params.size(), 0);
+  e.sg_has_store.assign(e.plan.subgroups.size(), 0);
+  for (const auto& sg : e.plan.subgroups) {
+    for (const auto& seg : sg.segments) {
+      e.sg_has_store[sg.id] |= e.in_store[seg.param];
+    }
+  }
+
+  // Gradient arenas, one per gradient dtype, zeroed (release_grads: mapped
+  // untouched, so they read as zero and take memory only where written).
   std::vector<size_t> arena_numel(3, 0);
   for (const auto& sg : e.plan.subgroups) {
     arena_numel[size_t(sg.grad_dtype)] =
@@ -787,9 +933,20 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
       continue;
     }
     size_t bytes = arena_numel[d] * kernels::dtype_size(DType(d));
+    e.arena_of_dtype[d] = int(e.arenas.size());
+    if (e.opts.release_grads) {
+      void* addr = nullptr;
+      int rc = platform::map_anonymous(bytes, platform::kPageSize, &addr);
+      if (rc != 0) {
+        return Status::from_errno(-rc,
+                                  "mmap of a " + std::to_string(bytes) + "-byte gradient arena");
+      }
+      e.arena_maps.emplace_back(addr, bytes);
+      e.arenas.push_back(GradSpan{DType(d), addr, arena_numel[d]});
+      continue;
+    }
     STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf, e.pool->allocate(bytes));
     std::memset(buf.data(), 0, bytes);
-    e.arena_of_dtype[d] = int(e.arenas.size());
     e.arenas.push_back(GradSpan{DType(d), buf.data(), arena_numel[d]});
     e.arenas_mem.push_back(std::move(buf));
   }
@@ -940,6 +1097,8 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
       }
     }
   }
+  e.scratch.reset();
+  e.scratch_of = -1;
   STRATA_RETURN_IF_ERROR(init_status.with_context("writing the initial optimizer state"));
   report("writing the initial optimizer state", state_total, state_total);
   STRATA_RETURN_IF_ERROR(e.choose_gpu_subgroups());
@@ -969,7 +1128,12 @@ kernels::DType Engine::grad_dtype(size_t param) const {
 Status Engine::zero_grads() {
   STRATA_RETURN_IF_ERROR(impl_->wait_updates());
   for (auto& a : impl_->arenas) {
-    std::memset(a.data, 0, a.numel * kernels::dtype_size(a.dtype));
+    const size_t bytes = a.numel * kernels::dtype_size(a.dtype);
+    if (impl_->opts.release_grads) {
+      STRATA_RETURN_IF_ERROR(impl_->release_grad_range(a.data, bytes));
+    } else {
+      std::memset(a.data, 0, bytes);
+    }
   }
   return Status::Ok();
 }
@@ -1012,6 +1176,10 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
     }
   }
   r.start_ns = now_ns();
+  for (auto& b : wb) {
+    b.reset();  // pieces of a step that did not finish
+  }
+  std::fill(wb_pieces.begin(), wb_pieces.end(), 0u);
   for (auto& c : step_counts) {
     ++c;
   }
@@ -1317,6 +1485,8 @@ Status Engine::write_param_states(size_t param, const std::vector<const float*>&
     STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
     e.note_record_stored(sg);
   }
+  e.scratch.reset();
+  e.scratch_of = -1;
   return Status::Ok();
 }
 
@@ -1676,11 +1846,11 @@ Status Engine::sync_master_from_params() {
     for (size_t si = 0; si < sg.segments.size(); ++si) {
       const auto& seg = sg.segments[si];
       const ParamInfo& p = e.opts.params[seg.param];
-      if (p.data == nullptr) {
+      STRATA_ASSIGN_OR_RETURN(const char* base, e.param_source(seg.param));
+      if (base == nullptr) {
         continue;
       }
-      const char* src =
-          static_cast<const char*>(p.data) + seg.param_offset * kernels::dtype_size(p.dtype);
+      const char* src = base + seg.param_offset * kernels::dtype_size(p.dtype);
       STRATA_RETURN_IF_ERROR(
           kernels::cast_to_f32(src, p.dtype, rec + seg.offset, seg.numel, e.threads.get()));
       e.note_written(sg, si, 0);
@@ -1688,6 +1858,8 @@ Status Engine::sync_master_from_params() {
     STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
     e.note_record_stored(sg);
   }
+  e.scratch.reset();
+  e.scratch_of = -1;
   return Status::Ok();
 }
 

@@ -157,6 +157,16 @@ int advise_dontfork(void* addr, size_t bytes) {
   return madvise(addr, round_up(bytes, kPageSize), MADV_DONTFORK) == 0 ? 0 : neg_errno();
 }
 
+int release_pages(void* addr, size_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
+  const uintptr_t start = round_up(a, kPageSize);
+  const uintptr_t end = (a + bytes) / kPageSize * kPageSize;
+  if (end <= start) {
+    return 0;
+  }
+  return madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED) == 0 ? 0 : neg_errno();
+}
+
 namespace {
 
 int prefault_chunk(char* p, size_t bytes) {

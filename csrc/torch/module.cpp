@@ -20,6 +20,7 @@
 #include <strata/kernels/thread_pool.h>
 
 #include "torch/convert.h"
+#include "torch/param_store_py.h"
 
 namespace py = pybind11;
 using namespace strata;
@@ -32,10 +33,12 @@ void bind_cuda(py::module_& m);
 void bind_log(py::module_& m);
 void bind_shard(py::module_& m);
 void bind_checksum(py::module_& m);
+void bind_param_store(py::module_& m);
 
 namespace {
 
 struct EngineHolder {
+  std::shared_ptr<tiers::ParamStore> param_store;  // declared first: outlives the engine
   std::unique_ptr<engine::Engine> engine;
 };
 
@@ -57,9 +60,21 @@ class PyEngine {
   // A parameter whose address (params[i][4]) is None gets a host copy from the
   // engine's pool; `fill_host_copy(i, buffer)` gives it its first values (the
   // buffer is valid during the call only; host_copy(i) returns it for good).
+  // params[i][7], when given and not None: the parameter's record in
+  // `param_store` (ZeRO stage 3); its address (params[i][4]) is then ignored.
   PyEngine(const Config& config, const py::list& params, const py::list& groups, int rank,
-           const std::string& tag, const py::object& progress, const py::object& fill_host_copy) {
+           const std::string& tag, const py::object& progress, const py::object& fill_host_copy,
+           const py::object& param_store, bool release_grads) {
     engine::EngineOptions o;
+    std::shared_ptr<tiers::ParamStore> store;
+    if (!param_store.is_none()) {
+      store = param_store.cast<PyParamStore&>().store;
+      if (!store) {
+        throw StrataError("the param store is closed");
+      }
+      o.param_store = store.get();
+    }
+    o.release_grads = release_grads;
     if (!progress.is_none()) {
       // The callable is released with the GIL held, wherever the options die.
       std::shared_ptr<py::object> cb(new py::object(progress), [](py::object* p) {
@@ -83,7 +98,9 @@ class PyEngine {
       p.numel = t[1].cast<int64_t>();
       p.dtype = dtype_from_name(t[2].cast<std::string>());
       p.group = t[3].cast<int>();
-      if (t[4].is_none()) {
+      if (t.size() > 7 && !t[7].is_none()) {
+        p.store_id = t[7].cast<int64_t>();
+      } else if (t[4].is_none()) {
         p.host_copy = true;
       } else {
         p.data = reinterpret_cast<void*>(t[4].cast<uintptr_t>());
@@ -122,6 +139,7 @@ class PyEngine {
       return engine::Engine::create(std::move(o));
     }();
     holder_ = std::make_shared<EngineHolder>();
+    holder_->param_store = std::move(store);
     holder_->engine = unwrap(std::move(result));
   }
 
@@ -167,6 +185,7 @@ class PyEngine {
         st = holder_->engine->close();
       }
       holder_->engine.reset();
+      holder_->param_store.reset();
       check(st);
     }
   }
@@ -227,6 +246,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "strata core binding (torch-free)";
   register_exceptions(m);
   bind_checksum(m);
+  bind_param_store(m);
   bind_log(m);  // the core's messages go to logging.getLogger("strata") from here on
   m.attr("__version__") = STRATA_VERSION;
 
@@ -294,10 +314,11 @@ PYBIND11_MODULE(_C, m) {
   // ---- engine ----
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<const Config&, const py::list&, const py::list&, int, const std::string&,
-                    const py::object&, const py::object&>(),
+                    const py::object&, const py::object&, const py::object&, bool>(),
            py::arg("config"), py::arg("params"), py::arg("groups"), py::arg("rank") = 0,
            py::arg("tag") = "", py::arg("progress") = py::none(),
-           py::arg("fill_host_copy") = py::none())
+           py::arg("fill_host_copy") = py::none(), py::arg("param_store") = py::none(),
+           py::arg("release_grads") = false)
       .def("grad_arena", &PyEngine::grad_arena, py::arg("dtype"))
       .def("host_copy", &PyEngine::host_copy, py::arg("param"),
            "The host copy (a writable buffer) the engine keeps for a parameter given without "

@@ -122,11 +122,35 @@ struct OffloadConfig {
   double ratio;  // fraction of GPU-eligible sub-groups the CPU updates
 };
 
+// zero_optimization.offload_param.*: where the model's own (model-dtype)
+// weights live at ZeRO stage 3 (the param tier, tiers/param_store.h). Acted
+// on only at stage 3.
+struct OffloadParamConfig {
+  OffloadDevice device;  // none: the weights stay in the model's memory
+  std::optional<std::string> nvme_path;
+  int64_t buffer_count;  // staging buffers of buffer_size elements (NVMe fetches)
+  int64_t buffer_size;   // elements
+  bool pin_memory;
+};
+
+// zero_optimization.stage3_*: the parameter window at stage 3. Elements.
+struct Stage3Config {
+  int64_t prefetch_bucket_size;         // elements fetched ahead of the module that runs
+  int64_t max_live_parameters;          // elements resident at once (prefetched ones included)
+  int64_t max_reuse_distance;           // elements: a parameter used again within this stays
+  int64_t param_persistence_threshold;  // elements: smaller parameters stay resident
+  std::optional<int64_t>
+      model_persistence_threshold;  // elements persistent in total; none: no bound
+  bool gather_16bit_weights_on_model_save;
+};
+
 // zero_optimization.*.
 struct ZeroConfig {
   int64_t stage;
   int64_t sub_group_size;  // elements
   OffloadConfig offload;
+  OffloadParamConfig offload_param;
+  Stage3Config stage3;
 };
 
 // aio.*: the I/O engine's settings (io::io_options_from() makes IoOptions).

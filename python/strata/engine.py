@@ -36,6 +36,7 @@ from . import comm
 from . import config as _config
 from . import loss_scaler as _loss_scaler
 from . import lr_schedules
+from . import param_tier as _pt
 from . import sharded as _sharded
 from ._torch_compat import note_optimizer_step
 from .optim import (OffloadAdagrad, OffloadAdam, OffloadAdamW, OffloadSGD, _OffloadOptimizer)
@@ -193,6 +194,7 @@ class Engine(torch.nn.Module):
             comm.quiet_other_ranks()  # rank-0-only warnings, unless STRATA_LOG_ALL_RANKS=1
             self._broadcast_module()
         fp32_sources = self._cast_module()
+        self.param_tier = self._configure_param_tier()
         self._load_hook = None
         self.optimizer = self._configure_optimizer(optimizer, model_parameters, fp32_sources)
         del fp32_sources
@@ -294,10 +296,64 @@ class Engine(torch.nn.Module):
             target = torch.bfloat16
         if target is None:
             return {}
-        sources = {id(p): p.data for p in self.module.parameters()
-                   if p.dtype == torch.float32 and p.requires_grad}
-        self.module.to(target)
+        params = list(self.module.parameters())
+        tiered = [p for p in params if _pt.on_tier(p)]
+        if tiered:
+            # Built under strata.zero.Init: the weights on the param tier are the model's;
+            # they must already be in the training dtype (zero.Init(dtype=...)).
+            wrong = sorted({str(p.dtype) for p in tiered if p.dtype != target})
+            if wrong:
+                raise ValueError(
+                    f"strata: the model was built under strata.zero.Init with {', '.join(wrong)} "
+                    f"weights, but the config trains in {target} ({'fp16' if self.fp16_enabled() else 'bf16'}"
+                    f".enabled); build it with strata.zero.Init(dtype={target}, ...)")
+        sources = {id(p): p.data for p in params
+                   if p.dtype == torch.float32 and p.requires_grad and not _pt.on_tier(p)}
+        with torch.no_grad():
+            for p in params:
+                if not _pt.on_tier(p) and p.is_floating_point():
+                    p.data = p.data.to(target)
+            for m in self.module.modules():
+                for k, b in m._buffers.items():
+                    if b is not None and b.is_floating_point():
+                        m._buffers[k] = b.to(target)
         return sources
+
+    def _configure_param_tier(self):
+        """ZeRO stage 3 in one process: the param tier the model's weights live on
+        (``strata.param_tier``). A model built under ``strata.zero.Init`` is already on it; one
+        built outside is moved now (its whole weights were in memory until then: said once),
+        and so are parameters added after its construction. With weights fetched on demand
+        (cxl, nvme) a ``ParamWindow`` fetches each module's weights around its forward and
+        backward."""
+        if self.zero_optimization_stage() != 3 or self.world_size > 1:
+            return None
+        params = list(self.module.parameters())
+        tiers = {id(t): t for p in params for t in [_pt.tier_of(p)] if t is not None}
+        if len(tiers) > 1:
+            raise ValueError("strata: the model's parameters were built under several "
+                             "strata.zero.Init blocks with different configs; use one")
+        tier = next(iter(tiers.values()), None)
+        names = self._names_by_id()
+        built_outside = tier is None
+        if tier is None:
+            tier = _pt.ParamTier(self._config, tag=f"{self._tag}-param")
+        moved = 0
+        for p in params:
+            nbytes = p.numel() * p.element_size()
+            if tier.offload(p, names.get(id(p))):
+                moved += nbytes
+        if built_outside and moved:
+            _config.warn_once(
+                f"zero_optimization.stage 3: the model was built outside strata.zero.Init, so "
+                f"its {moved / 2**20:.1f} MiB of weights were all in memory before moving to "
+                f"the param tier ({tier.describe()}); build it under "
+                "strata.zero.Init(config_dict_or_path=...) to avoid that peak")
+        if tier.store is not None:
+            tier.store.trim_staging()
+            if not tier.resident and tier.window is None:
+                _pt.ParamWindow(tier, self.module)
+        return tier
 
     # DeepSpeed's ZERO_SUPPORTED_OPTIMIZERS (deepspeed/runtime/zero/utils.py), by name so that
     # no import is needed; strata's own classes (and DeepSpeed's names for them) are tested.
@@ -821,6 +877,15 @@ class Engine(torch.nn.Module):
     def module_state_dict(self, destination=None, prefix="", keep_vars=False,
                           exclude_frozen_parameters=False):
         sd = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        tier = self.__dict__.get("param_tier")
+        live = self.module.state_dict(prefix=prefix, keep_vars=True) \
+            if tier is not None and not tier.resident else {}
+        for name, t in live.items():
+            if _pt.fetched_on_demand(t):
+                # Stage 3, weights on the cxl/nvme tier: each one read from it (the whole
+                # dict is then in memory: the checkpoint's model file streams instead).
+                w = _pt.read_weights(t).detach()
+                sd[name] = w if keep_vars else w.clone()
         if exclude_frozen_parameters:
             for name, p in self.module.named_parameters():
                 if not p.requires_grad:
@@ -830,6 +895,16 @@ class Engine(torch.nn.Module):
     def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin",
                          exclude_frozen_parameters=False):
         """The module's weights as a plain torch state_dict file (DeepSpeed's name)."""
+        tier = self.__dict__.get("param_tier")
+        if tier is not None and not tier.resident and not _config.get(
+                self._config, "zero_optimization.stage3_gather_16bit_weights_on_model_save"):
+            # DeepSpeed's rule: without the gather switch a stage-3 model's weights are not
+            # assembled for a 16-bit file.
+            _config.warn_once(
+                "save_16bit_model: the weights are on the param tier and "
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save is false, so no "
+                "file is written (as in DeepSpeed); set it to true, or use save_checkpoint")
+            return False
         os.makedirs(save_dir, exist_ok=True)
         path = os.path.join(save_dir, save_filename)
         if self.global_rank == 0:
@@ -921,6 +996,9 @@ class Engine(torch.nn.Module):
         opt = self.__dict__.get("optimizer")
         if opt is not None:
             opt.close()
+        tier = self.__dict__.get("param_tier")
+        if tier is not None and tier.window is not None:
+            tier.window.close()  # the hooks go; the weights stay on the tier with the model
 
     destroy = close
 

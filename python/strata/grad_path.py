@@ -30,6 +30,7 @@ from . import config as _config
 from ._torch_compat import dtype_from_name, dtype_name, has_post_accumulate_grad_hook, \
     tensor_from_buffer
 from .layout import Space
+from .param_tier import fetched_on_demand, full_shape, numel as _numel, shape as _shape
 from .numa import bind_numa_node, numa_node_for
 
 DEFAULT_BUCKET = 500_000_000  # elements: DeepSpeed's default for both bucket sizes
@@ -46,7 +47,8 @@ def _add_grad_hooks(params, make_hook, hooks, refs):
         else:
             # torch < 2.1: the parameter's AccumulateGrad node runs once per backward, after
             # every gradient contribution to it was summed (as DDP uses it).
-            acc = p.expand_as(p).grad_fn.next_functions[0][0]
+            with full_shape(p):
+                acc = p.expand_as(p).grad_fn.next_functions[0][0]
             refs.append(acc)
             hooks.append(acc.register_hook(h))
 
@@ -74,8 +76,11 @@ class ArenaGrads:
             b.arenas[dt] = tensor_from_buffer(engine.grad_arena(dtype_name(dt)), dt)
         for i, p in enumerate(b.managed):
             off = engine.grad_offset(i)
-            b.views.append(b.arenas[gdt[i]][off: off + p.numel()].view_as(p))
-            b.fold.append(gdt[i] != p.dtype)
+            b.views.append(b.arenas[gdt[i]][off: off + _numel(p)].view(_shape(p)))
+            # Folded: backward's .grad is added into the arena by a hook and dropped (another
+            # gradient dtype, or weights fetched on demand at stage 3, whose .data is empty
+            # between uses so .grad cannot stay a view of the arena).
+            b.fold.append(gdt[i] != p.dtype or fetched_on_demand(p))
 
     def carry(self, prev, b):
         """Gradients accumulated in ``prev``'s arena for folded parameters (not reachable
@@ -84,7 +89,7 @@ class ArenaGrads:
             return
         for i, p in enumerate(b.managed):
             j = prev.index.get(id(p))
-            if j is None or not prev.fold[j] or prev.managed[j].numel() != p.numel():
+            if j is None or not prev.fold[j] or _numel(prev.managed[j]) != _numel(p):
                 continue
             b.views[i].copy_(prev.views[j])
             if not b.fold[i]:

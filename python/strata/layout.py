@@ -23,6 +23,7 @@ import torch
 
 from . import _C, comm
 from ._torch_compat import dtype_from_name, dtype_name
+from .param_tier import numel as _numel
 
 
 def shard_bounds(total, world):
@@ -46,7 +47,7 @@ class Space:
     @classmethod
     def flat(cls, params):
         space = cls.__new__(cls)
-        space._init(_C.FlatSpace.packed([p.numel() for p in params],
+        space._init(_C.FlatSpace.packed([_numel(p) for p in params],
                                         [dtype_name(p.dtype) for p in params]))
         return space
 
@@ -75,7 +76,7 @@ class WholeLayout:
     sharded = False
 
     def __init__(self, managed):
-        self.slices = [(i, 0, None, p.numel()) for i, p in enumerate(managed)]
+        self.slices = [(i, 0, None, _numel(p)) for i, p in enumerate(managed)]
         self.slice_of = {i: i for i in range(len(managed))}
 
     def local_range(self, i):
@@ -104,7 +105,7 @@ class ShardLayout:
         self.bounds = self.space.bounds(self.world)
         self.slices = self.space.shard_slices(self.world, self.rank)
         self.slice_of = {s[0]: j for j, s in enumerate(self.slices)}
-        self._signature = [(id(p), p.numel(), p.dtype) for p in managed]
+        self._signature = [(id(p), _numel(p), p.dtype) for p in managed]
 
     def local_range(self, i):
         j = self.slice_of.get(i)
@@ -144,7 +145,7 @@ def whole_tensors(layout, params, slots):
     views of this rank's pieces of them, {j: [view or None]}, for state_io."""
     whole, local = {}, {}
     for i, wanted in slots.items():
-        n_all = params[i].numel()
+        n_all = _numel(params[i])
         ts = [torch.empty(n_all, dtype=torch.float32) if w else None for w in wanted]
         whole[i] = ts
         j = layout.slice_of.get(i)

@@ -67,6 +67,8 @@ from . import _C, comm
 from . import config as _config
 from .grad_path import ArenaGrads, ReducerGrads, Settings
 from .layout import ShardLayout, WholeLayout, whole_tensors
+from .param_tier import fetched_on_demand, numel as _numel, read_weights, shape as _shape, \
+    storage_key as _storage_key, tier_of
 from .progress import EngineProgress
 from .state_io import copy_slots, read_slots, write_slots
 from ._torch_compat import dtype_from_name, dtype_name, tensor_from_buffer
@@ -118,10 +120,6 @@ def _world_size():
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
-
-
-def _storage_key(p):
-    return (p.data_ptr(), p.dtype, p.numel())
 
 
 class _Built:
@@ -424,8 +422,12 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         i, po, _, n = b.layout.slices[j]
         p = b.managed[i]
         name = self._name_of(p, i)
-        if n != p.numel():
+        if n != _numel(p):
             name = f"{name}[{po}:{po + n}]"
+        if fetched_on_demand(p):
+            # ZeRO stage 3, weights on the cxl/nvme param tier: the engine reads and writes
+            # them through the store (record p.ds_id).
+            return (name, n, dtype_name(p.dtype), b.cohort_of[i], None, None, 0, p.ds_id)
         return (name, n, dtype_name(p.dtype), b.cohort_of[i],
                 None if staged[i] else p.data_ptr() + po * p.element_size(),
                 p.data_ptr() if staged[i] and p.is_cuda else None,
@@ -470,8 +472,11 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         progress = EngineProgress(_config.get(self.config, "strata.progress"))
         try:
             # The engine gets the parsed handle: no JSON is serialised or parsed again.
+            tier = self._param_tier()
             engine = _C.Engine(self._engine_config(), specs, hypers, self._rank, self._tag,
-                               progress=progress, fill_host_copy=fill_host_copy)
+                               progress=progress, fill_host_copy=fill_host_copy,
+                               param_store=None if tier is None else tier.store,
+                               release_grads=self._stage3())
         finally:
             progress.close()
         try:
@@ -488,6 +493,20 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             engine.close()
             raise
         return engine
+
+    def _stage3(self):
+        """ZeRO stage 3 in one process: gradients live only until their update."""
+        return self._dp is None and \
+            int(_config.get(self.config, "zero_optimization.stage")) == 3
+
+    def _param_tier(self):
+        """The param tier the managed parameters' weights are on (one at most), or None."""
+        tiers = {id(t): t for group in self.param_groups for p in group["params"]
+                 if fetched_on_demand(p) for t in [tier_of(p)]}
+        if len(tiers) > 1:
+            raise ValueError("strata: the parameters are on several param tiers (built under "
+                             "different strata.zero.Init configs); one optimizer takes one")
+        return next(iter(tiers.values()), None)
 
     def _set_hypers(self, b):
         for c, gi in enumerate(b.cohort_group):
@@ -616,7 +635,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
 
     def _sync_masters_of(self, b, indices):
         """The masters of managed parameters ``indices`` := the model's weights."""
-        self._write_whole(b, {i: [b.managed[i]] for i in indices})
+        self._write_whole(b, {i: [read_weights(b.managed[i])] for i in indices})
         for i in indices:
             b.versions[i] = b.managed[i]._version
 
@@ -662,7 +681,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         kept = []
         for i, p in enumerate(b.managed):
             k = prev.index.get(id(p))
-            if k is None or prev.managed[k].numel() != p.numel():
+            if k is None or _numel(prev.managed[k]) != _numel(p):
                 continue  # new parameter: fresh state, master from the model
             kept.append((i, k, 1 if id(p) in resync else 0, len(self._slot_names(i, b))))
         if b.layout.keeps_pieces_of(prev.layout):
@@ -674,7 +693,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                                   nslots))
             copy_slots(prev.engine, b.engine, pairs)
             return
-        for batch in _batches(kept, lambda t: 4 * b.managed[t[0]].numel() * t[3],
+        for batch in _batches(kept, lambda t: 4 * _numel(b.managed[t[0]]) * t[3],
                               _REBUILD_BATCH_BYTES):
             whole = self._read_whole(prev, {k: [s >= first for s in range(nslots)]
                                             for _, k, first, nslots in batch})
@@ -752,6 +771,12 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         grad_mul = self._pending_grad_mul
         self._pending_grad_mul = None
         self._require_open()
+        tier = self._param_tier()
+        if tier is not None and tier.window is not None:
+            # Fetched weights go before the update writes new ones to the tier; the module
+            # order of the first step is known from now on (prefetch).
+            tier.window.release_all()
+            tier.window.end_step()
         if self._overlap is not None:
             # Completes the step begun by backward(): hyper-parameters were set then.
             mode, self._overlap = self._overlap, None
@@ -860,13 +885,13 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             if self._has_step_in_state():
                 entry["step"] = torch.tensor(float(step))
             for slot, name in enumerate(names, start=1):
-                entry[name] = whole[i][slot].view(p.shape)
+                entry[name] = whole[i][slot].view(_shape(p))
             if not self._has_step_in_state():
                 entry["strata_step"] = step
                 if not names:
                     entry["momentum_buffer"] = None  # torch's SGD without momentum
             if p.dtype != torch.float32:
-                entry["master"] = whole[i][0].view(p.shape)
+                entry["master"] = whole[i][0].view(_shape(p))
             packed[index] = entry
         return {"state": packed, "param_groups": groups}
 
@@ -914,9 +939,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
                     if name not in entry or entry[name] is None:
                         continue
                     t = entry[name].detach().to(torch.float32).contiguous().view(-1)
-                    if t.numel() != p.numel():
+                    if t.numel() != _numel(p):
                         raise ValueError(f"state {name} of parameter {saved_idx} has "
-                                         f"{t.numel()} elements, expected {p.numel()}")
+                                         f"{t.numel()} elements, expected {_numel(p)}")
                     srcs[slot] = t
                 if "master" in entry:
                     srcs[0] = entry["master"].detach().to(torch.float32).contiguous().view(-1)
@@ -994,14 +1019,14 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         rank (with a shard, a collective: each piece is broadcast by its owner)."""
         i, slot = self._slot_of(p, key)
         whole = self._read_whole(self._b, {i: [s == slot for s in range(slot + 1)]})
-        return whole[i][slot].view(p.shape)
+        return whole[i][slot].view(_shape(p))
 
     def write_state(self, p, key, value):
         """Write state ``key`` of ``p`` (a tensor of p's numel) to its tier."""
         i, slot = self._slot_of(p, key)
         value = torch.as_tensor(value)
-        if value.numel() != p.numel():
-            raise ValueError(f"strata: state {key!r} needs {p.numel()} elements, got "
+        if value.numel() != _numel(p):
+            raise ValueError(f"strata: state {key!r} needs {_numel(p)} elements, got "
                              f"{value.numel()}")
         self._write_whole(self._b, {i: [None] * slot + [value]})
 

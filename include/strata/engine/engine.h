@@ -32,6 +32,7 @@
 #include <strata/io/io_engine.h>
 #include <strata/kernels/optimizer.h>
 #include <strata/status.h>
+#include <strata/tiers/param_store.h>
 
 namespace strata::engine {
 
@@ -50,6 +51,13 @@ struct ParamInfo {
   // Plan::host_copy_bytes): the host copy of a device parameter. `data` must
   // then be null; EngineOptions::fill_host_copy gives it its first values.
   bool host_copy = false;
+  // ZeRO stage 3: the parameter's weights live in EngineOptions::param_store,
+  // record store_id (numel elements of dtype). `data` must then be null. A
+  // resident store (host) gives the record as `data`; otherwise the initial
+  // masters are fetched from the store and each step's new weights are
+  // written back to it (store_owned) once every piece of the parameter is
+  // updated — never into a whole-model copy.
+  int64_t store_id = -1;
 };
 
 struct EngineOptions {
@@ -79,6 +87,16 @@ struct EngineOptions {
   // host emulation of the device.
   std::function<Result<std::unique_ptr<cuda::GpuUpdater>>(const cuda::GpuUpdaterOptions&)>
       make_gpu_updater;
+  // The param tier of parameters with store_id >= 0 (borrowed; it must
+  // outlive the engine).
+  tiers::ParamStore* param_store = nullptr;
+  // ZeRO stage 3: gradients live only while they are needed. The arenas are
+  // mapped without being touched (pages appear as gradients arrive), and a
+  // sub-group's range is zeroed and its pages returned to the system right
+  // after its update, so an overlapped backward never holds every gradient
+  // at once. zero_grads() returns the pages instead of writing zeros. After
+  // a step the gradients read as zero.
+  bool release_grads = false;
 };
 
 struct GradSpan {

@@ -71,6 +71,11 @@ const char* mem_policy_name(MemPolicy policy);
 // of the range; since Linux 5.9 pinned pages would be copied eagerly at fork.
 [[nodiscard]] int advise_dontfork(void* addr, size_t bytes);
 
+// madvise(MADV_DONTNEED) of the whole pages inside [addr, addr+bytes): they
+// go back to the system and read as zero at the next touch (private
+// anonymous memory). Partial pages at either end are left alone.
+[[nodiscard]] int release_pages(void* addr, size_t bytes);
+
 // Writes every page of [addr, addr+bytes) once so the kernel allocates it now
 // (on the node the range's policy names), in `threads` parallel chunks
 // (0: one thread per 64 MiB, at most usable_cpus() and 16). Uses

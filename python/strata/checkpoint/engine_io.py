@@ -16,6 +16,7 @@ import torch
 
 from .. import _C
 from .. import config as _config
+from .. import param_tier as _pt
 from .._torch_compat import torch_load_trusted
 from ..testing.kill_points import kill_point
 from .format import CLIENT_FILE, ENGINE_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE, \
@@ -94,6 +95,13 @@ def _model_entries(module, exclude_frozen):
     for name, t in sd.items():
         if name in frozen:
             continue
+        if _pt.fetched_on_demand(t):
+            # Weights on the cxl/nvme param tier: read one parameter at a time as written.
+            def produce(p=t):
+                return _pt.read_weights(p).detach()
+            entries.append((name, tuple(t.ds_shape), t.dtype, ("tier", id(_pt.tier_of(t)), t.ds_id),
+                            produce))
+            continue
         t = t.detach()
         if t.device.type != "cpu":
             def produce(t=t):
@@ -146,9 +154,9 @@ def _write_rest(engine, tmp, files, manifest, client_state, exclude_frozen_param
         "buffer_names": [n for n, _ in engine.module.named_buffers()],
         # Plain values only (lists for shapes, JSON for the rest): the file is read back by
         # strata's restricted unpickler.
-        "param_shapes": [{n: list(p.shape) for n, p in engine.module.named_parameters()
+        "param_shapes": [{n: list(_pt.shape(p)) for n, p in engine.module.named_parameters()
                           if p.requires_grad}],
-        "frozen_param_shapes": {n: list(p.shape) for n, p in engine.module.named_parameters()
+        "frozen_param_shapes": {n: list(_pt.shape(p)) for n, p in engine.module.named_parameters()
                                 if n in frozen} or None,
         "optimizer": None,
         "lr_scheduler": _jsonable(sched_state),

@@ -14,6 +14,7 @@ import torch
 
 from .. import _C
 from .. import config as _config
+from .. import param_tier as _pt
 from . import state as _ckpt_state
 from .._torch_compat import tensor_from_buffer, torch_load_trusted
 from ..testing.kill_points import kill_point
@@ -347,7 +348,7 @@ def resolve_tag_dir(path, tag=None):
 def _check_model(engine, path, manifest, strict):
     """Validate the saved module against the engine's module; returns the reader."""
     reader = TensorFileReader(path)
-    target = engine.module.state_dict()
+    target = engine.module.state_dict(keep_vars=True)
     saved = set(reader.names())
     expected = set(target)
     excluded = set(manifest.get("model", {}).get("excluded_frozen", []))
@@ -364,19 +365,27 @@ def _check_model(engine, path, manifest, strict):
             continue
         lt = reader.meta(name)
         dst = target[name]
-        if tuple(lt.shape) != tuple(dst.shape):
+        if tuple(lt.shape) != _pt.shape(dst):
             raise CheckpointError(f"{path}: {name} has shape {list(lt.shape)} in the checkpoint, "
-                                  f"{list(dst.shape)} in the module")
+                                  f"{list(_pt.shape(dst))} in the module")
     return reader
 
 
 
 def _load_model(engine, reader):
-    target = engine.module.state_dict()
+    target = engine.module.state_dict(keep_vars=True)
     with torch.no_grad():
         for name in reader.names():
-            if name in target:
-                reader.copy_to(name, target[name])
+            if name not in target:
+                continue
+            dst = target[name]
+            if _pt.on_tier(dst) and not _pt.tier_of(dst).resident:
+                # Weights on the cxl/nvme param tier: one parameter at a time onto it.
+                tmp = torch.empty(_pt.shape(dst), dtype=dst.dtype)
+                reader.copy_to(name, tmp)
+                _pt.write_weights(dst, tmp)
+            else:
+                reader.copy_to(name, dst.detach())
 
 
 
@@ -407,7 +416,7 @@ def _write_optimizer_state(opt, path, names):
     (file entry, params list)."""
     b = opt._b
     items = [(i, opt._slot_names(i)) for i in range(len(b.managed))]
-    total = sum(p.numel() * 4 * len(opt._slot_names(i)) for i, p in enumerate(b.managed))
+    total = sum(_pt.numel(p) * 4 * len(opt._slot_names(i)) for i, p in enumerate(b.managed))
     advance, done = _state_progress(opt, "saving optimizer state", total)
     try:
         entry, metas = _ckpt_state.save_state(b.engine, path, items, advance,
@@ -424,8 +433,8 @@ def param_entry(opt, names, i):
     p = b.managed[i]
     return {
         "name": names[i],
-        "shape": list(p.shape),
-        "numel": p.numel(),
+        "shape": list(_pt.shape(p)),
+        "numel": _pt.numel(p),
         "dtype": str(p.dtype).replace("torch.", ""),
         "group": b.cohort_group[b.cohort_of[i]],
         "step": b.engine.step_count(b.cohort_of[i]),
@@ -522,9 +531,9 @@ def _check_optimizer(engine, tag_dir, manifest):
     for i, n in enumerate(names):
         p = b.managed[i]
         sp = saved[n]
-        if list(sp["shape"]) != list(p.shape):
+        if list(sp["shape"]) != list(_pt.shape(p)):
             raise CheckpointError(f"{path}: parameter {n!r} has shape {sp['shape']} in the "
-                                  f"checkpoint, {list(p.shape)} here")
+                                  f"checkpoint, {list(_pt.shape(p))} here")
         want = opt._slot_names(i)
         have = [s["name"] for s in sp["slots"]]
         if want != have:
@@ -533,7 +542,7 @@ def _check_optimizer(engine, tag_dir, manifest):
                 f"({info.get('class')}), this optimizer ({type(opt).__name__}) keeps {want}; "
                 "load_optimizer_states=False loads the weights only")
         for slot in sp["slots"]:
-            if slot["bytes"] != 4 * p.numel() or slot["offset"] + slot["bytes"] > size:
+            if slot["bytes"] != 4 * _pt.numel(p) or slot["offset"] + slot["bytes"] > size:
                 raise CheckpointError(f"{path}: parameter {n!r} slot {slot['name']} has an "
                                       "extent outside the file or of the wrong size")
     return ("strata", path, [saved[n] for n in names], [b.managed[i] for i in range(len(names))])
@@ -593,9 +602,9 @@ def _check_optimizer_pieces(engine, tag_dir, manifest, info):
     for i, n in enumerate(names):
         p = b.managed[i]
         sp, pieces = saved[n]
-        if list(sp["shape"]) != list(p.shape):
+        if list(sp["shape"]) != list(_pt.shape(p)):
             raise CheckpointError(f"{where}: parameter {n!r} has shape {sp['shape']} in the "
-                                  f"checkpoint, {list(p.shape)} here")
+                                  f"checkpoint, {list(_pt.shape(p))} here")
         want = opt._slot_names(i)
         have = sp.get("slot_names") or [s["name"] for s in sp["slots"]]
         if want != have:
@@ -616,9 +625,9 @@ def _check_optimizer_pieces(engine, tag_dir, manifest, info):
                     raise CheckpointError(f"{path}: parameter {n!r} slot {slot['name']} has an "
                                           "extent outside the file or of the wrong size")
             at = start + numel
-        if at != p.numel():
+        if at != _pt.numel(p):
             raise CheckpointError(f"{where}: the shards of parameter {n!r} cover {at} of its "
-                                  f"{p.numel()} elements")
+                                  f"{_pt.numel(p)} elements")
     return ("pieces", [saved[n] for n in names], [b.managed[i] for i in range(len(names))])
 
 

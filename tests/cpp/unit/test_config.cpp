@@ -185,7 +185,7 @@ TEST(Config, EmptyConfigGetsEveryDefault) {
   // Optional sections are not invented.
   EXPECT_FALSE(j.contains("optimizer"));
   EXPECT_FALSE(j.contains("scheduler"));
-  EXPECT_FALSE(j["zero_optimization"].contains("offload_param"));
+  EXPECT_EQ(j["zero_optimization"]["offload_param"]["device"], "none");
   EXPECT_TRUE(c.warnings().empty()) << all_warnings(c);
 }
 
@@ -420,8 +420,13 @@ TEST(Config, AutoWithoutValueNamesTheKey) {
   EXPECT_NE(msg.find("gradient_clipping: \"high\" has type string"), std::string::npos) << msg;
   EXPECT_NE(msg.find("came from auto_values"), std::string::npos) << msg;
   // Keys accepted but not acted on may stay "auto".
-  Config c = must_parse({{"zero_optimization", {{"stage3_prefetch_bucket_size", "auto"}}}});
-  EXPECT_EQ(jv(c)["zero_optimization"]["stage3_prefetch_bucket_size"], "auto");
+  Config c = must_parse({{"zero_optimization", {{"stage3_module_granularity_threshold", "auto"}}}});
+  EXPECT_EQ(jv(c)["zero_optimization"]["stage3_module_granularity_threshold"], "auto");
+  // The stage-3 window's knobs Hugging Face writes as "auto": the schema's default when
+  // nothing resolves them.
+  Config d = must_parse({{"zero_optimization", {{"stage3_prefetch_bucket_size", "auto"}}}});
+  EXPECT_EQ(jv(d)["zero_optimization"]["stage3_prefetch_bucket_size"], 50000000);
+  EXPECT_EQ(d.typed().zero.stage3.prefetch_bucket_size, 50000000);
 }
 
 TEST(Config, DeprecatedAliasesAreRewrittenWithAWarning) {
@@ -472,26 +477,47 @@ TEST(Config, AliasEdgeCases) {
       << msg;
 }
 
-TEST(Config, Stage3GivesOneWarningNamingWhatIsNotDone) {
-  Config c = must_parse({{"zero_optimization",
-                          {{"stage", 3},
-                           {"offload_param", {{"device", "cpu"}}},
-                           {"stage3_max_live_parameters", 1e9},
-                           {"stage3_prefetch_bucket_size", "auto"},
-                           {"overlap_comm", true}}}});
-  EXPECT_EQ(count_warnings_containing(c, "parameter partitioning"), 1) << all_warnings(c);
-  EXPECT_EQ(count_warnings_containing(c, "runs as at stage 2"), 1);
-  // The stage-3-only keys are named in that one warning, not one each.
-  EXPECT_EQ(count_warnings_containing(c, "stage3_max_live_parameters"), 1) << all_warnings(c);
-  EXPECT_EQ(count_warnings_containing(c, "zero_optimization.offload_param"), 1);
-  // Other ignored keys still get their own warning.
+TEST(Config, Stage3IsHonouredInOneProcessAndWarnedAboutWithRanks) {
+  const json z = {{"zero_optimization",
+                   {{"stage", 3},
+                    {"offload_param", {{"device", "cpu"}}},
+                    {"stage3_max_live_parameters", 1e9},
+                    {"stage3_prefetch_bucket_size", "auto"},
+                    {"stage3_allgather_sequential", true},
+                    {"overlap_comm", true}}}};
+  // One process: the window's keys are acted on (no warning); keys with no counterpart
+  // and the communication knobs get their own.
+  Config c = must_parse(z);
+  EXPECT_EQ(count_warnings_containing(c, "parameter partitioning"), 0) << all_warnings(c);
+  EXPECT_EQ(count_warnings_containing(c, "stage3_max_live_parameters ="), 0) << all_warnings(c);
+  EXPECT_EQ(count_warnings_containing(c, "zero_optimization.stage3_allgather_sequential"), 1);
   EXPECT_EQ(count_warnings_containing(c, "zero_optimization.overlap_comm = true"), 1);
   EXPECT_EQ(c.warnings().size(), 2u) << all_warnings(c);
-  // Stage 2 with the same keys: one warning per key, and no stage-3 warning.
-  Config d =
-      must_parse({{"zero_optimization", {{"stage", 2}, {"stage3_max_live_parameters", 1e9}}}});
-  EXPECT_EQ(count_warnings_containing(d, "parameter partitioning is not implemented"), 1);
-  EXPECT_EQ(count_warnings_containing(d, "runs as at stage 2"), 0);
+  EXPECT_EQ(c.typed().zero.offload_param.device, OffloadDevice::kCpu);
+  EXPECT_EQ(c.typed().zero.stage3.max_live_parameters, 1000000000);
+  // Several ranks: stage 3 runs as stage 2, said once, naming the stage-3 keys.
+  ParseOptions two;
+  two.world_size = 2;
+  Config r = must_parse(z, two);
+  EXPECT_EQ(count_warnings_containing(r, "parameter partitioning"), 1) << all_warnings(r);
+  EXPECT_EQ(count_warnings_containing(r, "runs as stage 2"), 1);
+  EXPECT_EQ(count_warnings_containing(r, "stage3_allgather_sequential"), 1) << all_warnings(r);
+  // Stage 2 with offload_param: warned about (DeepSpeed: valid only with stage 3).
+  Config d = must_parse(
+      {{"zero_optimization",
+        {{"stage", 2}, {"offload_param", {{"device", "nvme"}, {"nvme_path", "/tmp"}}}}}});
+  EXPECT_EQ(count_warnings_containing(d,
+                                      "offload_param.device: \"nvme\" is not acted on at "
+                                      "zero_optimization.stage 2"),
+            1)
+      << all_warnings(d);
+  // offload_param nvme without a folder is an error naming the key.
+  auto bad = Config::parse(
+      json{{"zero_optimization", {{"stage", 3}, {"offload_param", {{"device", "nvme"}}}}}});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("zero_optimization.offload_param.nvme_path: missing"),
+            std::string::npos)
+      << bad.status().to_string();
 }
 
 TEST(Config, UnknownKeysWarnOnceUnlessCloseToAKnownKey) {

@@ -1,0 +1,292 @@
+// The param tier (tiers/param_store.h) and the engine over it: records on
+// host, NVMe (several growing swap files); owned writes seen by later
+// fetches; an engine whose weights live in the store gives the same weights
+// as one over the model's memory, writes each parameter back once per step
+// and reads each once at creation; release_grads frees the gradient pages.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include <strata/engine/engine.h>
+#include <strata/tiers/param_store.h>
+
+#include <nlohmann/json.hpp>
+#include "unit/test_io_common.h"
+
+using namespace strata;
+using namespace strata::engine;
+using strata::tiers::ParamStore;
+using strata::tiers::ParamStoreOptions;
+using strata::tiers::TierKind;
+
+namespace {
+
+using io::test::TempDir;
+
+std::unique_ptr<ParamStore> make_store(TierKind kind, const std::string& dir,
+                                       uint64_t chunk = uint64_t(1) << 30) {
+  ParamStoreOptions o;
+  o.kind = kind;
+  o.nvme_path = dir;
+  o.chunk_bytes = chunk;
+  o.io.block_size = 65536;
+  o.io.queue_depth = 8;
+  auto r = ParamStore::create(o);
+  EXPECT_TRUE(r.ok()) << r.status().to_string();
+  return r.ok() ? std::move(r).value() : nullptr;
+}
+
+std::vector<float> ramp(size_t n, float base) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = base + float(i) * 0.25f;
+  return v;
+}
+
+TEST(ParamStore, RecordsRoundTripOnEveryTier) {
+  TempDir dir;
+  for (TierKind kind : {TierKind::kHost, TierKind::kNvme}) {
+    auto s = make_store(kind, dir.path());
+    ASSERT_TRUE(s);
+    std::vector<std::vector<float>> vals;
+    for (int i = 0; i < 5; ++i) {
+      vals.push_back(ramp(1000 + 777 * size_t(i), float(i)));
+      auto id = s->add(vals.back().size() * 4, vals.back().data());
+      ASSERT_TRUE(id.ok()) << id.status().to_string();
+      EXPECT_EQ(id.value(), uint32_t(i));
+      EXPECT_EQ(s->record_bytes(id.value()) % 4096, 0u);
+    }
+    for (uint32_t i = 0; i < 5; ++i) {
+      auto b = s->staging(s->record_bytes(i));
+      ASSERT_TRUE(b.ok());
+      ASSERT_TRUE(s->fetch(i, b.value().data()).ok());
+      EXPECT_EQ(std::memcmp(b.value().data(), vals[i].data(), vals[i].size() * 4), 0)
+          << tiers::tier_name(kind) << " record " << i;
+      if (kind == TierKind::kHost) {
+        EXPECT_EQ(std::memcmp(s->data(i), vals[i].data(), vals[i].size() * 4), 0);
+      } else {
+        EXPECT_EQ(s->data(i), nullptr);
+      }
+    }
+    auto st = s->stats();
+    EXPECT_EQ(st.records, 5u);
+    EXPECT_EQ(st.fetches, 5u);
+    EXPECT_EQ(st.bytes_fetched, st.record_bytes);
+  }
+}
+
+TEST(ParamStore, NvmeGrowsByFilesAndOwnedWritesAreSeenByTheNextFetch) {
+  TempDir dir;
+  auto s = make_store(TierKind::kNvme, dir.path(), /*chunk=*/64 << 10);
+  ASSERT_TRUE(s);
+  std::vector<float> a = ramp(10000, 1.f);  // 40000 bytes: one record per 64 KiB file
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(s->add(a.size() * 4, a.data()).ok());
+  }
+  EXPECT_GE(s->stats().files, 2u);
+  std::vector<float> b = ramp(10000, -7.f);
+  for (int round = 0; round < 3; ++round) {
+    for (uint32_t i = 0; i < 4; ++i) {
+      auto buf = s->staging(s->record_bytes(i));
+      ASSERT_TRUE(buf.ok());
+      std::memcpy(buf.value().data(), b.data(), b.size() * 4);
+      ASSERT_TRUE(s->store_owned(i, std::move(buf).value()).ok());
+    }
+    for (uint32_t i = 0; i < 4; ++i) {
+      auto got = s->staging(s->record_bytes(i));
+      ASSERT_TRUE(got.ok());
+      ASSERT_TRUE(s->fetch(i, got.value().data()).ok());
+      EXPECT_EQ(std::memcmp(got.value().data(), b.data(), b.size() * 4), 0) << i;
+    }
+    b[round] += 1.f;
+  }
+  ASSERT_TRUE(s->flush().ok());
+  EXPECT_EQ(s->stats().staging_in_use, 0u);  // owned buffers went back
+}
+
+TEST(ParamStore, ConcurrentFetchesAndOwnedWritesOfDistinctRecords) {
+  TempDir dir;
+  auto s = make_store(TierKind::kNvme, dir.path());
+  ASSERT_TRUE(s);
+  std::vector<float> v = ramp(5000, 0.f);
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE(s->add(v.size() * 4, v.data()).ok());
+  std::thread writer([&] {
+    for (int r = 0; r < 20; ++r) {
+      for (uint32_t i = 8; i < 16; ++i) {
+        auto b = s->staging(s->record_bytes(i));
+        ASSERT_TRUE(b.ok());
+        std::memcpy(b.value().data(), v.data(), v.size() * 4);
+        ASSERT_TRUE(s->store_owned(i, std::move(b).value()).ok());
+      }
+    }
+  });
+  for (int r = 0; r < 20; ++r) {
+    for (uint32_t i = 0; i < 8; ++i) {
+      auto b = s->staging(s->record_bytes(i));
+      ASSERT_TRUE(b.ok());
+      ASSERT_TRUE(s->fetch(i, b.value().data()).ok());
+      ASSERT_EQ(std::memcmp(b.value().data(), v.data(), v.size() * 4), 0);
+    }
+  }
+  writer.join();
+  EXPECT_TRUE(s->flush().ok());
+}
+
+TEST(ParamStore, BadInputIsRefusedWithContext) {
+  TempDir dir;
+  auto s = make_store(TierKind::kNvme, dir.path());
+  ASSERT_TRUE(s);
+  EXPECT_FALSE(s->add(0, nullptr).ok());
+  auto b = s->staging(4096);
+  ASSERT_TRUE(b.ok());
+  auto f = s->submit_fetch(3, b.value().data());
+  ASSERT_FALSE(f.ok());
+  EXPECT_NE(f.status().message().find("no record 3"), std::string::npos);
+  ParamStoreOptions o;
+  o.kind = TierKind::kNvme;  // no nvme_path
+  EXPECT_FALSE(ParamStore::create(o).ok());
+  auto cfg = Config::parse(nlohmann::json{{"zero_optimization", {{"stage", 3}}}});
+  ASSERT_TRUE(cfg.ok());
+  auto none = tiers::param_store_options(cfg.value(), "x");
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.status().message().find("offload_param.device"), std::string::npos);
+}
+
+// ---- the engine over a store ----------------------------------------------
+
+struct Weights {
+  std::vector<std::vector<float>> p;
+  Weights() {
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd(0.f, 0.5f);
+    for (int i = 0; i < 12; ++i) {
+      std::vector<float> v(i == 5 ? 50000 : size_t(700 + 311 * i));  // 5 spans sub-groups
+      for (auto& x : v) x = nd(rng);
+      p.push_back(std::move(v));
+    }
+  }
+};
+
+Config engine_config(const std::string& dir) {
+  nlohmann::json j = {{"zero_optimization",
+                       {{"stage", 3},
+                        {"sub_group_size", 20000},
+                        {"offload_optimizer", {{"device", "nvme"}, {"nvme_path", dir}}}}},
+                      {"aio", {{"block_size", 65536}, {"queue_depth", 8}}},
+                      {"strata", {{"threads", 2}}}};
+  auto c = Config::parse(j);
+  EXPECT_TRUE(c.ok()) << c.status().to_string();
+  return c.value();
+}
+
+std::vector<kernels::OptimizerHyper> adamw() {
+  kernels::OptimizerHyper h;
+  h.kind = kernels::OptimizerKind::kAdamW;
+  h.lr = 1e-2f;
+  return {h};
+}
+
+// Runs 3 steps with gradient g_k = sin(k * i) and returns the weights.
+std::vector<std::vector<float>> train(Weights w, const std::string& dir, ParamStore* store,
+                                      bool release_grads, EngineStats* stats_out = nullptr) {
+  EngineOptions o;
+  o.config = engine_config(dir);
+  o.groups = adamw();
+  o.param_store = store;
+  o.release_grads = release_grads;
+  for (size_t i = 0; i < w.p.size(); ++i) {
+    ParamInfo pi{"p" + std::to_string(i), int64_t(w.p[i].size()), kernels::DType::kF32, 0, nullptr};
+    if (store != nullptr) {
+      pi.store_id = int64_t(store->add(w.p[i].size() * 4, w.p[i].data()).value());
+    } else {
+      pi.data = w.p[i].data();
+    }
+    o.params.push_back(pi);
+  }
+  auto r = Engine::create(std::move(o));
+  EXPECT_TRUE(r.ok()) << r.status().to_string();
+  if (!r.ok()) return {};
+  auto e = std::move(r).value();
+  for (int k = 1; k <= 3; ++k) {
+    for (size_t i = 0; i < w.p.size(); ++i) {
+      const GradSpan& a = e->grad_arenas()[0];
+      float* g = static_cast<float*>(a.data) + e->grad_offset(i);
+      for (size_t j = 0; j < w.p[i].size(); ++j) g[j] = std::sin(float(k * (j + i)));
+    }
+    EXPECT_TRUE(e->step().ok());
+    if (release_grads) {
+      // After the step every gradient reads as zero.
+      const GradSpan& a = e->grad_arenas()[0];
+      const float* g = static_cast<const float*>(a.data);
+      size_t nonzero = 0;
+      for (size_t j = 0; j < a.numel; ++j) nonzero += g[j] != 0.f;
+      EXPECT_EQ(nonzero, 0u);
+    }
+  }
+  EXPECT_TRUE(e->sync().ok());
+  if (stats_out) *stats_out = e->stats();
+  std::vector<std::vector<float>> out;
+  for (size_t i = 0; i < w.p.size(); ++i) {
+    if (store == nullptr) {
+      out.push_back(w.p[i]);
+      continue;
+    }
+    auto b = store->staging(store->record_bytes(uint32_t(i)));
+    EXPECT_TRUE(store->fetch(uint32_t(i), b.value().data()).ok());
+    std::vector<float> v(w.p[i].size());
+    std::memcpy(v.data(), b.value().data(), v.size() * 4);
+    out.push_back(std::move(v));
+  }
+  EXPECT_TRUE(e->close().ok());
+  return out;
+}
+
+TEST(EngineParamStore, WeightsInTheStoreMatchWeightsInTheModelBitForBit) {
+  TempDir dir;
+  Weights w;
+  auto ref = train(w, dir.path(), nullptr, false);
+  for (TierKind kind : {TierKind::kHost, TierKind::kNvme}) {
+    auto store = make_store(kind, dir.path());
+    ASSERT_TRUE(store);
+    auto got = train(w, dir.path(), store.get(), /*release_grads=*/true);
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) {
+      EXPECT_EQ(std::memcmp(got[i].data(), ref[i].data(), ref[i].size() * 4), 0)
+          << tiers::tier_name(kind) << " parameter " << i;
+    }
+    auto st = store->stats();
+    if (kind == TierKind::kNvme) {
+      // Bytes moved: each parameter added once, read once at creation (its
+      // pieces in several sub-groups share one fetch), written once per step
+      // and read once here.
+      EXPECT_EQ(st.stores, w.p.size() * 4);
+      EXPECT_EQ(st.fetches, w.p.size() * 2);
+      EXPECT_EQ(st.bytes_stored, st.record_bytes * 4);
+    }
+  }
+}
+
+TEST(EngineParamStore, RefusesARecordOfTheWrongSizeAndAMissingStore) {
+  TempDir dir;
+  auto store = make_store(TierKind::kNvme, dir.path());
+  std::vector<float> v(1000, 1.f);
+  ASSERT_TRUE(store->add(v.size() * 4, v.data()).ok());
+  EngineOptions o;
+  o.config = engine_config(dir.path());
+  o.groups = adamw();
+  ParamInfo pi{"w", 999, kernels::DType::kF32, 0, nullptr};
+  pi.store_id = 0;
+  o.params.push_back(pi);
+  EngineOptions o2 = o;
+  o.param_store = store.get();
+  auto r = Engine::create(std::move(o));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("does not hold its 3996 bytes"), std::string::npos)
+      << r.status().to_string();
+  auto r2 = Engine::create(std::move(o2));
+  ASSERT_FALSE(r2.ok());
+  EXPECT_NE(r2.status().message().find("no param store"), std::string::npos);
+}
+
+}  // namespace
