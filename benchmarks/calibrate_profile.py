@@ -56,7 +56,7 @@ def main():
         f"The median (by NVMe read rate) of {args.runs} calibrations run back to back on "
         f"{time.strftime('%Y-%m-%d')} with config {json.dumps(cfg)} "
         f"(benchmarks/calibrate_profile.py).",
-        f"Load average (1 min) at the start of each run: {', '.join(f'{x:.1f}' for x in loads)}. Over the runs "
+        f"Load average (1 min, counting the previous run) at the start of each run: {', '.join(f'{x:.1f}' for x in loads)}. Over the runs "
         f"the fp32 CPU rate ranged {span('cpu_update_params_per_s', 'fp32')} G params/s, bf16 "
         f"{span('cpu_update_params_per_s', 'bf16')}, one thread {span('cpu_update_params_per_s_1thread')}; "
         f"NVMe read {span('nvme_read_bytes_per_s')} GB/s, write {span('nvme_write_bytes_per_s')}. Calibrate at "
@@ -65,7 +65,14 @@ def main():
     if prof.get("gpu_update_params_per_s", 0) == 0:
         prof["notes"].append("No GPU: gpu_update_params_per_s is 0 and the scheduler keeps every sub-group on "
                              "the CPU.")
-    _C.save_hardware_profile(prof, args.out)
+    notes = prof.pop("notes")
+    _C.save_hardware_profile(prof, args.out)  # validates; the C++ profile keeps no notes
+    with open(args.out) as f:
+        saved = json.load(f)
+    saved["notes"] = notes
+    with open(args.out, "w") as f:
+        json.dump(saved, f, indent=2, sort_keys=True)
+        f.write("\n")
     print(f"wrote {args.out} (fp32 {prof['cpu_update_params_per_s']['fp32'] / 1e9:.2f} G params/s, "
           f"NVMe read {prof['nvme_read_bytes_per_s'] / 1e9:.2f} GB/s: the run with the median read rate)")
 
