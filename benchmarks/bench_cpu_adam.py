@@ -29,6 +29,7 @@ build/bin/strata-bench-adam.
 import argparse
 import importlib.util
 import json
+import mmap
 import os
 import statistics
 import sys
@@ -63,11 +64,37 @@ def load_extension(path):
     return mod
 
 
+class HugeRecord:
+    """p, m, v (and optionally g) as views of one anonymous mapping with MADV_HUGEPAGE, at the engine's slot
+    stride (_C.slot_stride_for): the memory strata's engine gives its kernel. --memory huge gives every
+    contender one of these."""
+
+    def __init__(self, p0, slots):
+        n = p0.numel()
+        self.stride = _C.slot_stride_for(n)
+        self.map = mmap.mmap(-1, self.stride * 4 * slots)
+        self.map.madvise(mmap.MADV_HUGEPAGE)
+        self.views = [torch.frombuffer(self.map, dtype=torch.float32, count=n, offset=k * self.stride * 4)
+                      for k in range(slots)]
+        self.views[0].copy_(p0)
+        for v in self.views[1:]:
+            v.zero_()
+
+
+def state_for(p0, memory):
+    """(p, m, v, keep-alive) of one contender: separate torch tensors, or one huge-page record."""
+    if memory == "torch":
+        return p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0), None
+    rec = HugeRecord(p0, 3)
+    return rec.views[0], rec.views[1], rec.views[2], rec
+
+
 class Strata:
     name = "strata"
 
-    def __init__(self, p0, g, threads, isa="auto"):
-        self.p, self.m, self.v, self.g = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0), g
+    def __init__(self, p0, g, threads, isa="auto", memory="torch"):
+        self.p, self.m, self.v, self.rec = state_for(p0, memory)
+        self.g = g
         self.threads, self.isa, self.t = threads, isa, 0
 
     def step(self):
@@ -80,9 +107,10 @@ class DeepSpeed:
     name = "deepspeed"
     _next_id = 0
 
-    def __init__(self, ext, p0, g):
+    def __init__(self, ext, p0, g, memory="torch"):
         self.ext = ext
-        self.p, self.m, self.v, self.g = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0), g
+        self.p, self.m, self.v, self.rec = state_for(p0, memory)
+        self.g = g
         self.id = DeepSpeed._next_id
         DeepSpeed._next_id += 1
         b1, b2 = HYPER["betas"]
@@ -137,13 +165,17 @@ def main():
                     help="the torch.optim.AdamW(foreach=True) rows (off saves ~4 GiB per 256M params)")
     ap.add_argument("--isa", default="auto", choices=("auto", "avx512", "avx2", "scalar"),
                     help="strata's kernel variant (avx2: compare with DeepSpeed's -D__AVX256__ build)")
+    ap.add_argument("--memory", choices=("torch", "huge"), default="torch",
+                    help="torch: every contender's p, m, v are separately allocated torch tensors (4 KiB pages); "
+                         "huge: each its own huge-page record at the engine's slot stride, the gradient too")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ext = load_extension(args.deepspeed_ext) if args.deepspeed_ext else None
     threads_list = [int(t) for t in args.threads.split(",")]
     say = (lambda *a: None) if args.json else print
     say(f"# torch {torch.__version__}, strata kernel {_C.detect_isa() if args.isa == 'auto' else args.isa}, "
-        f"deepspeed {'cpu_adam from ' + args.deepspeed_ext if ext else 'skipped'}; {args.iters} rounds, "
+        f"deepspeed {'cpu_adam from ' + args.deepspeed_ext if ext else 'skipped'}; memory {args.memory}; "
+        f"{args.iters} rounds, "
         f"order rotated; G params/s from the median run; x = median over rounds of (its time / strata's)")
     if ext is None:
         say("# deepspeed rows skipped: no --deepspeed-ext PATH given (build DeepSpeed's csrc/adam/cpu_adam.cpp "
@@ -162,9 +194,12 @@ def main():
             torch.manual_seed(0)
             p0 = torch.randn(n)
             g = torch.randn(n) * 1e-2
-            runs = [Strata(p0, g, threads, args.isa)]
+            if args.memory == "huge":
+                grec = HugeRecord(g, 1)
+                g = grec.views[0]
+            runs = [Strata(p0, g, threads, args.isa, args.memory)]
             if ext is not None:
-                runs.append(DeepSpeed(ext, p0, g))
+                runs.append(DeepSpeed(ext, p0, g, args.memory))
             if args.torch == "on":
                 runs.append(Torch(p0, g))
             del p0
