@@ -49,16 +49,19 @@ const char* kUsage =
     "                  [--param-out none,bf16,fp16,fp32] [--threads 0] [--isa "
     "auto|avx512|avx2|scalar]\n"
     "                  [--optimizer adamw|adam|sgd|adagrad] [--iters 10] [--scalar-iters 1]\n"
-    "                  [--scalar-max-size 64M] [--huge-pages on|off] [--slot-skew on|off]\n"
-    "                  [--json]\n"
+    "                  [--scalar-max-size 64M] [--huge-pages on|off]\n"
+    "                  [--slot-skew on|sub-page|off] [--json]\n"
     "  sizes are parameter counts (1M = 2^20); --threads 0 = every usable CPU;\n"
     "  --scalar-iters 0 skips the scalar reference rows; sizes above --scalar-max-size\n"
     "  skip them too (the reference runs ~20x slower than the bound: seconds per run);\n"
-    "  --huge-pages: THP advice for the kernel's buffers (the independent bound's own\n"
-    "  arrays are plain aligned_alloc memory either way);\n"
-    "  the kernel's state is one record laid out as the engine's (engine/plan.h);\n"
-    "  --slot-skew off spaces its slots by exact multiples of 4 KiB instead (the\n"
-    "  layout before issue 17's fix, whose cache-set aliasing cost up to 2.3x).";
+    "  --huge-pages: THP advice for the kernel's buffers and the independent bound's\n"
+    "  own aligned_alloc arrays (2 MiB-aligned when on);\n"
+    "  the kernel's state is one record laid out as the engine's (engine/plan.h),\n"
+    "  followed in the same mapping by the gradient and the copy-out, each one more\n"
+    "  slot stride on; --slot-skew sub-page spaces them by 4 KiB multiples + 1088 B\n"
+    "  (the first fix of issue 17: page numbers still equal modulo 2^16, which AMD's\n"
+    "  L1 way predictor hashes), off by exact multiples of 4 KiB (the layout before\n"
+    "  issue 17, whose cache-set aliasing cost up to 2.3x).";
 
 // ------------------------------------------------------ the independent bound
 // A plain streaming loop that shares no code with the kernel path: its own
@@ -177,8 +180,9 @@ PassFn pick(int rw, int grad_bytes, int out_bytes, const char** isa) {
 // Thread-safety: one run() at a time, from the constructing thread.
 class Bound {
  public:
-  Bound(size_t n, int rw, int grad_bytes, int out_bytes, unsigned threads)
+  Bound(size_t n, int rw, int grad_bytes, int out_bytes, unsigned threads, bool huge)
       : n_(n),
+        huge_(huge),
         rw_(rw),
         grad_bytes_(grad_bytes),
         out_bytes_(out_bytes),
@@ -222,15 +226,21 @@ class Bound {
   }
 
  private:
-  // Page-aligned, like a plain C program's arrays: with transparent huge
-  // pages in "madvise" mode (the Debian default) they get 4 KiB pages.
-  static void* alloc(size_t bytes) {
-    constexpr size_t kAlign = 4096;
-    void* p =
-        std::aligned_alloc(kAlign, (std::max<size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign);
+  // Page-aligned, like a plain C program's arrays (with transparent huge
+  // pages in "madvise" mode, the Debian default, they get 4 KiB pages); with
+  // `huge_` 2 MiB-aligned and advised MADV_HUGEPAGE, as the kernel's buffers
+  // are by default: a bound on 4 KiB pages pays TLB misses the kernel does
+  // not, and reads low.
+  void* alloc(size_t bytes) const {
+    const size_t align = huge_ ? size_t(2) << 20 : 4096;
+    const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
+    void* p = std::aligned_alloc(align, rounded);
     if (p == nullptr) {
       std::fprintf(stderr, "aligned_alloc %zu bytes failed\n", bytes);
       std::exit(1);
+    }
+    if (huge_) {
+      madvise(p, rounded, MADV_HUGEPAGE);
     }
     return p;
   }
@@ -270,6 +280,7 @@ class Bound {
   }
 
   size_t n_;
+  bool huge_;
   int rw_, grad_bytes_, out_bytes_;
   unsigned threads_;
   std::barrier<> start_, done_;
@@ -416,7 +427,11 @@ int main(int argc, char** argv) {
   const uint64_t scalar_max = args.size("scalar-max-size");
   const Isa isa = parse_isa(args.get("isa"));
   const bool huge = args.get("huge-pages") != "off";
-  const bool skew = args.get("slot-skew") != "off";
+  const std::string skew = args.get("slot-skew");
+  if (skew != "on" && skew != "sub-page" && skew != "off") {
+    std::fprintf(stderr, "unknown --slot-skew %s\n%s\n", skew.c_str(), kUsage);
+    return 2;
+  }
   if (!isa_supported(isa)) {
     std::fprintf(stderr, "--isa %s: this CPU cannot run it (%s)\n", args.get("isa").c_str(),
                  cpu_features_string().c_str());
@@ -457,9 +472,12 @@ int main(int argc, char** argv) {
                      json);
   table.note(std::string("optimizer ") + optimizer_name(hyper.kind) + ", " + std::to_string(slots) +
              " fp32 slots, isa " + isa_name(run_isa) + ", threads " + std::to_string(pool.size()) +
-             ", cpu: " + cpu_features_string() +
-             ", kernel buffers: " + (huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE") + ", slots " +
-             (skew ? "skewed (the engine's layout)" : "unskewed (--slot-skew off)"));
+             ", cpu: " + cpu_features_string() + ", kernel and bound buffers: " +
+             (huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE") + ", slots " +
+             (skew == "on"         ? "skewed (the engine's layout)"
+              : skew == "sub-page" ? "skewed within a page only (--slot-skew sub-page)"
+                                   : "unskewed (--slot-skew off)") +
+             "; grad and copy-out follow the record at the same stride");
   table.note(std::to_string(iters) + " rounds each (scalar: " + std::to_string(scalar_iters_arg) +
              ", up to " + std::to_string(scalar_max) +
              " params); a round runs kernel, own_loop and indep_bound back to back, order rotated;"
@@ -472,13 +490,19 @@ int main(int argc, char** argv) {
     const size_t n = bench::parse_size(size_text);
     const int scalar_iters = n <= scalar_max ? scalar_iters_arg : 0;
     // The state as the engine holds it: one record, slot k at k * slot_stride
-    // (engine/plan.h), so the layout measured is the engine's own.
-    const size_t stride = skew ? strata::engine::slot_stride_for(n) : (n + 1023) / 1024 * 1024;
-    Region record(
-        skew ? strata::engine::record_bytes_for(n, slots) : stride * size_t(slots) * sizeof(float),
-        huge);
-    Region grad(n * sizeof(float), huge);
-    Region out(n * std::max<size_t>(out_elem_max, 1), huge);
+    // (engine/plan.h), so the layout measured is the engine's own. The
+    // gradient and the copy-out follow in the same mapping at slots
+    // `slots` and `slots + 1` of the same stride: separate mappings of
+    // power-of-two sizes land exactly 2^28 bytes apart for 64M elements, and
+    // their streams then alias each other in the L1 (see plan.cpp), a cost of
+    // the bench's allocation, not of the kernel.
+    const size_t stride = skew == "on"         ? strata::engine::slot_stride_for(n)
+                          : skew == "sub-page" ? (n + 1023) / 1024 * 1024 + 272
+                                               : (n + 1023) / 1024 * 1024;
+    const size_t out_bytes = n * std::max<size_t>(out_elem_max, 1);
+    Region record(stride * size_t(slots + 1) * sizeof(float) + out_bytes, huge);
+    void* const grad_base = record.as<float>() + size_t(slots) * stride;
+    void* const out_base = record.as<float>() + size_t(slots + 1) * stride;
     StateView view;
     for (int s = 0; s < slots; ++s) {
       view.slot[s] = record.as<float>() + size_t(s) * stride;
@@ -489,11 +513,11 @@ int main(int argc, char** argv) {
     }
     view.n = n;
     // Fault the copy-out pages in once, outside any timing.
-    std::memset(out.as<void>(), 0, n * std::max<size_t>(out_elem_max, 1));
+    std::memset(out_base, 0, out_bytes);
 
     for (DType gd : grad_dtypes) {
-      float* g32 = grad.as<float>();
-      uint16_t* g16 = grad.as<uint16_t>();
+      float* g32 = static_cast<float*>(grad_base);
+      uint16_t* g16 = static_cast<uint16_t*>(grad_base);
       fill(pool, n, 99, 0.01f, [&](size_t i, float r) {
         switch (gd) {
           case DType::kF32:
@@ -508,23 +532,23 @@ int main(int argc, char** argv) {
         }
       });
       for (const auto& [has_out, od] : param_outs) {
-        CopyOut range{0, n, out.as<void>()};
+        CopyOut range{0, n, out_base};
         const std::span<const CopyOut> copy_out =
             has_out ? std::span<const CopyOut>(&range, 1) : std::span<const CopyOut>();
         const std::string out_name = has_out ? dtype_name(od) : "none";
         const double bytes = double(n) * (8.0 * slots + double(dtype_size(gd)) +
                                           (has_out ? double(dtype_size(od)) : 0.0));
         auto run_kernel = [&](Isa which) {
-          check(optimizer_step(hyper, StepArgs{++step, 1.0f}, view, grad.as<void>(), gd, copy_out,
-                               od, &pool, which),
+          check(optimizer_step(hyper, StepArgs{++step, 1.0f}, view, grad_base, gd, copy_out, od,
+                               &pool, which),
                 "optimizer_step");
         };
         auto run_bound = [&] {
-          check(stream_bound_step(hyper, view, grad.as<void>(), gd, copy_out, od, &pool, run_isa),
+          check(stream_bound_step(hyper, view, grad_base, gd, copy_out, od, &pool, run_isa),
                 "stream_bound_step");
         };
         plain::Bound indep(n, slots, int(dtype_size(gd)), has_out ? int(dtype_size(od)) : 0,
-                           pool.size());
+                           pool.size(), huge);
         // Warm-up: page tables, frequency, pool threads.
         run_bound();
         run_kernel(run_isa);

@@ -10,13 +10,19 @@ namespace strata::engine {
 namespace {
 
 constexpr size_t kSlotAlignFloats = 1024;  // 4 KiB of fp32
-// Slots are spaced by a multiple of 4 KiB plus this skew (1088 bytes: 17
-// cache lines), so the update's streams (master, m, v) never sit at the same
-// offset modulo a page or a cache way. Spaced by exact multiples of 4 KiB (a
-// power of two for power-of-two sub-groups) every stream maps to the same L1
-// and L2 sets: on a Zen 4 VM the fused update then ran at 0.43 of a plain
-// loop over separately allocated arrays, and at 1.0-1.1 once skewed
-// (strata-bench-adam, 64M fp32, 2 threads; issue 17).
+// Slots are spaced by an odd number of 4 KiB pages plus this skew (1088
+// bytes: 17 cache lines), so no two of the update's streams (master, m, v,
+// max_v) sit at the same offset modulo a page, nor at the same page number
+// modulo 2^16 (virtual address bits 12-27).
+// - Spaced by exact multiples of 4 KiB (a power of two for power-of-two
+//   sub-groups) every stream maps to the same L1 and L2 sets: on a Zen 4 VM
+//   the fused update ran at 0.43 of a plain loop over separately allocated
+//   arrays (strata-bench-adam, 64M fp32, 2 threads; issue 17).
+// - Skewed by 1088 bytes only, a 64M-element slot is 2^28 + 1088 bytes long:
+//   the streams still share address bits 12-27, which AMD's L1 hashes into
+//   its way-predictor tag (the "utag"), and they evicted each other's
+//   prefetched lines: one thread ran at 0.6-0.8 of the plain loop, 1.0 with
+//   the page count made odd (strata-bench-adam --slot-skew sub-page|on).
 constexpr size_t kSlotSkewFloats = 272;
 
 std::string human(double bytes) {
@@ -34,7 +40,11 @@ std::string human(double bytes) {
 }  // namespace
 
 size_t slot_stride_for(size_t numel) {
-  return (numel + kSlotAlignFloats - 1) / kSlotAlignFloats * kSlotAlignFloats + kSlotSkewFloats;
+  size_t pages = (numel + kSlotAlignFloats - 1) / kSlotAlignFloats;
+  if (pages % 2 == 0) {
+    ++pages;  // odd: k * pages is not a multiple of 2^16 pages for k < 2^16
+  }
+  return pages * kSlotAlignFloats + kSlotSkewFloats;
 }
 
 size_t record_bytes_for(size_t numel, int slots) {

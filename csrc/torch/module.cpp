@@ -286,6 +286,8 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- kernels ----
   m.def("detect_isa", [] { return std::string(kernels::isa_name(kernels::detect_isa())); });
+  m.def("slot_stride_for", &engine::slot_stride_for, py::arg("numel"),
+        "Floats between the slots of a record of numel elements (the engine's layout).");
   m.def(
       "engine_features",
       [] {

@@ -8,7 +8,8 @@
 // Units: elements for numel, bytes for everything called *_bytes.
 // Invariants: sum(subgroup.numel) == trainable elements;
 //   slot_stride % 16 == 0 (64-byte aligned slots), slot_stride % 1024 == 272
-//   (slots skewed against cache-set aliasing, see plan.cpp), record_bytes ==
+//   and (slot_stride / 1024) odd (slots skewed against cache-set and L1
+//   way-predictor aliasing, see plan.cpp), record_bytes ==
 //   slots * slot_stride * 4 rounded up to 4096 (direct I/O).
 #pragma once
 
@@ -38,7 +39,7 @@ struct SubGroup {
   kernels::DType dtype = kernels::DType::kF32;       // the model parameters'
   kernels::DType grad_dtype = kernels::DType::kF32;  // the gradient arena's (see grad_dtype_for)
   size_t numel = 0;
-  size_t slot_stride = 0;  // floats per slot (numel rounded up to 1024, plus a 272 skew)
+  size_t slot_stride = 0;  // floats per slot (an odd multiple of 1024 >= numel, plus 272)
   size_t record_bytes = 0;
   size_t grad_offset = 0;  // elements into the gradient arena of grad_dtype
   tiers::TierKind tier = tiers::TierKind::kHost;

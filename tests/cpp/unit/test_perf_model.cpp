@@ -453,9 +453,10 @@ TEST(Scheduler, ShapeFromPlan) {
   EXPECT_FALSE(s.checksums);
   EXPECT_TRUE(s.model_on_gpu);
   EXPECT_EQ(s.param_bytes, 2u);
-  // Three fp32 slots of 1M elements, each skewed by at most 4 KiB, rounded to 4 KiB.
+  // Three fp32 slots of 1M elements, each skewed by less than 8 KiB (an odd page
+  // count plus 1088 B, plan.cpp), rounded to 4 KiB.
   EXPECT_GE(s.subgroups[0].record_bytes, size_t(3) << 22);
-  EXPECT_LT(s.subgroups[0].record_bytes, (size_t(3) << 22) + 4 * 4096);
+  EXPECT_LT(s.subgroups[0].record_bytes, (size_t(3) << 22) + 7 * 4096);
   EXPECT_EQ(s.subgroups[0].record_bytes % 4096, 0u);
   EXPECT_EQ(s.total_numel(), size_t(3) << 20);
 }
