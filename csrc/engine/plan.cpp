@@ -276,6 +276,40 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   if (plan.nvme_bytes && !(device == OffloadDevice::kNvme || has_nvme_path)) {
     return internal_error("plan puts state on NVMe without an nvme_path");
   }
+  if (c.zero.stage == 3) {
+    auto& pt = plan.param_tier;
+    const OffloadParamConfig& op = c.zero.offload_param;
+    static const char* kDevices[] = {"none", "cpu", "nvme", "cxl"};
+    pt.on = true;
+    pt.device = kDevices[size_t(op.device)];
+    uint64_t numel = 0, largest_es = 1, weights = 0;
+    for (const auto& p : in.params) {
+      const uint64_t es = kernels::dtype_size(p.dtype);
+      numel += uint64_t(p.numel);
+      largest_es = std::max(largest_es, es);
+      weights += (uint64_t(p.numel) * es + 4095) / 4096 * 4096;
+    }
+    const bool on_demand = op.device == OffloadDevice::kNvme || op.device == OffloadDevice::kCxl;
+    pt.bytes = op.device == OffloadDevice::kNone ? 0 : weights;
+    pt.window_elements = uint64_t(c.zero.stage3.max_live_parameters);
+    if (on_demand) {
+      pt.window_elements =
+          std::min<uint64_t>(pt.window_elements, uint64_t(op.buffer_count * op.buffer_size));
+    }
+    pt.window_elements = std::min(pt.window_elements, numel);
+    pt.window_bytes = pt.window_elements * largest_es;
+    pt.prefetch_elements = uint64_t(c.zero.stage3.prefetch_bucket_size);
+    const uint64_t resident_weights = on_demand ? pt.window_bytes : weights;
+    const uint64_t pool = plan.pool_bytes - plan.grad_bytes;  // arenas live outside the pool
+    uint64_t grad_es = 4;
+    for (const auto& sg : plan.subgroups) {
+      grad_es = std::max<uint64_t>(grad_es, kernels::dtype_size(sg.grad_dtype));
+    }
+    const uint64_t in_flight =
+        std::min<uint64_t>(plan.grad_bytes, 2 * plan.sub_group_size * grad_es);
+    pt.peak_host_bytes_overlapped = pool + resident_weights + in_flight;
+    pt.peak_host_bytes_exact = pool + resident_weights + plan.grad_bytes;
+  }
   return plan;
 }
 
@@ -298,6 +332,18 @@ std::string Plan::to_string() const {
   }
   os << "), model parameters " << human(double(model_param_bytes)) << ", dram_budget "
      << human(double(dram_budget)) << "\n";
+  if (param_tier.on) {
+    const auto& pt = param_tier;
+    os << "stage 3: weights on " << pt.device;
+    if (pt.device != "none") {
+      os << " (" << human(double(pt.bytes)) << ")";
+    }
+    os << ", window " << pt.window_elements << " elements (" << human(double(pt.window_bytes))
+       << "), prefetch " << pt.prefetch_elements << " elements\n";
+    os << "stage 3: peak host memory about " << human(double(pt.peak_host_bytes_overlapped))
+       << " with updates overlapping backward, " << human(double(pt.peak_host_bytes_exact))
+       << " with clipping or fp16 (gradients held until the step)\n";
+  }
   for (const auto& n : notes) {
     os << "note: " << n << "\n";
   }
@@ -320,6 +366,16 @@ nlohmann::json Plan::to_json() const {
   for (const auto& t : tiers) {
     j["tiers"].push_back(
         {{"tier", tiers::tier_name(t.tier)}, {"subgroups", t.subgroups}, {"bytes", t.bytes}});
+  }
+  if (param_tier.on) {
+    const auto& pt = param_tier;
+    j["param_tier"] = {{"device", pt.device},
+                       {"bytes", pt.bytes},
+                       {"window_elements", pt.window_elements},
+                       {"window_bytes", pt.window_bytes},
+                       {"prefetch_elements", pt.prefetch_elements},
+                       {"peak_host_bytes_overlapped", pt.peak_host_bytes_overlapped},
+                       {"peak_host_bytes_exact", pt.peak_host_bytes_exact}};
   }
   j["notes"] = notes;
   return j;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <unordered_map>
 
@@ -61,9 +62,17 @@ struct ParamStore::Impl {
   std::vector<std::unique_ptr<io::SwapFile>> files;
 
   struct OwnedWrite {
+    uint32_t id = 0;
     io::Ticket ticket = 0;
     memory::PinnedBuffer buf;
   };
+  // Owned writes in flight, oldest first. Completed ones are reaped (their
+  // buffers freed) by every later call, so staging memory tracks the writes
+  // still running, not every parameter written this step; past
+  // kMaxOwnedBytes in flight, store_owned waits for the oldest.
+  static constexpr uint64_t kMaxOwnedBytes = uint64_t(256) << 20;
+  std::deque<OwnedWrite> owned;
+  uint64_t owned_bytes = 0;
   struct Record {
     size_t bytes = 0;
     size_t record_bytes = 0;
@@ -71,8 +80,7 @@ struct ParamStore::Impl {
     uint32_t cxl_handle = 0;    // kCxl
     uint32_t file = 0;          // kNvme
     io::Extent extent;
-    std::vector<OwnedWrite> owned;  // writes in flight from store_owned
-    Status owned_error;             // first failed owned write, until reported
+    Status owned_error;  // first failed owned write, until reported
   };
   std::vector<Record> records;
   struct Pending {
@@ -108,27 +116,66 @@ struct ParamStore::Impl {
     return files.back()->allocate(bytes);
   }
 
-  // Waits for the owned writes of a record (the caller holds no lock); their
-  // buffers go back to the staging pool. Returns the first error, once.
-  Status wait_owned(uint32_t id) {
-    std::vector<OwnedWrite> owned;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      owned.swap(records[id].owned);
-    }
-    Status first = Status::Ok();
-    for (auto& w : owned) {
-      Status s = io->wait(w.ticket);
-      if (!s.ok() && first.ok()) {
-        first = s.with_context("write of parameter record " + std::to_string(id));
+  // Takes out of `owned` (under mu) the writes `pick` selects; the caller
+  // waits for them without the lock.
+  template <typename Pick>
+  std::vector<OwnedWrite> take_owned(Pick pick) {
+    std::vector<OwnedWrite> out;
+    for (auto it = owned.begin(); it != owned.end();) {
+      if (pick(*it)) {
+        owned_bytes -= it->buf.capacity();
+        out.push_back(std::move(*it));
+        it = owned.erase(it);
+      } else {
+        ++it;
       }
     }
-    owned.clear();  // the buffers go back to the staging pool
-    std::lock_guard<std::mutex> lock(mu);
-    if (!records[id].owned_error.ok()) {
-      first = records[id].owned_error;
-      records[id].owned_error = Status::Ok();
+    return out;
+  }
+  // Waits for taken writes (no lock held); an error is kept on its record.
+  void finish_owned(std::vector<OwnedWrite>& ws) {
+    for (auto& w : ws) {
+      Status st = io->wait(w.ticket);
+      if (!st.ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (records[w.id].owned_error.ok()) {
+          records[w.id].owned_error =
+              st.with_context("write of parameter record " + std::to_string(w.id));
+        }
+      }
     }
+    ws.clear();  // the buffers go back to the staging pool
+  }
+  // Frees the buffers of owned writes that completed; with `cap`, also waits
+  // for the oldest until at most kMaxOwnedBytes are in flight.
+  void reap_owned(bool cap) {
+    std::vector<OwnedWrite> done;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      uint64_t over = cap && owned_bytes > kMaxOwnedBytes ? owned_bytes - kMaxOwnedBytes : 0;
+      done = take_owned([&](const OwnedWrite& w) {
+        if (over > 0) {
+          over -= std::min<uint64_t>(over, w.buf.capacity());
+          return true;
+        }
+        auto polled = io->poll(w.ticket);
+        return polled.ok() && polled.value();
+      });
+    }
+    finish_owned(done);
+  }
+  // Waits for the owned writes of a record (the caller holds no lock).
+  // Returns the first error of one, once.
+  Status wait_owned(uint32_t id) {
+    std::vector<OwnedWrite> mine;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      mine = take_owned([id](const OwnedWrite& w) { return w.id == id; });
+    }
+    finish_owned(mine);
+    std::lock_guard<std::mutex> lock(mu);
+    Status first = records[id].owned_error;
+    records[id].owned_error = Status::Ok();
     return first;
   }
 
@@ -276,6 +323,7 @@ Result<io::Ticket> ParamStore::submit_fetch(uint32_t id, void* dst) {
   }
   if (s.opts.kind == TierKind::kNvme) {
     STRATA_RETURN_IF_ERROR(s.wait_owned(id));  // the last stored bytes first
+    s.reap_owned(/*cap=*/false);
   }
   std::lock_guard<std::mutex> lock(s.mu);
   Impl::Record& r = s.records[id];
@@ -381,6 +429,7 @@ Status ParamStore::store_owned(uint32_t id, memory::PinnedBuffer buf) {
     }
   }
   STRATA_RETURN_IF_ERROR(s.wait_owned(id));
+  s.reap_owned(/*cap=*/true);
   std::lock_guard<std::mutex> lock(s.mu);
   Impl::Record& r = s.records[id];
   auto t = s.files[r.file]->submit_write(r.extent, buf.data());
@@ -389,7 +438,8 @@ Status ParamStore::store_owned(uint32_t id, memory::PinnedBuffer buf) {
   }
   s.st.stores += 1;
   s.st.bytes_stored += r.record_bytes;
-  r.owned.push_back(Impl::OwnedWrite{t.value(), std::move(buf)});
+  s.owned_bytes += buf.capacity();
+  s.owned.push_back(Impl::OwnedWrite{id, t.value(), std::move(buf)});
   return Status::Ok();
 }
 
@@ -398,15 +448,21 @@ Status ParamStore::flush() {
   if (s.opts.kind != TierKind::kNvme) {
     return Status::Ok();
   }
-  size_t n = count();
-  Status first = Status::Ok();
-  for (uint32_t id = 0; id < n; ++id) {
-    Status st = s.wait_owned(id);
-    if (!st.ok() && first.ok()) {
-      first = st;
+  std::vector<Impl::OwnedWrite> all;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    all = s.take_owned([](const Impl::OwnedWrite&) { return true; });
+  }
+  s.finish_owned(all);
+  std::lock_guard<std::mutex> lock(s.mu);
+  for (auto& r : s.records) {
+    if (!r.owned_error.ok()) {
+      Status first = r.owned_error;
+      r.owned_error = Status::Ok();
+      return first;
     }
   }
-  return first;
+  return Status::Ok();
 }
 
 uint64_t ParamStore::trim_staging() { return impl_->staging_pool->trim(); }

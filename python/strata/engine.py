@@ -922,10 +922,13 @@ class Engine(torch.nn.Module):
 
     # ---- DeepSpeed's memory-management surface ----------------------------------------
     def empty_partition_cache(self):
-        """DeepSpeed frees the ZeRO-3 parameters it gathered and cached. strata does not
-        partition parameters (strata.zero), so there is no such cache: this is a documented
-        no-op (docs/deepspeed.md)."""
+        """DeepSpeed frees the ZeRO-3 parameters it gathered and cached. Stage 3 with the
+        weights on cxl/nvme: every fetched weight is released; otherwise nothing is cached
+        (docs/deepspeed.md)."""
         self._require_open()
+        tier = self.__dict__.get("param_tier")
+        if tier is not None and tier.window is not None:
+            tier.window.release_all()
 
     _states_offloaded = False  # between offload_states() and reload_states()
     _OFFLOAD_TYPES = ("optim_states", "hp_params", "lp_params", "lp_grads",

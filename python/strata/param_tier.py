@@ -493,7 +493,9 @@ class _PreBackward(torch.autograd.Function):
     def forward(ctx, window, module, *outs):
         ctx.window = window
         ctx.module = weakref.ref(module)
-        return tuple(o.view_as(o) for o in outs)
+        # detach (not view_as): an output the model then changes in place (ReLU(inplace=True))
+        # must not be a view created inside a custom Function.
+        return tuple(o.detach() for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -516,8 +518,9 @@ def _wrap_outputs(window, module, output):
         out = list(output)
         for k, w in zip(idx, wrapped):
             out[k] = w
-        return type(output)(out) if isinstance(output, tuple) and type(output) is tuple \
-            else (out if isinstance(output, list) else type(output)(*out))
+        if type(output) in (tuple, list):
+            return type(output)(out)
+        return type(output)(*out)  # a namedtuple
     if isinstance(output, dict):
         keys = [k for k, o in output.items() if isinstance(o, torch.Tensor) and o.requires_grad]
         if not keys:

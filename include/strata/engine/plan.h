@@ -79,6 +79,23 @@ struct Plan {
   // predicted pinned pool: host records + working buffers + grads + host copies
   uint64_t pool_bytes = 0;
   uint64_t nvme_bytes = 0;
+  // ZeRO stage 3 (one process): the model's weights on the param tier
+  // (offload_param), fetched per module into a window of at most
+  // window_elements; gradient arenas are not in the pool (they take memory
+  // only while gradients are in flight).
+  struct ParamTier {
+    bool on = false;
+    std::string device;              // offload_param.device: none, cpu, cxl, nvme
+    uint64_t bytes = 0;              // the weights' records (4 KiB each at least)
+    uint64_t window_elements = 0;    // resident at most (nvme/cxl: fetched per module)
+    uint64_t window_bytes = 0;       // at the largest parameter dtype
+    uint64_t prefetch_elements = 0;  // stage3_prefetch_bucket_size
+    // Host memory at the peak of a step, estimated: the pool, the window (or
+    // every weight, device cpu/none), and gradients — two sub-groups' worth
+    // when updates overlap backward (no clipping, no fp16), all of them else.
+    uint64_t peak_host_bytes_overlapped = 0;
+    uint64_t peak_host_bytes_exact = 0;
+  } param_tier;
   std::vector<std::string> notes;  // spills, caps, warnings (shown once)
 
   uint64_t bytes_on(tiers::TierKind tier) const;
