@@ -557,7 +557,9 @@ class _Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g2.mm(weight).view(x.shape)
         if ctx.needs_input_grad[1]:
-            gw = x.reshape(-1, in_f).t().mm(g2).t()
+            # mm's backward for a column-major mat2 (weight.t()): grad.t().mm(mat1), then
+            # the t() view's backward; x.t().mm(g).t() rounds differently on some BLAS.
+            gw = g2.t().mm(x.reshape(-1, in_f))
         if bias is not None and ctx.needs_input_grad[2]:
             gb = g2.sum(0, keepdim=True).view(bias.shape)
         return gx, gw, gb
