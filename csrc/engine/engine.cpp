@@ -140,6 +140,14 @@ struct Engine::Impl {
   Status update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool,
                 int64_t step_id);
   Status run_pipeline(StepRun& run);
+  // After an update: run.updated = next_update, waking wait_grad_room().
+  void publish_progress(StepRun& run, size_t next_update) {
+    if (opts.release_grads) {
+      std::lock_guard<std::mutex> lock(run.mu);
+      run.updated = next_update;
+      run.cv.notify_all();
+    }
+  }
   // Starts a step run on the worker thread (step counts advance).
   void start_run(bool gate, float grad_mul, bool collect_stats, bool backward_running);
   // Waits until every update of the run in flight is done.
@@ -683,6 +691,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
               update(sg, tier->data(handles[sg.id]), grad_mul, pool_for(backward_running), step_id);
         }
         ++next_update;
+        publish_progress(run, next_update);
         continue;
       }
       if (buf_of[sg.id] < 0) {
@@ -716,6 +725,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       buf.seq = store_seq++;
       buf_of[sg.id] = -1;
       ++next_update;
+      publish_progress(run, next_update);
       st = pump(false);
     }
     if (!st.ok() || next_update == n) {
@@ -1302,6 +1312,42 @@ void Engine::mark_param_ready(size_t param) {
   if (added) {
     r.cv.notify_all();
   }
+}
+
+double Engine::wait_grad_room() {
+  Impl& e = *impl_;
+  if (!e.opts.release_grads) {
+    return 0.0;
+  }
+  const size_t cap = e.opts.max_pending_subgroups ? e.opts.max_pending_subgroups
+                                                  : std::max<size_t>(2, e.work.size() + 1);
+  StepRun* rp = nullptr;
+  {
+    // Not held while waiting (mark_param_ready from other threads takes it).
+    // The run cannot be replaced meanwhile: only the driving thread does
+    // that, and it is inside the backward that called this hook.
+    std::lock_guard<std::mutex> run_lock(e.run_mu);
+    rp = e.run.get();
+  }
+  if (!rp) {
+    return 0.0;
+  }
+  StepRun& r = *rp;
+  std::unique_lock<std::mutex> lock(r.mu);
+  // Pending: ready (in `order`) and not yet updated. Waiting is safe only
+  // while the pipeline can move: the gate is open and the next sub-group it
+  // updates is ready (else it waits for this very backward).
+  auto must_wait = [&] {
+    return r.gate && r.backward_running && !r.cancel && !r.updates_done &&
+           r.updated < r.expected.size() && r.queued[r.expected[r.updated]] &&
+           r.order.size() - std::min(r.order.size(), r.updated) >= cap;
+  };
+  if (!must_wait()) {
+    return 0.0;
+  }
+  int64_t t0 = now_ns();
+  r.cv.wait(lock, [&] { return !must_wait(); });
+  return double(now_ns() - t0) * 1e-9;
 }
 
 Status Engine::end_backward() {

@@ -35,6 +35,7 @@ struct StepRun {
   bool finished = false;          // worker returned
   bool stepped = false;           // step() has been called for this run
   bool from_backward = false;     // begun by begin_backward(): `order` is an observed ready order
+  size_t updated = 0;             // updates done, in `expected` order (the pipeline's next_update)
   size_t stats_done = 0;          // sub-groups whose statistics are in `stats`
   std::vector<kernels::GradStats> stats;
   Status status;

@@ -358,6 +358,11 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("eager"), py::arg("grad_mul") = 1.0f, py::arg("threads") = 1)
       .def("mark_param_ready", [](PyEngine& s, size_t i) { s.e().mark_param_ready(i); })
+      .def(
+          "wait_grad_room", [](PyEngine& s) { return s.e().wait_grad_room(); },
+          py::call_guard<py::gil_scoped_release>(),
+          "Back-pressure for a gradient hook (release_grads): waits while the sub-groups\n"
+          "ready and not yet updated are at the cap; returns the seconds waited.")
       .def("end_backward", [](PyEngine& s) { check(s.e().end_backward()); })
       .def("cancel_step",
            [](PyEngine& s) {

@@ -193,6 +193,11 @@ class ArenaGrads:
                     q = pref()
                     g = None if q is None else q.grad
                     if g is not None:
+                        o = opt()
+                        if o is not None and o._overlap_active:
+                            # Stage 3: hold backward while the updates lag (the arena's pages
+                            # are written here and released only after their update).
+                            b.grad_wait_s += engine.wait_grad_room()
                         with torch.no_grad():
                             view.add_(g.to(view.device))
                         q.grad = None
@@ -333,7 +338,7 @@ class ArenaGrads:
         b.views = []
 
     def stats(self, b):
-        return {}
+        return {"grad_wait_s": b.grad_wait_s}
 
 
 # ---------------------------------------------------------------------------------------

@@ -146,6 +146,7 @@ class _Built:
                                 # last copied into the arena (grad_stats then step: copy once)
         self.hooks = []         # per-parameter hooks: fold, and gradient-ready (overlap)
         self.hook_refs = []     # AccumulateGrad nodes kept alive (torch < 2.1)
+        self.grad_wait_s = 0.0  # seconds gradient hooks waited for the updates (stage 3)
         # data parallel (strata.grad_path.ReducerGrads)
         self.reducer = None     # the gradient buckets (_GradComm)
         self.gather = None      # the updated parameters' all-gather (_ParamGather), a shard
@@ -1063,7 +1064,9 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         reduce_buckets, allgather_rounds, comm (this optimizer's collectives: calls, bytes,
         async launches per operation), buckets_reduced and buckets_reduced_during_backward
         (launched from a gradient hook while backward went on: overlap) and numa_node (bound,
-        or None)."""
+        or None). One process adds grad_wait_s: seconds gradient hooks waited at stage 3 for
+        the updates to catch up (the bound on gradients held, EngineOptions'
+        max_pending_subgroups)."""
         self._require_open()
         s = self._b.engine.stats()
         s.update(self._grads.stats(self._b))

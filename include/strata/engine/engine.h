@@ -97,6 +97,13 @@ struct EngineOptions {
   // at once. zero_grads() returns the pages instead of writing zeros. After
   // a step the gradients read as zero.
   bool release_grads = false;
+  // With release_grads, the most sub-groups whose gradients are final but not
+  // yet updated during an eager overlapped backward: wait_grad_room() holds
+  // the caller (a gradient hook) until the pipeline has caught up, so the
+  // gradients written and not yet released stay near this many sub-groups
+  // even when the update is slower than backward. 0: the pipeline's working
+  // buffers plus one (at least 2).
+  size_t max_pending_subgroups = 0;
 };
 
 struct GradSpan {
@@ -182,6 +189,13 @@ class Engine {
   };
   Status begin_backward(const BackwardOptions& options);
   void mark_param_ready(size_t param);
+  // Back-pressure for a gradient hook about to write into the arena (see
+  // EngineOptions::max_pending_subgroups): returns at once unless
+  // release_grads is set, an eager overlapped backward is running, the
+  // pipeline has a ready sub-group to update (so waiting cannot deadlock) and
+  // the pending sub-groups are at the cap; otherwise waits until one of those
+  // stops holding. Any thread; returns the seconds it waited.
+  double wait_grad_room();
   Status end_backward();
   // Drops the step begun by begin_backward (fp16 overflow): no record changes.
   Status cancel_step();
