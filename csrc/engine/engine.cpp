@@ -140,6 +140,16 @@ struct Engine::Impl {
   Status update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool,
                 int64_t step_id);
   Status run_pipeline(StepRun& run);
+  // The param tier's completed transfers into the trace, as this step's.
+  void absorb_weight_transfers(int64_t step) {
+    if (opts.param_store == nullptr) {
+      return;
+    }
+    for (const auto& t : opts.param_store->take_transfers()) {
+      trace.record({t.read ? EventKind::kWeightFetch : EventKind::kWeightStore, step, int32_t(t.id),
+                    "param", t.bytes, t.start_ns, t.end_ns});
+    }
+  }
   // After an update: run.updated = next_update, waking wait_grad_room().
   void publish_progress(StepRun& run, size_t next_update) {
     if (opts.release_grads) {
@@ -851,6 +861,7 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
         return invalid_argument("parameter " + p.name +
                                 " lives in the param store and gives host memory too");
       }
+      e.opts.param_store->record_transfers(true);  // weight lanes in the trace
       const size_t want = size_t(p.numel) * kernels::dtype_size(p.dtype);
       if (size_t(p.store_id) >= e.opts.param_store->count() ||
           e.opts.param_store->bytes(uint32_t(p.store_id)) != want) {
@@ -1194,6 +1205,7 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
     ++c;
   }
   trace.begin_step(int64_t(steps));
+  absorb_weight_transfers(int64_t(steps));  // this step's forward
   r.worker = std::thread([this, &r] {
     Status st = run_pipeline(r);
     int64_t end = now_ns();
@@ -1202,6 +1214,7 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
           {EventKind::kBackward, int64_t(steps), -1, "", 0, r.start_ns, r.backward_end_ns});
     }
     trace.record({EventKind::kStep, int64_t(steps), -1, "", 0, r.start_ns, end});
+    absorb_weight_transfers(int64_t(steps));  // its backward and write-back
     trace.end_step();
     std::lock_guard<std::mutex> lock(r.mu);
     if (r.status.ok()) {
@@ -1936,6 +1949,20 @@ Status Engine::clear_error() {
 }
 const Status& Engine::error() const { return impl_->error; }
 Trace& Engine::trace() { return impl_->trace; }
+
+void Engine::record_phase(EventKind kind, int64_t start_ns, int64_t end_ns) {
+  Impl& e = *impl_;
+  bool stepped = false;
+  {
+    std::lock_guard<std::mutex> run_lock(e.run_mu);
+    if (e.run) {
+      std::lock_guard<std::mutex> lock(e.run->mu);
+      stepped = e.run->stepped;
+    }
+  }
+  // After step() of a run not yet synced, the next step's phase.
+  e.trace.record({kind, int64_t(e.steps) + (stepped ? 1 : 0), -1, "", 0, start_ns, end_ns});
+}
 
 EngineStats Engine::stats() const {
   const Impl& e = *impl_;

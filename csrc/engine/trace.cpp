@@ -25,6 +25,10 @@ const char* event_kind_name(EventKind kind) {
       return "h2d";
     case EventKind::kD2H:
       return "d2h";
+    case EventKind::kWeightFetch:
+      return "weight fetch";
+    case EventKind::kWeightStore:
+      return "weight store";
   }
   return "?";
 }
@@ -159,7 +163,8 @@ std::string StepBreakdown::to_string() const {
 
 void Trace::begin_step(int64_t step) {
   std::lock_guard<std::mutex> lock(mu_);
-  current_.clear();
+  // Events recorded since the last step ended (its forward, weight fetches)
+  // belong to this one.
   current_step_ = step;
 }
 
@@ -170,9 +175,15 @@ void Trace::record(const TraceEvent& event) {
 
 void Trace::end_step() {
   std::lock_guard<std::mutex> lock(mu_);
-  last_ = compute_breakdown(current_, current_step_);
-  steps_.push_back(std::move(current_));
-  current_.clear();
+  // Events of a later step (its forward began before this one's write-back
+  // ended) stay for it.
+  std::vector<TraceEvent> mine, later;
+  for (auto& e : current_) {
+    (e.step > current_step_ ? later : mine).push_back(e);
+  }
+  last_ = compute_breakdown(mine, current_step_);
+  steps_.push_back(std::move(mine));
+  current_ = std::move(later);
   while (steps_.size() > keep_steps_) {
     steps_.pop_front();
   }
@@ -218,6 +229,10 @@ nlohmann::json Trace::chrome_json() const {
         return {9, "H2D"};
       case EventKind::kD2H:
         return {10, "D2H"};
+      case EventKind::kWeightFetch:
+        return {12, "weight read"};
+      case EventKind::kWeightStore:
+        return {13, "weight write"};
     }
     return {11, "other"};
   };
@@ -240,7 +255,8 @@ nlohmann::json Trace::chrome_json() const {
     }
     std::string name = std::string(event_kind_name(e.kind));
     if (e.subgroup >= 0) {
-      name += " sg" + std::to_string(e.subgroup);
+      const bool weight = e.kind == EventKind::kWeightFetch || e.kind == EventKind::kWeightStore;
+      name += (weight ? " p" : " sg") + std::to_string(e.subgroup);  // record id for weights
     }
     out.push_back({{"name", name},
                    {"cat", event_kind_name(e.kind)},

@@ -3,6 +3,7 @@
 #include <strata/tiers/param_store.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -17,6 +18,12 @@ namespace strata::tiers {
 namespace {
 constexpr size_t kAlign = 4096;
 size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 }  // namespace
 
 Result<ParamStoreOptions> param_store_options(const Config& config, const std::string& tag) {
@@ -65,6 +72,7 @@ struct ParamStore::Impl {
     uint32_t id = 0;
     io::Ticket ticket = 0;
     memory::PinnedBuffer buf;
+    int64_t start_ns = 0;
   };
   // Owned writes in flight, oldest first. Completed ones are reaped (their
   // buffers freed) by every later call, so staging memory tracks the writes
@@ -87,8 +95,23 @@ struct ParamStore::Impl {
     uint32_t id = 0;
     bool read = false;
     void* buf = nullptr;
+    int64_t start_ns = 0;
   };
   std::unordered_map<io::Ticket, Pending> pending;
+  // The transfer log (record_transfers), under mu.
+  static constexpr size_t kMaxTransfers = size_t(1) << 16;
+  bool log_transfers = false;
+  std::deque<ParamTransfer> transfers;
+  void log(bool read, uint32_t id, int64_t start_ns, int64_t end_ns) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!log_transfers) {
+      return;
+    }
+    if (transfers.size() == kMaxTransfers) {
+      transfers.pop_front();
+    }
+    transfers.push_back(ParamTransfer{read, id, records[id].record_bytes, start_ns, end_ns});
+  }
   ParamStoreStats st;
   bool closed = false;
 
@@ -135,8 +158,11 @@ struct ParamStore::Impl {
   // Waits for taken writes (no lock held); an error is kept on its record.
   void finish_owned(std::vector<OwnedWrite>& ws) {
     for (auto& w : ws) {
-      Status st = io->wait(w.ticket);
-      if (!st.ok()) {
+      int64_t done = 0;
+      Status st = io->wait_timed(w.ticket, &done);
+      if (st.ok()) {
+        log(false, w.id, w.start_ns, done ? done : steady_ns());
+      } else {
         std::lock_guard<std::mutex> lock(mu);
         if (records[w.id].owned_error.ok()) {
           records[w.id].owned_error =
@@ -339,8 +365,9 @@ Result<io::Ticket> ParamStore::submit_fetch(uint32_t id, void* dst) {
       STRATA_RETURN_IF_ERROR(s.cxl->fetch(r.cxl_handle, dst));
       return io::Ticket{0};
     default: {
+      int64_t t0 = steady_ns();
       STRATA_ASSIGN_OR_RETURN(io::Ticket t, s.files[r.file]->submit_read(r.extent, dst));
-      s.pending[t] = Impl::Pending{id, true, dst};
+      s.pending[t] = Impl::Pending{id, true, dst, t0};
       return t;
     }
   }
@@ -369,8 +396,9 @@ Result<io::Ticket> ParamStore::submit_store(uint32_t id, const void* src) {
       STRATA_RETURN_IF_ERROR(s.cxl->store(r.cxl_handle, src));
       return io::Ticket{0};
     default: {
+      int64_t t0 = steady_ns();
       STRATA_ASSIGN_OR_RETURN(io::Ticket t, s.files[r.file]->submit_write(r.extent, src));
-      s.pending[t] = Impl::Pending{id, false, const_cast<void*>(src)};
+      s.pending[t] = Impl::Pending{id, false, const_cast<void*>(src), t0};
       return t;
     }
   }
@@ -397,7 +425,9 @@ Status ParamStore::wait(io::Ticket ticket) {
   }
   const std::string what =
       std::string(p.read ? "fetch" : "store") + " of parameter record " + std::to_string(p.id);
-  STRATA_RETURN_IF_ERROR(s.io->wait(ticket).with_context(what));
+  int64_t done = 0;
+  STRATA_RETURN_IF_ERROR(s.io->wait_timed(ticket, &done).with_context(what));
+  s.log(p.read, p.id, p.start_ns, done ? done : steady_ns());
   if (p.read) {
     STRATA_RETURN_IF_ERROR(file->verify(extent, p.buf).with_context(what));
   }
@@ -432,6 +462,7 @@ Status ParamStore::store_owned(uint32_t id, memory::PinnedBuffer buf) {
   s.reap_owned(/*cap=*/true);
   std::lock_guard<std::mutex> lock(s.mu);
   Impl::Record& r = s.records[id];
+  int64_t t0 = steady_ns();
   auto t = s.files[r.file]->submit_write(r.extent, buf.data());
   if (!t.ok()) {
     return t.status().with_context("write of parameter record " + std::to_string(id));
@@ -439,7 +470,7 @@ Status ParamStore::store_owned(uint32_t id, memory::PinnedBuffer buf) {
   s.st.stores += 1;
   s.st.bytes_stored += r.record_bytes;
   s.owned_bytes += buf.capacity();
-  s.owned.push_back(Impl::OwnedWrite{id, t.value(), std::move(buf)});
+  s.owned.push_back(Impl::OwnedWrite{id, t.value(), std::move(buf), t0});
   return Status::Ok();
 }
 
@@ -466,6 +497,21 @@ Status ParamStore::flush() {
 }
 
 uint64_t ParamStore::trim_staging() { return impl_->staging_pool->trim(); }
+
+void ParamStore::record_transfers(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->log_transfers = on;
+  if (!on) {
+    impl_->transfers.clear();
+  }
+}
+
+std::vector<ParamTransfer> ParamStore::take_transfers() {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::vector<ParamTransfer> out(impl_->transfers.begin(), impl_->transfers.end());
+  impl_->transfers.clear();
+  return out;
+}
 
 ParamStoreStats ParamStore::stats() const {
   const memory::PoolStats ps = impl_->staging_pool->stats();

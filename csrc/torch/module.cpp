@@ -509,6 +509,13 @@ PYBIND11_MODULE(_C, m) {
       .def("stats", [](PyEngine& s) { return stats_py(s.e()); })
       .def("breakdown", [](PyEngine& s) { return s.e().trace().last_breakdown().to_json().dump(); })
       .def("trace_json", [](PyEngine& s) { return s.e().trace().chrome_json().dump(); })
+      .def(
+          "record_forward",
+          [](PyEngine& s, int64_t start_ns, int64_t end_ns) {
+            s.e().record_phase(engine::EventKind::kForward, start_ns, end_ns);
+          },
+          py::arg("start_ns"), py::arg("end_ns"),
+          "The model's forward into the trace (time.monotonic_ns() / steady_clock).")
       .def("write_trace",
            [](PyEngine& s, const std::string& path) { check(s.e().trace().write_chrome(path)); })
       .def("close", &PyEngine::close)

@@ -1084,6 +1084,12 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         self._require_open()
         self._b.engine.write_trace(os.fspath(path))
 
+    def record_forward(self, start_ns, end_ns):
+        """The model's forward (``time.monotonic_ns()`` times) as a lane of the trace; nothing
+        before the engine exists."""
+        if not self.closed:
+            self._b.engine.record_forward(start_ns, end_ns)
+
     @property
     def closed(self):
         return self._b is None or self._b.engine is None or self._b.engine.closed

@@ -2,7 +2,8 @@
 
 Reads the Chrome/Perfetto trace the engine writes (``strata.trace`` in the config, or
 ``optimizer.write_trace(path)``) and draws one lane per resource the engine recorded (NVMe
-read, NVMe write, CPU update, and GPU update, H2D, D2H, forward, backward where recorded), a bar
+read, NVMe write, CPU update, and GPU update, H2D, D2H, forward, backward, and the param tier's
+weight read and weight write at stage 3, where recorded), a bar
 per sub-group and stage, the step's start and end, and the bound a perfect pipeline would reach
 (max of I/O busy and update busy after the step's start) as lines; the caption gives the step
 breakdown (busy %, overlap %, stall).
@@ -11,11 +12,12 @@ breakdown (busy %, overlap %, stall).
 import json
 
 # Lanes in drawing order (top to bottom); names match the engine's thread names.
-LANE_ORDER = ["forward", "backward", "NVMe read", "CXL fetch", "H2D", "CPU update", "GPU update",
-              "D2H", "NVMe write", "CXL store"]
+LANE_ORDER = ["forward", "backward", "weight read", "NVMe read", "CXL fetch", "H2D", "CPU update",
+              "GPU update", "D2H", "NVMe write", "weight write", "CXL store"]
 COLORS = {"NVMe read": "#4C72B0", "CXL fetch": "#64B5CD", "H2D": "#8172B2", "CPU update": "#55A868",
           "GPU update": "#2E8B57", "D2H": "#CCB974", "NVMe write": "#C44E52", "CXL store": "#DD8452",
-          "forward": "#999999", "backward": "#777777"}
+          "forward": "#999999", "backward": "#777777", "weight read": "#2A5783",
+          "weight write": "#8C2D2F"}
 
 
 def load_trace(path):

@@ -217,6 +217,38 @@ def test_prefetch_bucket_fetches_ahead_after_the_first_step(tmp_path):
     assert off["prefetches"] == 0
 
 
+def test_trace_has_weight_lanes_and_the_fetches_overlap_compute(tmp_path):
+    """strata.trace at stage 3 (nvme): lanes for the param tier's reads and writes beside
+    forward and backward; prefetched reads run while a forward or backward is running; the
+    report draws them."""
+    import json
+
+    from strata import report
+
+    cfg = config(3, "nvme", tmp_path, clip=0.0, gas=1, stage3_prefetch_bucket_size=50000)
+    cfg["strata"]["trace"] = {"path": str(tmp_path / "trace.json"), "steps": 2}
+    train(cfg, steps=3)
+    events, _ = report.load_trace(tmp_path / "trace.json")
+    names, lanes = report.lanes_of(events)
+    for lane in ("forward", "backward", "weight read", "weight write", "NVMe read"):
+        assert lane in lanes, lanes
+    xs = [e for e in events if e.get("ph") == "X"]
+    by = {}
+    for e in xs:
+        by.setdefault(names[e["tid"]], []).append((e["ts"], e["ts"] + e["dur"],
+                                                    e["args"]["step"]))
+    steps = {s for _, _, s in by["step"]}
+    # Each lane's events belong to the kept steps; reads of a step's weights (forward
+    # and backward) are at least twice the tier's records.
+    assert {s for _, _, s in by["weight read"]} <= steps
+    compute = by["forward"] + by["backward"]
+    overlapping = [r for r in by["weight read"]
+                   if any(a < r[1] and r[0] < b for a, b, _ in compute)]
+    assert len(overlapping) > len(by["weight read"]) // 2
+    report.render(tmp_path / "trace.json", tmp_path / "step.png")
+    assert (tmp_path / "step.png").stat().st_size > 0
+
+
 def test_persistence_threshold_keeps_small_parameters_resident(tmp_path):
     cfg = config(3, "nvme", tmp_path, stage3_param_persistence_threshold=10 ** 9)
     model = build(cfg)

@@ -305,6 +305,10 @@ class Engine {
 
   EngineStats stats() const;
   Trace& trace();
+  // A phase the engine does not see (the model's forward, kForward), from the
+  // driving thread, in steady_clock nanoseconds; labelled with the step it
+  // belongs to (the next one once step() of the current one was called).
+  void record_phase(EventKind kind, int64_t start_ns, int64_t end_ns);
 
   // Drains in-flight I/O and releases pool, swap files and threads. Safe to
   // call twice; the destructor calls it.

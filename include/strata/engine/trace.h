@@ -24,7 +24,20 @@
 
 namespace strata::engine {
 
-enum class EventKind : uint8_t { kFetch, kUpdate, kStore, kStep, kBackward, kForward, kH2D, kD2H };
+// kWeightFetch / kWeightStore: the param tier's transfers (stage 3), outside
+// the optimizer step's breakdown.
+enum class EventKind : uint8_t {
+  kFetch,
+  kUpdate,
+  kStore,
+  kStep,
+  kBackward,
+  kForward,
+  kH2D,
+  kD2H,
+  kWeightFetch,
+  kWeightStore
+};
 const char* event_kind_name(EventKind kind);
 
 struct TraceEvent {

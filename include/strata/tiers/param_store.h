@@ -76,6 +76,17 @@ struct ParamStoreStats {
   std::string path;    // the first swap file (NVMe), else ""
 };
 
+// One NVMe transfer of a record, for a timeline (the engine's trace): from
+// its submit to its completion as the I/O engine saw it, in
+// std::chrono::steady_clock nanoseconds.
+struct ParamTransfer {
+  bool read = false;  // a fetch; else a store (owned writes included)
+  uint32_t id = 0;
+  uint64_t bytes = 0;
+  int64_t start_ns = 0;
+  int64_t end_ns = 0;
+};
+
 class ParamStore {
  public:
   static Result<std::unique_ptr<ParamStore>> create(const ParamStoreOptions& options);
@@ -113,6 +124,12 @@ class ParamStore {
   // Unmaps staging memory no buffer uses (after building a model, whose
   // largest parameter sized the pool); returns the bytes released.
   uint64_t trim_staging();
+
+  // Transfer log (NVMe; off until enabled): every completed fetch and store
+  // is kept, the oldest dropped past 65536, until take_transfers() hands
+  // them over (completion order).
+  void record_transfers(bool on);
+  std::vector<ParamTransfer> take_transfers();
 
   ParamStoreStats stats() const;
   std::string describe() const;  // "nvme (io_uring, O_DIRECT, /x/strata-param-....swap)"
