@@ -11,14 +11,25 @@ bench, in a fresh process:
 With --compare it runs stage 3 (nvme) and stage 2 side by side, each in its own process, and
 prints both. Memory figures are above the baseline. --json prints the results as JSON.
 
+With --speed it also measures, in the same run, the bound of a stage-3 step:
+  max(forward+backward of the same model with its weights resident (plain torch, no strata),
+      (2 x weight bytes + state bytes) / fio's read rate + state bytes / fio's write rate)
+(weights read in forward and again in backward, AdamW state read and written once; fio on a
+file in --nvme-path, O_DIRECT, io_uring, 1 MiB blocks, queue depth 32 — none of strata's
+code) and prints the step's ratio to it. A second figure adds the weights' write-back
+(weight bytes / write rate) to the I/O side.
+
     /usr/bin/python3 benchmarks/bench_stage3.py --params 1.2e9 --nvme-path /tmp/s3 --compare
     /usr/bin/python3 benchmarks/bench_stage3.py --params 4e9 --nvme-path /tmp/s3 --steps 2
+    /usr/bin/python3 benchmarks/bench_stage3.py --params 3e8 --layers 12 --batch 4 --speed \
+        --nvme-path /tmp/s3
 """
 
 import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -51,15 +62,11 @@ def shape_for(params, layers):
     return max(64, d // 64 * 64)
 
 
-def run_one(args):
+def model_class():
+    """The bench's GPT (pre-LayerNorm blocks, tied head)."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-
-    import strata
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
 
     class Block(nn.Module):
         def __init__(self, d):
@@ -103,6 +110,19 @@ def run_one(args):
                 x = b(x)
             logits = self.head(self.ln_f(x))
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    return GPT
+
+
+def run_one(args):
+    import torch
+
+    import strata
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    GPT = model_class()
 
     d = shape_for(args.params, args.layers)
     zero = {"stage": args.stage, "sub_group_size": int(args.sub_group_size),
@@ -174,6 +194,61 @@ def run_one(args):
     }
 
 
+def run_resident(args):
+    """Forward+backward of the same model and batch with its weights in memory (plain torch):
+    seconds per pass, the first pass excluded."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = model_class()(args.vocab, shape_for(args.params, args.layers), args.layers, args.ctx)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, args.vocab, (args.batch, args.ctx), generator=g)
+    y = torch.randint(0, args.vocab, (args.batch, args.ctx), generator=g)
+    times = []
+    for _ in range(max(2, args.steps)):
+        t0 = time.perf_counter()
+        model(x, y).backward()
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    return {"forward_backward_s": times[1:]}
+
+
+def fio_rate(path, rw, size):
+    """Bytes/s fio moves on `path` (O_DIRECT, io_uring, 1 MiB blocks, queue depth 32)."""
+    cmd = ["fio", "--name=bound", f"--filename={path}", f"--size={size}", "--bs=1M",
+           f"--rw={rw}", "--direct=1", "--ioengine=io_uring", "--iodepth=32",
+           "--output-format=json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    job = json.loads(out.stdout)["jobs"][0]
+    io = job["read"] if rw == "read" else job["write"]
+    return io["io_bytes"] / max(io["runtime"] / 1e3, 1e-9)
+
+
+def speed_bound(args, stage3, resident):
+    os.makedirs(args.nvme_path, exist_ok=True)
+    path = os.path.join(args.nvme_path, "fio-bound.dat")
+    size = int(args.fio_gib * 2 ** 30)
+    try:
+        write = fio_rate(path, "write", size)  # also lays the file out for the read
+        read = fio_rate(path, "read", size)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    n = stage3["params"]
+    weights, state = 4 * n, 12 * n
+    io_s = (2 * weights + state) / read + state / write
+    fb = statistics.median(resident["forward_backward_s"])
+    steps = stage3["step_s"]
+    step = statistics.median(steps[1:] if len(steps) > 1 else steps)
+    bound = max(fb, io_s)
+    bound_wb = max(fb, io_s + weights / write)
+    return {"read_gbps": read / 1e9, "write_gbps": write / 1e9, "io_s": io_s,
+            "forward_backward_s": fb, "bound_s": bound, "step_s": step,
+            "ratio": step / bound, "bound_with_writeback_s": bound_wb,
+            "ratio_with_writeback": step / bound_wb}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=float, default=1.2e9)
@@ -191,11 +266,15 @@ def main(argv=None):
     ap.add_argument("--window", type=float, default=6e7, help="stage3_max_live_parameters")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compare", action="store_true", help="stage 3 and stage 2, side by side")
+    ap.add_argument("--speed", action="store_true",
+                    help="also measure the step's bound (resident forward+backward, fio)")
+    ap.add_argument("--fio-gib", type=float, default=2.0, help="size of fio's file (--speed)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--resident", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(run_one(args)))
+        print(json.dumps(run_resident(args) if args.resident else run_one(args)))
         return 0
     runs = [["--stage", "3", "--param-device", args.param_device]]
     if args.compare:
@@ -203,7 +282,7 @@ def main(argv=None):
     if not args.compare and args.stage == 2:
         runs = [["--stage", "2"]]
     keep = [a for a in (argv if argv is not None else sys.argv[1:])
-            if a not in ("--compare", "--json")]
+            if a not in ("--compare", "--json", "--speed")]
     results = []
     for extra in runs:
         cmd = [sys.executable, os.path.abspath(__file__), "--child"] + keep + extra
@@ -212,8 +291,13 @@ def main(argv=None):
             print(f"run {' '.join(extra)} failed (exit {r.returncode})", file=sys.stderr)
             return r.returncode
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    speed = None
+    if args.speed:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--resident"] + keep
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        speed = speed_bound(args, results[0], json.loads(r.stdout.strip().splitlines()[-1]))
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"runs": results, "speed": speed} if speed else results, indent=2))
         return 0
     print(f"{'run':<16}{'params':>14}{'weights GiB':>12}{'after build':>12}{'after init':>11}"
           f"{'peak RSS':>10}{'s/step':>9}  losses")
@@ -227,6 +311,14 @@ def main(argv=None):
               f"  {' '.join(f'{x:.3f}' for x in r['losses'])}")
     print("(GiB above the process's baseline; s/step excludes the first step when there are "
           "several)")
+    if speed:
+        sp = speed
+        print(f"\nbound: fio read {sp['read_gbps']:.2f} GB/s, write {sp['write_gbps']:.2f} GB/s "
+              f"-> I/O {sp['io_s']:.2f} s; resident forward+backward "
+              f"{sp['forward_backward_s']:.2f} s")
+        print(f"stage 3 step (median) {sp['step_s']:.2f} s = {sp['ratio']:.2f} x the bound "
+              f"{sp['bound_s']:.2f} s ({sp['ratio_with_writeback']:.2f} x "
+              f"{sp['bound_with_writeback_s']:.2f} s with the weights' write-back)")
     return 0
 
 
