@@ -10,6 +10,7 @@
 #include <thread>
 
 #include <strata/engine/engine.h>
+#include <strata/engine/trace.h>
 #include <strata/tiers/param_store.h>
 
 #include <nlohmann/json.hpp>
@@ -151,6 +152,63 @@ TEST(ParamStore, BadInputIsRefusedWithContext) {
   auto none = tiers::param_store_options(cfg.value(), "x");
   ASSERT_FALSE(none.ok());
   EXPECT_NE(none.status().message().find("offload_param.device"), std::string::npos);
+}
+TEST(ParamStore, TransferLogRecordsEachNvmeTransferOnceWhenEnabled) {
+  TempDir dir;
+  auto store = make_store(TierKind::kNvme, dir.path());
+  ASSERT_TRUE(store);
+  auto v = ramp(3000, 1.f);
+  ASSERT_TRUE(store->add(v.size() * 4, v.data()).ok());
+  ASSERT_TRUE(store->add(v.size() * 4, v.data()).ok());
+  auto b = store->staging(store->record_bytes(0));
+  ASSERT_TRUE(b.ok());
+  ASSERT_TRUE(store->fetch(0, b.value().data()).ok());
+  EXPECT_TRUE(store->take_transfers().empty());  // off by default
+  store->record_transfers(true);
+  ASSERT_TRUE(store->fetch(0, b.value().data()).ok());
+  ASSERT_TRUE(store->store(1, b.value().data()).ok());
+  auto owned = store->staging(store->record_bytes(1));
+  ASSERT_TRUE(owned.ok());
+  std::memcpy(owned.value().data(), v.data(), v.size() * 4);
+  ASSERT_TRUE(store->store_owned(1, std::move(owned).value()).ok());
+  ASSERT_TRUE(store->flush().ok());
+  auto log = store->take_transfers();
+  ASSERT_EQ(log.size(), 3u);
+  EXPECT_TRUE(log[0].read);
+  EXPECT_EQ(log[0].id, 0u);
+  EXPECT_FALSE(log[1].read);
+  EXPECT_FALSE(log[2].read);
+  EXPECT_EQ(log[2].id, 1u);
+  for (const auto& t : log) {
+    EXPECT_EQ(t.bytes, store->record_bytes(t.id));
+    EXPECT_GT(t.start_ns, 0);
+    EXPECT_LE(t.start_ns, t.end_ns);
+  }
+  EXPECT_TRUE(store->take_transfers().empty());  // handed over once
+}
+
+// Events recorded before a step begins (its forward) belong to it; events of
+// a later step recorded before this one ends stay for that step.
+TEST(Trace, EventsOutsideAStepGoToTheStepTheyNameAndTheWeightLanesAreNamed) {
+  Trace t(4);
+  t.record({EventKind::kForward, 1, -1, "", 0, 10, 20});
+  t.record({EventKind::kWeightFetch, 1, 7, "param", 4096, 12, 18});
+  t.begin_step(1);
+  t.record({EventKind::kStep, 1, -1, "", 0, 25, 40});
+  t.record({EventKind::kForward, 2, -1, "", 0, 35, 45});
+  t.end_step();
+  t.begin_step(2);
+  t.record({EventKind::kStep, 2, -1, "", 0, 50, 60});
+  t.end_step();
+  auto ev = t.events();
+  ASSERT_EQ(ev.size(), 5u);
+  EXPECT_EQ(ev[0].kind, EventKind::kForward);
+  EXPECT_EQ(ev[0].step, 1);
+  EXPECT_EQ(ev[3].kind, EventKind::kForward);  // kept for step 2, before its step event
+  EXPECT_EQ(ev[3].step, 2);
+  std::string json = t.chrome_json().dump();
+  EXPECT_NE(json.find("weight read"), std::string::npos);
+  EXPECT_NE(json.find("weight fetch p7"), std::string::npos);
 }
 
 // ---- the engine over a store ----------------------------------------------
