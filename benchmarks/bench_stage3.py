@@ -15,7 +15,8 @@ With --speed it also measures, in the same run, the bound of a stage-3 step:
   max(forward+backward of the same model with its weights resident (plain torch, no strata),
       (2 x weight bytes + state bytes) / fio's read rate + state bytes / fio's write rate)
 (weights read in forward and again in backward, AdamW state read and written once; fio on a
-file in --nvme-path, O_DIRECT, io_uring, 1 MiB blocks, queue depth 32 — none of strata's
+file in --nvme-path, O_DIRECT, io_uring, 1 MiB blocks, queue depth 32, with huge-page buffers
+(--iomem=shmhuge) when huge pages are reserved, as strata's pool has them — none of strata's
 code) and prints the step's ratio to it. A second figure adds the weights' write-back
 (weight bytes / write rate) to the I/O side.
 
@@ -214,11 +215,22 @@ def run_resident(args):
     return {"forward_backward_s": times[1:]}
 
 
-def fio_rate(path, rw, size):
+def huge_pages_for_fio():
+    """fio's buffers in huge pages as strata's pool has them (--iomem=shmhuge): needs 16
+    reserved 2 MiB pages (1 MiB x depth 32); without them fio's 4 KiB-page buffers run this
+    VM's disk at about half the rate and the bound is too low."""
+    try:
+        with open("/proc/sys/vm/nr_hugepages") as f:
+            return int(f.read()) >= 16
+    except (OSError, ValueError):
+        return False
+
+
+def fio_rate(path, rw, size, huge):
     """Bytes/s fio moves on `path` (O_DIRECT, io_uring, 1 MiB blocks, queue depth 32)."""
     cmd = ["fio", "--name=bound", f"--filename={path}", f"--size={size}", "--bs=1M",
            f"--rw={rw}", "--direct=1", "--ioengine=io_uring", "--iodepth=32",
-           "--output-format=json"]
+           "--output-format=json"] + (["--iomem=shmhuge"] if huge else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     job = json.loads(out.stdout)["jobs"][0]
     io = job["read"] if rw == "read" else job["write"]
@@ -229,9 +241,14 @@ def speed_bound(args, stage3, resident):
     os.makedirs(args.nvme_path, exist_ok=True)
     path = os.path.join(args.nvme_path, "fio-bound.dat")
     size = int(args.fio_gib * 2 ** 30)
+    huge = huge_pages_for_fio()
+    if not huge:
+        print("bench_stage3: no reserved huge pages (/proc/sys/vm/nr_hugepages < 16): fio runs "
+              "with 4 KiB-page buffers, strata's pool with huge pages, so the bound is low; as "
+              "root: echo 64 > /proc/sys/vm/nr_hugepages", file=sys.stderr)
     try:
-        write = fio_rate(path, "write", size)  # also lays the file out for the read
-        read = fio_rate(path, "read", size)
+        write = fio_rate(path, "write", size, huge)  # also lays the file out for the read
+        read = fio_rate(path, "read", size, huge)
     finally:
         if os.path.exists(path):
             os.unlink(path)
@@ -243,7 +260,8 @@ def speed_bound(args, stage3, resident):
     step = statistics.median(steps[1:] if len(steps) > 1 else steps)
     bound = max(fb, io_s)
     bound_wb = max(fb, io_s + weights / write)
-    return {"read_gbps": read / 1e9, "write_gbps": write / 1e9, "io_s": io_s,
+    return {"fio_huge_pages": huge, "read_gbps": read / 1e9, "write_gbps": write / 1e9,
+            "io_s": io_s,
             "forward_backward_s": fb, "bound_s": bound, "step_s": step,
             "ratio": step / bound, "bound_with_writeback_s": bound_wb,
             "ratio_with_writeback": step / bound_wb}
@@ -313,7 +331,8 @@ def main(argv=None):
           "several)")
     if speed:
         sp = speed
-        print(f"\nbound: fio read {sp['read_gbps']:.2f} GB/s, write {sp['write_gbps']:.2f} GB/s "
+        print(f"\nbound: fio ({'huge' if sp['fio_huge_pages'] else '4 KiB'}-page buffers) read "
+              f"{sp['read_gbps']:.2f} GB/s, write {sp['write_gbps']:.2f} GB/s "
               f"-> I/O {sp['io_s']:.2f} s; resident forward+backward "
               f"{sp['forward_backward_s']:.2f} s")
         print(f"stage 3 step (median) {sp['step_s']:.2f} s = {sp['ratio']:.2f} x the bound "
