@@ -861,7 +861,6 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
         return invalid_argument("parameter " + p.name +
                                 " lives in the param store and gives host memory too");
       }
-      e.opts.param_store->record_transfers(true);  // weight lanes in the trace
       const size_t want = size_t(p.numel) * kernels::dtype_size(p.dtype);
       if (size_t(p.store_id) >= e.opts.param_store->count() ||
           e.opts.param_store->bytes(uint32_t(p.store_id)) != want) {
@@ -873,6 +872,9 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
       return invalid_argument("parameter " + p.name + " has no data pointer");
     }
     pin.params.push_back(PlanParam{p.numel, p.dtype, p.group, p.host_copy});
+  }
+  if (e.opts.param_store != nullptr) {
+    e.opts.param_store->record_transfers(true);  // weight lanes in the trace
   }
   STRATA_ASSIGN_OR_RETURN(e.plan, build_plan(cfg, pin));
   e.step_counts.assign(e.opts.groups.size(), 0);

@@ -1,9 +1,10 @@
 #include <strata/engine/trace.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <fstream>
+
+#include <strata/platform/clock.h>
 
 namespace strata::engine {
 
@@ -33,11 +34,7 @@ const char* event_kind_name(EventKind kind) {
   return "?";
 }
 
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+int64_t now_ns() { return platform::steady_ns(); }
 
 namespace {
 

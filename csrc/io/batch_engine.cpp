@@ -4,17 +4,14 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <cstdio>
 #include <limits>
 
+#include <strata/platform/clock.h>
+
 namespace strata::io::detail {
 
-uint64_t monotonic_ns() {
-  return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                      std::chrono::steady_clock::now().time_since_epoch())
-                      .count());
-}
+uint64_t monotonic_ns() { return uint64_t(platform::steady_ns()); }
 
 namespace {
 

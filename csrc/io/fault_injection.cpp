@@ -1,11 +1,11 @@
 #include <strata/io/fault_injection.h>
 
-#include <chrono>
-
 #include <fcntl.h>
 
 #include <algorithm>
 #include <cerrno>
+
+#include <strata/platform/clock.h>
 
 namespace strata::io {
 
@@ -260,9 +260,7 @@ Status FaultInjectionEngine::wait_timed(Ticket ticket, int64_t* done_ns) {
   if (p.inner != 0) {
     inner = inner_->wait_timed(p.inner, done_ns);
   } else if (done_ns != nullptr) {  // nothing reached the inner engine: done at once
-    *done_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                   std::chrono::steady_clock::now().time_since_epoch())
-                   .count();
+    *done_ns = platform::steady_ns();
   }
   return p.injected.ok() ? inner : p.injected;
 }

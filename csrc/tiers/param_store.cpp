@@ -3,7 +3,6 @@
 #include <strata/tiers/param_store.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -11,6 +10,7 @@
 
 #include <strata/io/swap_file.h>
 #include <strata/log.h>
+#include <strata/platform/clock.h>
 #include <strata/tiers/tiers.h>
 
 namespace strata::tiers {
@@ -18,12 +18,6 @@ namespace strata::tiers {
 namespace {
 constexpr size_t kAlign = 4096;
 size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-int64_t steady_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 }  // namespace
 
 Result<ParamStoreOptions> param_store_options(const Config& config, const std::string& tag) {
@@ -102,7 +96,11 @@ struct ParamStore::Impl {
   static constexpr size_t kMaxTransfers = size_t(1) << 16;
   bool log_transfers = false;
   std::deque<ParamTransfer> transfers;
+  // end_ns 0 (the I/O engine gave no completion time): now.
   void log(bool read, uint32_t id, int64_t start_ns, int64_t end_ns) {
+    if (end_ns == 0) {
+      end_ns = platform::steady_ns();
+    }
     std::lock_guard<std::mutex> lock(mu);
     if (!log_transfers) {
       return;
@@ -161,7 +159,7 @@ struct ParamStore::Impl {
       int64_t done = 0;
       Status st = io->wait_timed(w.ticket, &done);
       if (st.ok()) {
-        log(false, w.id, w.start_ns, done ? done : steady_ns());
+        log(false, w.id, w.start_ns, done);
       } else {
         std::lock_guard<std::mutex> lock(mu);
         if (records[w.id].owned_error.ok()) {
@@ -365,7 +363,7 @@ Result<io::Ticket> ParamStore::submit_fetch(uint32_t id, void* dst) {
       STRATA_RETURN_IF_ERROR(s.cxl->fetch(r.cxl_handle, dst));
       return io::Ticket{0};
     default: {
-      int64_t t0 = steady_ns();
+      int64_t t0 = platform::steady_ns();
       STRATA_ASSIGN_OR_RETURN(io::Ticket t, s.files[r.file]->submit_read(r.extent, dst));
       s.pending[t] = Impl::Pending{id, true, dst, t0};
       return t;
@@ -396,7 +394,7 @@ Result<io::Ticket> ParamStore::submit_store(uint32_t id, const void* src) {
       STRATA_RETURN_IF_ERROR(s.cxl->store(r.cxl_handle, src));
       return io::Ticket{0};
     default: {
-      int64_t t0 = steady_ns();
+      int64_t t0 = platform::steady_ns();
       STRATA_ASSIGN_OR_RETURN(io::Ticket t, s.files[r.file]->submit_write(r.extent, src));
       s.pending[t] = Impl::Pending{id, false, const_cast<void*>(src), t0};
       return t;
@@ -427,7 +425,7 @@ Status ParamStore::wait(io::Ticket ticket) {
       std::string(p.read ? "fetch" : "store") + " of parameter record " + std::to_string(p.id);
   int64_t done = 0;
   STRATA_RETURN_IF_ERROR(s.io->wait_timed(ticket, &done).with_context(what));
-  s.log(p.read, p.id, p.start_ns, done ? done : steady_ns());
+  s.log(p.read, p.id, p.start_ns, done);
   if (p.read) {
     STRATA_RETURN_IF_ERROR(file->verify(extent, p.buf).with_context(what));
   }
@@ -462,7 +460,7 @@ Status ParamStore::store_owned(uint32_t id, memory::PinnedBuffer buf) {
   s.reap_owned(/*cap=*/true);
   std::lock_guard<std::mutex> lock(s.mu);
   Impl::Record& r = s.records[id];
-  int64_t t0 = steady_ns();
+  int64_t t0 = platform::steady_ns();
   auto t = s.files[r.file]->submit_write(r.extent, buf.data());
   if (!t.ok()) {
     return t.status().with_context("write of parameter record " + std::to_string(id));
