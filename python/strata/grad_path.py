@@ -189,20 +189,20 @@ class ArenaGrads:
             staged = b.shadows[i] is not None and not fold
 
             def hook(*_):
+                o = opt()
+                overlap = o is not None and o._overlap_active
                 if fold:
                     q = pref()
                     g = None if q is None else q.grad
                     if g is not None:
-                        o = opt()
-                        if o is not None and o._overlap_active:
+                        if overlap:
                             # Stage 3: hold backward while the updates lag (the arena's pages
                             # are written here and released only after their update).
                             b.grad_wait_s += engine.wait_grad_room()
                         with torch.no_grad():
                             view.add_(g.to(view.device))
                         q.grad = None
-                o = opt()
-                if o is not None and o._overlap_active:
+                if overlap:
                     if staged:
                         o._grads._stage_ready(b, i, pref())
                     else:
