@@ -798,6 +798,8 @@ Status Engine::Impl::close() {
       std::lock_guard<std::mutex> lock(run->mu);
       if (!run->updates_done) {
         run->cancel = true;  // a step never finished: leave the records as they were
+      } else {
+        run->stepped = true;  // its updates ran (before step() was called): join it
       }
       run->cv.notify_all();
     }
@@ -1211,9 +1213,16 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
   r.worker = std::thread([this, &r] {
     Status st = run_pipeline(r);
     int64_t end = now_ns();
-    if (r.backward_end_ns) {
-      trace.record(
-          {EventKind::kBackward, int64_t(steps), -1, "", 0, r.start_ns, r.backward_end_ns});
+    int64_t backward_end = 0;
+    {
+      // The updates can all finish before end_backward() (every sub-group was
+      // marked ready in the hooks): the backward lane waits for its end.
+      std::unique_lock<std::mutex> lock(r.mu);
+      r.cv.wait(lock, [&] { return !r.backward_running || r.cancel || r.stepped; });
+      backward_end = r.backward_end_ns;
+    }
+    if (backward_end) {
+      trace.record({EventKind::kBackward, int64_t(steps), -1, "", 0, r.start_ns, backward_end});
     }
     trace.record({EventKind::kStep, int64_t(steps), -1, "", 0, r.start_ns, end});
     absorb_weight_transfers(int64_t(steps));  // its backward and write-back
@@ -1410,8 +1419,8 @@ Status Engine::step(float grad_mul) {
       if (!r.gate) {
         r.gate = true;
         r.grad_mul = grad_mul;
-        r.cv.notify_all();
       }
+      r.cv.notify_all();
     }
   } else {
     STRATA_RETURN_IF_ERROR(e.sync());

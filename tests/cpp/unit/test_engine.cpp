@@ -484,6 +484,51 @@ TEST(EngineOverlap, CancelledStepChangesNothing) {
   }
 }
 
+// Eager overlap where every sub-group is marked ready in the hooks: the
+// updates can all finish before end_backward() is called. The step's trace
+// still has its backward lane, ending at end_backward() (it was missing when
+// the worker read the end before backward ended: a stage 3 trace test failed
+// on a fast machine). An engine closed after such updates, with no step()
+// call, joins its worker.
+TEST(EngineOverlap, BackwardLaneEndsAtEndBackwardWhenTheUpdatesFinishFirst) {
+  TempDir dir;
+  Model m(7);
+  EngineOptions o;
+  o.config = make_config("nvme", dir.path.string(), 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok());
+  auto& e = *r.value();
+  Engine::BackwardOptions bo;
+  bo.eager_update = true;
+  ASSERT_TRUE(e.begin_backward(bo).ok());
+  fill_grads(e, m, 0);
+  for (size_t p : {3, 2, 1, 0}) {
+    e.mark_param_ready(p);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the updates finish
+  int64_t before_end = now_ns();
+  ASSERT_TRUE(e.end_backward().ok());
+  ASSERT_TRUE(e.step().ok());
+  ASSERT_TRUE(e.sync().ok());
+  int backward = 0;
+  for (const auto& ev : e.trace().events()) {
+    if (ev.kind == EventKind::kBackward) {
+      ++backward;
+      EXPECT_GE(ev.end_ns, before_end);
+    }
+  }
+  EXPECT_EQ(backward, 1);
+  // The same updates, then close() with neither end_backward() nor step().
+  ASSERT_TRUE(e.begin_backward(bo).ok());
+  for (size_t p : {3, 2, 1, 0}) {
+    e.mark_param_ready(p);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_TRUE(e.close().ok());
+}
+
 // data_types.grad_accum_dtype: bf16 parameters with fp32 gradient arenas. The
 // arena holds fp32 values the bf16 parameters could not (a bf16 arena would
 // round them), and the update reads them as fp32: the masters equal the scalar
