@@ -960,12 +960,15 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
     size_t bytes = arena_numel[d] * kernels::dtype_size(DType(d));
     e.arena_of_dtype[d] = int(e.arenas.size());
     if (e.opts.release_grads) {
+      // 2 MiB-aligned with transparent huge pages where the system allows
+      // them: a sub-group's pages come back 512 at a time after release.
       void* addr = nullptr;
-      int rc = platform::map_anonymous(bytes, platform::kPageSize, &addr);
+      int rc = platform::map_anonymous(bytes, size_t(2) << 20, &addr);
       if (rc != 0) {
         return Status::from_errno(-rc,
                                   "mmap of a " + std::to_string(bytes) + "-byte gradient arena");
       }
+      (void)platform::advise_hugepage(addr, bytes);  // a hint: without THP, 4 KiB pages
       e.arena_maps.emplace_back(addr, bytes);
       e.arenas.push_back(GradSpan{DType(d), addr, arena_numel[d]});
       continue;
@@ -1336,6 +1339,28 @@ void Engine::mark_param_ready(size_t param) {
   if (added) {
     r.cv.notify_all();
   }
+}
+
+Status Engine::populate_grad(size_t param) {
+  Impl& e = *impl_;
+  if (!e.opts.release_grads || e.arenas.empty()) {
+    return Status::Ok();
+  }
+  if (param >= e.param_grad_offset.size()) {
+    return invalid_argument("populate_grad(" + std::to_string(param) +
+                            "): no such parameter (the engine has " +
+                            std::to_string(e.param_grad_offset.size()) + ")");
+  }
+  const kernels::DType dt = grad_dtype(param);
+  const GradSpan& a = e.arenas[size_t(e.arena_of_dtype[size_t(dt)])];
+  const size_t esize = kernels::dtype_size(dt);
+  char* p = static_cast<char*>(a.data) + e.param_grad_offset[param] * esize;
+  int rc = platform::populate_pages(p, size_t(e.opts.params[param].numel) * esize);
+  if (rc != 0) {
+    return Status::from_errno(-rc, "madvise(MADV_POPULATE_WRITE) of the gradient of parameter " +
+                                       e.opts.params[param].name);
+  }
+  return Status::Ok();
 }
 
 double Engine::wait_grad_room() {

@@ -167,6 +167,28 @@ int release_pages(void* addr, size_t bytes) {
   return madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED) == 0 ? 0 : neg_errno();
 }
 
+int populate_pages(void* addr, size_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
+  const uintptr_t start = round_up(a, kPageSize);
+  const uintptr_t end = (a + bytes) / kPageSize * kPageSize;
+  if (end <= start) {
+    return 0;
+  }
+  char* p = reinterpret_cast<char*>(start);
+  if (madvise(p, end - start, MADV_POPULATE_WRITE) == 0) {
+    return 0;
+  }
+  if (errno != EINVAL) {
+    return neg_errno();
+  }
+  // Older kernel: a write access per page that changes nothing (the pages
+  // may hold data another thread is adding to).
+  for (uintptr_t off = 0; off < end - start; off += kPageSize) {
+    __atomic_fetch_add(p + off, char(0), __ATOMIC_RELAXED);
+  }
+  return 0;
+}
+
 namespace {
 
 int prefault_chunk(char* p, size_t bytes) {

@@ -363,6 +363,10 @@ PYBIND11_MODULE(_C, m) {
           py::call_guard<py::gil_scoped_release>(),
           "Back-pressure for a gradient hook (release_grads): waits while the sub-groups\n"
           "ready and not yet updated are at the cap; returns the seconds waited.")
+      .def(
+          "populate_grad", [](PyEngine& s, size_t i) { check(s.e().populate_grad(i)); },
+          py::call_guard<py::gil_scoped_release>(),
+          "release_grads: maps parameter i's gradient pages before a hook adds into them.")
       .def("end_backward", [](PyEngine& s) { check(s.e().end_backward()); })
       .def("cancel_step",
            [](PyEngine& s) {

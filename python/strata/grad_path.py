@@ -199,6 +199,9 @@ class ArenaGrads:
                             # Stage 3: hold backward while the updates lag (the arena's pages
                             # are written here and released only after their update).
                             b.grad_wait_s += engine.wait_grad_room()
+                        # Stage 3's released pages: mapped in one call, not faulted twice
+                        # per page by the add (a no-op for arenas that are never released).
+                        engine.populate_grad(i)
                         with torch.no_grad():
                             view.add_(g.to(view.device))
                         q.grad = None

@@ -196,6 +196,11 @@ class Engine {
   // the pending sub-groups are at the cap; otherwise waits until one of those
   // stops holding. Any thread; returns the seconds it waited.
   double wait_grad_room();
+  // With release_grads: maps the pages of parameter `param`'s gradient slice
+  // now, before a hook adds into them (one madvise instead of two faults per
+  // 4 KiB page; see platform::populate_pages). Keeps their contents; a no-op
+  // otherwise. Any thread.
+  Status populate_grad(size_t param);
   Status end_backward();
   // Drops the step begun by begin_backward (fp16 overflow): no record changes.
   Status cancel_step();

@@ -5,12 +5,15 @@
 // and reads each once at creation; release_grads frees the gradient pages.
 #include <gtest/gtest.h>
 
+#include <sys/mman.h>
+
 #include <cstring>
 #include <random>
 #include <thread>
 
 #include <strata/engine/engine.h>
 #include <strata/engine/trace.h>
+#include <strata/platform/vm.h>
 #include <strata/tiers/param_store.h>
 
 #include <nlohmann/json.hpp>
@@ -385,6 +388,50 @@ TEST(EngineParamStore, GradientHooksWaitForTheUpdatesSoFewGradientsAreHeld) {
     EXPECT_EQ(std::memcmp(got_w[i].data(), ref_w[i].data(), ref_w[i].size() * 4), 0)
         << "parameter " << i;
   }
+}
+
+// populate_grad maps a parameter's released gradient pages (they read as zero)
+// and keeps a gradient already written; a bad index is an error naming it.
+TEST(EngineParamStore, PopulateGradMapsReleasedPagesAndKeepsGradients) {
+  TempDir dir;
+  Weights w;
+  EngineOptions o;
+  o.config = engine_config(dir.path());
+  o.groups = adamw();
+  o.release_grads = true;
+  for (size_t i = 0; i < w.p.size(); ++i) {
+    o.params.push_back(ParamInfo{"p" + std::to_string(i), int64_t(w.p[i].size()),
+                                 kernels::DType::kF32, 0, w.p[i].data()});
+  }
+  auto r = Engine::create(std::move(o));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  auto e = std::move(r).value();
+  float* arena = static_cast<float*>(e->grad_arenas()[0].data);
+  const size_t last = w.p.size() - 1;
+  float* g = arena + e->grad_offset(last);
+  const size_t n = w.p[last].size();
+  ASSERT_TRUE(e->step().ok());  // every gradient page released
+  ASSERT_TRUE(e->sync().ok());
+  ASSERT_TRUE(e->populate_grad(last).ok());
+  std::vector<unsigned char> vec(1);
+  // A whole page inside the parameter's slice is resident now, and zero.
+  auto* page = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(g) + platform::kPageSize - 1) /
+                                       platform::kPageSize * platform::kPageSize);
+  ASSERT_LT(page + platform::kPageSize, reinterpret_cast<char*>(g + n));
+  ASSERT_EQ(mincore(page, platform::kPageSize, vec.data()), 0);
+  EXPECT_EQ(vec[0] & 1, 1);
+  for (size_t j = 0; j < n; ++j) {
+    ASSERT_EQ(g[j], 0.f) << j;
+    g[j] = float(j) + 0.5f;
+  }
+  ASSERT_TRUE(e->populate_grad(last).ok());
+  for (size_t j = 0; j < n; ++j) {
+    ASSERT_EQ(g[j], float(j) + 0.5f) << j;
+  }
+  Status bad = e->populate_grad(w.p.size());
+  EXPECT_FALSE(bad.ok());
+  EXPECT_NE(bad.to_string().find("no such parameter"), std::string::npos) << bad.to_string();
+  ASSERT_TRUE(e->close().ok());
 }
 
 TEST(EngineParamStore, RefusesARecordOfTheWrongSizeAndAMissingStore) {

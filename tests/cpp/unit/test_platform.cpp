@@ -112,6 +112,38 @@ TEST(Vm, PrefaultMakesEveryPageResident) {
   }
 }
 
+// populate_pages maps the whole pages of a range that was released, keeps the
+// contents of the others, and a write into the populated range then takes no
+// page fault.
+TEST(Vm, PopulatePagesMapsReleasedPagesAndKeepsContents) {
+  const size_t pages = 128;
+  Mapping m(pages * kPageSize, kHugePageSize);
+  ASSERT_EQ(m.rc, 0);
+  unsigned char* c = static_cast<unsigned char*>(m.p);
+  for (size_t i = 0; i < pages * kPageSize; ++i) {
+    c[i] = static_cast<unsigned char>(i % 251 + 1);
+  }
+  ASSERT_EQ(release_pages(c + 10 * kPageSize, 50 * kPageSize), 0);
+  EXPECT_EQ(resident_pages(m.p, m.size), pages - 50);
+  // Unaligned ends: whole pages 6..105 are populated.
+  ASSERT_EQ(populate_pages(c + 5 * kPageSize + 100, 101 * kPageSize), 0);
+  EXPECT_EQ(resident_pages(m.p, m.size), pages);
+  for (size_t i = 0; i < pages * kPageSize; i += 997) {
+    const size_t page = i / kPageSize;
+    const unsigned char want =
+        page >= 10 && page < 60 ? 0 : static_cast<unsigned char>(i % 251 + 1);
+    ASSERT_EQ(c[i], want) << "byte " << i;
+  }
+  rusage before{}, after{};
+  ASSERT_EQ(getrusage(RUSAGE_THREAD, &before), 0);
+  for (size_t page = 10; page < 60; ++page) {
+    c[page * kPageSize + 7] += 1;  // a read and a write, as a gradient hook's add
+  }
+  ASSERT_EQ(getrusage(RUSAGE_THREAD, &after), 0);
+  EXPECT_EQ(after.ru_minflt - before.ru_minflt, 0) << "faults after populate_pages";
+  EXPECT_EQ(populate_pages(c, 100), 0);  // no whole page: nothing to do
+}
+
 TEST(Vm, HugepageAndDontforkAdvice) {
   Mapping m(size_t(4) << 20, kHugePageSize);
   ASSERT_EQ(m.rc, 0);
