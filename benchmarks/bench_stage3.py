@@ -142,7 +142,9 @@ def run_one(args):
            "zero_optimization": zero,
            "aio": {"block_size": 1 << 20, "queue_depth": 32},
            "strata": {"threads": args.threads, "progress": "off",
-                      "overlap_backward": True}}
+                      "overlap_backward": args.overlap == "on"}}
+    if args.trace:
+        cfg["strata"]["trace"] = {"path": args.trace, "steps": 2}
     base = status_kib("VmRSS")
     peak_reset = reset_peak()
     t0 = time.perf_counter()
@@ -162,13 +164,16 @@ def run_one(args):
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, args.vocab, (args.batch, args.ctx), generator=g)
     y = torch.randint(0, args.vocab, (args.batch, args.ctx), generator=g)
-    losses, times = [], []
+    losses, times, phases = [], [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         loss = engine(x, y)
+        t1 = time.perf_counter()
         engine.backward(loss)
+        t2 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
+        phases.append({"forward": t1 - t0, "backward": t2 - t1, "step": times[-1] - (t2 - t0)})
         losses.append(loss.item())
         print(f"  step {len(times)}: loss {losses[-1]:.4f}, {times[-1]:.1f} s, "
               f"RSS {(status_kib('VmRSS') - base) / 2**20:.2f} GiB above baseline",
@@ -192,6 +197,8 @@ def run_one(args):
                                                        "window_peak_elements")},
         "state_bytes_fetched": opt_stats.get("bytes_fetched"),
         "state_bytes_stored": opt_stats.get("bytes_stored"),
+        "grad_wait_s": opt_stats.get("grad_wait_s"),
+        "phase_s": phases,
     }
 
 
@@ -289,6 +296,11 @@ def main(argv=None):
     ap.add_argument("--fio-gib", type=float, default=2.0, help="size of fio's file (--speed)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--resident", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--overlap", default="on", choices=["on", "off"],
+                    help="strata.overlap_backward")
+    ap.add_argument("--trace", default="",
+                    help="write the last two steps' trace (stage 3 run) here; "
+                         "python -m strata report PATH draws it")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.child:
