@@ -1,5 +1,6 @@
 // Start-up calibration of the performance model's rates (see calibrate.h).
 #include <strata/engine/calibrate.h>
+#include <strata/io/checksum.h>
 
 #include <strata/cuda/device.h>
 #include <strata/cuda/gpu_rates.h>
@@ -14,9 +15,6 @@
 #include <memory>
 #include <thread>
 #include <vector>
-
-#define XXH_INLINE_ALL
-#include <xxhash.h>
 
 #include <strata/engine/plan.h>
 #include <strata/io/io_engine.h>
@@ -187,11 +185,11 @@ Status calibrate_cpu(const CalibrationOptions& o, CpuBench& cb, kernels::ThreadP
   // Checksums: XXH3 over the state (what SwapFile hashes per record).
   const size_t hbytes = stride * 3 * sizeof(float);
   volatile uint64_t sink = 0;
-  auto th = repeat(per / 2, [&] { sink = sink + XXH3_64bits(state.p, hbytes); });
+  auto th = repeat(per / 2, [&] { sink = sink + io::xxh3_64(state.p, hbytes); });
   hw.checksum_bytes_per_s = double(hbytes) / median(th);
-  hw.sources["checksum_bytes_per_s"] = "measured: XXH3_64bits over " +
-                                       std::to_string(hbytes >> 20) +
-                                       " MiB on one thread, median of " + std::to_string(th.size());
+  hw.sources["checksum_bytes_per_s"] =
+      "measured: XXH3_64bits (" + std::string(io::hash_isa_name(io::hash_isa())) + ") over " +
+      std::to_string(hbytes >> 20) + " MiB on one thread, median of " + std::to_string(th.size());
   // Gradient statistics (exact-mode overlap computes them as gradients arrive).
   auto tg =
       repeat(per / 2, [&] { (void)kernels::grad_stats(g32.p, kernels::DType::kF32, n, &pool); });

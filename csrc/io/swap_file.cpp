@@ -20,9 +20,8 @@
 #include <string>
 #include <vector>
 
-#define XXH_INLINE_ALL
+#include <strata/io/checksum.h>
 #include <strata/log.h>
-#include <xxhash.h>
 
 #include "io/extent_allocator.h"
 #include "io/testing_hooks.h"
@@ -155,7 +154,7 @@ struct SwapFile::Impl {
     const auto* p = static_cast<const unsigned char*>(buf);
     auto one = [&](size_t i) {
       const size_t off = i * kChunk;
-      chunk[i] = XXH3_64bits(p + off, std::min(kChunk, len - std::min(len, off)));
+      chunk[i] = xxh3_64(p + off, std::min(kChunk, len - std::min(len, off)));
     };
     if (n > 1 && options.parallel_for) {
       options.parallel_for(n, one);
@@ -164,7 +163,7 @@ struct SwapFile::Impl {
         one(i);
       }
     }
-    return XXH3_64bits(chunk.data(), n * sizeof(uint64_t));
+    return xxh3_64(chunk.data(), n * sizeof(uint64_t));
   }
 
   mutable std::atomic<uint64_t> verified{0};

@@ -6,11 +6,9 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdio>
-#include <memory>
 #include <string>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
+#include <strata/io/checksum.h>
 
 namespace strata::pybind {
 
@@ -20,32 +18,26 @@ namespace {
 
 class Xxh3 {
  public:
-  Xxh3() : state_(XXH3_createState(), &XXH3_freeState) {
-    if (!state_) {
-      throw std::bad_alloc();
-    }
-    XXH3_128bits_reset(state_.get());
-  }
   void update(const py::buffer& b) {
     py::buffer_info info = b.request();
     const size_t bytes = size_t(info.size) * size_t(info.itemsize);
     if (bytes >= (1u << 16)) {
       py::gil_scoped_release release;
-      XXH3_128bits_update(state_.get(), info.ptr, bytes);
+      state_.update(info.ptr, bytes);
     } else {
-      XXH3_128bits_update(state_.get(), info.ptr, bytes);
+      state_.update(info.ptr, bytes);
     }
   }
   std::string hexdigest() const {
-    XXH128_hash_t h = XXH3_128bits_digest(state_.get());
+    io::Hash128 h = state_.digest();
     char out[33];
-    std::snprintf(out, sizeof(out), "%016llx%016llx", static_cast<unsigned long long>(h.high64),
-                  static_cast<unsigned long long>(h.low64));
+    std::snprintf(out, sizeof(out), "%016llx%016llx", static_cast<unsigned long long>(h.high),
+                  static_cast<unsigned long long>(h.low));
     return out;
   }
 
  private:
-  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> state_;
+  io::Xxh3Stream state_;
 };
 
 }  // namespace
