@@ -40,12 +40,15 @@ build: deps $(BUILD)/build.ninja
 	cmake --build $(BUILD) -j $(JOBS)
 
 # The demo builds only what it runs: the core library and the Python module (no
-# tests, benches or CUDA objects). DEMO_SECONDS / DEMO_STEPS shorten it.
+# tests, benches or CUDA objects). DEMO_SECONDS / DEMO_STEPS shorten it. torch's
+# OpenMP threads sleep between operations unless the environment says otherwise
+# (OMP_WAIT_POLICY; docs/performance.md, "torch's OpenMP threads").
 DEMO_SECONDS ?= 180
 DEMO_STEPS ?= 300
 demo: deps $(BUILD)/build.ninja
 	cmake --build $(BUILD) --target _C -j $(JOBS)
-	$(PYTHON) examples/finetune_gpt.py --config examples/configs/nvme.json --out demo_out \
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} \
+	  $(PYTHON) examples/finetune_gpt.py --config examples/configs/nvme.json --out demo_out \
 	  --max-seconds $(DEMO_SECONDS) --steps $(DEMO_STEPS)
 
 # The CUDA side (csrc/cuda), on demand: reconfigures $(BUILD) with it, so the

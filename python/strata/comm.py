@@ -400,13 +400,18 @@ def launch_argv(argv):
 
 def launch(argv):
     """``python -m strata launch ...``: ``python -m torch.distributed.run`` (torchrun) with
-    ``launch_argv``'s defaults; the script's processes find strata on their PYTHONPATH.
+    ``launch_argv``'s defaults; the script's processes find strata on their PYTHONPATH and get
+    ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (or ``GOMP_SPINCOUNT``).
     Returns the launcher's exit status."""
     import subprocess
     import sys
 
     args = launch_argv(argv)
     env = dict(os.environ)
+    # torch's OpenMP threads sleep between operations instead of spinning on the cores the BLAS
+    # and strata's threads need (read by libgomp when it loads; docs/performance.md).
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = env.get("PYTHONPATH", "")
     if here not in path.split(os.pathsep):

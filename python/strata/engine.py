@@ -214,6 +214,28 @@ class Engine(torch.nn.Module):
         if hasattr(module, "register_load_state_dict_post_hook"):
             self._load_hook = module.register_load_state_dict_post_hook(self._after_module_load)
         self._report_threads()
+        self._check_openmp_spin()
+
+    def _check_openmp_spin(self):
+        """A CPU model whose torch threads fill every core: torch's OpenMP threads spin between
+        ops unless OMP_WAIT_POLICY says otherwise, taking CPU from the BLAS's own threads and
+        strata's update and I/O threads. Said once; the variable must be set before Python starts
+        (libgomp reads it when it loads), which ``python -m strata launch`` does."""
+        if self.device.type != "cpu" or not isinstance(self.optimizer, _OffloadOptimizer):
+            return
+        if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+            return
+        if "OpenMP" not in torch.__config__.parallel_info():
+            return
+        cores = _config._C.usable_cpus()
+        if torch.get_num_threads() < cores:
+            return
+        _config.warn_once(
+            f"torch's {torch.get_num_threads()} OpenMP threads fill the {cores} CPUs and spin "
+            "between operations (OMP_WAIT_POLICY unset), taking CPU from the BLAS and from "
+            "strata's update and I/O threads; set OMP_WAIT_POLICY=PASSIVE in the environment "
+            "before Python starts (python -m strata launch does; measured in "
+            "docs/performance.md, 'torch's OpenMP threads')")
 
     def _report_threads(self):
         """Say at start which threads will share the cores, so oversubscription is visible."""

@@ -865,3 +865,41 @@ def test_mixed_dtypes_get_subgroups_of_one_dtype():
         assert not torch.equal(model.a.weight, a0) and not torch.equal(model.b.weight, b0)
     finally:
         engine.close()
+
+
+def test_openmp_spin_is_said_once_when_torch_threads_fill_the_cpus(monkeypatch, caplog):
+    """A CPU model whose torch threads fill every CPU, with OMP_WAIT_POLICY unset: initialize
+    says once how to stop the OpenMP threads spinning; with the variable set, or fewer torch
+    threads than CPUs, it says nothing."""
+    cfg = {"train_micro_batch_size_per_gpu": 8,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+           "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+           "strata": {"progress": "off"}}
+    cpus = strata._C.usable_cpus()
+    openmp = "OpenMP" in torch.__config__.parallel_info()
+    threads = torch.get_num_threads()
+
+    def said(env, torch_threads):
+        strata.config._warned.clear()
+        for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        torch.set_num_threads(torch_threads)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="strata"):
+            engine, _, _, _ = deepspeed.initialize(model=Net(), config=cfg)
+            engine.close()
+        return [r.getMessage() for r in caplog.records if "OMP_WAIT_POLICY" in r.getMessage()]
+
+    try:
+        got = said({}, cpus)
+        if openmp:
+            assert len(got) == 1 and "OMP_WAIT_POLICY=PASSIVE" in got[0], got
+        else:
+            assert got == []  # torch's thread pool is not OpenMP here: nothing spins that way
+        assert said({"OMP_WAIT_POLICY": "PASSIVE"}, cpus) == []
+        if cpus > 1:
+            assert said({}, cpus - 1) == []
+    finally:
+        torch.set_num_threads(threads)

@@ -537,3 +537,25 @@ def test_comm_counts_collectives_and_says_what_the_backend_lacks():
     assert argv[-3:] == ["train.py", "--tee", "0"]  # the script's own options untouched
     argv = comm.launch_argv(["--nnodes", "2", "-r", "3", "--nproc_per_node", "2", "t.py"])
     assert "--master_port" not in argv and argv.count("-r") == 1 and "--redirects" not in argv
+
+
+def test_launch_sets_openmp_wait_policy_unless_the_environment_does(monkeypatch):
+    """`python -m strata launch` gives the ranks OMP_WAIT_POLICY=PASSIVE (torch's OpenMP
+    threads sleep between operations instead of spinning), and keeps a value the user set."""
+    import subprocess
+
+    from strata import comm
+
+    seen = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: seen.append(env) or 0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert comm.launch(["--nproc_per_node", "1", "train.py"]) == 0
+    assert seen[-1]["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    comm.launch(["--nproc_per_node", "1", "train.py"])
+    assert seen[-1]["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    comm.launch(["--nproc_per_node", "1", "train.py"])
+    assert "OMP_WAIT_POLICY" not in seen[-1]
