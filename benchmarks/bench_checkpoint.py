@@ -35,6 +35,9 @@ import torch.nn as nn  # noqa: E402
 
 import strata  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fio_util  # noqa: E402
+
 
 def rss_now():
     with open("/proc/self/status") as f:
@@ -70,11 +73,13 @@ def drop_cache(path):
         os.close(fd)
 
 
-def fio(name, path, size, rw, direct, fsync=False, fio_bin="fio"):
-    """Seconds fio takes to move ``size`` bytes of ``path`` (1 MiB blocks, queue depth 16)."""
+def fio(name, path, size, rw, direct, fsync=False, fio_bin="fio", huge=False):
+    """Seconds fio takes to move ``size`` bytes of ``path`` (1 MiB blocks, queue depth 16;
+    ``huge``: buffers in huge pages, as the engine's records are)."""
     cmd = [fio_bin, f"--name={name}", f"--filename={path}", f"--size={size}", "--bs=1M",
            f"--rw={rw}", f"--direct={1 if direct else 0}", "--ioengine=io_uring" if direct else
            "--ioengine=psync", "--iodepth=16" if direct else "--iodepth=1", "--output-format=json"]
+    cmd += fio_util.iomem_args(huge)
     if fsync:
         cmd.append("--end_fsync=1")
     t = time.perf_counter()
@@ -168,17 +173,22 @@ def main():
     bounds = {}
     if not args.no_fio and shutil.which(args.fio_bin):
         engine.close()  # the swap file is fio's now
-        r_swap = fio("swap-read", swap_file, swap_bytes, "read", True, fio_bin=args.fio_bin)
+        huge = fio_util.huge_pages_for_fio()
+        if not huge:
+            fio_util.warn_no_huge_pages("bench_checkpoint")
+        r_swap = fio("swap-read", swap_file, swap_bytes, "read", True, fio_bin=args.fio_bin,
+                     huge=huge)
         scratch = os.path.join(root, "fio-write.dat")
         w_ck = fio("ckpt-write", scratch, ck_bytes, "write", False, fsync=True,
                    fio_bin=args.fio_bin)
         os.unlink(scratch)
         scratch = os.path.join(root, "fio-read.dat")
         fio("ckpt-prefill", scratch, ck_bytes, "write", True, fio_bin=args.fio_bin)
-        r_ck = fio("ckpt-read", scratch, ck_bytes, "read", True, fio_bin=args.fio_bin)
+        r_ck = fio("ckpt-read", scratch, ck_bytes, "read", True, fio_bin=args.fio_bin, huge=huge)
         os.unlink(scratch)
-        w_swap = fio("swap-write", swap_file, swap_bytes, "write", True, fio_bin=args.fio_bin)
-        bounds = {"save": r_swap + w_ck, "load": r_ck + w_swap,
+        w_swap = fio("swap-write", swap_file, swap_bytes, "write", True, fio_bin=args.fio_bin,
+                     huge=huge)
+        bounds = {"save": r_swap + w_ck, "load": r_ck + w_swap, "fio_huge_pages": huge,
                   "rates_GBps": {"swap_read": swap_bytes / r_swap / 1e9,
                                  "ckpt_write": ck_bytes / w_ck / 1e9,
                                  "ckpt_read": ck_bytes / r_ck / 1e9,

@@ -37,6 +37,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+sys.path.insert(0, HERE)
+import fio_util  # noqa: E402
 
 
 def status_kib(field):
@@ -222,22 +224,11 @@ def run_resident(args):
     return {"forward_backward_s": times[1:]}
 
 
-def huge_pages_for_fio():
-    """fio's buffers in huge pages as strata's pool has them (--iomem=shmhuge): needs 16
-    reserved 2 MiB pages (1 MiB x depth 32); without them fio's 4 KiB-page buffers run this
-    VM's disk at about half the rate and the bound is too low."""
-    try:
-        with open("/proc/sys/vm/nr_hugepages") as f:
-            return int(f.read()) >= 16
-    except (OSError, ValueError):
-        return False
-
-
 def fio_rate(path, rw, size, huge):
     """Bytes/s fio moves on `path` (O_DIRECT, io_uring, 1 MiB blocks, queue depth 32)."""
     cmd = ["fio", "--name=bound", f"--filename={path}", f"--size={size}", "--bs=1M",
            f"--rw={rw}", "--direct=1", "--ioengine=io_uring", "--iodepth=32",
-           "--output-format=json"] + (["--iomem=shmhuge"] if huge else [])
+           "--output-format=json"] + fio_util.iomem_args(huge)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     job = json.loads(out.stdout)["jobs"][0]
     io = job["read"] if rw == "read" else job["write"]
@@ -248,11 +239,9 @@ def speed_bound(args, stage3, resident):
     os.makedirs(args.nvme_path, exist_ok=True)
     path = os.path.join(args.nvme_path, "fio-bound.dat")
     size = int(args.fio_gib * 2 ** 30)
-    huge = huge_pages_for_fio()
+    huge = fio_util.huge_pages_for_fio()
     if not huge:
-        print("bench_stage3: no reserved huge pages (/proc/sys/vm/nr_hugepages < 16): fio runs "
-              "with 4 KiB-page buffers, strata's pool with huge pages, so the bound is low; as "
-              "root: echo 64 > /proc/sys/vm/nr_hugepages", file=sys.stderr)
+        fio_util.warn_no_huge_pages("bench_stage3")
     try:
         write = fio_rate(path, "write", size, huge)  # also lays the file out for the read
         read = fio_rate(path, "read", size, huge)
