@@ -43,17 +43,17 @@ HashIsa best() {
 
 using UpdateFn = void (*)(void*, const void*, size_t);
 
-UpdateFn update_variant(HashIsa isa) {
-  switch (isa) {
-    case HashIsa::kAvx512:
-      return detail::xxh3_128_update_avx512;
-    case HashIsa::kAvx2:
-      return detail::xxh3_128_update_avx2;
-    case HashIsa::kSse2:
-      break;
-  }
-  return detail::xxh3_128_update_sse2;
-}
+struct Variant {
+  Xxh3Fn one_shot;
+  UpdateFn update;
+};
+
+// By HashIsa's value.
+constexpr Variant kVariants[] = {
+    {detail::xxh3_64_sse2, detail::xxh3_128_update_sse2},
+    {detail::xxh3_64_avx2, detail::xxh3_128_update_avx2},
+    {detail::xxh3_64_avx512, detail::xxh3_128_update_avx512},
+};
 
 }  // namespace
 
@@ -75,18 +75,7 @@ HashIsa hash_isa() {
 }
 
 Xxh3Fn xxh3_64_variant(HashIsa isa) {
-  if (!cpu_has(isa)) {
-    return nullptr;
-  }
-  switch (isa) {
-    case HashIsa::kAvx512:
-      return detail::xxh3_64_avx512;
-    case HashIsa::kAvx2:
-      return detail::xxh3_64_avx2;
-    case HashIsa::kSse2:
-      break;
-  }
-  return detail::xxh3_64_sse2;
+  return cpu_has(isa) ? kVariants[size_t(isa)].one_shot : nullptr;
 }
 
 uint64_t xxh3_64(const void* p, size_t bytes) {
@@ -102,7 +91,7 @@ Xxh3Stream::Xxh3Stream() : Xxh3Stream(hash_isa()) {}
 
 Xxh3Stream::Xxh3Stream(HashIsa isa)
     : state_(std::make_unique<State>()),
-      update_(update_variant(cpu_has(isa) ? isa : HashIsa::kSse2)) {
+      update_(kVariants[size_t(cpu_has(isa) ? isa : HashIsa::kSse2)].update) {
   (void)XXH3_128bits_reset(&state_->s);
 }
 

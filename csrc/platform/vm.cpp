@@ -157,25 +157,39 @@ int advise_dontfork(void* addr, size_t bytes) {
   return madvise(addr, round_up(bytes, kPageSize), MADV_DONTFORK) == 0 ? 0 : neg_errno();
 }
 
-int release_pages(void* addr, size_t bytes) {
+namespace {
+
+// The whole pages inside [addr, addr+bytes): false when there is none.
+bool whole_pages(void* addr, size_t bytes, char** start, size_t* len) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
-  const uintptr_t start = round_up(a, kPageSize);
+  const uintptr_t first = round_up(a, kPageSize);
   const uintptr_t end = (a + bytes) / kPageSize * kPageSize;
-  if (end <= start) {
+  if (end <= first) {
+    return false;
+  }
+  *start = reinterpret_cast<char*>(first);
+  *len = end - first;
+  return true;
+}
+
+}  // namespace
+
+int release_pages(void* addr, size_t bytes) {
+  char* p = nullptr;
+  size_t len = 0;
+  if (!whole_pages(addr, bytes, &p, &len)) {
     return 0;
   }
-  return madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED) == 0 ? 0 : neg_errno();
+  return madvise(p, len, MADV_DONTNEED) == 0 ? 0 : neg_errno();
 }
 
 int populate_pages(void* addr, size_t bytes) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
-  const uintptr_t start = round_up(a, kPageSize);
-  const uintptr_t end = (a + bytes) / kPageSize * kPageSize;
-  if (end <= start) {
+  char* p = nullptr;
+  size_t len = 0;
+  if (!whole_pages(addr, bytes, &p, &len)) {
     return 0;
   }
-  char* p = reinterpret_cast<char*>(start);
-  if (madvise(p, end - start, MADV_POPULATE_WRITE) == 0) {
+  if (madvise(p, len, MADV_POPULATE_WRITE) == 0) {
     return 0;
   }
   if (errno != EINVAL) {
@@ -183,7 +197,7 @@ int populate_pages(void* addr, size_t bytes) {
   }
   // Older kernel: a write access per page that changes nothing (the pages
   // may hold data another thread is adding to).
-  for (uintptr_t off = 0; off < end - start; off += kPageSize) {
+  for (size_t off = 0; off < len; off += kPageSize) {
     __atomic_fetch_add(p + off, char(0), __ATOMIC_RELAXED);
   }
   return 0;

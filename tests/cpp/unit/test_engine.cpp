@@ -105,6 +105,15 @@ void fill_grads(Engine& e, Model& m, int step) {
   }
 }
 
+// An engine over `m` with its state on NVMe under `dir` (sub_group_size 4096).
+Result<std::unique_ptr<Engine>> nvme_engine(Model& m, const std::string& dir) {
+  EngineOptions o;
+  o.config = make_config("nvme", dir, 4096);
+  o.params = m.infos();
+  o.groups = hypers();
+  return Engine::create(std::move(o));
+}
+
 std::vector<std::vector<float>> run(const std::string& device, const std::string& dir, int64_t sgs,
                                     int steps, int64_t dram_cache = 0,
                                     std::string* trace_json = nullptr) {
@@ -230,11 +239,7 @@ TEST(Engine, TraceIsConsistent) {
 TEST(Engine, CloseMidLifeLeavesNothingBehind) {
   TempDir dir;
   Model m(1);
-  EngineOptions o;
-  o.config = make_config("nvme", dir.path.string(), 4096);
-  o.params = m.infos();
-  o.groups = hypers();
-  auto r = Engine::create(std::move(o));
+  auto r = nvme_engine(m, dir.path.string());
   ASSERT_TRUE(r.ok()) << r.status().to_string();
   EXPECT_EQ(dir.files(), 1u);
   fill_grads(*r.value(), m, 0);
@@ -438,11 +443,7 @@ TEST(EngineOverlap, EagerAndExactAreBitIdenticalToNoOverlap) {
 TEST(EngineOverlap, GradStatsDuringBackwardMatchPlainStats) {
   TempDir dir;
   Model m(5);
-  EngineOptions o;
-  o.config = make_config("nvme", dir.path.string(), 4096);
-  o.params = m.infos();
-  o.groups = hypers();
-  auto r = Engine::create(std::move(o));
+  auto r = nvme_engine(m, dir.path.string());
   ASSERT_TRUE(r.ok());
   auto& e = *r.value();
   fill_grads(e, m, 0);
@@ -467,11 +468,7 @@ TEST(EngineOverlap, CancelledStepChangesNothing) {
   // run whose step 2 never happened: compare against running steps 0,1,3..
   auto with_cancel = run_overlapped("nvme", dir.path.string(), 4, false, 1.0f, /*cancel_at=*/2);
   Model m(42);
-  EngineOptions o;
-  o.config = make_config("nvme", dir.path.string(), 4096);
-  o.params = m.infos();
-  o.groups = hypers();
-  auto r = Engine::create(std::move(o));
+  auto r = nvme_engine(m, dir.path.string());
   ASSERT_TRUE(r.ok());
   for (int s : {0, 1, 3}) {
     fill_grads(*r.value(), m, s);
@@ -493,11 +490,7 @@ TEST(EngineOverlap, CancelledStepChangesNothing) {
 TEST(EngineOverlap, BackwardLaneEndsAtEndBackwardWhenTheUpdatesFinishFirst) {
   TempDir dir;
   Model m(7);
-  EngineOptions o;
-  o.config = make_config("nvme", dir.path.string(), 4096);
-  o.params = m.infos();
-  o.groups = hypers();
-  auto r = Engine::create(std::move(o));
+  auto r = nvme_engine(m, dir.path.string());
   ASSERT_TRUE(r.ok());
   auto& e = *r.value();
   Engine::BackwardOptions bo;
@@ -825,11 +818,7 @@ TEST(Engine, RefusedBufferRegistrationFallsBackToUnregisteredBuffers) {
 TEST(Engine, WorkingBuffersAreWhatTheDocsSay) {
   TempDir dir;
   Model m(42);
-  EngineOptions o;
-  o.config = make_config("nvme", dir.path.string(), 4096);
-  o.params = m.infos();
-  o.groups = hypers();
-  auto r = Engine::create(std::move(o));
+  auto r = nvme_engine(m, dir.path.string());
   ASSERT_TRUE(r.ok()) << r.status().to_string();
   Engine& e = *r.value();
   size_t largest_record = 0;
