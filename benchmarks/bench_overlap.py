@@ -8,6 +8,7 @@ measured speed-up the ideal one computed from the measured phases of the off ste
 
     PYTHONPATH=python /usr/bin/python3 benchmarks/bench_overlap.py --params 100M --path /tmp/x
     ... --clip 1.0    # exact mode: global-norm clipping needs every gradient first
+    ... --shape client --batch 256 --sub-group-size 4200000 --threads 2   # issue 20's client
 """
 
 import argparse
@@ -33,6 +34,10 @@ def size(text):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="square", choices=["square", "client"],
+                    help="square: an MLP of --params in square layers of --width with Tanh; client: "
+                         "issue 20's unseen client, 6 blocks of Linear(1024, 4096) -> GELU -> "
+                         "Linear(4096, 1024), 50M parameters (--params and --width unused)")
     ap.add_argument("--params", default="100M", help="trainable parameters (an MLP of square layers)")
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=384, help="rows per step (sets the backward time)")
@@ -48,9 +53,15 @@ def main():
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    n = size(args.params)
-    layers = max(1, round(n / (args.width * args.width + args.width)))
-    model = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(args.width, args.width), nn.Tanh())])
+    if args.shape == "client":
+        args.width = 1024
+        model = nn.Sequential(*[m for _ in range(6) for m in (
+            nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))])
+    else:
+        n = size(args.params)
+        layers = max(1, round(n / (args.width * args.width + args.width)))
+        model = nn.Sequential(*[m for _ in range(layers)
+                                for m in (nn.Linear(args.width, args.width), nn.Tanh())])
     nparams = sum(p.numel() for p in model.parameters())
     swap = args.path or tempfile.mkdtemp(prefix="strata-overlap-", dir=".")
     os.makedirs(swap, exist_ok=True)
@@ -92,7 +103,9 @@ def main():
     step = statistics.median(p[2] for p in phases["off"])
     ideal = (fwd + bwd + step) / (fwd + max(bwd, step))
     speedup = med["off"] / med["on"]
-    result = {"params": nparams, "state_bytes": 12 * nparams, "mode": "exact" if exact else "eager",
+    result = {"shape": args.shape, "params": nparams, "state_bytes": 12 * nparams,
+              "mode": "exact" if exact else "eager", "torch_threads": args.threads,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
               "step_off_s": med["off"], "step_on_s": med["on"], "speedup": speedup,
               "ideal_speedup": ideal, "forward_s": fwd, "backward_s": bwd, "optimizer_step_off_s": step,
               "io_backend": st["io_backend"], "steps_each": args.steps}

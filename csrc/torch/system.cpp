@@ -7,6 +7,7 @@
 
 #include <thread>
 
+#include <strata/io/checksum.h>
 #include <strata/io/probe.h>
 #include <strata/kernels/optimizer.h>
 #include <strata/platform/affinity.h>
@@ -69,6 +70,7 @@ static py::dict system_info(const std::string& swap_dir) {
   auto mt = platform::mem_total_bytes();
   d["mem_total"] = mt.ok() ? mt.value() : 0;
   d["simd"] = kernels::isa_name(kernels::detect_isa());
+  d["checksum_isa"] = io::hash_isa_name(io::hash_isa());
   d["cpus"] = std::thread::hardware_concurrency();
 #ifdef STRATA_HAVE_CUDA
   d["cuda_compiled"] = true;

@@ -78,7 +78,8 @@ def cmd_info(args):
         print(f"  O_DIRECT        {'yes' if sysinfo['direct_io'] else 'refused (buffered fallback)'} on {swap_dir}")
     else:
         print(f"  O_DIRECT        unknown on {swap_dir}: {sysinfo.get('direct_io_error', '')}")
-    print(f"  CPU SIMD        {sysinfo['simd']} ({sysinfo['cpus']} CPUs)")
+    print(f"  CPU SIMD        {sysinfo['simd']} ({sysinfo['cpus']} CPUs); checksums XXH3 on "
+          f"{sysinfo['checksum_isa']}")
     print(f"  memory          {_bytes(sysinfo['mem_total'])} total, {_bytes(sysinfo['mem_available'])} available")
     if sysinfo["memlock_unlimited"]:
         ml = "unlimited"
@@ -105,6 +106,11 @@ def cmd_info(args):
         print(f"  BLAS            {', '.join(blas) if blas else 'unknown'}")
         if blas and not any("openblas" in b or "mkl" in b or "blis" in b for b in blas):
             print("                  (reference BLAS: matmuls ~90x slower; install libopenblas0-pthread)")
+        wait = os.environ.get("OMP_WAIT_POLICY")
+        print(f"  OpenMP wait     {'OMP_WAIT_POLICY=' + wait if wait else 'OMP_WAIT_POLICY unset'}"
+              + ("" if wait or os.environ.get("GOMP_SPINCOUNT") else
+                 ": torch's OpenMP threads spin between operations; with every core busy set "
+                 "OMP_WAIT_POLICY=PASSIVE (docs/performance.md)"))
     if cfg is not None:
         diffs = _config.deepspeed_differences(cfg, _config._read(args.config))
         if diffs:

@@ -618,3 +618,26 @@ def test_a_folder_refusing_chmod_costs_a_warning_not_the_save(tmp_path, monkeypa
         assert any("cannot make it executable" in r.getMessage() for r in caplog.records)
     finally:
         engine.close()
+
+
+def test_info_names_the_checksum_unit_and_the_openmp_wait_policy():
+    import os
+    import subprocess
+    import sys
+
+    import strata
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def info(**env):
+        e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        e.update(env, PYTHONPATH=os.path.join(root, "python"))
+        return subprocess.run([sys.executable, "-m", "strata", "info"], capture_output=True,
+                              text=True, env=e, check=True).stdout
+
+    isa = strata._C.system_info(".")["checksum_isa"]
+    assert isa in ("sse2", "avx2", "avx512")
+    out = info()
+    assert f"checksums XXH3 on {isa}" in out
+    assert "OMP_WAIT_POLICY unset: torch's OpenMP threads spin" in out
+    assert "OpenMP wait     OMP_WAIT_POLICY=PASSIVE\n" in info(OMP_WAIT_POLICY="PASSIVE")
