@@ -1352,7 +1352,11 @@ Status Engine::populate_grad(size_t param) {
                             std::to_string(e.param_grad_offset.size()) + ")");
   }
   const kernels::DType dt = grad_dtype(param);
-  const GradSpan& a = e.arenas[size_t(e.arena_of_dtype[size_t(dt)])];
+  const int arena = e.arena_of_dtype[size_t(dt)];
+  if (e.opts.params[param].numel == 0 || arena < 0) {
+    return Status::Ok();  // no elements, no pages (an empty parameter is in no sub-group)
+  }
+  const GradSpan& a = e.arenas[size_t(arena)];
   const size_t esize = kernels::dtype_size(dt);
   char* p = static_cast<char*>(a.data) + e.param_grad_offset[param] * esize;
   int rc = platform::populate_pages(p, size_t(e.opts.params[param].numel) * esize);
