@@ -106,9 +106,11 @@ def cmd_info(args):
         print(f"  BLAS            {', '.join(blas) if blas else 'unknown'}")
         if blas and not any("openblas" in b or "mkl" in b or "blis" in b for b in blas):
             print("                  (reference BLAS: matmuls ~90x slower; install libopenblas0-pthread)")
+        from .comm import openmp_spins
+
         wait = os.environ.get("OMP_WAIT_POLICY")
         print(f"  OpenMP wait     {'OMP_WAIT_POLICY=' + wait if wait else 'OMP_WAIT_POLICY unset'}"
-              + ("" if wait or os.environ.get("GOMP_SPINCOUNT") else
+              + ("" if not openmp_spins() else
                  ": torch's OpenMP threads spin between operations; with every core busy set "
                  "OMP_WAIT_POLICY=PASSIVE (docs/performance.md)"))
     if cfg is not None:

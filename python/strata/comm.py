@@ -398,6 +398,13 @@ def launch_argv(argv):
     return extra + head + rest
 
 
+def openmp_spins(env=None):
+    """True when the environment leaves libgomp's wait policy at its default, in which torch's
+    OpenMP threads spin between operations (neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT set)."""
+    env = os.environ if env is None else env
+    return "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env
+
+
 def launch(argv):
     """``python -m strata launch ...``: ``python -m torch.distributed.run`` (torchrun) with
     ``launch_argv``'s defaults; the script's processes find strata on their PYTHONPATH and get
@@ -410,7 +417,7 @@ def launch(argv):
     env = dict(os.environ)
     # torch's OpenMP threads sleep between operations instead of spinning on the cores the BLAS
     # and strata's threads need (read by libgomp when it loads; docs/performance.md).
-    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+    if openmp_spins(env):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = env.get("PYTHONPATH", "")

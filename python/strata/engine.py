@@ -223,7 +223,7 @@ class Engine(torch.nn.Module):
         (libgomp reads it when it loads), which ``python -m strata launch`` does."""
         if self.device.type != "cpu" or not isinstance(self.optimizer, _OffloadOptimizer):
             return
-        if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        if not comm.openmp_spins():
             return
         if "OpenMP" not in torch.__config__.parallel_info():
             return
