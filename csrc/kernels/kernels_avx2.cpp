@@ -48,8 +48,11 @@ inline void store_u16x8(uint16_t* p, __m128i h, size_t cnt) {
   }
 }
 
+inline __m256i set1i(uint32_t x) { return _mm256_set1_epi32(int(x)); }
+
 struct V {
   using F = __m256;
+  using M = __m256i;
   static constexpr size_t kLanes = 8;
   static F set1(float x) { return _mm256_set1_ps(x); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
@@ -101,6 +104,93 @@ struct V {
   template <bool kTail>
   static void store_f16(uint16_t* p, F x, size_t cnt) {
     store_u16x8<kTail>(p, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), cnt);
+  }
+
+  // q8 (rules at encode_slot(), optimizer.h): the scalar reference's
+  // integer and IEEE fp32 operations, lane by lane; 8-bit tails go through a
+  // stack buffer.
+  static M max_init() { return _mm256_setzero_si256(); }
+  template <bool kTail>
+  static M max_abs_bits(M acc, F x, size_t cnt) {
+    __m256i a = _mm256_and_si256(_mm256_castps_si256(x), set1i(0x7FFFFFFFu));
+    if constexpr (kTail) {
+      a = _mm256_and_si256(a, tail_mask(cnt));  // dead lanes: 0, which max ignores
+    }
+    return _mm256_max_epu32(acc, a);
+  }
+  static uint32_t reduce_max(M acc) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+    return uint32_t(_mm_cvtsi128_si32(m));
+  }
+  template <bool kSigned, bool kTail>
+  static F load_q8(const uint8_t* p, F scale, size_t cnt) {
+    __m128i c8;
+    if constexpr (kTail) {
+      alignas(16) uint8_t buf[16] = {};
+      __builtin_memcpy(buf, p, cnt);
+      c8 = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+    } else {
+      c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    }
+    __m256i bits;
+    if constexpr (kSigned) {
+      const __m256i c = _mm256_cvtepi8_epi32(c8);
+      const __m256i mag = _mm256_abs_epi32(c);
+      const __m256i zero = _mm256_cmpeq_epi32(mag, _mm256_setzero_si256());
+      bits = _mm256_andnot_si256(
+          zero, _mm256_slli_epi32(_mm256_add_epi32(mag, set1i(detail::kQ8SBias)), 20));
+      bits = _mm256_or_si256(bits, _mm256_and_si256(c, set1i(0x80000000u)));  // -r
+    } else {
+      const __m256i c = _mm256_cvtepu8_epi32(c8);
+      const __m256i zero = _mm256_cmpeq_epi32(c, _mm256_setzero_si256());
+      bits = _mm256_andnot_si256(
+          zero, _mm256_slli_epi32(_mm256_add_epi32(c, set1i(detail::kQ8UBias)), 20));
+    }
+    return _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
+  }
+  template <bool kSigned, bool kTail>
+  static void store_q8(uint8_t* p, F x, F inv, size_t cnt) {
+    // The rules' min(r, 1) is left out: encoding, |x| <= scale, so r <= scale
+    // * fl(1 / scale) <= 1 + 2^-23, whose t (1016) is that of 1.0.
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i a = _mm256_and_si256(u, set1i(0x7FFFFFFFu));
+    const __m256i b = _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(a), inv));
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 20), set1i(1));
+    const __m256i t =
+        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, set1i(0x7FFFF)), lsb), 20);
+    // t <= 0xFFF: signed compares are exact.
+    __m256i code;
+    if constexpr (kSigned) {
+      const __m256i keep = _mm256_cmpgt_epi32(t, set1i(detail::kQ8SMinT - 1));
+      const __m256i mag = _mm256_and_si256(keep, _mm256_sub_epi32(t, set1i(detail::kQ8SBias)));
+      // All ones where the sign bit is set (x < 0, or -0.0 with magnitude 0):
+      // (mag ^ neg) - neg negates there.
+      const __m256i neg = _mm256_srai_epi32(u, 31);
+      code = _mm256_sub_epi32(_mm256_xor_si256(mag, neg), neg);
+    } else {
+      const __m256i keep = _mm256_cmpgt_epi32(t, set1i(detail::kQ8UMinT - 1));
+      code = _mm256_and_si256(keep, _mm256_sub_epi32(t, set1i(detail::kQ8UBias)));
+    }
+    // Codes are within int8 / uint8: the saturating packs are plain narrows.
+    const __m128i w =
+        _mm_packs_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    const __m128i bytes = kSigned ? _mm_packs_epi16(w, w) : _mm_packus_epi16(w, w);
+    if constexpr (kTail) {
+      alignas(16) uint8_t buf[16];
+      _mm_store_si128(reinterpret_cast<__m128i*>(buf), bytes);
+      __builtin_memcpy(p, buf, cnt);
+    } else {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p), bytes);
+    }
+  }
+  template <bool kSigned>
+  static void store_q8x4(uint8_t* p, F x0, F x1, F x2, F x3, F inv) {
+    store_q8<kSigned, false>(p, x0, inv, kLanes);
+    store_q8<kSigned, false>(p + kLanes, x1, inv, kLanes);
+    store_q8<kSigned, false>(p + 2 * kLanes, x2, inv, kLanes);
+    store_q8<kSigned, false>(p + 3 * kLanes, x3, inv, kLanes);
   }
 };
 
@@ -171,6 +261,8 @@ const KernelTable& avx2_table() {
       &avx2_impl::sum_squares,
       &avx2_impl::cast_from_f32_entry<avx2_impl::V>,
       &avx2_impl::cast_to_f32_entry<avx2_impl::V>,
+      &avx2_impl::q8_encode_entry<avx2_impl::V>,
+      &avx2_impl::q8_decode_entry<avx2_impl::V>,
   };
   return table;
 }

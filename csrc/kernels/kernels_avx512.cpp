@@ -42,8 +42,11 @@ inline void store_u16x16(uint16_t* p, __m256i h, size_t cnt) {
   }
 }
 
+inline __m512i set1i(uint32_t x) { return _mm512_set1_epi32(int(x)); }
+
 struct V {
   using F = __m512;
+  using M = __m512i;
   static constexpr size_t kLanes = 16;
   static F set1(float x) { return _mm512_set1_ps(x); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
@@ -94,6 +97,100 @@ struct V {
   template <bool kTail>
   static void store_f16(uint16_t* p, F x, size_t cnt) {
     store_u16x16<kTail>(p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), cnt);
+  }
+
+  // q8 (rules at encode_slot(), optimizer.h): the scalar reference's
+  // integer and IEEE fp32 operations, lane by lane, except where noted.
+  // (The block max stays an integer max of |x|'s bits: vrangeps would save an
+  // instruction but drops a NaN in its second operand.)
+  static M max_init() { return _mm512_setzero_si512(); }
+  template <bool kTail>
+  static M max_abs_bits(M acc, F x, size_t cnt) {
+    const __m512i a = _mm512_and_si512(_mm512_castps_si512(x), set1i(0x7FFFFFFFu));
+    if constexpr (kTail) {
+      return _mm512_mask_max_epu32(acc, tail_mask(cnt), acc, a);
+    } else {
+      return _mm512_max_epu32(acc, a);
+    }
+  }
+  static uint32_t reduce_max(M acc) { return uint32_t(_mm512_reduce_max_epu32(acc)); }
+  template <bool kSigned, bool kTail>
+  static F load_q8(const uint8_t* p, F scale, size_t cnt) {
+    __m128i c8;
+    if constexpr (kTail) {
+      c8 = _mm_maskz_loadu_epi8(tail_mask(cnt), p);
+    } else {
+      c8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    }
+    __m512i bits;
+    if constexpr (kSigned) {
+      const __m512i c = _mm512_cvtepi8_epi32(c8);
+      const __m512i mag = _mm512_abs_epi32(c);
+      bits = _mm512_maskz_slli_epi32(_mm512_test_epi32_mask(mag, mag),
+                                     _mm512_add_epi32(mag, set1i(detail::kQ8SBias)), 20);
+      // bits | (c & sign): -r for negative codes.
+      bits = _mm512_ternarylogic_epi32(bits, c, set1i(0x80000000u), 0xF8);
+    } else {
+      const __m512i c = _mm512_cvtepu8_epi32(c8);
+      bits = _mm512_maskz_slli_epi32(_mm512_test_epi32_mask(c, c),
+                                     _mm512_add_epi32(c, set1i(detail::kQ8UBias)), 20);
+    }
+    return _mm512_mul_ps(_mm512_castsi512_ps(bits), scale);
+  }
+  // t of the rules: the rounded top 12 bits of r = |x| * inv. The rules'
+  // min(r, 1) is left out: encoding, |x| <= scale, so r <= scale * fl(1 /
+  // scale) <= 1 + 2^-23, whose t (1016) is that of 1.0 (1 + 2^-21 with the
+  // 21-bit inv of a scale above 2^126: the same).
+  static __m512i q8_t(F x, F inv) {
+    const __m512i a = _mm512_and_si512(_mm512_castps_si512(x), set1i(0x7FFFFFFFu));
+    const __m512i b = _mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(a), inv));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 20), set1i(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, set1i(0x7FFFF)), lsb), 20);
+  }
+  template <bool kSigned, bool kTail>
+  static void store_q8(uint8_t* p, F x, F inv, size_t cnt) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i t = q8_t(x, inv);
+    __m512i code;
+    if constexpr (kSigned) {
+      const __m512i mag = _mm512_maskz_sub_epi32(
+          _mm512_cmpge_epu32_mask(t, set1i(detail::kQ8SMinT)), t, set1i(detail::kQ8SBias));
+      // Sign bit set: x < 0, or x == -0.0, whose magnitude is 0 anyway.
+      const __mmask16 neg = _mm512_cmplt_epi32_mask(u, _mm512_setzero_si512());
+      code = _mm512_mask_sub_epi32(mag, neg, _mm512_setzero_si512(), mag);
+    } else {
+      code = _mm512_maskz_sub_epi32(_mm512_cmpge_epu32_mask(t, set1i(detail::kQ8UMinT)), t,
+                                    set1i(detail::kQ8UBias));
+    }
+    if constexpr (kTail) {
+      _mm512_mask_cvtepi32_storeu_epi8(p, tail_mask(cnt), code);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(code));
+    }
+  }
+  // Four vectors' codes at once (64 bytes), the bits of four store_q8: t
+  // narrowed by unsigned-saturating packs (t <= 0xFFF), the bias taken off
+  // with an unsigned-saturating subtract (below it: 0), the cutoff (code <
+  // 8: 0) and the sign applied to bytes, the packs' lane interleave undone by
+  // one dword permute.
+  template <bool kSigned>
+  static void store_q8x4(uint8_t* p, F x0, F x1, F x2, F x3, F inv) {
+    const __m512i bias =
+        _mm512_set1_epi16(kSigned ? short(detail::kQ8SBias) : short(detail::kQ8UBias));
+    const __m512i m01 = _mm512_subs_epu16(_mm512_packus_epi32(q8_t(x0, inv), q8_t(x1, inv)), bias);
+    const __m512i m23 = _mm512_subs_epu16(_mm512_packus_epi32(q8_t(x2, inv), q8_t(x3, inv)), bias);
+    __m512i b = _mm512_packus_epi16(m01, m23);  // per 128-bit lane L: x0[L], x1[L], x2[L], x3[L]
+    b = _mm512_maskz_mov_epi8(_mm512_cmpge_epu8_mask(b, _mm512_set1_epi8(8)), b);
+    b = _mm512_permutexvar_epi32(
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), b);
+    if constexpr (kSigned) {
+      const __mmask32 lo = _mm512_kunpackw(_mm512_movepi32_mask(_mm512_castps_si512(x1)),
+                                           _mm512_movepi32_mask(_mm512_castps_si512(x0)));
+      const __mmask32 hi = _mm512_kunpackw(_mm512_movepi32_mask(_mm512_castps_si512(x3)),
+                                           _mm512_movepi32_mask(_mm512_castps_si512(x2)));
+      b = _mm512_mask_sub_epi8(b, _mm512_kunpackd(hi, lo), _mm512_setzero_si512(), b);
+    }
+    _mm512_storeu_si512(p, b);
   }
 };
 
@@ -162,6 +259,8 @@ const KernelTable& avx512_table() {
       &avx512_impl::sum_squares,
       &avx512_impl::cast_from_f32_entry<avx512_impl::V>,
       &avx512_impl::cast_to_f32_entry<avx512_impl::V>,
+      &avx512_impl::q8_encode_entry<avx512_impl::V>,
+      &avx512_impl::q8_decode_entry<avx512_impl::V>,
   };
   return table;
 }

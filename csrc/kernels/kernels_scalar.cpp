@@ -110,6 +110,7 @@ namespace scalar_impl {
 
 struct V {
   using F = float;
+  using M = uint32_t;
   static constexpr size_t kLanes = 1;
   static F set1(float x) { return x; }
   static F add(F a, F b) { return a + b; }
@@ -146,6 +147,47 @@ struct V {
   template <bool kTail>
   static void store_f16(uint16_t* p, F x, size_t) {
     *p = float_to_fp16_bits(x);
+  }
+
+  // q8: the rules at encode_slot() (optimizer.h), literally.
+  static M max_init() { return 0; }
+  template <bool kTail>
+  static M max_abs_bits(M acc, F x, size_t) {
+    const uint32_t a = float_bits(x) & 0x7FFFFFFFu;  // |x|'s order; NaN above inf
+    return a > acc ? a : acc;
+  }
+  static uint32_t reduce_max(M acc) { return acc; }
+  template <bool kSigned, bool kTail>
+  static F load_q8(const uint8_t* p, F scale, size_t) {
+    if constexpr (kSigned) {
+      const int32_t c = int8_t(*p);
+      const uint32_t mag = uint32_t(c < 0 ? -c : c);
+      const float r = mag != 0 ? bits_float((mag + detail::kQ8SBias) << 20) : 0.0f;
+      return (c < 0 ? -r : r) * scale;
+    } else {
+      const float r = *p != 0 ? bits_float((uint32_t(*p) + detail::kQ8UBias) << 20) : 0.0f;
+      return r * scale;
+    }
+  }
+  template <bool kSigned, bool kTail>
+  static void store_q8(uint8_t* p, F x, F inv, size_t) {
+    const float a = std::fabs(x) * inv;
+    const float r = a < 1.0f ? a : 1.0f;  // no NaN here: the block is finite
+    const uint32_t b = float_bits(r);
+    const uint32_t t = (b + 0x7FFFFu + ((b >> 20) & 1u)) >> 20;
+    if constexpr (kSigned) {
+      const int32_t mag = t < detail::kQ8SMinT ? 0 : int32_t(t - detail::kQ8SBias);
+      *p = uint8_t(int8_t(x < 0.0f ? -mag : mag));
+    } else {
+      *p = uint8_t(t < detail::kQ8UMinT ? 0 : t - detail::kQ8UBias);
+    }
+  }
+  template <bool kSigned>
+  static void store_q8x4(uint8_t* p, F x0, F x1, F x2, F x3, F inv) {
+    store_q8<kSigned, false>(p, x0, inv, 1);
+    store_q8<kSigned, false>(p + 1, x1, inv, 1);
+    store_q8<kSigned, false>(p + 2, x2, inv, 1);
+    store_q8<kSigned, false>(p + 3, x3, inv, 1);
   }
 };
 
@@ -193,6 +235,8 @@ const KernelTable& scalar_table() {
       &scalar_impl::sum_squares,
       &scalar_impl::cast_from_f32_entry<scalar_impl::V>,
       &scalar_impl::cast_to_f32_entry<scalar_impl::V>,
+      &scalar_impl::q8_encode_entry<scalar_impl::V>,
+      &scalar_impl::q8_decode_entry<scalar_impl::V>,
   };
   return table;
 }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -88,8 +89,51 @@ struct RangeIndex {
   }
 };
 
-// Everything a tile needs; `run(seg, out)` applies the optimizer (or the
-// bound) to one segment.
+// How a record's slots are stepped. Every path computes, bit for bit, what
+// optimizer_step defines for compressed slots — decode the whole record, one
+// fp32 step, encode it back — because the step is elementwise and a q8
+// block's scale depends only on the block's own new values:
+//   kFused:   the layouts slot_dtype_for() gives without q8 (fp32 or bf16
+//             master, the other slots all fp32 or all bf16): the kernels load
+//             and store the slots in place (bf16 decode / encode in
+//             registers), copy-out fused as for fp32 state.
+//   kBlocked: the same with q8 slots: the kernels work block by block
+//             (decode, update, max, encode from an L1 buffer), so segments
+//             are whole blocks: a chunk whose copy-out is one range covering
+//             it is fused, any other is written from the stored master after.
+//   kChunked: any other layout (a q8 master, mixed moment formats): chunks
+//             of kChunk elements are decoded into a stack scratch, stepped
+//             by the fp32 kernels there, and encoded back.
+enum class Path : uint8_t { kFused, kBlocked, kChunked };
+
+// kChunked: 4 KiB per slot of scratch, L1-resident (larger chunks ran at half
+// the speed on Zen 5: the scratch spilled to L2 while the phases took turns
+// on the memory streams). kBlockedChunk: the copy-out decision's unit.
+// Both are multiples of kQ8Block dividing kTile, so every q8 block is
+// decoded, updated and re-encoded whole by one thread.
+constexpr size_t kChunk = size_t(1) << 10;
+constexpr size_t kCompressedTile = size_t(1) << 16;
+constexpr size_t kBlockedChunk = size_t(1) << 11;
+// Scratch slots are kChunk + 80 floats apart (an odd number of cache lines
+// past 4 KiB), so their streams do not alias in L1 sets or in the 4 KiB
+// store-to-load disambiguation.
+constexpr size_t kScratchStride = kChunk + 80;
+static_assert(kTile % kChunk == 0 && kChunk % kQ8Block == 0);
+static_assert(kCompressedTile % kBlockedChunk == 0 && kCompressedTile % kChunk == 0 &&
+              kBlockedChunk % kQ8Block == 0);
+
+// Where a tile's (or chunk's) slots live: element e of slot k is at
+// at[k] + (e - origin) * elem[k]; a q8 slot's block scales at scales[k]
+// (the block holding element `origin`, which is block-aligned).
+struct SlotPtrs {
+  unsigned char* at[4] = {nullptr, nullptr, nullptr, nullptr};
+  size_t elem[4] = {4, 4, 4, 4};
+  float* scales[4] = {nullptr, nullptr, nullptr, nullptr};
+  size_t origin = 0;
+};
+
+// Everything a tile needs; `run(seg, out, kinds)` applies the optimizer (or
+// the bound) to one segment.
 template <class RunSegment>
 struct TileRunner {
   const StateView& state;
@@ -101,27 +145,74 @@ struct TileRunner {
   const RangeIndex& index;
   const KernelTable& table;
   RunSegment run;
+  Path path;
+  detail::StateKinds kinds;  // kFused, kBlocked
+  SlotPtrs base;             // the record's slots in place (origin 0)
+  bool compressed;           // some slot is not fp32
 
-  Segment segment(size_t begin, size_t end, void* dst) const {
-    Segment s;
-    s.p = state.slot[0] + begin;
-    s.s1 = slots > 1 ? state.slot[1] + begin : nullptr;
-    s.s2 = slots > 2 ? state.slot[2] + begin : nullptr;
-    s.s3 = slots > 3 ? state.slot[3] + begin : nullptr;
+  Segment segment(size_t begin, size_t end, void* dst, const SlotPtrs& at) const {
+    Segment s{};
+    for (int k = 0; k < slots; ++k) {
+      if (at.at[k] != nullptr) {
+        s.slot[k] = at.at[k] + (begin - at.origin) * at.elem[k];
+        s.scales[k] =
+            at.scales[k] != nullptr ? at.scales[k] + (begin - at.origin) / kQ8Block : nullptr;
+      }
+    }
     s.g = grad + begin * grad_size;
     s.out = dst;
     s.n = end - begin;
     return s;
   }
 
-  void update(size_t begin, size_t end, void* dst, OutKind kind) const {
+  void update(size_t begin, size_t end, void* dst, OutKind kind, const SlotPtrs& at,
+              detail::StateKinds k) const {
     if (end > begin) {
-      run(segment(begin, end, dst), kind);
+      run(segment(begin, end, dst, at), kind, k);
     }
   }
 
   static void* dst_at(const CopyOut& r, size_t element, size_t out_size) {
     return static_cast<unsigned char*>(r.dst) + (element - r.offset) * out_size;
+  }
+
+  size_t tile_elems() const { return compressed ? kCompressedTile : kTile; }
+
+  void tile(size_t begin, size_t end) const {
+    switch (path) {
+      case Path::kFused:
+        fused_tile(begin, end, base, kinds);
+        break;
+      case Path::kBlocked:
+        blocked_tile(begin, end);
+        break;
+      case Path::kChunked:
+        chunked_tile(begin, end);
+        break;
+    }
+  }
+
+  // The copy-out of master elements [begin, end) to dst from the stored
+  // master: fp32 as is, bf16 as a later decode gives it (for a bf16
+  // copy-out that is its bits).
+  void copy_master(const SlotPtrs& at, detail::SlotKind master, size_t begin, size_t end,
+                   void* dst) const {
+    const unsigned char* m = at.at[0] + (begin - at.origin) * at.elem[0];
+    const size_t n = end - begin;
+    if (master == detail::SlotKind::kF32) {
+      table.cast_from_f32(reinterpret_cast<const float*>(m), dst, out, n);
+    } else if (out == OutKind::kBF16) {
+      std::memcpy(dst, m, n * 2);
+    } else if (out == OutKind::kF32) {
+      table.cast_to_f32(m, DType::kBF16, static_cast<float*>(dst), n);
+    } else {
+      alignas(64) float buf[1024];
+      for (size_t i = 0; i < n; i += 1024) {
+        const size_t cnt = std::min<size_t>(1024, n - i);
+        table.cast_to_f32(m + i * 2, DType::kBF16, buf, cnt);
+        table.cast_from_f32(buf, static_cast<unsigned char*>(dst) + i * out_size, out, cnt);
+      }
+    }
   }
 
   // Pass 1 updates [begin, end), split at the boundaries of the long
@@ -130,7 +221,7 @@ struct TileRunner {
   // would cost more than the data, and ones overlapping an earlier piece —
   // from the just-updated master, still hot in L1/L2. Both passes make the
   // same decisions, so each piece is written exactly once.
-  void tile(size_t begin, size_t end) const {
+  void fused_tile(size_t begin, size_t end, const SlotPtrs& at, detail::StateKinds k) const {
     const auto& ranges = index.ranges;
     const size_t first = index.first_reaching(begin);
     size_t pos = begin;
@@ -143,14 +234,14 @@ struct TileRunner {
         continue;
       }
       if (re - rb >= kMinFused && rb >= pos) {
-        update(pos, rb, nullptr, OutKind::kNone);
-        update(rb, re, dst_at(r, rb, out_size), out);
+        update(pos, rb, nullptr, OutKind::kNone, at, k);
+        update(rb, re, dst_at(r, rb, out_size), out, at, k);
         pos = re;
       } else {
         any_deferred = true;
       }
     }
-    update(pos, end, nullptr, OutKind::kNone);
+    update(pos, end, nullptr, OutKind::kNone, at, k);
     if (!any_deferred) {
       return;
     }
@@ -166,17 +257,125 @@ struct TileRunner {
         pos = re;  // fused in pass 1
         continue;
       }
-      table.cast_from_f32(state.slot[0] + rb, dst_at(r, rb, out_size), out, re - rb);
+      copy_master(at, k.master, rb, re, dst_at(r, rb, out_size));
+    }
+  }
+
+  // kBlocked: whole-block segments. A chunk covered by one copy-out range
+  // (and touched by no other) writes it fused; otherwise its pieces are
+  // written from the stored master, still in L1/L2.
+  void blocked_tile(size_t begin, size_t end) const {
+    const auto& ranges = index.ranges;
+    for (size_t cb = begin; cb < end; cb += kBlockedChunk) {
+      const size_t ce = std::min(end, cb + kBlockedChunk);
+      const size_t first = index.first_reaching(cb);
+      size_t pieces = 0;
+      const CopyOut* only = nullptr;
+      for (size_t i = first; i < ranges.size() && ranges[i].offset < ce; ++i) {
+        if (std::min(ranges[i].offset + ranges[i].n, ce) > std::max(ranges[i].offset, cb)) {
+          ++pieces;
+          only = &ranges[i];
+        }
+      }
+      if (pieces == 1 && only->offset <= cb && only->offset + only->n >= ce) {
+        update(cb, ce, dst_at(*only, cb, out_size), out, base, kinds);
+        continue;
+      }
+      update(cb, ce, nullptr, OutKind::kNone, base, kinds);
+      for (size_t i = first; pieces > 0 && i < ranges.size() && ranges[i].offset < ce; ++i) {
+        const CopyOut& r = ranges[i];
+        const size_t rb = std::max(r.offset, cb);
+        const size_t re = std::min(r.offset + r.n, ce);
+        if (re > rb) {
+          copy_master(base, kinds.master, rb, re, dst_at(r, rb, out_size));
+        }
+      }
+    }
+  }
+
+  // Slot k's elements [begin, begin + n) as fp32 into dst (k compressed;
+  // begin is a multiple of kQ8Block).
+  void decode(int k, size_t begin, size_t n, float* dst) const {
+    if (state.dtype[k] == SlotDType::kBF16) {
+      table.cast_to_f32(static_cast<const uint16_t*>(state.packed[k]) + begin, DType::kBF16, dst,
+                        n);
+    } else {
+      table.q8_decode(state.dtype[k], static_cast<const uint8_t*>(state.packed[k]) + begin,
+                      state.scales[k] + begin / kQ8Block, dst, n);
+    }
+  }
+
+  void encode(int k, size_t begin, size_t n, const float* src) const {
+    if (state.dtype[k] == SlotDType::kBF16) {
+      table.cast_from_f32(src, static_cast<uint16_t*>(state.packed[k]) + begin, OutKind::kBF16, n);
+    } else {
+      table.q8_encode(state.dtype[k], src, static_cast<uint8_t*>(state.packed[k]) + begin,
+                      state.scales[k] + begin / kQ8Block, n);
+    }
+  }
+
+  void chunked_tile(size_t begin, size_t end) const {
+    alignas(64) float scratch[4 * kScratchStride];
+    const detail::StateKinds f32{};
+    const bool master_packed = state.dtype[0] != SlotDType::kF32;
+    for (size_t cb = begin; cb < end; cb += kChunk) {
+      const size_t ce = std::min(end, cb + kChunk);
+      const size_t n = ce - cb;
+      SlotPtrs at;
+      at.origin = cb;
+      for (int k = 0; k < slots; ++k) {
+        if (state.dtype[k] == SlotDType::kF32) {
+          at.at[k] = reinterpret_cast<unsigned char*>(state.slot[k] + cb);
+        } else {
+          float* const x = scratch + size_t(k) * kScratchStride;
+          at.at[k] = reinterpret_cast<unsigned char*>(x);
+          decode(k, cb, n, x);
+        }
+      }
+      if (master_packed) {
+        update(cb, ce, nullptr, OutKind::kNone, at, f32);
+      } else {
+        fused_tile(cb, ce, at, f32);  // copy-out fused as for fp32 state
+      }
+      for (int k = 0; k < slots; ++k) {
+        if (state.dtype[k] != SlotDType::kF32) {
+          encode(k, cb, n, reinterpret_cast<const float*>(at.at[k]));
+        }
+      }
+      if (master_packed) {
+        copy_out_rounded(cb, ce, scratch);
+      }
+    }
+  }
+
+  // The copy-out pieces in [begin, end) from the stored (rounded) master:
+  // its encoded chunk decoded again into buf.
+  void copy_out_rounded(size_t begin, size_t end, float* buf) const {
+    const auto& ranges = index.ranges;
+    bool decoded = false;
+    for (size_t i = index.first_reaching(begin); i < ranges.size() && ranges[i].offset < end; ++i) {
+      const CopyOut& r = ranges[i];
+      const size_t rb = std::max(r.offset, begin);
+      const size_t re = std::min(r.offset + r.n, end);
+      if (re <= rb) {
+        continue;
+      }
+      if (!decoded) {
+        decode(0, begin, end - begin, buf);
+        decoded = true;
+      }
+      table.cast_from_f32(buf + (rb - begin), dst_at(r, rb, out_size), out, re - rb);
     }
   }
 };
 
 template <class RunSegment>
 void run_tiles(const TileRunner<RunSegment>& runner, size_t n, ThreadPool* pool) {
-  const size_t tiles = (n + kTile - 1) / kTile;
-  auto one = [&runner, n](size_t t) {
-    const size_t begin = t * kTile;
-    runner.tile(begin, std::min(n, begin + kTile));
+  const size_t tile = runner.tile_elems();
+  const size_t tiles = (n + tile - 1) / tile;
+  auto one = [&runner, n, tile](size_t t) {
+    const size_t begin = t * tile;
+    runner.tile(begin, std::min(n, begin + tile));
   };
   if (pool == nullptr || tiles == 1) {
     for (size_t t = 0; t < tiles; ++t) {
@@ -218,11 +417,23 @@ Status check_step_args(const OptimizerHyper& hyper, const StateView& state, cons
   const int slots = state_slots(hyper);
   if (state.n > 0) {
     for (int s = 0; s < slots; ++s) {
-      if (state.slot[s] == nullptr) {
+      const SlotDType d = state.dtype[s];
+      if (d != SlotDType::kF32 && d != SlotDType::kBF16 && d != SlotDType::kQ8S &&
+          d != SlotDType::kQ8U) {
+        return invalid_argument("optimizer_step: slot " + std::to_string(s) + " has bad dtype " +
+                                std::to_string(int(d)));
+      }
+      const bool q8 = d == SlotDType::kQ8S || d == SlotDType::kQ8U;
+      const char* missing = d == SlotDType::kF32 ? (state.slot[s] == nullptr ? "slot" : nullptr)
+                            : state.packed[s] == nullptr       ? "packed"
+                            : q8 && state.scales[s] == nullptr ? "scales"
+                                                               : nullptr;
+      if (missing != nullptr) {
         return invalid_argument(std::string("optimizer_step: ") + optimizer_name(hyper.kind) +
                                 (hyper.amsgrad && s == 3 ? " with amsgrad" : "") + " needs slot " +
-                                std::to_string(s) + " (of " + std::to_string(slots) +
-                                "), got nullptr");
+                                std::to_string(s) + " (of " + std::to_string(slots) + ", " +
+                                slot_dtype_name(d) + "), got " + missing + "[" + std::to_string(s) +
+                                "] = nullptr");
       }
     }
     if (grad == nullptr) {
@@ -295,21 +506,87 @@ detail::AdagradConsts adagrad_consts(const OptimizerHyper& h, const StepArgs& ar
   return c;
 }
 
+// The path and kinds for a record's layout (see Path).
+Path choose_path(const OptimizerHyper& hyper, const StateView& state, int slots,
+                 detail::StateKinds* kinds) {
+  using detail::SlotKind;
+  *kinds = detail::StateKinds{};
+  switch (state.dtype[0]) {
+    case SlotDType::kF32:
+      break;
+    case SlotDType::kBF16:
+      kinds->master = SlotKind::kBF16;
+      break;
+    default:
+      return Path::kChunked;
+  }
+  if (slots == 1) {
+    return Path::kFused;
+  }
+  const SlotDType first = state.dtype[1];
+  for (int k = 1; k < slots; ++k) {
+    const SlotDType d = state.dtype[k];
+    const bool same = first == SlotDType::kF32 || first == SlotDType::kBF16
+                          ? d == first
+                          : d == slot_dtype_for(hyper, k, StateDType::kInt8Blockwise, false);
+    if (!same) {
+      return Path::kChunked;
+    }
+  }
+  switch (first) {
+    case SlotDType::kF32:
+      return Path::kFused;
+    case SlotDType::kBF16:
+      kinds->rest = SlotKind::kBF16;
+      return Path::kFused;
+    default:
+      kinds->rest = SlotKind::kQ8;
+      return Path::kBlocked;
+  }
+}
+
 template <class RunSegment>
 void drive(const OptimizerHyper& hyper, const StateView& state, const void* grad, DType grad_dtype,
            std::span<const CopyOut> copy_out, DType param_dtype, ThreadPool* pool,
            const KernelTable& table, RunSegment run) {
   RangeIndex index;
   index.build(copy_out);
+  const int slots = state_slots(hyper);
+  detail::StateKinds kinds;
+  const Path path = choose_path(hyper, state, slots, &kinds);
+  SlotPtrs base;
+  bool compressed = false;
+  for (int k = 0; k < slots; ++k) {
+    compressed = compressed || state.dtype[k] != SlotDType::kF32;
+    switch (state.dtype[k]) {
+      case SlotDType::kF32:
+        base.at[k] = reinterpret_cast<unsigned char*>(state.slot[k]);
+        break;
+      case SlotDType::kBF16:
+        base.at[k] = static_cast<unsigned char*>(state.packed[k]);
+        base.elem[k] = 2;
+        break;
+      case SlotDType::kQ8S:
+      case SlotDType::kQ8U:
+        base.at[k] = static_cast<unsigned char*>(state.packed[k]);
+        base.elem[k] = 1;
+        base.scales[k] = state.scales[k];
+        break;
+    }
+  }
   const TileRunner<RunSegment> runner{state,
-                                      state_slots(hyper),
+                                      slots,
                                       static_cast<const unsigned char*>(grad),
                                       dtype_size(grad_dtype),
                                       detail::out_kind(param_dtype),
                                       dtype_size(param_dtype),
                                       index,
                                       table,
-                                      run};
+                                      run,
+                                      path,
+                                      kinds,
+                                      base,
+                                      compressed};
   run_tiles(runner, state.n, pool);
 }
 
@@ -498,24 +775,24 @@ Status optimizer_step(const OptimizerHyper& hyper, const StepArgs& args, const S
     case OptimizerKind::kAdamW: {
       const detail::AdamConsts c = adam_consts(hyper, args);
       drive(hyper, state, grad, grad_dtype, copy_out, param_dtype, pool, *table,
-            [&c, table, grad_dtype](const Segment& s, OutKind out) {
-              table->adam(c, s, grad_dtype, out);
+            [&c, table, grad_dtype](const Segment& s, OutKind out, detail::StateKinds k) {
+              table->adam(c, s, grad_dtype, out, k);
             });
       break;
     }
     case OptimizerKind::kSgd: {
       const detail::SgdConsts c = sgd_consts(hyper, args);
       drive(hyper, state, grad, grad_dtype, copy_out, param_dtype, pool, *table,
-            [&c, table, grad_dtype](const Segment& s, OutKind out) {
-              table->sgd(c, s, grad_dtype, out);
+            [&c, table, grad_dtype](const Segment& s, OutKind out, detail::StateKinds k) {
+              table->sgd(c, s, grad_dtype, out, k);
             });
       break;
     }
     case OptimizerKind::kAdagrad: {
       const detail::AdagradConsts c = adagrad_consts(hyper, args);
       drive(hyper, state, grad, grad_dtype, copy_out, param_dtype, pool, *table,
-            [&c, table, grad_dtype](const Segment& s, OutKind out) {
-              table->adagrad(c, s, grad_dtype, out);
+            [&c, table, grad_dtype](const Segment& s, OutKind out, detail::StateKinds k) {
+              table->adagrad(c, s, grad_dtype, out, k);
             });
       break;
     }
@@ -533,10 +810,10 @@ Status stream_bound_step(const OptimizerHyper& hyper, const StateView& state, co
     return Status::Ok();
   }
   // a = 0 comes from here, at run time: the compiler cannot drop the FMA.
-  const detail::BoundConsts c{0.0f, state_slots(hyper)};
+  const detail::BoundConsts c{0.0f, state_slots(hyper), state.dtype[1] == SlotDType::kQ8S};
   drive(hyper, state, grad, grad_dtype, copy_out, param_dtype, pool, *table,
-        [&c, table, grad_dtype](const Segment& s, OutKind out) {
-          table->bound(c, s, grad_dtype, out);
+        [&c, table, grad_dtype](const Segment& s, OutKind out, detail::StateKinds k) {
+          table->bound(c, s, grad_dtype, out, k);
         });
   return Status::Ok();
 }

@@ -74,10 +74,73 @@ Isa detect_isa();               // best the CPU (and OS) supports
 bool isa_supported(Isa isa);    // kAuto and kScalar: always true
 const char* isa_name(Isa isa);  // "scalar", "avx2", "avx512", "auto"
 
+// How one state slot is stored in a record (docs/kernels.md, "Compressed
+// state"). Values are what strata.optimizer_state_dtype and DeepSpeed's
+// bf16.bf16_optimizer_states / bf16.bf16_master_weights_and_grads select.
+//   kF32:  one float per element.
+//   kBF16: one bf16 per element; stores round to nearest even (cast.h rules).
+//   kQ8S / kQ8U: 8-bit blockwise. Element i belongs to block i / kQ8Block
+//     (counted from the slot's element 0); each block keeps one fp32 scale,
+//     the block's max |x|, and per element an 8-bit code of r = |x| / scale
+//     in a small float format relative to the scale: kQ8S (signed slots: m,
+//     momentum) is sign + 4-bit exponent + 3-bit mantissa (r in {0} U
+//     [2^-14, 1]); kQ8U (slots that are never negative: v, max_v, Adagrad's
+//     sum) stores |x| with a 5-bit exponent and 3-bit mantissa (r in {0} U
+//     [2^-30, 1]). Exact bit rules at encode_slot().
+enum class SlotDType : uint8_t { kF32 = 0, kBF16 = 1, kQ8S = 2, kQ8U = 3 };
+inline constexpr size_t kQ8Block = 256;
+const char* slot_dtype_name(SlotDType dtype);  // "fp32", "bf16", "q8s", "q8u"
+// Bytes of one slot of n elements in a record: 4n, 2n, or for q8 the codes
+// (n rounded up to 64) followed by the scales (4 * ceil(n / kQ8Block),
+// rounded up to 64). Always a multiple of 4; the codes of a q8 slot start at
+// its first byte and its scales at q8_scales_offset(n).
+size_t slot_bytes(SlotDType dtype, size_t n);
+size_t q8_scales_offset(size_t n);
+
+// What the optimizer state is stored as (the config's choice); master weights
+// are fp32 unless master_bf16.
+enum class StateDType : uint8_t { kF32 = 0, kBF16 = 1, kInt8Blockwise = 2 };
+const char* state_dtype_name(StateDType dtype);  // "fp32", "bf16", "int8_blockwise"
+// The dtype of slot `slot` of this optimizer: slot 0 (master) kBF16 when
+// master_bf16, else kF32; the other slots kF32, kBF16, or kQ8S/kQ8U by
+// whether the slot can be negative (Adam's m: S; v and max_v: U; SGD's
+// momentum: S; Adagrad's sum: U).
+SlotDType slot_dtype_for(const OptimizerHyper& hyper, int slot, StateDType state, bool master_bf16);
+
 struct StateView {
-  float* slot[4] = {nullptr, nullptr, nullptr, nullptr};  // slot[0] = master
+  float* slot[4] = {nullptr, nullptr, nullptr, nullptr};  // fp32 slots; slot[0] = master
   size_t n = 0;                                           // elements per slot
+  // A slot whose dtype is not kF32 leaves slot[k] null and is found at
+  // packed[k] (bf16 elements, or q8 codes: int8 for kQ8S, uint8 for kQ8U)
+  // with, for q8, ceil(n / kQ8Block) fp32 scales at scales[k].
+  SlotDType dtype[4] = {SlotDType::kF32, SlotDType::kF32, SlotDType::kF32, SlotDType::kF32};
+  void* packed[4] = {nullptr, nullptr, nullptr, nullptr};
+  float* scales[4] = {nullptr, nullptr, nullptr, nullptr};
 };
+
+// Packed slot <-> fp32, for state access outside a step (checkpoints,
+// state_dict). decode_slot writes n floats; encode_slot recomputes the scale
+// of every block from the n values given (n counts from the slot's element
+// 0, so a whole slot is encoded in one call). Round trip: encode(decode(x))
+// reproduces x's codes and scales bit for bit (see docs/kernels.md for the
+// proof sketch), so a checkpoint holding decoded fp32 resumes exactly.
+// kF32 is a copy. Bit-identical for every ISA and thread count.
+//
+// q8 bit rules (the scalar reference; SIMD reproduces them bit for bit):
+//   scale = max over the block of |x| (fp32); a block whose scale is below
+//     2^-96, or not finite, is stored as scale 0 and codes 0.
+//   inv = 1.0f / scale; r = min(|x| * inv, 1.0f) (fp32 ops).
+//   b = bits(r); t = (b + 0x7FFFF + ((b >> 20) & 1)) >> 20 (3 mantissa bits,
+//     round to nearest even); kQ8S: mag = t - 896, 0 when t < 904, code =
+//     x < 0 ? -mag : mag (int8); kQ8U: code = t - 768, 0 when t < 776
+//     (uint8).
+//   decode: kQ8S: mag = |code|, r = mag ? from_bits((mag + 896) << 20) : 0,
+//     x = (code < 0 ? -r : r) * scale; kQ8U: r = code ? from_bits((code +
+//     768) << 20) : 0, x = r * scale.
+Status decode_slot(SlotDType dtype, const void* packed, const float* scales, float* out, size_t n,
+                   ThreadPool* pool, Isa isa = Isa::kAuto);
+Status encode_slot(SlotDType dtype, const float* in, void* packed, float* scales, size_t n,
+                   ThreadPool* pool, Isa isa = Isa::kAuto);
 
 // Elements [offset, offset + n) of the master weights are written to dst in
 // param_dtype after the update. Ranges may come in any order and may overlap
@@ -101,6 +164,22 @@ struct StepArgs {
 // no-op. Bad arguments (null pointers, amsgrad without slot 3, a copy-out
 // range outside the record, step < 1, bad hyper-parameters) are
 // InvalidArgument and touch nothing.
+//
+// Compressed slots (state.dtype[k] != kF32 for some k < state_slots(hyper);
+// a null packed[k], or null scales[k] for q8, is InvalidArgument naming the
+// slot): the result is bit for bit that of decoding every compressed slot of
+// the whole record (decode_slot), this fp32 step on the decoded arrays,
+// encoding every one of them back (encode_slot over the whole slot) and,
+// when the master itself is compressed, writing the copy-out ranges from the
+// stored master as decode_slot returns it (with an fp32 master the copy-out
+// is the step's, as for fp32 state). It is computed in one pass: the layouts
+// slot_dtype_for() gives (fp32 or bf16 master; the other slots all bf16, or
+// all q8 with the optimizer's signedness) decode and encode in registers, q8
+// block by block through an L1 buffer; any other layout chunk by chunk
+// through an fp32 scratch. Still bit-identical for every ISA and thread
+// count. stream_bound_step takes compressed views the same way (decode,
+// s = g * 0 + s, encode): state that encode_slot produced comes back
+// unchanged, since encode(decode(x)) == x.
 Status optimizer_step(const OptimizerHyper& hyper, const StepArgs& args, const StateView& state,
                       const void* grad, DType grad_dtype, std::span<const CopyOut> copy_out,
                       DType param_dtype, ThreadPool* pool, Isa isa = Isa::kAuto);
