@@ -50,8 +50,13 @@ const char* kUsage =
     "auto|avx512|avx2|scalar]\n"
     "                  [--optimizer adamw|adam|sgd|adagrad] [--iters 10] [--scalar-iters 1]\n"
     "                  [--scalar-max-size 64M] [--huge-pages on|off]\n"
-    "                  [--slot-skew on|sub-page|off] [--json]\n"
-    "  sizes are parameter counts (1M = 2^20); --threads 0 = every usable CPU;\n"
+    "                  [--slot-skew on|sub-page|off] [--state-dtype fp32|bf16|int8_blockwise]\n"
+    "                  [--json]\n"
+    "  sizes are parameter counts (1M = 2^20); --threads 0 = every usable CPU (a list\n"
+    "  such as 1,2 runs each count in turn);\n"
+    "  --state-dtype: how the slots after the master are stored (slot_dtype_for: bf16,\n"
+    "  or 8-bit blockwise codes + one fp32 scale per 256); the independent bound then\n"
+    "  moves the same compressed bytes (fp32 master, 2- or 1-byte moments, scales);\n"
     "  --scalar-iters 0 skips the scalar reference rows; sizes above --scalar-max-size\n"
     "  skip them too (the reference runs ~20x slower than the bound: seconds per run);\n"
     "  --huge-pages: THP advice for the kernel's buffers and the independent bound's\n"
@@ -174,24 +179,179 @@ PassFn pick(int rw, int grad_bytes, int out_bytes, const char** isa) {
   }
 }
 
+// The same loop for compressed state (--state-dtype): the master fp32, the
+// K - 1 other slots `MW` bytes per element — 2: bf16, widened and narrowed by
+// a shift; 1: an 8-bit code, widened and narrowed by a conversion, and per
+// kQ8Block elements one fp32 scale read and written (c1..c3) — one
+// multiply-add per array and element, like pass_body.
+template <int MW>
+struct MomentBits;
+template <>
+struct MomentBits<2> {
+  using T = uint16_t;
+  static float load(T x) { return std::bit_cast<float>(uint32_t(x) << 16); }
+  static T store(float x) { return T(std::bit_cast<uint32_t>(x) >> 16); }
+};
+template <>
+struct MomentBits<1> {
+  using T = int8_t;
+  static float load(T x) { return float(x); }
+  static T store(float x) { return T(int32_t(x)); }
+};
+
+template <int K, int MW, int kGradBytes, int kOutBytes>
+inline __attribute__((always_inline)) void cpass_body(
+    float* __restrict s0, void* __restrict m1, void* __restrict m2, void* __restrict m3,
+    float* __restrict c1, float* __restrict c2, float* __restrict c3, const void* __restrict grad,
+    void* __restrict out, size_t begin, size_t end, float a) {
+  using B = MomentBits<MW>;
+  using T = typename B::T;
+  const auto* __restrict g32 = static_cast<const float*>(grad);
+  const auto* __restrict g16 = static_cast<const uint16_t*>(grad);
+  auto* __restrict s1 = static_cast<T*>(m1);
+  auto* __restrict s2 = static_cast<T*>(m2);
+  auto* __restrict s3 = static_cast<T*>(m3);
+  auto* __restrict o32 = static_cast<float*>(out);
+  auto* __restrict o16 = static_cast<uint16_t*>(out);
+  for (size_t i = begin; i < end; ++i) {
+    float g;
+    if constexpr (kGradBytes == 4) {
+      g = g32[i];
+    } else {
+      g = std::bit_cast<float>(uint32_t(g16[i]) << 16);
+    }
+    const float x0 = g * a + s0[i];
+    s0[i] = x0;
+    if constexpr (K > 1) {
+      s1[i] = B::store(g * a + B::load(s1[i]));
+    }
+    if constexpr (K > 2) {
+      s2[i] = B::store(g * a + B::load(s2[i]));
+    }
+    if constexpr (K > 3) {
+      s3[i] = B::store(g * a + B::load(s3[i]));
+    }
+    if constexpr (kOutBytes == 4) {
+      o32[i] = x0;
+    } else if constexpr (kOutBytes == 2) {
+      o16[i] = uint16_t(std::bit_cast<uint32_t>(x0) >> 16);
+    }
+  }
+  if constexpr (MW == 1) {
+    // begin is a multiple of kQ8Block (the partition's granule).
+    const size_t jb = begin / kQ8Block, je = (end + kQ8Block - 1) / kQ8Block;
+    float* const cs[3] = {c1, c2, c3};
+    for (int k = 0; k + 1 < K; ++k) {
+      float* __restrict c = cs[k];
+      for (size_t j = jb; j < je; ++j) {
+        c[j] = c[j] * a + c[j];
+      }
+    }
+  }
+}
+
+using CPassFn = void (*)(float*, void*, void*, void*, float*, float*, float*, const void*, void*,
+                         size_t, size_t, float);
+
+#define STRATA_PLAIN_CPASS(name, attrs)                                                     \
+  template <int K, int MW, int G, int O>                                                    \
+  attrs void name(float* s0, void* m1, void* m2, void* m3, float* c1, float* c2, float* c3, \
+                  const void* g, void* o, size_t b, size_t e, float a) {                    \
+    cpass_body<K, MW, G, O>(s0, m1, m2, m3, c1, c2, c3, g, o, b, e, a);                     \
+  }
+STRATA_PLAIN_CPASS(cpass_avx512,
+                   __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), optimize("O3"))))
+STRATA_PLAIN_CPASS(cpass_avx2, __attribute__((target("avx2,fma"), optimize("O3"))))
+STRATA_PLAIN_CPASS(cpass_base, __attribute__((optimize("O3"))))
+#undef STRATA_PLAIN_CPASS
+
+template <int K, int MW, int G, int O>
+CPassFn cpick_isa(const char** isa) {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    *isa = "avx512";
+    return &cpass_avx512<K, MW, G, O>;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    *isa = "avx2";
+    return &cpass_avx2<K, MW, G, O>;
+  }
+  *isa = "sse2";
+  return &cpass_base<K, MW, G, O>;
+}
+
+template <int K, int MW, int G>
+CPassFn cpick_out(int out_bytes, const char** isa) {
+  switch (out_bytes) {
+    case 0:
+      return cpick_isa<K, MW, G, 0>(isa);
+    case 2:
+      return cpick_isa<K, MW, G, 2>(isa);
+    default:
+      return cpick_isa<K, MW, G, 4>(isa);
+  }
+}
+
+template <int K, int MW>
+CPassFn cpick_grad(int grad_bytes, int out_bytes, const char** isa) {
+  return grad_bytes == 2 ? cpick_out<K, MW, 2>(out_bytes, isa)
+                         : cpick_out<K, MW, 4>(out_bytes, isa);
+}
+
+template <int K>
+CPassFn cpick_width(int moment_bytes, int grad_bytes, int out_bytes, const char** isa) {
+  return moment_bytes == 1 ? cpick_grad<K, 1>(grad_bytes, out_bytes, isa)
+                           : cpick_grad<K, 2>(grad_bytes, out_bytes, isa);
+}
+
+CPassFn cpick(int rw, int moment_bytes, int grad_bytes, int out_bytes, const char** isa) {
+  switch (rw) {
+    case 1:
+      return cpick_width<1>(moment_bytes, grad_bytes, out_bytes, isa);
+    case 2:
+      return cpick_width<2>(moment_bytes, grad_bytes, out_bytes, isa);
+    case 3:
+      return cpick_width<3>(moment_bytes, grad_bytes, out_bytes, isa);
+    default:
+      return cpick_width<4>(moment_bytes, grad_bytes, out_bytes, isa);
+  }
+}
+
 // Owns the arrays and threads of one bound shape. run() is one pass over all
 // n elements; the caller's thread streams partition 0, threads-1 std::threads
 // the others, released and collected by two barriers.
 // Thread-safety: one run() at a time, from the constructing thread.
 class Bound {
  public:
-  Bound(size_t n, int rw, int grad_bytes, int out_bytes, unsigned threads, bool huge)
+  // moment_bytes 4: every slot fp32 (pass_body); 2 or 1: slots 1.. in
+  // bf16 / 8-bit codes with scales (cpass_body), slot 0 fp32.
+  Bound(size_t n, int rw, int grad_bytes, int out_bytes, unsigned threads, bool huge,
+        int moment_bytes = 4)
       : n_(n),
         huge_(huge),
         rw_(rw),
         grad_bytes_(grad_bytes),
         out_bytes_(out_bytes),
+        moment_bytes_(moment_bytes),
+        granule_(moment_bytes == 1 ? kQ8Block : 64),
         threads_(std::max(1u, threads)),
         start_(std::ptrdiff_t(threads_)),
         done_(std::ptrdiff_t(threads_)) {
-    pass_ = pick(rw, grad_bytes, out_bytes, &isa_);
-    for (int k = 0; k < 4; ++k) {
-      s_[k] = k < rw_ ? static_cast<float*>(alloc(n_ * 4)) : nullptr;
+    if (moment_bytes_ == 4) {
+      pass_ = pick(rw, grad_bytes, out_bytes, &isa_);
+      for (int k = 0; k < 4; ++k) {
+        s_[k] = k < rw_ ? static_cast<float*>(alloc(n_ * 4)) : nullptr;
+      }
+    } else {
+      cpass_ = cpick(rw, moment_bytes, grad_bytes, out_bytes, &isa_);
+      s_[0] = static_cast<float*>(alloc(n_ * 4));
+      for (int k = 1; k < rw_; ++k) {
+        m_[k] = alloc(n_ * size_t(moment_bytes_));
+        if (moment_bytes_ == 1) {
+          c_[k] = static_cast<float*>(alloc(blocks() * 4));
+        }
+      }
     }
     grad_ = alloc(n_ * size_t(grad_bytes_));
     out_ = out_bytes_ > 0 ? alloc(n_ * size_t(out_bytes_)) : nullptr;
@@ -210,6 +370,10 @@ class Bound {
     for (void* p : {static_cast<void*>(s_[0]), static_cast<void*>(s_[1]), static_cast<void*>(s_[2]),
                     static_cast<void*>(s_[3]), grad_, out_}) {
       std::free(p);
+    }
+    for (int k = 1; k < 4; ++k) {
+      std::free(m_[k]);
+      std::free(c_[k]);
     }
   }
   Bound(const Bound&) = delete;
@@ -245,16 +409,29 @@ class Bound {
     return p;
   }
 
+  size_t blocks() const { return (n_ + kQ8Block - 1) / kQ8Block; }
+
   // Partition t: [begin, end), cut at multiples of 64 elements so no cache
-  // line of any array is shared by two threads.
-  size_t cut(unsigned t) const { return (n_ * t / threads_) / 64 * 64; }
+  // line of any array is shared by two threads (of kQ8Block with 8-bit
+  // moments: nor any scale).
+  size_t cut(unsigned t) const { return (n_ * t / threads_) / granule_ * granule_; }
   size_t begin(unsigned t) const { return cut(t); }
   size_t end(unsigned t) const { return t + 1 == threads_ ? n_ : cut(t + 1); }
 
   void first_touch(unsigned t) {
     const size_t b = begin(t), e = end(t);
     for (int k = 0; k < rw_; ++k) {
-      std::fill(s_[k] + b, s_[k] + e, k == 0 ? 1.0f : 0.0f);
+      if (s_[k] != nullptr) {
+        std::fill(s_[k] + b, s_[k] + e, k == 0 ? 1.0f : 0.0f);
+      }
+      if (m_[k] != nullptr) {
+        std::memset(static_cast<char*>(m_[k]) + b * size_t(moment_bytes_), 0,
+                    (e - b) * size_t(moment_bytes_));
+      }
+      if (c_[k] != nullptr) {
+        const size_t jb = b / kQ8Block, je = (e + kQ8Block - 1) / kQ8Block;
+        std::fill(c_[k] + jb, c_[k] + je, 0.0f);
+      }
     }
     std::memset(static_cast<char*>(grad_) + b * size_t(grad_bytes_), 0,
                 (e - b) * size_t(grad_bytes_));
@@ -264,7 +441,13 @@ class Bound {
     }
   }
 
-  void stream(unsigned t) { pass_(s_[0], s_[1], s_[2], s_[3], grad_, out_, begin(t), end(t), a_); }
+  void stream(unsigned t) {
+    if (cpass_ != nullptr) {
+      cpass_(s_[0], m_[1], m_[2], m_[3], c_[1], c_[2], c_[3], grad_, out_, begin(t), end(t), a_);
+    } else {
+      pass_(s_[0], s_[1], s_[2], s_[3], grad_, out_, begin(t), end(t), a_);
+    }
+  }
 
   void worker(unsigned t) {
     first_touch(t);
@@ -281,12 +464,16 @@ class Bound {
 
   size_t n_;
   bool huge_;
-  int rw_, grad_bytes_, out_bytes_;
+  int rw_, grad_bytes_, out_bytes_, moment_bytes_;
+  size_t granule_;
   unsigned threads_;
   std::barrier<> start_, done_;
   PassFn pass_ = nullptr;
+  CPassFn cpass_ = nullptr;
   const char* isa_ = "";
   float* s_[4] = {};
+  void* m_[4] = {};   // compressed slots 1..3 (bf16 or 8-bit codes)
+  float* c_[4] = {};  // their scales (8-bit codes)
   void* grad_ = nullptr;
   void* out_ = nullptr;
   volatile float a_volatile_ = 0.0f;
@@ -404,6 +591,23 @@ void check(const strata::Status& st, const char* what) {
   }
 }
 
+// A compressed slot of n elements, all `value`, encoded in parallel (first
+// touch from the pool's threads) a chunk at a time: chunks start at block
+// boundaries, so each encodes like its part of the whole slot.
+void encode_constant(ThreadPool& pool, SlotDType dtype, float value, size_t n, void* packed,
+                     float* scales) {
+  const size_t chunk = size_t(1) << 20;
+  static_assert((size_t(1) << 20) % kQ8Block == 0);
+  const size_t elem = dtype == SlotDType::kBF16 ? 2 : 1;
+  pool.parallel_for((n + chunk - 1) / chunk, [&](size_t c) {
+    const size_t begin = c * chunk, count = std::min(n, begin + chunk) - begin;
+    const std::vector<float> src(count, value);
+    check(encode_slot(dtype, src.data(), static_cast<unsigned char*>(packed) + begin * elem,
+                      scales == nullptr ? nullptr : scales + begin / kQ8Block, count, nullptr),
+          "encode_slot");
+  });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -419,6 +623,7 @@ int main(int argc, char** argv) {
                     {"scalar-max-size", "64M"},
                     {"huge-pages", "on"},
                     {"slot-skew", "on"},
+                    {"state-dtype", "fp32"},
                     {"json", "false"}},
                    kUsage);
   const bool json = args.flag("json");
@@ -440,7 +645,40 @@ int main(int argc, char** argv) {
   const Isa run_isa = isa == Isa::kAuto ? detect_isa() : isa;
   const OptimizerHyper hyper = parse_optimizer(args.get("optimizer"));
   const int slots = state_slots(hyper);
-  ThreadPool pool(unsigned(args.number("threads")));
+  const std::string state_text = args.get("state-dtype");
+  StateDType state_dtype = StateDType::kF32;
+  if (state_text == "bf16") {
+    state_dtype = StateDType::kBF16;
+  } else if (state_text == "int8_blockwise") {
+    state_dtype = StateDType::kInt8Blockwise;
+  } else if (state_text != "fp32") {
+    std::fprintf(stderr, "unknown --state-dtype %s\n%s\n", state_text.c_str(), kUsage);
+    return 2;
+  }
+  const bool compressed = state_dtype != StateDType::kF32;
+  SlotDType slot_dtype[4];
+  std::string slot_names;
+  for (int k = 0; k < 4; ++k) {
+    slot_dtype[k] = slot_dtype_for(hyper, k, state_dtype, false);
+    if (k < slots) {
+      slot_names += std::string(k ? ", " : "") + slot_dtype_name(slot_dtype[k]);
+    }
+  }
+  // Bytes one element of the slots moves (read + write), scales included.
+  double state_bytes = 0.0;
+  for (int k = 0; k < slots; ++k) {
+    const SlotDType d = slot_dtype[k];
+    state_bytes += 2.0 * (d == SlotDType::kF32    ? 4.0
+                          : d == SlotDType::kBF16 ? 2.0
+                                                  : 1.0 + 4.0 / double(kQ8Block));
+  }
+  const int moment_bytes = state_dtype == StateDType::kBF16            ? 2
+                           : state_dtype == StateDType::kInt8Blockwise ? 1
+                                                                       : 4;
+  std::vector<unsigned> thread_counts;
+  for (const auto& t : args.list("threads")) {
+    thread_counts.push_back(unsigned(std::stoul(t)));
+  }
 
   std::vector<DType> grad_dtypes;
   for (const auto& s : args.list("grad-dtype")) {
@@ -467,148 +705,198 @@ int main(int argc, char** argv) {
     out_elem_max = std::max(out_elem_max, dtype_size(d));
   }
 
-  bench::Table table({"kernel", "isa", "grad_dtype", "param_out", "numel", "threads", "time_ms",
-                      "gparams_per_s", "gbps", "ratio_to_bound", "ratio_to_own", "best_ratio"},
-                     json);
-  table.note(std::string("optimizer ") + optimizer_name(hyper.kind) + ", " + std::to_string(slots) +
-             " fp32 slots, isa " + isa_name(run_isa) + ", threads " + std::to_string(pool.size()) +
-             ", cpu: " + cpu_features_string() + ", kernel and bound buffers: " +
-             (huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE") + ", slots " +
-             (skew == "on"         ? "skewed (the engine's layout)"
-              : skew == "sub-page" ? "skewed within a page only (--slot-skew sub-page)"
-                                   : "unskewed (--slot-skew off)") +
-             "; grad and copy-out follow the record at the same stride");
-  table.note(std::to_string(iters) + " rounds each (scalar: " + std::to_string(scalar_iters_arg) +
-             ", up to " + std::to_string(scalar_max) +
-             " params); a round runs kernel, own_loop and indep_bound back to back, order rotated;"
-             " time_ms = median run; ratio_to_bound = median over the rounds of (indep_bound time /"
-             " kernel time); ratio_to_own = the same against own_loop (the kernel path's own loop,"
-             " not independent); best_ratio = fastest indep_bound / fastest kernel");
+  std::vector<std::string> columns = {"kernel", "isa", "grad_dtype", "param_out"};
+  if (compressed) {
+    columns.push_back("state_dtype");
+  }
+  for (const char* c : {"numel", "threads", "time_ms", "gparams_per_s", "gbps", "ratio_to_bound",
+                        "ratio_to_own", "best_ratio"}) {
+    columns.push_back(c);
+  }
+  bench::Table table(columns, json);
+  for (unsigned thread_count : thread_counts) {
+    ThreadPool pool(thread_count);
+    table.note(
+        std::string("optimizer ") + optimizer_name(hyper.kind) + ", " + std::to_string(slots) +
+        (compressed ? " slots (" + slot_names + ")" : std::string(" fp32 slots")) + ", isa " +
+        isa_name(run_isa) + ", threads " + std::to_string(pool.size()) +
+        ", cpu: " + cpu_features_string() +
+        ", kernel and bound buffers: " + (huge ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE") + ", slots " +
+        (skew == "on"         ? "skewed (the engine's layout)"
+         : skew == "sub-page" ? "skewed within a page only (--slot-skew sub-page)"
+                              : "unskewed (--slot-skew off)") +
+        "; grad and copy-out follow the record at the same stride");
+    table.note(
+        std::to_string(iters) + " rounds each (scalar: " + std::to_string(scalar_iters_arg) +
+        ", up to " + std::to_string(scalar_max) +
+        " params); a round runs kernel, own_loop and indep_bound back to back, order rotated;"
+        " time_ms = median run; ratio_to_bound = median over the rounds of (indep_bound time /"
+        " kernel time); ratio_to_own = the same against own_loop (the kernel path's own loop,"
+        " not independent); best_ratio = fastest indep_bound / fastest kernel");
 
-  int64_t step = 0;
-  for (const auto& size_text : args.list("sizes")) {
-    const size_t n = bench::parse_size(size_text);
-    const int scalar_iters = n <= scalar_max ? scalar_iters_arg : 0;
-    // The state as the engine holds it: one record, slot k at k * slot_stride
-    // (engine/plan.h), so the layout measured is the engine's own. The
-    // gradient and the copy-out follow in the same mapping at slots
-    // `slots` and `slots + 1` of the same stride: separate mappings of
-    // power-of-two sizes land exactly 2^28 bytes apart for 64M elements, and
-    // their streams then alias each other in the L1 (see plan.cpp), a cost of
-    // the bench's allocation, not of the kernel.
-    const size_t stride = skew == "on"         ? strata::engine::slot_stride_for(n)
-                          : skew == "sub-page" ? (n + 1023) / 1024 * 1024 + 272
-                                               : (n + 1023) / 1024 * 1024;
-    const size_t out_bytes = n * std::max<size_t>(out_elem_max, 1);
-    Region record(stride * size_t(slots + 1) * sizeof(float) + out_bytes, huge);
-    void* const grad_base = record.as<float>() + size_t(slots) * stride;
-    void* const out_base = record.as<float>() + size_t(slots + 1) * stride;
-    StateView view;
-    for (int s = 0; s < slots; ++s) {
-      view.slot[s] = record.as<float>() + size_t(s) * stride;
-      const float init = s == 0 ? 1.0f : initial_slot_value(hyper, s);
-      float* x = view.slot[s];
-      fill(pool, n, 17 + uint64_t(s), 1.0f,
-           [x, s, init](size_t i, float r) { x[i] = s == 0 ? r * init : init; });
-    }
-    view.n = n;
-    // Fault the copy-out pages in once, outside any timing.
-    std::memset(out_base, 0, out_bytes);
-
-    for (DType gd : grad_dtypes) {
-      float* g32 = static_cast<float*>(grad_base);
-      uint16_t* g16 = static_cast<uint16_t*>(grad_base);
-      fill(pool, n, 99, 0.01f, [&](size_t i, float r) {
-        switch (gd) {
-          case DType::kF32:
-            g32[i] = r;
-            break;
-          case DType::kBF16:
-            g16[i] = float_to_bf16_bits(r);
-            break;
-          case DType::kF16:
-            g16[i] = float_to_fp16_bits(r);
-            break;
+    int64_t step = 0;
+    for (const auto& size_text : args.list("sizes")) {
+      const size_t n = bench::parse_size(size_text);
+      const int scalar_iters = n <= scalar_max ? scalar_iters_arg : 0;
+      // The state as the engine holds it: one record, slot k at k * slot_stride
+      // (engine/plan.h), so the layout measured is the engine's own. The
+      // gradient and the copy-out follow in the same mapping at slots
+      // `slots` and `slots + 1` of the same stride: separate mappings of
+      // power-of-two sizes land exactly 2^28 bytes apart for 64M elements, and
+      // their streams then alias each other in the L1 (see plan.cpp), a cost of
+      // the bench's allocation, not of the kernel.
+      const size_t stride = skew == "on"         ? strata::engine::slot_stride_for(n)
+                            : skew == "sub-page" ? (n + 1023) / 1024 * 1024 + 272
+                                                 : (n + 1023) / 1024 * 1024;
+      const size_t out_bytes = n * std::max<size_t>(out_elem_max, 1);
+      // Slot k's first byte. fp32 state: k * stride * 4. Compressed state
+      // (--state-dtype) with --slot-skew on: where the engine puts it
+      // (engine::lay_out_record: each packed slot rounded up to 4 KiB plus
+      // the 1088-byte skew); with sub-page / off: at the fp32 slot starts.
+      // The gradient follows the record's last slot at one stride, the
+      // copy-out one stride further.
+      size_t slot_at[4] = {0, 0, 0, 0};
+      size_t grad_at = size_t(slots) * stride * sizeof(float);
+      for (int s = 0; s < slots; ++s) {
+        slot_at[s] = size_t(s) * stride * sizeof(float);
+      }
+      if (compressed && skew == "on") {
+        strata::engine::SubGroup sg;
+        sg.numel = n;
+        sg.slot_stride = stride;
+        strata::engine::lay_out_record(sg, std::vector<SlotDType>(slot_dtype, slot_dtype + slots));
+        for (int s = 0; s < slots; ++s) {
+          slot_at[s] = sg.slot_offset[size_t(s)];
         }
-      });
-      for (const auto& [has_out, od] : param_outs) {
-        CopyOut range{0, n, out_base};
-        const std::span<const CopyOut> copy_out =
-            has_out ? std::span<const CopyOut>(&range, 1) : std::span<const CopyOut>();
-        const std::string out_name = has_out ? dtype_name(od) : "none";
-        const double bytes = double(n) * (8.0 * slots + double(dtype_size(gd)) +
-                                          (has_out ? double(dtype_size(od)) : 0.0));
-        auto run_kernel = [&](Isa which) {
-          check(optimizer_step(hyper, StepArgs{++step, 1.0f}, view, grad_base, gd, copy_out, od,
-                               &pool, which),
-                "optimizer_step");
-        };
-        auto run_bound = [&] {
-          check(stream_bound_step(hyper, view, grad_base, gd, copy_out, od, &pool, run_isa),
-                "stream_bound_step");
-        };
-        plain::Bound indep(n, slots, int(dtype_size(gd)), has_out ? int(dtype_size(od)) : 0,
-                           pool.size(), huge);
-        // Warm-up: page tables, frequency, pool threads.
-        run_bound();
-        run_kernel(run_isa);
-        indep.run_seconds();
-        std::vector<double> bound_times, indep_times, kernel_times, scalar_times, ratios,
-            own_ratios, own_to_indep;
-        for (int it = 0; it < iters; ++it) {
-          // Rotate the order, so none of the three always gets the caches
-          // and DRAM pages another one left.
-          double tb = 0, tk = 0, ti = 0;
-          for (int k = 0; k < 3; ++k) {
-            switch ((it + k) % 3) {
-              case 0:
-                tk = time_once([&] { run_kernel(run_isa); });
-                break;
-              case 1:
-                tb = time_once(run_bound);
-                break;
-              default:
-                ti = indep.run_seconds();
-                break;
+        grad_at = sg.record_bytes + 1088;
+      }
+      Region record(grad_at + stride * sizeof(float) + out_bytes, huge);
+      auto* const base = record.as<unsigned char>();
+      void* const grad_base = base + grad_at;
+      void* const out_base = base + grad_at + stride * sizeof(float);
+      StateView view;
+      for (int s = 0; s < slots; ++s) {
+        float* const x = reinterpret_cast<float*>(base + slot_at[s]);
+        const float init = s == 0 ? 1.0f : initial_slot_value(hyper, s);
+        if (slot_dtype[s] == SlotDType::kF32) {
+          view.slot[s] = x;
+          fill(pool, n, 17 + uint64_t(s), 1.0f,
+               [x, s, init](size_t i, float r) { x[i] = s == 0 ? r * init : init; });
+          continue;
+        }
+        // A compressed slot: its codes, then (q8) its scales.
+        const SlotDType d = slot_dtype[s];
+        auto* const bytes = reinterpret_cast<unsigned char*>(x);
+        view.dtype[s] = d;
+        view.packed[s] = bytes;
+        view.scales[s] =
+            d == SlotDType::kBF16 ? nullptr : reinterpret_cast<float*>(bytes + q8_scales_offset(n));
+        encode_constant(pool, d, init, n, view.packed[s], view.scales[s]);
+      }
+      view.n = n;
+      // Fault the copy-out pages in once, outside any timing.
+      std::memset(out_base, 0, out_bytes);
+
+      for (DType gd : grad_dtypes) {
+        float* g32 = static_cast<float*>(grad_base);
+        uint16_t* g16 = static_cast<uint16_t*>(grad_base);
+        fill(pool, n, 99, 0.01f, [&](size_t i, float r) {
+          switch (gd) {
+            case DType::kF32:
+              g32[i] = r;
+              break;
+            case DType::kBF16:
+              g16[i] = float_to_bf16_bits(r);
+              break;
+            case DType::kF16:
+              g16[i] = float_to_fp16_bits(r);
+              break;
+          }
+        });
+        for (const auto& [has_out, od] : param_outs) {
+          CopyOut range{0, n, out_base};
+          const std::span<const CopyOut> copy_out =
+              has_out ? std::span<const CopyOut>(&range, 1) : std::span<const CopyOut>();
+          const std::string out_name = has_out ? dtype_name(od) : "none";
+          const double bytes = double(n) * (state_bytes + double(dtype_size(gd)) +
+                                            (has_out ? double(dtype_size(od)) : 0.0));
+          auto run_kernel = [&](Isa which) {
+            check(optimizer_step(hyper, StepArgs{++step, 1.0f}, view, grad_base, gd, copy_out, od,
+                                 &pool, which),
+                  "optimizer_step");
+          };
+          auto run_bound = [&] {
+            check(stream_bound_step(hyper, view, grad_base, gd, copy_out, od, &pool, run_isa),
+                  "stream_bound_step");
+          };
+          plain::Bound indep(n, slots, int(dtype_size(gd)), has_out ? int(dtype_size(od)) : 0,
+                             pool.size(), huge, moment_bytes);
+          // Warm-up: page tables, frequency, pool threads.
+          run_bound();
+          run_kernel(run_isa);
+          indep.run_seconds();
+          std::vector<double> bound_times, indep_times, kernel_times, scalar_times, ratios,
+              own_ratios, own_to_indep;
+          for (int it = 0; it < iters; ++it) {
+            // Rotate the order, so none of the three always gets the caches
+            // and DRAM pages another one left.
+            double tb = 0, tk = 0, ti = 0;
+            for (int k = 0; k < 3; ++k) {
+              switch ((it + k) % 3) {
+                case 0:
+                  tk = time_once([&] { run_kernel(run_isa); });
+                  break;
+                case 1:
+                  tb = time_once(run_bound);
+                  break;
+                default:
+                  ti = indep.run_seconds();
+                  break;
+              }
+            }
+            bound_times.push_back(tb);
+            indep_times.push_back(ti);
+            kernel_times.push_back(tk);
+            ratios.push_back(ti / tk);
+            own_ratios.push_back(tb / tk);
+            own_to_indep.push_back(ti / tb);
+            if (it < scalar_iters) {
+              scalar_times.push_back(time_once([&] { run_kernel(Isa::kScalar); }));
             }
           }
-          bound_times.push_back(tb);
-          indep_times.push_back(ti);
-          kernel_times.push_back(tk);
-          ratios.push_back(ti / tk);
-          own_ratios.push_back(tb / tk);
-          own_to_indep.push_back(ti / tb);
-          if (it < scalar_iters) {
-            scalar_times.push_back(time_once([&] { run_kernel(Isa::kScalar); }));
+          const double bound_t = median(bound_times);
+          const double indep_t = median(indep_times);
+          auto row = [&](const char* kernel, const char* isa_text, double t, double ratio,
+                         double own_ratio, double best_ratio) {
+            std::vector<std::pair<std::string, bench::Cell>> cells = {
+                {"kernel", std::string(kernel)},
+                {"isa", std::string(isa_text)},
+                {"grad_dtype", std::string(dtype_name(gd))},
+                {"param_out", out_name}};
+            if (compressed) {
+              cells.emplace_back("state_dtype", state_text);
+            }
+            cells.insert(cells.end(), {{"numel", int64_t(n)},
+                                       {"threads", int64_t(pool.size())},
+                                       {"time_ms", t * 1e3},
+                                       {"gparams_per_s", double(n) / t * 1e-9},
+                                       {"gbps", bytes / t * 1e-9},
+                                       {"ratio_to_bound", ratio},
+                                       {"ratio_to_own", own_ratio},
+                                       {"best_ratio", best_ratio}});
+            table.row(cells);
+          };
+          row("strata", isa_name(run_isa), median(kernel_times), median(ratios), median(own_ratios),
+              min_of(indep_times) / min_of(kernel_times));
+          if (!scalar_times.empty()) {
+            const double ts = median(scalar_times);
+            row("scalar", "scalar", ts, indep_t / ts, bound_t / ts,
+                min_of(indep_times) / min_of(scalar_times));
           }
+          row("own_loop", isa_name(run_isa), bound_t, median(own_to_indep), 1.0,
+              min_of(indep_times) / min_of(bound_times));
+          row("indep_bound", indep.isa(), indep_t, 1.0, bound_t / indep_t, 1.0);
         }
-        const double bound_t = median(bound_times);
-        const double indep_t = median(indep_times);
-        auto row = [&](const char* kernel, const char* isa_text, double t, double ratio,
-                       double own_ratio, double best_ratio) {
-          table.row({{"kernel", std::string(kernel)},
-                     {"isa", std::string(isa_text)},
-                     {"grad_dtype", std::string(dtype_name(gd))},
-                     {"param_out", out_name},
-                     {"numel", int64_t(n)},
-                     {"threads", int64_t(pool.size())},
-                     {"time_ms", t * 1e3},
-                     {"gparams_per_s", double(n) / t * 1e-9},
-                     {"gbps", bytes / t * 1e-9},
-                     {"ratio_to_bound", ratio},
-                     {"ratio_to_own", own_ratio},
-                     {"best_ratio", best_ratio}});
-        };
-        row("strata", isa_name(run_isa), median(kernel_times), median(ratios), median(own_ratios),
-            min_of(indep_times) / min_of(kernel_times));
-        if (!scalar_times.empty()) {
-          const double ts = median(scalar_times);
-          row("scalar", "scalar", ts, indep_t / ts, bound_t / ts,
-              min_of(indep_times) / min_of(scalar_times));
-        }
-        row("own_loop", isa_name(run_isa), bound_t, median(own_to_indep), 1.0,
-            min_of(indep_times) / min_of(bound_times));
-        row("indep_bound", indep.isa(), indep_t, 1.0, bound_t / indep_t, 1.0);
       }
     }
   }

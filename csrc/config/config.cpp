@@ -734,6 +734,37 @@ class ConfigParser {
       return invalid_argument("fp16.enabled: true together with " + shown("bf16.enabled") +
                               ": true; enable at most one of fp16 and bf16");
     }
+    // DeepSpeed's support matrix for bf16 master weights and optimizer states
+    // (config-json.md): both need bf16 and ZeRO stage 1-3; bf16 optimizer
+    // states need bf16 master weights.
+    for (const char* key : {"bf16.bf16_master_weights_and_grads", "bf16.bf16_optimizer_states"}) {
+      if (!flag(key)) {
+        continue;
+      }
+      if (!flag("bf16.enabled")) {
+        return error(key, "true needs bf16.enabled: true (bf16 model parameters)");
+      }
+      const json* stage = number_at("zero_optimization.stage");
+      if (stage == nullptr || stage->get<double>() < 1) {
+        return error(key,
+                     "true needs zero_optimization.stage 1, 2 or 3 (DeepSpeed's support "
+                     "matrix: not supported without ZeRO)");
+      }
+    }
+    if (flag("bf16.bf16_optimizer_states") && !flag("bf16.bf16_master_weights_and_grads")) {
+      return error("bf16.bf16_optimizer_states",
+                   "true needs bf16.bf16_master_weights_and_grads: true, as in DeepSpeed; for "
+                   "bf16 moments with fp32 master weights set strata.optimizer_state_dtype: "
+                   "\"bf16\" instead");
+    }
+    const json* sd = find_in(cfg_.json_, "strata.optimizer_state_dtype");
+    if (flag("bf16.bf16_optimizer_states") && sd != nullptr && sd->is_string() &&
+        sd->get<std::string>() != "bf16") {
+      return error("strata.optimizer_state_dtype",
+                   "\"" + sd->get<std::string>() +
+                       "\" contradicts bf16.bf16_optimizer_states: true (bf16 moments); drop "
+                       "one of them");
+    }
     return Status::Ok();
   }
 

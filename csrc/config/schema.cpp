@@ -576,12 +576,25 @@ std::vector<ConfigKey> build_schema() {
       .field(STRATA_FIELD(precision.fp16_min_loss_scale));
   add("fp16.fp16_master_weights_and_grads", K::kBool, kNull,
       "DeepSpeed: keep master weights in fp16.")
-      .ignored("master weights and optimizer state are always fp32 in strata");
+      .ignored(
+          "strata keeps master weights in fp32, or in bf16 with "
+          "bf16.bf16_master_weights_and_grads; there is no fp16 master");
   add("bf16", K::kObject, json::object(), "bf16 mixed precision.");
   add("bf16.enabled", K::kBool, false,
       "bf16 model parameters; fp32 master weights and state; no loss scaling.")
       .auto_ok()
       .field(STRATA_FIELD(precision.bf16_enabled));
+  add("bf16.bf16_master_weights_and_grads", K::kBool, false,
+      "DeepSpeed: keep the master weights in bf16 instead of fp32 (2 bytes per parameter "
+      "instead of 4 on the optimizer's tier; rounded to nearest even after every update). "
+      "Needs bf16.enabled and ZeRO stage 1-3, as DeepSpeed's support matrix says; gradients "
+      "are bf16 unless data_types.grad_accum_dtype says otherwise.")
+      .field(STRATA_FIELD(precision.bf16_master_weights_and_grads));
+  add("bf16.bf16_optimizer_states", K::kBool, false,
+      "DeepSpeed: keep the optimizer's moments (Adam's m and v) in bf16. Needs "
+      "bf16.bf16_master_weights_and_grads, as in DeepSpeed; strata.optimizer_state_dtype bf16 "
+      "gives bf16 moments with fp32 master weights.")
+      .field(STRATA_FIELD(precision.bf16_optimizer_states));
   add("bf16.immediate_grad_update", K::kBool, kNull,
       "DeepSpeed: apply bf16 gradients to the fp32 copy as they arrive.")
       .ignored(kNoteNoEffect, {true, false});
@@ -930,6 +943,14 @@ std::vector<ConfigKey> build_schema() {
                "speculative updates with rollback are not implemented; the engine always runs "
                "exact mode")
       .field(STRATA_FIELD(strata.clip_mode));
+  add("strata.optimizer_state_dtype", K::kString, kNull,
+      "How the optimizer's moments are stored on their tier: fp32 (4 bytes each), bf16 (2, "
+      "round to nearest even), int8_blockwise (1 byte each plus one fp32 scale per 256 "
+      "elements: a per-block 8-bit float code, see docs/kernels.md). The update is computed "
+      "in fp32 either way. Not given: bf16 when bf16.bf16_optimizer_states, else fp32. "
+      "Compressed state is updated on the CPU.")
+      .allowed({"fp32", "bf16", "int8_blockwise"})
+      .field(STRATA_FIELD(strata.optimizer_state_dtype));
   add("strata.threads", K::kInt, 0,
       "CPU threads for updates; 0: all cores while no backward runs, and during overlap the "
       "cores torch leaves free (at least one).")

@@ -126,11 +126,70 @@ struct Engine::Impl {
   kernels::StateView view(const SubGroup& sg, float* record) const {
     kernels::StateView v;
     v.n = sg.numel;
+    char* base = reinterpret_cast<char*>(record);
     for (int k = 0; k < slots[size_t(sg.group)] && k < 4; ++k) {
-      v.slot[k] = record + size_t(k) * sg.slot_stride;
+      char* at = base + sg.slot_offset[size_t(k)];
+      v.dtype[k] = sg.slot_dtype[size_t(k)];
+      if (v.dtype[k] == kernels::SlotDType::kF32) {
+        v.slot[k] = reinterpret_cast<float*>(at);
+        continue;
+      }
+      v.packed[k] = at;
+      if (v.dtype[k] == kernels::SlotDType::kQ8S || v.dtype[k] == kernels::SlotDType::kQ8U) {
+        v.scales[k] = reinterpret_cast<float*>(at + kernels::q8_scales_offset(sg.numel));
+      }
     }
     return v;
   }
+  // State access outside a step works on fp32 slots (slot k at k *
+  // slot_stride floats). For a compressed record, unpack() decodes it into
+  // `unpacked` (one record's fp32 size, heap, released after each access
+  // call) and pack() encodes the fp32 slots back; for an fp32 record both
+  // are the identity and cost nothing.
+  std::vector<float> unpacked;
+  Result<float*> unpack(const SubGroup& sg, float* record) {
+    if (!sg.compressed) {
+      return record;
+    }
+    const int n = slots[size_t(sg.group)];
+    const size_t want = size_t(n) * sg.slot_stride;
+    if (unpacked.size() < want) {
+      unpacked.assign(want, 0.0f);
+    }
+    const kernels::StateView v = view(sg, record);
+    for (int k = 0; k < n; ++k) {
+      float* dst = unpacked.data() + size_t(k) * sg.slot_stride;
+      if (v.dtype[k] == kernels::SlotDType::kF32) {
+        std::memcpy(dst, v.slot[k], sg.numel * sizeof(float));
+      } else {
+        STRATA_RETURN_IF_ERROR(kernels::decode_slot(v.dtype[k], v.packed[k], v.scales[k], dst,
+                                                    sg.numel, threads.get()));
+      }
+    }
+    return unpacked.data();
+  }
+  Status pack(const SubGroup& sg, const float* fp32, float* record) {
+    if (!sg.compressed) {
+      return Status::Ok();
+    }
+    const kernels::StateView v = view(sg, record);
+    for (int k = 0; k < slots[size_t(sg.group)]; ++k) {
+      const float* src = fp32 + size_t(k) * sg.slot_stride;
+      if (v.dtype[k] == kernels::SlotDType::kF32) {
+        std::memcpy(v.slot[k], src, sg.numel * sizeof(float));
+      } else {
+        STRATA_RETURN_IF_ERROR(kernels::encode_slot(v.dtype[k], src, v.packed[k], v.scales[k],
+                                                    sg.numel, threads.get()));
+      }
+    }
+    return Status::Ok();
+  }
+  void release_unpacked() { std::vector<float>().swap(unpacked); }
+  // Releases `unpacked` when a state-access call returns, however it returns.
+  struct UnpackedScope {
+    Impl* e;
+    ~UnpackedScope() { e->release_unpacked(); }
+  };
 
   std::atomic<bool> in_backward{false};  // mirrors the run's backward_running (checksum pool)
   kernels::ThreadPool* pool_for(bool backward_running) {
@@ -220,9 +279,11 @@ struct Engine::Impl {
   Status close();
 };
 
-Status Engine::Impl::init_record(const SubGroup& sg, float* record) {
+Status Engine::Impl::init_record(const SubGroup& sg, float* stored) {
   const auto& hyper = opts.groups[size_t(sg.group)];
-  std::memset(record, 0, sg.record_bytes);
+  std::memset(stored, 0, sg.record_bytes);
+  // A compressed record is built in fp32 and encoded once at the end.
+  STRATA_ASSIGN_OR_RETURN(float* record, unpack(sg, stored));
   for (const auto& seg : sg.segments) {
     const ParamInfo& p = opts.params[seg.param];
     STRATA_ASSIGN_OR_RETURN(const char* base, param_source(seg.param));
@@ -239,7 +300,7 @@ Status Engine::Impl::init_record(const SubGroup& sg, float* record) {
       std::fill_n(record + size_t(k) * sg.slot_stride, sg.numel, init);
     }
   }
-  return Status::Ok();
+  return pack(sg, record, stored);
 }
 
 Result<const char*> Engine::Impl::param_source(size_t param) {
@@ -315,7 +376,8 @@ Status Engine::Impl::choose_gpu_subgroups() {
   bool amsgrad = false, f32_grads = false;
   for (const auto& sg : plan.subgroups) {
     const auto& h = opts.groups[size_t(sg.group)];
-    bool ok = sg.tier == TierKind::kHost &&
+    // The GPU kernel reads fp32 state: compressed records update on the CPU.
+    bool ok = sg.tier == TierKind::kHost && !sg.compressed &&
               (h.kind == kernels::OptimizerKind::kAdam || h.kind == kernels::OptimizerKind::kAdamW);
     for (const auto& seg : sg.segments) {
       ok = ok && opts.params[seg.param].device_data != nullptr;
@@ -333,9 +395,9 @@ Status Engine::Impl::choose_gpu_subgroups() {
       return Status::Ok();  // nothing asked for the GPU (a CPU model, auto schedule)
     }
     plan.notes.push_back("offload_optimizer.ratio " + std::to_string(ratio) +
-                         ": no sub-group can be updated on the GPU (that needs state on the "
-                         "host tier, Adam or AdamW, and the model on the GPU); every sub-group "
-                         "is updated on the CPU");
+                         ": no sub-group can be updated on the GPU (that needs fp32 state on "
+                         "the host tier, Adam or AdamW, and the model on the GPU); every "
+                         "sub-group is updated on the CPU");
     return Status::Ok();
   }
   cuda::GpuUpdaterOptions go;
@@ -847,6 +909,7 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   pin.gpu_available = e.opts.make_gpu_updater ? true : cuda::cuda_available().ok();
   for (const auto& g : e.opts.groups) {
     e.slots.push_back(kernels::state_slots(g));
+    pin.slot_dtypes.push_back(plan_slot_dtypes(cfg, g));
   }
   pin.slots = e.slots;
   for (const auto& p : e.opts.params) {
@@ -1081,6 +1144,7 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   for (const auto& sg : e.plan.subgroups) {
     state_total += sg.record_bytes;
   }
+  Impl::UnpackedScope init_unpacked_scope{&e};  // compressed records are built in fp32
   for (const auto& sg : e.plan.subgroups) {
     report("writing the initial optimizer state", state_done, state_total);
     state_done += sg.record_bytes;
@@ -1528,6 +1592,7 @@ Result<kernels::GradStats> Engine::grad_stats() {
 Status Engine::read_param_states(size_t param, const std::vector<float*>& bufs) {
   Impl& e = *impl_;
   STRATA_RETURN_IF_ERROR(e.sync());
+  Impl::UnpackedScope unpacked_scope{&e};
   if (param >= e.opts.params.size()) {
     return invalid_argument("read_param_state: no parameter " + std::to_string(param));
   }
@@ -1538,7 +1603,8 @@ Status Engine::read_param_states(size_t param, const std::vector<float*>& bufs) 
                               " out of range (" + std::to_string(e.slots[size_t(sg.group)]) +
                               " slots)");
     }
-    STRATA_ASSIGN_OR_RETURN(float* rec, e.get_record(sg));
+    STRATA_ASSIGN_OR_RETURN(float* stored, e.get_record(sg));
+    STRATA_ASSIGN_OR_RETURN(float* rec, e.unpack(sg, stored));
     for (const auto& seg : sg.segments) {
       if (seg.param != param) {
         continue;
@@ -1557,6 +1623,7 @@ Status Engine::read_param_states(size_t param, const std::vector<float*>& bufs) 
 Status Engine::write_param_states(size_t param, const std::vector<const float*>& bufs) {
   Impl& e = *impl_;
   STRATA_RETURN_IF_ERROR(e.sync());
+  Impl::UnpackedScope unpacked_scope{&e};
   if (param >= e.opts.params.size()) {
     return invalid_argument("write_param_state: no parameter " + std::to_string(param));
   }
@@ -1567,7 +1634,8 @@ Status Engine::write_param_states(size_t param, const std::vector<const float*>&
                               " out of range (" + std::to_string(e.slots[size_t(sg.group)]) +
                               " slots)");
     }
-    STRATA_ASSIGN_OR_RETURN(float* rec, e.record_for_write(sg));
+    STRATA_ASSIGN_OR_RETURN(float* stored, e.record_for_write(sg));
+    STRATA_ASSIGN_OR_RETURN(float* rec, e.unpack(sg, stored));
     for (size_t si = 0; si < sg.segments.size(); ++si) {
       const auto& seg = sg.segments[si];
       if (seg.param != param) {
@@ -1581,7 +1649,8 @@ Status Engine::write_param_states(size_t param, const std::vector<const float*>&
         }
       }
     }
-    STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
+    STRATA_RETURN_IF_ERROR(e.pack(sg, rec, stored));
+    STRATA_RETURN_IF_ERROR(e.put_record(sg, stored));
     e.note_record_stored(sg);
   }
   e.scratch.reset();
@@ -1667,13 +1736,28 @@ Status Engine::Impl::walk_records(const std::vector<size_t>& params, bool write,
       }
     }
   };
-  auto run_visitor = [&](const RecordView& v) -> Status {
-    Status st = visit(v);
+  // The visitor sees fp32 slots: a compressed record is decoded first and,
+  // for writes, encoded back before it is stored.
+  auto run_visitor = [&](const RecordView& stored_view) -> Status {
+    const SubGroup& sg = plan.subgroups[stored_view.subgroup];
+    RecordView v = stored_view;
+    Status st = Status::Ok();
+    auto fp32 = unpack(sg, stored_view.data);
+    if (!fp32.ok()) {
+      st = fp32.status();
+    } else {
+      v.data = fp32.value();
+      st = visit(v);
+      if (st.ok() && write) {
+        st = pack(sg, v.data, stored_view.data);
+      }
+    }
     if (!st.ok()) {
       return st.with_context(std::string(what) + ", sub-group " + std::to_string(v.subgroup));
     }
     return Status::Ok();
   };
+  UnpackedScope unpacked_scope{this};
   std::vector<uint32_t> ring;  // records that go through the working buffers
   for (uint32_t id : ids) {
     const SubGroup& sg = plan.subgroups[id];
@@ -1860,7 +1944,7 @@ Status Engine::copy_state_from(Engine& src_engine, const std::vector<StateCopy>&
   };
   std::vector<Cached> cache(src.work.size());
   uint64_t clock = 0;
-  auto src_record = [&](uint32_t id) -> Result<const float*> {
+  auto raw_record = [&](uint32_t id) -> Result<const float*> {
     const SubGroup& sg = src.plan.subgroups[id];
     STRATA_RETURN_IF_ERROR(src.check_readable(sg));
     Tier* t = src.tier_of(sg);
@@ -1885,6 +1969,24 @@ Status Engine::copy_state_from(Engine& src_engine, const std::vector<StateCopy>&
     cache[victim] = {id, ++clock};
     return static_cast<const float*>(src.work[victim].as<float>());
   };
+  // A compressed source record is decoded once while consecutive pieces
+  // come from it (into the source's own fp32 scratch).
+  int64_t decoded = -1;
+  auto src_record = [&](uint32_t id) -> Result<const float*> {
+    const SubGroup& sg = src.plan.subgroups[id];
+    if (sg.compressed && decoded == int64_t(id)) {
+      return static_cast<const float*>(src.unpacked.data());
+    }
+    STRATA_ASSIGN_OR_RETURN(const float* raw, raw_record(id));
+    if (!sg.compressed) {
+      return raw;
+    }
+    decoded = -1;
+    STRATA_ASSIGN_OR_RETURN(float* fp32, src.unpack(sg, const_cast<float*>(raw)));
+    decoded = int64_t(id);
+    return static_cast<const float*>(fp32);
+  };
+  Impl::UnpackedScope source_unpacked_scope{&src};
   return dst.walk_records(params, true, whole, [&](const RecordView& v) -> Status {
     for (const auto& s : v.slices) {
       const StateCopy& c = *by_dst[s.param];
@@ -1940,8 +2042,10 @@ std::vector<Engine::RecordLocation> Engine::record_locations() const {
 Status Engine::sync_master_from_params() {
   Impl& e = *impl_;
   STRATA_RETURN_IF_ERROR(e.sync());
+  Impl::UnpackedScope unpacked_scope{&e};
   for (const auto& sg : e.plan.subgroups) {
-    STRATA_ASSIGN_OR_RETURN(float* rec, e.record_for_write(sg));
+    STRATA_ASSIGN_OR_RETURN(float* stored, e.record_for_write(sg));
+    STRATA_ASSIGN_OR_RETURN(float* rec, e.unpack(sg, stored));
     for (size_t si = 0; si < sg.segments.size(); ++si) {
       const auto& seg = sg.segments[si];
       const ParamInfo& p = e.opts.params[seg.param];
@@ -1954,7 +2058,8 @@ Status Engine::sync_master_from_params() {
           kernels::cast_to_f32(src, p.dtype, rec + seg.offset, seg.numel, e.threads.get()));
       e.note_written(sg, si, 0);
     }
-    STRATA_RETURN_IF_ERROR(e.put_record(sg, rec));
+    STRATA_RETURN_IF_ERROR(e.pack(sg, rec, stored));
+    STRATA_RETURN_IF_ERROR(e.put_record(sg, stored));
     e.note_record_stored(sg);
   }
   e.scratch.reset();

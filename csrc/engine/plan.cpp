@@ -52,6 +52,48 @@ size_t record_bytes_for(size_t numel, int slots) {
   return (bytes + 4095) / 4096 * 4096;
 }
 
+void lay_out_record(SubGroup& sg, const std::vector<kernels::SlotDType>& dtypes) {
+  size_t at = 0;
+  sg.compressed = false;
+  for (size_t k = 0; k < 4; ++k) {
+    sg.slot_dtype[k] = k < dtypes.size() ? dtypes[k] : kernels::SlotDType::kF32;
+    sg.slot_offset[k] = k < dtypes.size() ? at : 0;
+    if (k >= dtypes.size()) {
+      continue;
+    }
+    if (dtypes[k] == kernels::SlotDType::kF32) {
+      at += sg.slot_stride * sizeof(float);
+    } else {
+      sg.compressed = true;
+      const size_t b = kernels::slot_bytes(dtypes[k], sg.numel);
+      at += (b + 4095) / 4096 * 4096 + kSlotSkewFloats * sizeof(float);
+    }
+  }
+  sg.record_bytes = (at + 4095) / 4096 * 4096;
+}
+
+std::vector<kernels::SlotDType> plan_slot_dtypes(const Config& config,
+                                                 const kernels::OptimizerHyper& hyper) {
+  const EngineConfig& c = config.typed();
+  kernels::StateDType state = kernels::StateDType::kF32;
+  switch (optimizer_state_dtype(c)) {
+    case OptimizerStateDType::kF32:
+      break;
+    case OptimizerStateDType::kBF16:
+      state = kernels::StateDType::kBF16;
+      break;
+    case OptimizerStateDType::kInt8Blockwise:
+      state = kernels::StateDType::kInt8Blockwise;
+      break;
+  }
+  std::vector<kernels::SlotDType> out;
+  for (int k = 0; k < kernels::state_slots(hyper); ++k) {
+    out.push_back(
+        kernels::slot_dtype_for(hyper, k, state, c.precision.bf16_master_weights_and_grads));
+  }
+  return out;
+}
+
 uint64_t Plan::bytes_on(tiers::TierKind tier) const {
   for (const auto& t : tiers) {
     if (t.tier == tier) {
@@ -106,6 +148,43 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   if (max_slots <= 0) {
     return invalid_argument("optimizer declares no state slots");
   }
+  // Each group's slot dtypes: given by the engine, or from the config (an
+  // Adam-like optimizer's signs; the bytes are the same either way).
+  std::vector<std::vector<kernels::SlotDType>> dtypes = in.slot_dtypes;
+  if (dtypes.empty()) {
+    for (int s : in.slots) {
+      kernels::OptimizerHyper h;  // AdamW: master, m, v (+ one more slot if s == 4)
+      h.amsgrad = s == 4;
+      auto d = plan_slot_dtypes(config, h);
+      d.resize(size_t(s), d.empty() ? kernels::SlotDType::kF32 : d.back());
+      dtypes.push_back(std::move(d));
+    }
+  }
+  if (dtypes.size() != in.slots.size()) {
+    return invalid_argument("plan: slot dtypes for " + std::to_string(dtypes.size()) +
+                            " groups, slot counts for " + std::to_string(in.slots.size()));
+  }
+  double max_elem_bytes = 0;  // state bytes per element of the widest group
+  for (size_t g = 0; g < dtypes.size(); ++g) {
+    if (dtypes[g].size() != size_t(in.slots[g])) {
+      return invalid_argument("plan: group " + std::to_string(g) + " has " +
+                              std::to_string(in.slots[g]) + " slots but " +
+                              std::to_string(dtypes[g].size()) + " slot dtypes");
+    }
+    double b = 0;
+    for (auto d : dtypes[g]) {
+      b += d == kernels::SlotDType::kF32    ? 4.0
+           : d == kernels::SlotDType::kBF16 ? 2.0
+                                            : 1.0 + 4.0 / double(kernels::kQ8Block);
+    }
+    max_elem_bytes = std::max(max_elem_bytes, b);
+    if (g == 0) {
+      plan.state_bytes_per_element = b;
+      for (auto d : dtypes[g]) {
+        plan.state_slot_dtypes.push_back(kernels::slot_dtype_name(d));
+      }
+    }
+  }
   for (const auto& p : in.params) {
     if (p.group < 0 || size_t(p.group) >= in.slots.size()) {
       return invalid_argument("parameter names param group " + std::to_string(p.group) +
@@ -121,8 +200,9 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   const bool may_fetch =
       device == OffloadDevice::kNvme || device == OffloadDevice::kCxl || has_nvme_path;
   if (may_fetch) {
-    uint64_t per_elem = uint64_t(max_slots) * sizeof(float) * plan.buffer_count;
-    uint64_t cap = std::max<uint64_t>(plan.dram_budget / 4 / per_elem, kSlotAlignFloats);
+    const double per_elem = max_elem_bytes * double(plan.buffer_count);
+    uint64_t cap =
+        std::max<uint64_t>(uint64_t(double(plan.dram_budget / 4) / per_elem), kSlotAlignFloats);
     cap = cap / kSlotAlignFloats * kSlotAlignFloats;
     if (uint64_t(sgs) > cap) {
       plan.notes.push_back("sub_group_size " + std::to_string(sgs) + " capped to " +
@@ -143,7 +223,7 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
     if (open && cur.numel > 0) {
       cur.id = uint32_t(plan.subgroups.size());
       cur.slot_stride = slot_stride_for(cur.numel);
-      cur.record_bytes = record_bytes_for(cur.numel, in.slots[size_t(cur.group)]);
+      lay_out_record(cur, dtypes[size_t(cur.group)]);
       cur.grad_dtype = grad_dtype_for(config, cur.dtype);
       cur.grad_offset = arena_fill[size_t(cur.grad_dtype)];
       arena_fill[size_t(cur.grad_dtype)] += cur.numel;
@@ -323,6 +403,15 @@ std::string Plan::to_string() const {
                   (unsigned long long)t.subgroups, human(double(t.bytes)).c_str());
     os << line;
   }
+  if (!state_slot_dtypes.empty()) {
+    std::string names;
+    for (const auto& d : state_slot_dtypes) {
+      names += (names.empty() ? "" : " + ") + d;
+    }
+    std::snprintf(line, sizeof(line), "state per element: %s = %.2f bytes (master first)\n",
+                  names.c_str(), state_bytes_per_element);
+    os << line;
+  }
   os << "sub_group_size " << sub_group_size << " elements, buffer_count " << buffer_count
      << ", working buffer " << human(double(working_buffer_bytes)) << " each\n";
   os << "host memory: pinned pool " << human(double(pool_bytes)) << " (of which gradients "
@@ -362,6 +451,8 @@ nlohmann::json Plan::to_json() const {
   j["model_param_bytes"] = model_param_bytes;
   j["pool_bytes"] = pool_bytes;
   j["nvme_bytes"] = nvme_bytes;
+  j["state_slot_dtypes"] = state_slot_dtypes;
+  j["state_bytes_per_element"] = state_bytes_per_element;
   j["tiers"] = nlohmann::json::array();
   for (const auto& t : tiers) {
     j["tiers"].push_back(

@@ -241,6 +241,11 @@ py::list subgroups_py(engine::Engine& e) {
     d["update"] = e.gpu_updated(sg.id) ? "gpu" : "cpu";
     d["numel"] = sg.numel;
     d["record_bytes"] = sg.record_bytes;
+    py::list slot_dtypes;  // how each state slot is stored (master first)
+    for (int k = 0; k < e.param_slots(sg.segments.front().param); ++k) {
+      slot_dtypes.append(kernels::slot_dtype_name(sg.slot_dtype[size_t(k)]));
+    }
+    d["slot_dtypes"] = slot_dtypes;
     d["grad_offset"] = sg.grad_offset;
     d["tier"] = tiers::tier_name(sg.tier);
     py::list segs;

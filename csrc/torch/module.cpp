@@ -395,6 +395,22 @@ PYBIND11_MODULE(_C, m) {
              auto g = unwrap(std::move(r));
              return py::make_tuple(g.sum_sq, g.nonfinite);
            })
+      .def("read_record",
+           [](PyEngine& s, uint32_t id) {
+             // The stored bytes of one sub-group record (tests, tools): every
+             // slot as the tier holds it, compressed or not.
+             if (id >= s.e().subgroups().size()) {
+               throw py::index_error("read_record: no sub-group " + std::to_string(id));
+             }
+             std::vector<float> buf(s.e().subgroups()[id].record_bytes / sizeof(float));
+             Status st;
+             {
+               py::gil_scoped_release release;
+               st = s.e().read_record(id, buf.data());
+             }
+             check(st);
+             return py::bytes(reinterpret_cast<const char*>(buf.data()), buf.size() * 4);
+           })
       .def("read_param_state",
            [](PyEngine& s, size_t i, int slot, uintptr_t out) {
              Status st;

@@ -37,6 +37,8 @@ enum class ClipMode : uint8_t { kExact };                         // exact
 enum class ScheduleMode : uint8_t { kStatic, kAuto };             // static, auto
 enum class ProgressMode : uint8_t { kAuto, kBar, kLog, kOff };    // auto, bar, log, off
 enum class AllreduceOp : uint8_t { kMean, kSum };                 // mean, sum
+// strata.optimizer_state_dtype: fp32, bf16, int8_blockwise (the moments' storage)
+enum class OptimizerStateDType : uint8_t { kF32, kBF16, kInt8Blockwise };
 
 // Top-level training keys (read by python/strata).
 struct TrainingConfig {
@@ -109,6 +111,8 @@ struct PrecisionConfig {
   bool fp16_consecutive_hysteresis;
   double fp16_min_loss_scale;
   bool bf16_enabled;
+  bool bf16_master_weights_and_grads;  // master weights stored in bf16
+  bool bf16_optimizer_states;          // moments in bf16 (needs the line above, as DeepSpeed)
   std::optional<GradAccumDType> grad_accum_dtype;  // not given: each parameter's dtype
 };
 
@@ -178,6 +182,8 @@ struct StrataConfig {
   std::optional<std::string> trace_path;
   int64_t trace_steps;
   ProgressMode progress;
+  // Not given: bf16 when bf16.bf16_optimizer_states, else fp32 (optimizer_state_dtype()).
+  std::optional<OptimizerStateDType> optimizer_state_dtype;
 };
 
 struct EngineConfig {
@@ -197,6 +203,16 @@ const EngineConfig& default_engine_config();
 // sub-groups (`gpu`), static otherwise.
 inline bool schedule_is_auto(const StrataConfig& s, bool gpu) {
   return s.schedule ? *s.schedule == ScheduleMode::kAuto : gpu;
+}
+
+// The one rule for what the optimizer's moments are stored as:
+// strata.optimizer_state_dtype when given, else bf16 when
+// bf16.bf16_optimizer_states (DeepSpeed's key), else fp32.
+inline OptimizerStateDType optimizer_state_dtype(const EngineConfig& c) {
+  if (c.strata.optimizer_state_dtype) {
+    return *c.strata.optimizer_state_dtype;
+  }
+  return c.precision.bf16_optimizer_states ? OptimizerStateDType::kBF16 : OptimizerStateDType::kF32;
 }
 
 }  // namespace strata

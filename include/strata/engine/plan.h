@@ -9,10 +9,15 @@
 // Invariants: sum(subgroup.numel) == trainable elements;
 //   slot_stride % 16 == 0 (64-byte aligned slots), slot_stride % 1024 == 272
 //   and (slot_stride / 1024) odd (slots skewed against cache-set and L1
-//   way-predictor aliasing, see plan.cpp), record_bytes ==
-//   slots * slot_stride * 4 rounded up to 4096 (direct I/O).
+//   way-predictor aliasing, see plan.cpp). With every slot fp32 (the
+//   default), slot k starts at byte k * slot_stride * 4 and record_bytes ==
+//   slots * slot_stride * 4 rounded up to 4096 (direct I/O). A compressed
+//   slot (bf16 or 8-bit, strata.optimizer_state_dtype and the bf16.* keys)
+//   takes kernels::slot_bytes() rounded up to 4 KiB plus the same 1088-byte
+//   skew; slot_offset gives every slot's first byte (64-byte aligned).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -41,7 +46,13 @@ struct SubGroup {
   size_t numel = 0;
   size_t slot_stride = 0;  // floats per slot (an odd multiple of 1024 >= numel, plus 272)
   size_t record_bytes = 0;
-  size_t grad_offset = 0;  // elements into the gradient arena of grad_dtype
+  // How each slot is stored and where it starts (bytes into the record);
+  // slots past the optimizer's count are unused.
+  std::array<kernels::SlotDType, 4> slot_dtype{kernels::SlotDType::kF32, kernels::SlotDType::kF32,
+                                               kernels::SlotDType::kF32, kernels::SlotDType::kF32};
+  std::array<size_t, 4> slot_offset{0, 0, 0, 0};
+  bool compressed = false;  // some slot is not fp32
+  size_t grad_offset = 0;   // elements into the gradient arena of grad_dtype
   tiers::TierKind tier = tiers::TierKind::kHost;
   std::vector<Segment> segments;
 };
@@ -55,7 +66,11 @@ struct PlanParam {
 
 struct PlanInputs {
   std::vector<PlanParam> params;  // gradient-ready order
-  std::vector<int> slots;         // fp32 slots per group (master included)
+  std::vector<int> slots;         // state slots per group (master included)
+  // Per group, each slot's storage (slot_dtypes[g].size() == slots[g]).
+  // Empty: from the config (plan_slot_dtypes with signed moments, which
+  // counts the same bytes as the engine's exact choice).
+  std::vector<std::vector<kernels::SlotDType>> slot_dtypes;
   bool gpu_available = false;
   uint64_t mem_available = 0;  // bytes, MemAvailable (0: read /proc/meminfo)
 };
@@ -79,6 +94,10 @@ struct Plan {
   // predicted pinned pool: host records + working buffers + grads + host copies
   uint64_t pool_bytes = 0;
   uint64_t nvme_bytes = 0;
+  // The first group's slots as stored ("fp32", "bf16", "q8s", "q8u"; master
+  // first) and their bytes per element (q8: 1 + 4/256 for the scales).
+  std::vector<std::string> state_slot_dtypes;
+  double state_bytes_per_element = 0;
   // ZeRO stage 3 (one process): the model's weights on the param tier
   // (offload_param), fetched per module into a window of at most
   // window_elements; gradient arenas are not in the pool (they take memory
@@ -110,8 +129,17 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& inputs);
 // (DeepSpeed's default under ZeRO). Sub-groups of one parameter dtype share it.
 kernels::DType grad_dtype_for(const Config& config, kernels::DType param);
 
+// The slot dtypes the config asks for, for an optimizer (hyper): master
+// from bf16.bf16_master_weights_and_grads, moments from
+// optimizer_state_dtype() (kernels::slot_dtype_for).
+std::vector<kernels::SlotDType> plan_slot_dtypes(const Config& config,
+                                                 const kernels::OptimizerHyper& hyper);
+
 // Record layout helpers.
 size_t slot_stride_for(size_t numel);
-size_t record_bytes_for(size_t numel, int slots);
+size_t record_bytes_for(size_t numel, int slots);  // every slot fp32
+// Fills sg.slot_dtype, sg.slot_offset, sg.compressed and sg.record_bytes
+// from sg.numel, sg.slot_stride and the slots' dtypes.
+void lay_out_record(SubGroup& sg, const std::vector<kernels::SlotDType>& dtypes);
 
 }  // namespace strata::engine

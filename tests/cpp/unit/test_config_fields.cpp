@@ -194,6 +194,13 @@ TEST(ConfigFields, EveryKeyReachesItsField) {
         require("cycle_max_lr", 1e-3);
       }
     }
+    // The bf16 state keys' prerequisites (DeepSpeed's support matrix).
+    if (key.path == "bf16.bf16_master_weights_and_grads" ||
+        key.path == "bf16.bf16_optimizer_states") {
+      user["bf16"]["enabled"] = true;
+      user["bf16"]["bf16_master_weights_and_grads"] = true;
+      user["zero_optimization"]["stage"] = 2;
+    }
     auto c = Config::parse(user, po);
     ASSERT_TRUE(c.ok()) << key.path << " = " << value.dump() << ": " << c.status().to_string();
     EXPECT_EQ(key.read(c->typed()), value) << key.path;
