@@ -114,6 +114,21 @@ def _default_config(config, default_device):
     return cfg
 
 
+def _sixteen_bit_state(config, cls):
+    """The config for DeepSpeed's ``fp32_optimizer_states=False`` (moments in the parameters'
+    16-bit dtype): ``strata.optimizer_state_dtype`` bf16 (strata's 16-bit state slot; fp16
+    parameters get bf16 moments too, which have fp32's range). A config that already names
+    another state dtype is a clear error."""
+    cfg = _config._read(config) if config is not None else {}
+    st = cfg.setdefault("strata", {})
+    given = st.get("optimizer_state_dtype")
+    if given not in (None, "bf16"):
+        raise ValueError(f"{cls}(fp32_optimizer_states=False) asks for 16-bit moments, but the "
+                         f"config's strata.optimizer_state_dtype is {given!r}; drop one of them")
+    st["optimizer_state_dtype"] = "bf16"
+    return cfg
+
+
 def _world_size():
     # The batch rule (train = micro x accumulation x world) needs the world size.
     dist = getattr(torch, "distributed", None)

@@ -431,17 +431,25 @@ def test_replaced_client_optimizer_is_said_and_other_clients_are_torch_optimizer
 
 
 @pytest.mark.parametrize("cls", ["adam.DeepSpeedCPUAdam", "adagrad.DeepSpeedCPUAdagrad"])
-def test_fp32_optimizer_states_false_is_a_clear_error(cls):
-    # fp32_optimizer_states=False was accepted and had no effect (state stayed fp32).
+def test_fp32_optimizer_states_false_keeps_16_bit_state(cls):
+    # fp32_optimizer_states=False was accepted and had no effect (state stayed fp32), then was
+    # refused; now it stores the moments in bf16, as DeepSpeed keeps them 16-bit.
     from strata import ops
 
     mod, name = cls.split(".")
     klass = getattr(getattr(ops, mod), name)
     p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
-    with pytest.raises(NotImplementedError, match="fp32_optimizer_states=False"):
-        klass([p], fp32_optimizer_states=False)
+    opt = klass([p], fp32_optimizer_states=False)
+    try:
+        dtypes = [sg["slot_dtypes"] for sg in opt._b.engine.subgroups()]
+        assert dtypes and all(d[0] == "fp32" and set(d[1:]) == {"bf16"} for d in dtypes)
+    finally:
+        opt.close()
     opt = klass([p], fp32_optimizer_states=True)
-    opt.close()
+    try:
+        assert all(set(sg["slot_dtypes"]) == {"fp32"} for sg in opt._b.engine.subgroups())
+    finally:
+        opt.close()
 
 
 def test_info_config_warns_about_keys_that_act_differently(tmp_path):

@@ -23,7 +23,8 @@ from .format import CLIENT_FILE, ENGINE_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE
     OPTIMIZER_FILE, RECOVERY_SCRIPT, RNG_FILE, TORCH_OPTIMIZER_FILE, CheckpointError, \
     _apply_optimizer, _check_model, _check_optimizer, _class_name, _is_sharded, _load_model, \
     _write_optimizer_shard, _write_optimizer_state, model_file, read_manifest, resolve_tag_dir, \
-    param_entry, rng_file, shard_file, verify_file, write_tensor_file, zero_optim_file
+    param_entry, rng_file, shard_file, state_dtypes, verify_file, write_tensor_file, \
+    zero_optim_file
 from .fsutil import _TMP_MARK, LATEST, _check_tag, _clean_stale, _finalize, _torch_save_file, \
     _write_latest, read_latest
 
@@ -256,6 +257,7 @@ def _single_optimizer(engine, tmp, files, manifest):
             "kind": opt._kind,
             "file": OPTIMIZER_FILE,
             "dtype": "float32",
+            "state_dtypes": state_dtypes(opt._b.engine.subgroups()),
             "params": params,
             "subgroups": opt._b.engine.subgroups(),
         }
@@ -348,6 +350,7 @@ def _write_shards(engine, tmp, files, manifest, shards):
         "world_size": len(shards),
         "shard_files": [sh["file"] for sh in shards],
         "dtype": "float32",
+        "state_dtypes": state_dtypes(opt._b.engine.subgroups()),
         "params": params,
         "subgroups": {str(sh["rank"]): sh["subgroups"] for sh in shards},
     }

@@ -485,6 +485,46 @@ def read_slot(f, path, param, slot, out):
                               ": the file is corrupted")
 
 
+# How precisely each kind of slot is stored, most precise first (strata.optimizer_state_dtype's
+# values; a sub-group lists q8s/q8u for int8_blockwise).
+_STATE_PRECISION = {"fp32": 2, "bf16": 1, "int8_blockwise": 0}
+_SLOT_TO_STATE = {"fp32": "fp32", "bf16": "bf16", "q8s": "int8_blockwise", "q8u": "int8_blockwise"}
+
+
+def state_dtypes(subgroups):
+    """``{"master": ..., "moments": ...}``: how the engine's records store the master weights
+    and the optimizer's other slots (from its sub-groups' ``slot_dtypes``), for the manifest."""
+    master, moments = "fp32", "fp32"
+    for sg in subgroups:
+        d = sg.get("slot_dtypes") or []
+        if d:
+            master = _SLOT_TO_STATE[d[0]]
+        if len(d) > 1:
+            moments = _SLOT_TO_STATE[d[1]]
+            break
+    return {"master": master, "moments": moments}
+
+
+def _check_state_dtypes(where, info, engine_subgroups):
+    """Loading into less precise state converts (the engine rounds or re-quantises each record
+    once; logged). Loading into more precise state is refused: it would claim precision the
+    saved state never had. Checkpoints without the entry were saved as fp32."""
+    saved = info.get("state_dtypes") or {"master": "fp32", "moments": "fp32"}
+    here = state_dtypes(engine_subgroups)
+    keys = {"master": "bf16.bf16_master_weights_and_grads", "moments":
+            "strata.optimizer_state_dtype"}
+    for what in ("master", "moments"):
+        if _STATE_PRECISION[here[what]] > _STATE_PRECISION[saved[what]]:
+            raise CheckpointError(
+                f"{where}: the checkpoint stores the {what} as {saved[what]}; this engine keeps "
+                f"them as {here[what]}, which would claim precision the saved state never had. "
+                f"Load it with the same setting ({keys[what]}) or save again from an engine "
+                f"with {here[what]} state")
+        if here[what] != saved[what]:
+            _config.warn_once(f"{where}: the checkpoint's {what} ({saved[what]}) are "
+                              f"converted to this engine's {here[what]} as they load")
+
+
 def _check_optimizer(engine, tag_dir, manifest):
     """Validate the saved optimizer state against the engine's optimizer before anything is
     changed. Returns what _apply_optimizer needs."""
@@ -519,6 +559,7 @@ def _check_optimizer(engine, tag_dir, manifest):
     opt._refresh()
     names = engine._param_names_in_engine_order()
     b = opt._b
+    _check_state_dtypes(path, info, b.engine.subgroups())
     saved = {p["name"]: p for p in info["params"]}
     missing = [n for n in names if n not in saved]
     extra = [n for n in saved if n not in set(names)]
@@ -591,6 +632,7 @@ def _check_optimizer_pieces(engine, tag_dir, manifest, info):
     names = engine._param_names_in_engine_order()
     b = opt._b
     where = os.path.join(tag_dir, MANIFEST)
+    _check_state_dtypes(where, info, b.engine.subgroups())
     missing = [n for n in names if n not in saved]
     extra = [n for n in saved if n not in set(names)]
     if missing or extra:

@@ -1,6 +1,6 @@
 """``DeepSpeedCPUAdam`` with DeepSpeed's arguments, on strata's kernels and tiers."""
 
-from ...optim import OffloadAdamW
+from ...optim import OffloadAdamW, _sixteen_bit_state
 
 
 class DeepSpeedCPUAdam(OffloadAdamW):
@@ -8,20 +8,17 @@ class DeepSpeedCPUAdam(OffloadAdamW):
     eps=1e-8, weight_decay=0, amsgrad=False, adamw_mode=True, fp32_optimizer_states=True)``.
 
     A strata offloaded optimizer: AdamW (decoupled weight decay) with ``adamw_mode=True``, Adam
-    with L2 weight decay otherwise. State is fp32; ``fp32_optimizer_states=False``
-    (DeepSpeed: moments in the parameters' dtype) is refused with NotImplementedError. Built directly, the state lives in pinned DRAM unless
-    ``config=`` says otherwise.
+    with L2 weight decay otherwise. ``fp32_optimizer_states=False`` (DeepSpeed: moments in the
+    parameters' 16-bit dtype) stores the moments in bf16 (``strata.optimizer_state_dtype``
+    bf16; the update still computes in fp32). Built directly, the state lives in pinned DRAM
+    unless ``config=`` says otherwise.
     """
 
     def __init__(self, model_params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0, amsgrad=False, adamw_mode=True, fp32_optimizer_states=True, *,
                  config=None, tag="", rank=0):
         if not fp32_optimizer_states:
-            # DeepSpeed then keeps the moments in the parameters' dtype; strata's state records
-            # are fp32 only, so taking the argument would silently keep fp32 state.
-            raise NotImplementedError(
-                "DeepSpeedCPUAdam(fp32_optimizer_states=False): strata keeps optimizer state in fp32 "
-                "only (16-bit state is not implemented); pass fp32_optimizer_states=True")
+            config = _sixteen_bit_state(config, "DeepSpeedCPUAdam")
         self._kind = "adamw" if adamw_mode else "adam"
         self.adam_w_mode = bool(adamw_mode)
         super().__init__(model_params, lr, betas, eps, weight_decay, amsgrad,
