@@ -289,19 +289,7 @@ int main(int argc, char** argv) {
 
   // A StateView of a record laid out as sg (the engine's own layout rule).
   auto view_of = [](const engine::SubGroup& sg, char* rec) {
-    kernels::StateView v;
-    v.n = sg.numel;
-    for (int k = 0; k < 3; ++k) {
-      char* at = rec + sg.slot_offset[size_t(k)];
-      v.dtype[k] = sg.slot_dtype[size_t(k)];
-      if (v.dtype[k] == kernels::SlotDType::kF32) {
-        v.slot[k] = reinterpret_cast<float*>(at);
-      } else {
-        v.packed[k] = at;
-        v.scales[k] = reinterpret_cast<float*>(at + kernels::q8_scales_offset(sg.numel));
-      }
-    }
-    return v;
+    return engine::state_view(sg, 3, rec);
   };
 
   Table table({"state", "step", "step_s", "io_bound_s", "update_bound_s", "ratio", "GB_moved"},

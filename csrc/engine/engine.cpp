@@ -124,22 +124,7 @@ struct Engine::Impl {
     return static_cast<const char*>(a.data) + sg.grad_offset * kernels::dtype_size(sg.grad_dtype);
   }
   kernels::StateView view(const SubGroup& sg, float* record) const {
-    kernels::StateView v;
-    v.n = sg.numel;
-    char* base = reinterpret_cast<char*>(record);
-    for (int k = 0; k < slots[size_t(sg.group)] && k < 4; ++k) {
-      char* at = base + sg.slot_offset[size_t(k)];
-      v.dtype[k] = sg.slot_dtype[size_t(k)];
-      if (v.dtype[k] == kernels::SlotDType::kF32) {
-        v.slot[k] = reinterpret_cast<float*>(at);
-        continue;
-      }
-      v.packed[k] = at;
-      if (v.dtype[k] == kernels::SlotDType::kQ8S || v.dtype[k] == kernels::SlotDType::kQ8U) {
-        v.scales[k] = reinterpret_cast<float*>(at + kernels::q8_scales_offset(sg.numel));
-      }
-    }
-    return v;
+    return state_view(sg, slots[size_t(sg.group)], record);
   }
   // State access outside a step works on fp32 slots (slot k at k *
   // slot_stride floats). For a compressed record, unpack() decodes it into

@@ -72,6 +72,25 @@ void lay_out_record(SubGroup& sg, const std::vector<kernels::SlotDType>& dtypes)
   sg.record_bytes = (at + 4095) / 4096 * 4096;
 }
 
+kernels::StateView state_view(const SubGroup& sg, int slots, void* record) {
+  kernels::StateView v;
+  v.n = sg.numel;
+  char* base = static_cast<char*>(record);
+  for (int k = 0; k < slots && k < 4; ++k) {
+    char* at = base + sg.slot_offset[size_t(k)];
+    v.dtype[k] = sg.slot_dtype[size_t(k)];
+    if (v.dtype[k] == kernels::SlotDType::kF32) {
+      v.slot[k] = reinterpret_cast<float*>(at);
+      continue;
+    }
+    v.packed[k] = at;
+    if (v.dtype[k] == kernels::SlotDType::kQ8S || v.dtype[k] == kernels::SlotDType::kQ8U) {
+      v.scales[k] = reinterpret_cast<float*>(at + kernels::q8_scales_offset(sg.numel));
+    }
+  }
+  return v;
+}
+
 std::vector<kernels::SlotDType> plan_slot_dtypes(const Config& config,
                                                  const kernels::OptimizerHyper& hyper) {
   const EngineConfig& c = config.typed();

@@ -141,5 +141,8 @@ size_t record_bytes_for(size_t numel, int slots);  // every slot fp32
 // Fills sg.slot_dtype, sg.slot_offset, sg.compressed and sg.record_bytes
 // from sg.numel, sg.slot_stride and the slots' dtypes.
 void lay_out_record(SubGroup& sg, const std::vector<kernels::SlotDType>& dtypes);
+// The kernels' view of a record laid out as sg: its first `slots` slots
+// (fp32 pointers, or packed data and q8 scales). Borrows `record`.
+kernels::StateView state_view(const SubGroup& sg, int slots, void* record);
 
 }  // namespace strata::engine
