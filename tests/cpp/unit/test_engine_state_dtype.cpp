@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
@@ -176,6 +177,60 @@ TEST(EngineStateDType, PlanCountsTheStoredBytes) {
       EXPECT_EQ(sg.slot_offset[size_t(k)] % 64, 0u);
     }
     EXPECT_NEAR(plan.value().state_bytes_per_element, c.want, 1e-9) << c.state;
+  }
+}
+
+// The DRAM tier holds as much more state before it spills as the records
+// are smaller: the same strata.dram_budget, device cpu with an nvme_path to
+// spill to, 32M elements (sub_group_size 1M, capped by the plan to fit its
+// working buffers in the budget).
+TEST(EngineStateDType, DramTierHoldsMoreCompressedStateBeforeItSpills) {
+  const int64_t sgs = int64_t(1) << 20;
+  const uint64_t budget = uint64_t(128) << 20;  // 128 MiB: working buffers + some records
+  struct Case {
+    std::string state;
+    double bytes_per_elem;
+  };
+  double host_fp32 = 0;
+  for (const Case& c : {Case{"fp32", 12.0}, Case{"bf16", 8.0},
+                        Case{"int8_blockwise", 4.0 + 2.0 * (1.0 + 4.0 / 256)}}) {
+    nlohmann::json j = base("cpu", "/tmp/strata-plan-only", sgs);
+    j["strata"]["optimizer_state_dtype"] = c.state;
+    j["strata"]["dram_budget"] = budget;
+    auto cfg = parse(j);
+    ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
+    PlanInputs in;
+    for (int k = 0; k < 32; ++k) {
+      in.params.push_back(PlanParam{sgs, kernels::DType::kBF16, 0, false});
+    }
+    in.slots = {3};
+    in.mem_available = uint64_t(64) << 30;
+    auto plan = build_plan(cfg.value(), in);
+    ASSERT_TRUE(plan.ok()) << plan.status().to_string();
+    double host = 0, nvme = 0;  // elements
+    uint64_t host_bytes = 0;
+    for (const SubGroup& sg : plan.value().subgroups) {
+      if (sg.tier == tiers::TierKind::kHost) {
+        host += double(sg.numel);
+        host_bytes += sg.record_bytes;
+      } else {
+        EXPECT_EQ(sg.tier, tiers::TierKind::kNvme);
+        nvme += double(sg.numel);
+      }
+    }
+    EXPECT_LE(host_bytes, budget) << c.state;
+    EXPECT_GT(nvme, 0) << c.state << ": the budget is meant to spill every dtype";
+    std::printf("%-15s %5.1fM elements in DRAM (%s MiB), %5.1fM spilled to NVMe\n", c.state.c_str(),
+                host / 1048576.0, std::to_string(host_bytes >> 20).c_str(), nvme / 1048576.0);
+    if (c.state == "fp32") {
+      host_fp32 = host;
+      EXPECT_GT(host, 0);
+    } else {
+      // Same DRAM bytes, records 12 / bytes_per_elem times smaller: that many
+      // times the elements in DRAM, less the working buffers' share and the
+      // rounding to whole sub-groups (10%).
+      EXPECT_GE(host, 0.9 * host_fp32 * 12.0 / c.bytes_per_elem) << c.state;
+    }
   }
 }
 
