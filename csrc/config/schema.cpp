@@ -921,7 +921,9 @@ std::vector<ConfigKey> build_schema() {
       .field(STRATA_FIELD(strata.cxl_nodes));
   add("strata.dram_budget", K::kInt, kNull,
       "Bytes of host DRAM the engine may use for state and buffers (not given: a fraction of "
-      "MemAvailable).")
+      "MemAvailable). In exact mode (gradient clipping, fp16) with strata.overlap_backward, the "
+      "room it leaves (up to half of it for all working buffers together) holds more working "
+      "buffers, so that backward prefetches more records before the clip factor is known.")
       .min(1)
       .field(STRATA_FIELD(strata.dram_budget));
   add("strata.dram_cache_bytes", K::kInt, 0,

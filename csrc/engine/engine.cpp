@@ -13,6 +13,7 @@
 #include <strata/io/io_engine.h>
 #include <strata/kernels/cast.h>
 #include <strata/kernels/thread_pool.h>
+#include <strata/log.h>
 #include <strata/memory/pinned_pool.h>
 #include <strata/platform/vm.h>
 #include <strata/tiers/param_store.h>
@@ -200,6 +201,59 @@ struct Engine::Impl {
       std::lock_guard<std::mutex> lock(run.mu);
       run.updated = next_update;
       run.cv.notify_all();
+    }
+  }
+  // Appends `count` working buffers of plan.working_buffer_bytes from the
+  // pool, registered with the I/O engine where it accepts them.
+  Status add_working_buffers(size_t count) {
+    for (size_t b = 0; b < count; ++b) {
+      STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf, pool->allocate(plan.working_buffer_bytes));
+      if (io) {
+        // The I/O engine's contract: a refused registration (low
+        // RLIMIT_MEMLOCK, no CAP_IPC_LOCK, an old kernel) leaves it working
+        // with plain reads and writes of that buffer.
+        Status reg = io->register_buffer(buf.data(), buf.size());
+        if (reg.ok()) {
+          ++registered_buffers;
+        } else {
+          if (unregistered_buffers == 0) {
+            plan.notes.push_back("working buffers: fixed-buffer registration refused (" +
+                                 reg.message() + "); I/O continues with unregistered buffers");
+          }
+          ++unregistered_buffers;
+        }
+      }
+      work.push_back(std::move(buf));
+    }
+    return Status::Ok();
+  }
+  // At the first exact-mode backward: plan.exact_prefetch_buffers more
+  // working buffers, so the pipeline fetches that many more records before
+  // the gradient multiplier is known (every later step keeps them). Memory
+  // refused: a warning, and the step goes on with the buffers it has.
+  bool exact_buffers_added = false;
+  void add_exact_prefetch_buffers() {
+    if (exact_buffers_added || plan.exact_prefetch_buffers == 0 || work.empty()) {
+      return;
+    }
+    exact_buffers_added = true;
+    const size_t before = work.size();
+    Status st = add_working_buffers(plan.exact_prefetch_buffers);
+    const size_t added = work.size() - before;
+    if (st.ok()) {
+      log_message(
+          LogLevel::kInfo,
+          "exact mode (the gradient multiplier comes after backward): " + std::to_string(added) +
+              " more working buffers of " + std::to_string(plan.working_buffer_bytes) + " bytes, " +
+              std::to_string(work.size()) +
+              " records are fetched while backward runs (strata.dram_budget " +
+              std::to_string(plan.dram_budget) + " bytes)");
+    } else {
+      log_message(LogLevel::kWarning, "exact mode: " + std::to_string(added) + " of " +
+                                          std::to_string(plan.exact_prefetch_buffers) +
+                                          " more working buffers allocated (" + st.to_string() +
+                                          "); backward prefetches " + std::to_string(work.size()) +
+                                          " records");
     }
   }
   // Starts a step run on the worker thread (step counts advance).
@@ -1097,26 +1151,7 @@ Result<std::unique_ptr<Engine>> Engine::create(EngineOptions options) {
   }
   // Working buffers for fetch/store tiers.
   if (e.plan.working_buffer_bytes > 0) {
-    for (size_t b = 0; b < e.plan.buffer_count; ++b) {  // >= 1 by the schema
-      STRATA_ASSIGN_OR_RETURN(memory::PinnedBuffer buf,
-                              e.pool->allocate(e.plan.working_buffer_bytes));
-      if (e.io) {
-        // The I/O engine's contract: a refused registration (low
-        // RLIMIT_MEMLOCK, no CAP_IPC_LOCK, an old kernel) leaves it working
-        // with plain reads and writes of that buffer.
-        Status reg = e.io->register_buffer(buf.data(), buf.size());
-        if (reg.ok()) {
-          ++e.registered_buffers;
-        } else {
-          if (e.unregistered_buffers == 0) {
-            e.plan.notes.push_back("working buffers: fixed-buffer registration refused (" +
-                                   reg.message() + "); I/O continues with unregistered buffers");
-          }
-          ++e.unregistered_buffers;
-        }
-      }
-      e.work.push_back(std::move(buf));
-    }
+    STRATA_RETURN_IF_ERROR(e.add_working_buffers(e.plan.buffer_count));  // >= 1 by the schema
   }
   // Records, with their initial state written to the tier.
   // Stores rotate through the working buffers so the drive writes while the
@@ -1352,6 +1387,9 @@ Status Engine::begin_backward(const BackwardOptions& options) {
   if (options.threads > 0 &&
       (!e.backward_threads || e.backward_threads->size() != options.threads)) {
     e.backward_threads = std::make_unique<kernels::ThreadPool>(options.threads);
+  }
+  if (!options.eager_update) {
+    e.add_exact_prefetch_buffers();
   }
   e.start_run(options.eager_update, options.grad_mul, !options.eager_update,
               /*backward_running=*/true);

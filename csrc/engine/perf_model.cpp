@@ -323,9 +323,13 @@ StepShape step_shape_from_plan(const Plan& plan, const Config& config, bool gpu)
     shape.subgroups.push_back(l);
   }
   const EngineConfig& c = config.typed();
-  shape.buffer_count = plan.buffer_count;  // offload_optimizer.buffer_count, >= 1 by the schema
   shape.checksums = c.strata.verify_checksums;
   shape.grad_stats = c.training.gradient_clipping > 0 || c.precision.fp16_enabled;
+  // offload_optimizer.buffer_count (>= 1 by the schema); in exact mode the
+  // engine adds plan.exact_prefetch_buffers at its first backward.
+  shape.buffer_count =
+      plan.buffer_count +
+      (shape.grad_stats && c.strata.overlap_backward ? plan.exact_prefetch_buffers : 0);
   shape.model_on_gpu = gpu;
   shape.param_bytes =
       plan.subgroups.empty() ? 2 : kernels::dtype_size(plan.subgroups.front().dtype);

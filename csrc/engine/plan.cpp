@@ -25,7 +25,9 @@ constexpr size_t kSlotAlignFloats = 1024;  // 4 KiB of fp32
 //   the page count made odd (strata-bench-adam --slot-skew sub-page|on).
 constexpr size_t kSlotSkewFloats = 272;
 
-std::string human(double bytes) {
+}  // namespace
+
+std::string human_bytes(double bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int u = 0;
   while (bytes >= 1024 && u < 4) {
@@ -36,8 +38,6 @@ std::string human(double bytes) {
   std::snprintf(buf, sizeof(buf), u ? "%.2f %s" : "%.0f %s", bytes, units[u]);
   return buf;
 }
-
-}  // namespace
 
 size_t slot_stride_for(size_t numel) {
   size_t pages = (numel + kSlotAlignFloats - 1) / kSlotAlignFloats;
@@ -227,7 +227,7 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
       plan.notes.push_back("sub_group_size " + std::to_string(sgs) + " capped to " +
                            std::to_string(cap) + " so that " + std::to_string(plan.buffer_count) +
                            " working buffers fit a quarter of strata.dram_budget (" +
-                           human(double(plan.dram_budget)) + ")");
+                           human_bytes(double(plan.dram_budget)) + ")");
       sgs = int64_t(cap);
     }
   }
@@ -336,16 +336,17 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
     }
     if (primary == tiers::TierKind::kHost && used > plan.dram_budget) {
       return Status(StatusCode::kNoSpace,
-                    "optimizer state needs " + human(double(used)) +
+                    "optimizer state needs " + human_bytes(double(used)) +
                         " of host memory but "
                         "strata.dram_budget is " +
-                        human(double(plan.dram_budget)) +
+                        human_bytes(double(plan.dram_budget)) +
                         "; set zero_optimization.offload_optimizer.nvme_path to spill the rest to "
                         "NVMe, use device \"nvme\", or raise strata.dram_budget");
     }
     if (spilled) {
       plan.notes.push_back("optimizer state does not fit strata.dram_budget (" +
-                           human(double(plan.dram_budget)) + "): part of it spills to NVMe at " +
+                           human_bytes(double(plan.dram_budget)) +
+                           "): part of it spills to NVMe at " +
                            c.zero.offload.nvme_path.value_or(std::string()));
     }
   }
@@ -372,6 +373,32 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
   plan.nvme_bytes = plan.bytes_on(tiers::TierKind::kNvme);
   plan.pool_bytes =
       plan.bytes_on(tiers::TierKind::kHost) + working + plan.grad_bytes + plan.host_copy_bytes;
+  if (any_fetch && c.strata.overlap_backward) {
+    uint64_t fetched = 0;  // records on fetch tiers
+    for (const auto& sg : plan.subgroups) {
+      fetched += sg.tier == tiers::TierKind::kNvme || sg.tier == tiers::TierKind::kCxl;
+    }
+    const uint64_t want = fetched > plan.buffer_count ? fetched - plan.buffer_count : 0;
+    const uint64_t used = plan.pool_bytes;  // host state, working buffers, gradients, copies
+    const uint64_t headroom = plan.dram_budget > used ? plan.dram_budget - used : 0;
+    const uint64_t half = plan.dram_budget / 2 > working ? plan.dram_budget / 2 - working : 0;
+    const uint64_t fit = std::min(headroom, half) / max_record;
+    plan.exact_prefetch_buffers = size_t(std::min(want, fit));
+    // Said when the config asks for exact mode; a backward(exact=True) of the
+    // Python layer without it uses the buffers as well, and the engine logs it.
+    if (want > 0 && (c.training.gradient_clipping > 0 || c.precision.fp16_enabled)) {
+      const uint64_t held = plan.buffer_count + plan.exact_prefetch_buffers;
+      plan.notes.push_back(
+          "exact mode (gradient clipping, fp16): " + std::to_string(plan.exact_prefetch_buffers) +
+          " more working buffers (" +
+          human_bytes(double(plan.exact_prefetch_buffers) * double(max_record)) +
+          ", pinned at the first such backward) let backward prefetch " +
+          (held >= fetched ? "every record"
+                           : std::to_string(held) + " of " + std::to_string(fetched) +
+                                 " records (strata.dram_budget " +
+                                 human_bytes(double(plan.dram_budget)) + " allows no more)"));
+    }
+  }
   if (plan.nvme_bytes && !(device == OffloadDevice::kNvme || has_nvme_path)) {
     return internal_error("plan puts state on NVMe without an nvme_path");
   }
@@ -419,7 +446,7 @@ std::string Plan::to_string() const {
   os << line;
   for (const auto& t : tiers) {
     std::snprintf(line, sizeof(line), "%-8s %10llu %14s\n", tiers::tier_name(t.tier),
-                  (unsigned long long)t.subgroups, human(double(t.bytes)).c_str());
+                  (unsigned long long)t.subgroups, human_bytes(double(t.bytes)).c_str());
     os << line;
   }
   if (!state_slot_dtypes.empty()) {
@@ -432,24 +459,24 @@ std::string Plan::to_string() const {
     os << line;
   }
   os << "sub_group_size " << sub_group_size << " elements, buffer_count " << buffer_count
-     << ", working buffer " << human(double(working_buffer_bytes)) << " each\n";
-  os << "host memory: pinned pool " << human(double(pool_bytes)) << " (of which gradients "
-     << human(double(grad_bytes));
+     << ", working buffer " << human_bytes(double(working_buffer_bytes)) << " each\n";
+  os << "host memory: pinned pool " << human_bytes(double(pool_bytes)) << " (of which gradients "
+     << human_bytes(double(grad_bytes));
   if (host_copy_bytes) {
-    os << ", host copies of device parameters " << human(double(host_copy_bytes));
+    os << ", host copies of device parameters " << human_bytes(double(host_copy_bytes));
   }
-  os << "), model parameters " << human(double(model_param_bytes)) << ", dram_budget "
-     << human(double(dram_budget)) << "\n";
+  os << "), model parameters " << human_bytes(double(model_param_bytes)) << ", dram_budget "
+     << human_bytes(double(dram_budget)) << "\n";
   if (param_tier.on) {
     const auto& pt = param_tier;
     os << "stage 3: weights on " << pt.device;
     if (pt.device != "none") {
-      os << " (" << human(double(pt.bytes)) << ")";
+      os << " (" << human_bytes(double(pt.bytes)) << ")";
     }
-    os << ", window " << pt.window_elements << " elements (" << human(double(pt.window_bytes))
+    os << ", window " << pt.window_elements << " elements (" << human_bytes(double(pt.window_bytes))
        << "), prefetch " << pt.prefetch_elements << " elements\n";
-    os << "stage 3: peak host memory about " << human(double(pt.peak_host_bytes_overlapped))
-       << " with updates overlapping backward, " << human(double(pt.peak_host_bytes_exact))
+    os << "stage 3: peak host memory about " << human_bytes(double(pt.peak_host_bytes_overlapped))
+       << " with updates overlapping backward, " << human_bytes(double(pt.peak_host_bytes_exact))
        << " with clipping or fp16 (gradients held until the step)\n";
   }
   for (const auto& n : notes) {
@@ -464,6 +491,7 @@ nlohmann::json Plan::to_json() const {
   j["subgroups"] = subgroups.size();
   j["buffer_count"] = buffer_count;
   j["working_buffer_bytes"] = working_buffer_bytes;
+  j["exact_prefetch_buffers"] = exact_prefetch_buffers;
   j["dram_budget"] = dram_budget;
   j["grad_bytes"] = grad_bytes;
   j["host_copy_bytes"] = host_copy_bytes;

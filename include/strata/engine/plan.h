@@ -87,6 +87,14 @@ struct Plan {
   size_t sub_group_size = 0;     // effective (after the DRAM cap)
   size_t buffer_count = 0;
   size_t working_buffer_bytes = 0;  // each
+  // Exact mode (clipping, fp16: no update before every gradient is in):
+  // working buffers the engine adds, at its first exact-mode backward, to
+  // the buffer_count it starts with, so that more records are fetched while
+  // backward runs. From the headroom strata.dram_budget leaves over host
+  // state, working buffers, gradients and host copies, all working buffers
+  // together at most half the budget; never more than the records on
+  // fetch tiers beyond buffer_count. 0 without strata.overlap_backward.
+  size_t exact_prefetch_buffers = 0;
   uint64_t dram_budget = 0;
   uint64_t grad_bytes = 0;       // flat gradient arenas
   uint64_t host_copy_bytes = 0;  // host copies of device parameters (each rounded to 4 KiB)
@@ -123,6 +131,9 @@ struct Plan {
 };
 
 Result<Plan> build_plan(const Config& config, const PlanInputs& inputs);
+
+// Bytes as a person reads them: "512 B", "1.50 GiB" (powers of 1024).
+std::string human_bytes(double bytes);
 
 // The dtype gradients of a parameter of dtype `param` accumulate in:
 // data_types.grad_accum_dtype when the config gives it, else `param` itself

@@ -487,6 +487,78 @@ TEST(EngineOverlap, CancelledStepChangesNothing) {
 // the worker read the end before backward ended: a stage 3 trace test failed
 // on a fast machine). An engine closed after such updates, with no step()
 // call, joins its worker.
+// Exact mode (issue 20): before the gradient multiplier is known, the
+// pipeline fetches as many records as it has working buffers; at the first
+// exact backward the engine adds plan.exact_prefetch_buffers, so with room
+// in strata.dram_budget every record is fetched while backward runs, and
+// with less room, buffer_count + what the budget allows. Counted from the
+// trace: fetches submitted before step() opened the gate.
+TEST(EngineOverlap, ExactModePrefetchesAsManyRecordsAsTheBudgetAllows) {
+  auto fetched_before_gate = [](Engine& e, Model& m, int step) {
+    Engine::BackwardOptions bo;
+    bo.eager_update = false;
+    bo.threads = 1;
+    EXPECT_TRUE(e.begin_backward(bo).ok());
+    fill_grads(e, m, step);
+    for (size_t p : {3, 2, 1, 0}) {
+      e.mark_param_ready(p);
+    }
+    EXPECT_TRUE(e.end_backward().ok());
+    EXPECT_TRUE(e.grad_stats().ok());  // the worker has made its first fetches by now
+    const int64_t gate = now_ns();
+    EXPECT_TRUE(e.step(0.5f).ok());
+    EXPECT_TRUE(e.sync().ok());
+    size_t n = 0, all = 0;
+    for (const auto& ev : e.trace().events()) {
+      if (ev.kind == EventKind::kFetch && ev.step == int64_t(e.stats().steps) - 1) {
+        ++all;
+        n += ev.start_ns < gate;
+      }
+    }
+    EXPECT_EQ(all, e.subgroups().size()) << "every record fetched once";
+    return n;
+  };
+  TempDir dir;
+  Model m(5);
+  size_t working = 0;
+  {
+    auto r = nvme_engine(m, dir.path.string());  // buffer_count 3, default budget
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    Engine& e = *r.value();
+    const size_t records = e.subgroups().size();
+    ASSERT_GT(records, 5u);
+    EXPECT_EQ(e.plan().exact_prefetch_buffers, records - 3);
+    working = e.plan().working_buffer_bytes;
+    for (int s = 0; s < 2; ++s) {
+      EXPECT_EQ(fetched_before_gate(e, m, s), records) << "step " << s;
+    }
+    ASSERT_TRUE(e.close().ok());
+  }
+  {
+    // All working buffers in half the budget: 3 + 2 of 5.5 buffers' room.
+    nlohmann::json j = {
+        {"zero_optimization",
+         {{"sub_group_size", 4096},
+          {"offload_optimizer",
+           {{"device", "nvme"}, {"nvme_path", dir.path.string()}, {"buffer_count", 3}}}}},
+        {"aio", {{"block_size", 65536}, {"queue_depth", 8}}},
+        {"strata", {{"threads", 2}, {"dram_budget", 11 * working}}}};
+    auto c2 = Config::parse(j);
+    ASSERT_TRUE(c2.ok()) << c2.status().to_string();
+    EngineOptions o;
+    o.config = c2.value();
+    o.params = m.infos();
+    o.groups = hypers();
+    auto r = Engine::create(std::move(o));
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    Engine& e = *r.value();
+    ASSERT_EQ(e.plan().working_buffer_bytes, working);
+    EXPECT_EQ(e.plan().exact_prefetch_buffers, 2u);
+    EXPECT_EQ(fetched_before_gate(e, m, 0), 5u);
+    ASSERT_TRUE(e.close().ok());
+  }
+}
+
 TEST(EngineOverlap, BackwardLaneEndsAtEndBackwardWhenTheUpdatesFinishFirst) {
   TempDir dir;
   Model m(7);
