@@ -9,12 +9,22 @@ measured speed-up the ideal one computed from the measured phases of the off ste
     PYTHONPATH=python /usr/bin/python3 benchmarks/bench_overlap.py --params 100M --path /tmp/x
     ... --clip 1.0    # exact mode: global-norm clipping needs every gradient first
     ... --shape client --batch 256 --sub-group-size 4200000 --threads 2   # issue 20's client
+    ... --state cpu   # the optimizer state in DRAM instead of on NVMe
+    ... --profile P   # also the performance model's prediction of both steps (P: a hardware
+                      # profile, "calibrate": measure one first), from the measured phases
+
+The matrix of issue 20 (shapes many/client/gpt x torch threads 1 and all cores x clipping off
+and on x state on NVMe and in DRAM), one subprocess per cell, the hardware calibrated once:
+
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python /usr/bin/python3 benchmarks/bench_overlap.py \
+        --matrix --path /var/tmp/ov [--out matrix.json]
 """
 
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +35,12 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import strata.optim  # noqa: E402
+from strata import _C  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The cells of --matrix: (shape, batch, sub_group_size); each runs with torch threads 1 and
+# every core, clipping off and 1.0, state on NVMe and in DRAM.
+MATRIX_SHAPES = [("many", 512, 2 << 20), ("client", 256, 4200000), ("gpt", 16, 2 << 20)]
 
 
 def size(text):
@@ -34,10 +50,21 @@ def size(text):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="square", choices=["square", "client"],
+    ap.add_argument("--shape", default="square", choices=["square", "client", "many", "gpt"],
                     help="square: an MLP of --params in square layers of --width with Tanh; client: "
                          "issue 20's unseen client, 6 blocks of Linear(1024, 4096) -> GELU -> "
-                         "Linear(4096, 1024), 50M parameters (--params and --width unused)")
+                         "Linear(4096, 1024), 50M parameters (a wide MLP); many: 96 small layers, "
+                         "Linear(512, 512) -> ReLU, 25M parameters; gpt: the GPT demo's model "
+                         "(examples/gpt.py, 6 layers of width 384, 11M parameters), --batch "
+                         "sequences of 128 bytes (--params and --width unused but by square)")
+    ap.add_argument("--state", default="nvme", choices=["nvme", "cpu"],
+                    help="offload_optimizer.device: the state on NVMe (--path) or in DRAM")
+    ap.add_argument("--profile", default=None,
+                    help="a hardware profile (JSON, as strata._C.calibrate returns) or 'calibrate': "
+                         "add the performance model's prediction of the on and off steps")
+    ap.add_argument("--matrix", action="store_true",
+                    help="run issue 20's matrix of cells, each in a subprocess (see above)")
+    ap.add_argument("--out", default=None, help="--matrix: write the cells as JSON here")
     ap.add_argument("--params", default="100M", help="trainable parameters (an MLP of square layers)")
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=384, help="rows per step (sets the backward time)")
@@ -50,27 +77,44 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.matrix:
+        return run_matrix(args)
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    if args.shape == "client":
-        args.width = 1024
-        model = nn.Sequential(*[m for _ in range(6) for m in (
-            nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))])
+    if args.shape == "gpt":
+        sys.path.insert(0, os.path.join(ROOT, "examples"))
+        from gpt import GPT
+        model = GPT(vocab=256, d_model=384, n_layer=6, n_head=6, seq_len=128, dropout=0.0)
+        x = torch.randint(0, 256, (args.batch, 128), generator=torch.Generator().manual_seed(0))
+        y = torch.roll(x, -1, dims=1)
+        forward = lambda: model(x, y)  # noqa: E731
     else:
-        n = size(args.params)
-        layers = max(1, round(n / (args.width * args.width + args.width)))
-        model = nn.Sequential(*[m for _ in range(layers)
-                                for m in (nn.Linear(args.width, args.width), nn.Tanh())])
+        if args.shape == "client":
+            args.width = 1024
+            model = nn.Sequential(*[m for _ in range(6) for m in (
+                nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))])
+        elif args.shape == "many":
+            args.width = 512
+            model = nn.Sequential(*[m for _ in range(96) for m in (nn.Linear(512, 512), nn.ReLU())])
+        else:
+            n = size(args.params)
+            layers = max(1, round(n / (args.width * args.width + args.width)))
+            model = nn.Sequential(*[m for _ in range(layers)
+                                    for m in (nn.Linear(args.width, args.width), nn.Tanh())])
+        x = torch.randn(args.batch, args.width)
+        forward = lambda: model(x).square().mean()  # noqa: E731
     nparams = sum(p.numel() for p in model.parameters())
-    swap = args.path or tempfile.mkdtemp(prefix="strata-overlap-", dir=".")
-    os.makedirs(swap, exist_ok=True)
+    offload = {"device": args.state, "buffer_count": args.buffer_count}
+    swap = None
+    if args.state == "nvme":
+        swap = args.path or tempfile.mkdtemp(prefix="strata-overlap-", dir=".")
+        os.makedirs(swap, exist_ok=True)
+        offload["nvme_path"] = swap
     cfg = {"zero_optimization": {"sub_group_size": args.sub_group_size,
-                                 "offload_optimizer": {"device": "nvme", "nvme_path": swap,
-                                                       "buffer_count": args.buffer_count}},
+                                 "offload_optimizer": offload},
            "aio": {"block_size": 1 << 20, "queue_depth": 32}}
     opt = strata.optim.OffloadAdamW(model.parameters(), lr=1e-5, config=cfg)
-    x = torch.randn(args.batch, args.width)
     exact = args.clip > 0
     rows = {"on": [], "off": []}
     phases = {"on": [], "off": []}
@@ -78,7 +122,7 @@ def main():
     for i in range(total):
         mode = "on" if i % 2 else "off"
         t0 = time.perf_counter()
-        loss = model(x).square().mean()
+        loss = forward()
         t1 = time.perf_counter()
         opt.zero_grad()
         if mode == "on":
@@ -104,23 +148,107 @@ def main():
     ideal = (fwd + bwd + step) / (fwd + max(bwd, step))
     speedup = med["off"] / med["on"]
     result = {"shape": args.shape, "params": nparams, "state_bytes": 12 * nparams,
-              "mode": "exact" if exact else "eager", "torch_threads": args.threads,
+              "state": args.state, "batch": args.batch, "sub_group_size": args.sub_group_size,
+              "mode": "exact" if exact else "eager", "clip": args.clip, "torch_threads": args.threads,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
               "step_off_s": med["off"], "step_on_s": med["on"], "speedup": speedup,
               "ideal_speedup": ideal, "forward_s": fwd, "backward_s": bwd, "optimizer_step_off_s": step,
               "io_backend": st["io_backend"], "steps_each": args.steps}
+    if args.profile:
+        result.update(predict(args, cfg, model, fwd, bwd, swap))
+        result["prediction_error_on"] = result["predicted_on_s"] / med["on"] - 1
+        result["prediction_error_off"] = result["predicted_off_s"] / med["off"] - 1
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{nparams / 1e6:.0f}M params ({12 * nparams / 2**30:.2f} GiB of state on NVMe), "
+        where = f"on NVMe ({swap})" if args.state == "nvme" else "in DRAM"
+        print(f"{nparams / 1e6:.0f}M params ({12 * nparams / 2**30:.2f} GiB of state {where}), "
               f"{'exact (clip %.2g)' % args.clip if exact else 'eager (no clipping)'} mode, "
               f"median of {args.steps} steps each, alternating")
         print(f"  off: forward {fwd:.3f} s, backward {bwd:.3f} s, optimizer step {step:.3f} s")
         print(f"  step time   off {med['off']:.3f} s   on {med['on']:.3f} s")
         print(f"  speed-up    {speedup:.2f}x   (ideal from the measured phases: {ideal:.2f}x)")
+        if "predicted_on_s" in result:
+            print(f"  model       off {result['predicted_off_s']:.3f} s   on "
+                  f"{result['predicted_on_s']:.3f} s   (on: {result['prediction_error_on']:+.0%} of "
+                  f"the measured; off: {result['prediction_error_off']:+.0%})")
         print("  all off:", " ".join(f"{t:.3f}" for t in rows["off"]))
         print("  all on: ", " ".join(f"{t:.3f}" for t in rows["on"]))
 
 
+def predict(args, cfg, model, fwd, bwd, swap):
+    """The performance model's whole step (forward + backward + what the step leaves exposed)
+    with overlap on (this cell's mode) and off, from the measured forward and backward."""
+    if args.profile == "calibrate":
+        profile = _C.calibrate(json.dumps(cfg), swap, 0.0, 256 << 20)
+    else:
+        with open(args.profile) as f:
+            profile = json.load(f)
+    pcfg = json.loads(json.dumps(cfg))
+    if args.clip > 0:
+        pcfg["gradient_clipping"] = args.clip  # what makes the model's step exact
+    params = [(p.numel(), "fp32", 0, False) for p in model.parameters()]
+    out = {"profile": profile.get("name", args.profile)}
+    for mode, overlap in (("on", True), ("off", False)):
+        pcfg.setdefault("strata", {})["overlap_backward"] = overlap
+        choice = _C.predict_step(json.dumps(pcfg), params, [3], profile, backward_seconds=bwd,
+                                 forward_seconds=fwd, gpu=False, simulate=False)
+        out[f"predicted_{mode}_s"] = choice["prediction"]["iteration_s"]
+        out[f"predicted_{mode}_overlap"] = choice["chosen"]["overlap"]
+    return out
+
+
+def run_matrix(args):
+    """Every cell of issue 20's matrix in its own process; a table, and --out as JSON."""
+    swap = args.path or tempfile.mkdtemp(prefix="strata-overlap-", dir=".")
+    os.makedirs(swap, exist_ok=True)
+    cfg = {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": swap}},
+           "aio": {"block_size": 1 << 20, "queue_depth": 32}}
+    profile_path = args.profile
+    if not profile_path or profile_path == "calibrate":
+        print("calibrating this machine (strata._C.calibrate) ...", flush=True)
+        profile = _C.calibrate(json.dumps(cfg), swap, 0.0, 256 << 20)
+        profile_path = os.path.join(swap, "profile.json")
+        with open(profile_path, "w") as f:
+            json.dump(profile, f, indent=2)
+    cores = os.cpu_count()
+    cells = []
+    head = (f"{'shape':7} {'params':>7} {'state':5} {'thr':>3} {'mode':5} {'off_s':>7} {'on_s':>7} "
+            f"{'speedup':>7} {'ideal':>6} {'need':>6} {'pass':4} {'model_on':>8} {'err':>5}")
+    print(head, flush=True)
+    for shape, batch, sgs in MATRIX_SHAPES:
+        for state in ("nvme", "cpu"):
+            for threads in sorted({1, cores}):
+                for clip in (0.0, 1.0):
+                    cmd = [sys.executable, os.path.abspath(__file__), "--shape", shape, "--batch",
+                           str(batch), "--sub-group-size", str(sgs), "--state", state,
+                           "--threads", str(threads), "--clip", str(clip), "--steps",
+                           str(args.steps), "--warmup", str(args.warmup), "--buffer-count",
+                           str(args.buffer_count), "--path", os.path.join(swap, "cell"),
+                           "--profile", profile_path, "--json"]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    r = json.loads(out.strip().splitlines()[-1])
+                    need = max(0.97, 1 + 0.6 * (r["ideal_speedup"] - 1)) \
+                        if r["ideal_speedup"] >= 1.2 else 0.97
+                    r["needed_speedup"] = need
+                    r["passes"] = r["speedup"] >= need
+                    cells.append(r)
+                    print(f"{shape:7} {r['params'] / 1e6:6.1f}M {state:5} {threads:3d} "
+                          f"{r['mode']:5} {r['step_off_s']:7.3f} {r['step_on_s']:7.3f} "
+                          f"{r['speedup']:6.2f}x {r['ideal_speedup']:5.2f}x {need:5.2f}x "
+                          f"{'yes' if r['passes'] else 'NO':4} {r['predicted_on_s']:8.3f} "
+                          f"{r['prediction_error_on']:+5.0%}", flush=True)
+    passed = sum(c["passes"] for c in cells)
+    within = sum(abs(c["prediction_error_on"]) <= 0.15 for c in cells)
+    print(f"{passed} of {len(cells)} cells pass (on >= 0.97x off, and >= 1 + 0.6 x (ideal - 1) "
+          f"where the ideal is >= 1.2x); the model's overlapped step is within 15% in {within} "
+          f"of {len(cells)}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"cells": cells, "profile": profile_path,
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}, f, indent=2)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
