@@ -234,6 +234,30 @@ TEST(EngineStateDType, DramTierHoldsMoreCompressedStateBeforeItSpills) {
   }
 }
 
+// On the CXL tier (a NUMA node's memory; planned only, node 0 here) a
+// record takes the same compressed bytes as in DRAM.
+TEST(EngineStateDType, CxlTierHoldsTheCompressedBytes) {
+  const int64_t n = int64_t(1) << 22;
+  for (const auto& [state, per] : {std::pair<std::string, double>{"fp32", 12.0},
+                                   {"bf16", 8.0},
+                                   {"int8_blockwise", 4.0 + 2.0 * (1.0 + 4.0 / 256)}}) {
+    nlohmann::json j = base("cxl", "", n);
+    j["strata"]["optimizer_state_dtype"] = state;
+    j["strata"]["cxl_nodes"] = {0};
+    auto cfg = parse(j);
+    ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
+    PlanInputs in;
+    in.params.push_back(PlanParam{n, kernels::DType::kBF16, 0, false});
+    in.slots = {3};
+    in.mem_available = uint64_t(64) << 30;
+    auto plan = build_plan(cfg.value(), in);
+    ASSERT_TRUE(plan.ok()) << plan.status().to_string();
+    const double got = double(plan.value().bytes_on(tiers::TierKind::kCxl)) / double(n);
+    EXPECT_GE(got, per) << state;
+    EXPECT_LT(got, per + 0.01) << state;
+  }
+}
+
 TEST(EngineStateDType, AStepOnNvmeMovesTheCompressedBytes) {
   struct Case {
     std::string state;
