@@ -434,7 +434,9 @@ Result<Plan> build_plan(const Config& config, const PlanInputs& in) {
     const uint64_t in_flight =
         std::min<uint64_t>(plan.grad_bytes, 2 * plan.sub_group_size * grad_es);
     pt.peak_host_bytes_overlapped = pool + resident_weights + in_flight;
-    pt.peak_host_bytes_exact = pool + resident_weights + plan.grad_bytes;
+    // Exact mode also holds the working buffers it adds at its first backward.
+    pt.peak_host_bytes_exact = pool + resident_weights + plan.grad_bytes +
+                               uint64_t(plan.exact_prefetch_buffers) * plan.working_buffer_bytes;
   }
   return plan;
 }
