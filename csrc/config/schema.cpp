@@ -935,7 +935,9 @@ std::vector<ConfigKey> build_schema() {
       "carry them).")
       .field(STRATA_FIELD(strata.verify_checksums));
   add("strata.overlap_backward", K::kBool, true,
-      "Start sub-group updates (or their state prefetch) during backward.")
+      "Start sub-group updates (or their state prefetch) during backward, and fetch the next "
+      "step's first records (as many as there are working buffers) once a step's stores are "
+      "done, so they arrive during the next forward.")
       .field(STRATA_FIELD(strata.overlap_backward));
   add("strata.clip_mode", K::kString, "exact",
       "How clipping and overlap combine: exact waits for the global norm before updating (with "

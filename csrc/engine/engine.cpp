@@ -88,6 +88,27 @@ struct Engine::Impl {
     return st;
   }
   std::vector<uint32_t> observed_order;  // ready order of the last complete step
+  // The processing order of the next run: the last observed ready order, else plan order.
+  std::vector<uint32_t> next_expected() const {
+    if (observed_order.size() == plan.subgroups.size()) {
+      return observed_order;
+    }
+    std::vector<uint32_t> ids(plan.subgroups.size());
+    for (uint32_t i = 0; i < ids.size(); ++i) {
+      ids[i] = i;
+    }
+    return ids;
+  }
+  // With strata.overlap_backward, a step's worker fetches the next step's
+  // first records (in next_expected() order) into the idle working buffers
+  // once its own stores are done, so they arrive during the next forward.
+  // The next run adopts them (start_run moves them into its StepRun); any
+  // other call that reads or writes records drops them first (sync()).
+  // Written by the worker, read by the driving thread after joining it.
+  std::vector<CarriedFetch> carried;
+  void carry_next_fetches();
+  void drop_carried();
+  uint64_t dropped_fetch_bytes = 0;  // carried fetches dropped unused (EngineStats)
   // After a failed step: per sub-group, records lost until fully rewritten.
   // lost[sg] => written[sg] counts (segment, slot) pairs rewritten so far.
   std::vector<uint8_t> lost;
@@ -261,8 +282,11 @@ struct Engine::Impl {
   // Waits until every update of the run in flight is done.
   Status wait_updates();
   // Joins the run in flight (stores included) and returns its status; an
-  // error poisons the engine.
-  Status sync();
+  // error poisons the engine. keep_carried: the records the run fetched for
+  // the next step stay (begin_backward and step adopt them); otherwise they
+  // are dropped first, so the caller may read or write any record.
+  Status sync(bool keep_carried = false);
+  Status join_run();
   void mark_all_lost() {
     lost.assign(plan.subgroups.size(), 1);
     rewrite_started.assign(plan.subgroups.size(), 0);
@@ -736,8 +760,18 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
   // order (the order gradients became ready in the previous step) from the
   // start, and each update waits only for its own sub-group to be ready.
   const std::vector<uint32_t>& expected = run.expected;
+  for (const CarriedFetch& c : run.carried) {  // fetched by the last step's worker
+    Buf& buf = bufs[c.buffer];
+    buf.state = BufState::kFetching;
+    buf.sg = c.subgroup;
+    buf.ticket = c.ticket;
+    buf.start = c.start_ns;
+    buf.submitted = c.submitted_ns;
+    buf_of[c.subgroup] = int(c.buffer);
+  }
+  run.carried.clear();
   for (uint32_t id : expected) {
-    if (!tier_of(sgs[id])->resident()) {
+    if (!tier_of(sgs[id])->resident() && buf_of[id] < 0) {
       to_fetch.push_back(id);
     }
   }
@@ -868,7 +902,58 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       st = s2;
     }
   }
+  bool cancelled;
+  {
+    std::lock_guard<std::mutex> lock(run.mu);
+    cancelled = run.cancel;
+  }
+  if (st.ok() && !cancelled) {
+    carry_next_fetches();
+  }
   return st;
+}
+
+void Engine::Impl::carry_next_fetches() {
+  if (!opts.config.typed().strata.overlap_backward || closed) {
+    return;
+  }
+  const auto& sgs = plan.subgroups;
+  size_t b = 0;
+  for (uint32_t id : next_expected()) {
+    if (b == work.size()) {
+      break;
+    }
+    Tier* tier = tier_of(sgs[id]);
+    if (tier->resident()) {
+      continue;
+    }
+    CarriedFetch c;
+    c.buffer = b;
+    c.subgroup = id;
+    c.start_ns = now_ns();
+    auto t = tier->submit_fetch(handles[id], work[b].data());
+    if (!t.ok()) {
+      // Nothing is lost: the next step fetches this record again and
+      // reports the error there, with its context.
+      break;
+    }
+    c.ticket = t.value();
+    c.submitted_ns = now_ns();
+    carried.push_back(c);
+    ++b;
+  }
+}
+
+void Engine::Impl::drop_carried() {
+  for (const CarriedFetch& c : carried) {
+    // A fetch that failed is not reported here: its record is not used, and
+    // the next fetch of it reports the error with its context.
+    Tier* tier = tier_of(plan.subgroups[c.subgroup]);
+    const uint64_t before = tier->stats().bytes_fetched;
+    (void)tier->wait(c.ticket, nullptr);
+    dropped_fetch_bytes += tier->stats().bytes_fetched - before;
+  }
+  carried.clear();
 }
 
 Result<float*> Engine::Impl::get_record(const SubGroup& sg) {
@@ -906,6 +991,7 @@ Status Engine::Impl::close() {
     }
     st = sync();
   }
+  drop_carried();  // no run: fetches the last step carried may be in flight
   closed = true;
   gpu.reset();  // waits for its jobs; frees device buffers and streams
   for (auto& [k, t] : tiers) {
@@ -1279,14 +1365,9 @@ void Engine::Impl::start_run(bool gate, float grad_mul, bool collect_stats, bool
   in_backward.store(backward_running, std::memory_order_relaxed);
   r.from_backward = backward_running;
   r.stats.assign(plan.subgroups.size(), kernels::GradStats{});
-  if (observed_order.size() == plan.subgroups.size()) {
-    r.expected = observed_order;
-  } else {
-    r.expected.resize(plan.subgroups.size());
-    for (uint32_t i = 0; i < r.expected.size(); ++i) {
-      r.expected[i] = i;
-    }
-  }
+  r.expected = next_expected();
+  r.carried = std::move(carried);  // fetched in this order after the last step
+  carried.clear();
   r.start_ns = now_ns();
   for (auto& b : wb) {
     b.reset();  // pieces of a step that did not finish
@@ -1334,7 +1415,15 @@ Status Engine::Impl::wait_updates() {
   return run->status;
 }
 
-Status Engine::Impl::sync() {
+Status Engine::Impl::sync(bool keep_carried) {
+  Status st = join_run();
+  if (!keep_carried || !st.ok()) {
+    drop_carried();
+  }
+  return st;
+}
+
+Status Engine::Impl::join_run() {
   if (!run) {
     return Status::Ok();
   }
@@ -1382,7 +1471,7 @@ static Status check_usable(const Status& error, bool closed) {
 
 Status Engine::begin_backward(const BackwardOptions& options) {
   Impl& e = *impl_;
-  STRATA_RETURN_IF_ERROR(e.sync());
+  STRATA_RETURN_IF_ERROR(e.sync(/*keep_carried=*/true));
   STRATA_RETURN_IF_ERROR(check_usable(e.error, e.closed));
   if (options.threads > 0 &&
       (!e.backward_threads || e.backward_threads->size() != options.threads)) {
@@ -1539,7 +1628,7 @@ Status Engine::step(float grad_mul) {
       r.cv.notify_all();
     }
   } else {
-    STRATA_RETURN_IF_ERROR(e.sync());
+    STRATA_RETURN_IF_ERROR(e.sync(/*keep_carried=*/true));
     STRATA_RETURN_IF_ERROR(check_usable(e.error, e.closed));
     e.start_run(/*gate=*/true, grad_mul, /*collect_stats=*/false, /*backward_running=*/false);
     StepRun& r = *e.run;
@@ -1579,7 +1668,7 @@ Status Engine::cancel_step() {
   return st;
 }
 
-Status Engine::sync() { return impl_->sync(); }
+Status Engine::sync() { return impl_->sync(/*keep_carried=*/true); }
 
 Result<kernels::GradStats> Engine::grad_stats() {
   Impl& e = *impl_;
@@ -2142,8 +2231,12 @@ EngineStats Engine::stats() const {
       s.bytes_fetched += ts.bytes_fetched;
       s.bytes_stored += ts.bytes_stored;
     }
+  }
+  s.bytes_fetched -= e.dropped_fetch_bytes;
+  s.bytes_prefetched_unused = e.dropped_fetch_bytes;
+  for (const auto& [k, t] : e.tiers) {
     if (k == TierKind::kNvme) {
-      s.swap_file_bytes = ts.bytes;
+      s.swap_file_bytes = t->stats().bytes;
       s.swap_file_path = t->location();
     }
   }

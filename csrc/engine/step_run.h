@@ -15,18 +15,30 @@
 
 #include <strata/kernels/optimizer.h>
 #include <strata/status.h>
+#include <strata/tiers/tier.h>
 
 namespace strata::engine {
+
+// A fetch of the next step's record issued by the last step's worker
+// (Engine::Impl::carried), handed to the next run's pipeline.
+struct CarriedFetch {
+  size_t buffer = 0;  // working buffer index
+  uint32_t subgroup = 0;
+  tiers::TierTicket ticket = 0;
+  int64_t start_ns = 0;
+  int64_t submitted_ns = 0;
+};
 
 struct StepRun {
   std::mutex mu;
   std::condition_variable cv;
-  std::vector<uint32_t> expected;  // processing order: the last step's ready order (fixed)
-  std::vector<uint32_t> order;     // ready sub-groups, in ready order
-  std::vector<uint8_t> queued;     // per sub-group
-  std::vector<uint32_t> waiting;   // per sub-group: parameters not yet ready
-  bool closed = false;             // every sub-group is in `order`
-  bool gate = false;               // updates may run (grad_mul known)
+  std::vector<uint32_t> expected;     // processing order: the last step's ready order (fixed)
+  std::vector<uint32_t> order;        // ready sub-groups, in ready order
+  std::vector<CarriedFetch> carried;  // fetches this run adopts (the pipeline clears it)
+  std::vector<uint8_t> queued;        // per sub-group
+  std::vector<uint32_t> waiting;      // per sub-group: parameters not yet ready
+  bool closed = false;                // every sub-group is in `order`
+  bool gate = false;                  // updates may run (grad_mul known)
   float grad_mul = 1.0f;
   bool cancel = false;            // drop the step (fp16 overflow): no update runs
   bool backward_running = false;  // updates use the backward-time thread pool

@@ -263,6 +263,7 @@ py::dict stats_py(engine::Engine& e) {
   py::dict d;
   d["steps"] = s.steps;
   d["bytes_fetched"] = s.bytes_fetched;
+  d["bytes_prefetched_unused"] = s.bytes_prefetched_unused;
   d["bytes_stored"] = s.bytes_stored;
   d["io_bytes_read"] = s.io_bytes_read;
   d["io_bytes_written"] = s.io_bytes_written;

@@ -114,7 +114,11 @@ struct GradSpan {
 
 struct EngineStats {
   uint64_t steps = 0;
-  uint64_t bytes_fetched = 0;  // from fetch/store tiers
+  uint64_t bytes_fetched = 0;  // from fetch/store tiers, for use
+  // Records fetched for the next step after a step (strata.overlap_backward)
+  // and dropped unused, because a call other than the next step's came first
+  // (read_records, a checkpoint): bytes the drive moved in addition.
+  uint64_t bytes_prefetched_unused = 0;
   uint64_t bytes_stored = 0;
   uint64_t io_bytes_read = 0;  // as counted by the IoEngine
   uint64_t io_bytes_written = 0;
@@ -204,7 +208,9 @@ class Engine {
   Status end_backward();
   // Drops the step begun by begin_backward (fp16 overflow): no record changes.
   Status cancel_step();
-  // Waits for the step in flight, write-back included.
+  // Waits for the step in flight, write-back included. The next step's
+  // first records, fetched after the stores (strata.overlap_backward), stay
+  // for it; calls that read or write records drop them first.
   Status sync();
 
   // Global gradient statistics over every sub-group (fixed order).

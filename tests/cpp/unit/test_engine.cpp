@@ -559,6 +559,106 @@ TEST(EngineOverlap, ExactModePrefetchesAsManyRecordsAsTheBudgetAllows) {
   }
 }
 
+// With strata.overlap_backward a step's worker fetches the next step's first
+// buffer_count records once its stores are done (they arrive during the next
+// forward); the next step adopts them, and every record is still fetched once
+// per step. A call that writes records between steps drops them first, so
+// the next step reads what was written: equal to an engine without overlap.
+TEST(EngineOverlap, NextStepsFirstRecordsAreFetchedAfterTheStepAndAdopted) {
+  TempDir dir, dir_off;
+  Model m(11), m_off(11);
+  auto r = nvme_engine(m, dir.path.string());  // buffer_count 3
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  Engine& e = *r.value();
+  EngineOptions o;
+  {
+    nlohmann::json j = {
+        {"zero_optimization",
+         {{"sub_group_size", 4096},
+          {"offload_optimizer",
+           {{"device", "nvme"}, {"nvme_path", dir_off.path.string()}, {"buffer_count", 3}}}}},
+        {"aio", {{"block_size", 65536}, {"queue_depth", 8}}},
+        {"strata", {{"threads", 2}, {"overlap_backward", false}}}};
+    auto c = Config::parse(j);
+    ASSERT_TRUE(c.ok()) << c.status().to_string();
+    o.config = c.value();
+  }
+  o.params = m_off.infos();
+  o.groups = hypers();
+  auto r_off = Engine::create(std::move(o));
+  ASSERT_TRUE(r_off.ok()) << r_off.status().to_string();
+  Engine& off = *r_off.value();
+
+  const size_t records = e.subgroups().size();
+  ASSERT_GT(records, 3u);
+  uint64_t state_bytes = 0;
+  {
+    const uint64_t before = e.stats().bytes_fetched;
+    fill_grads(e, m, 0);
+    ASSERT_TRUE(e.step().ok());
+    ASSERT_TRUE(e.sync().ok());
+    state_bytes = e.stats().bytes_fetched - before;  // step 0 fetched every record
+    fill_grads(off, m_off, 0);
+    ASSERT_TRUE(off.step().ok());
+    ASSERT_TRUE(off.sync().ok());
+  }
+  ASSERT_GT(state_bytes, 0u);
+  for (int s = 1; s < 4; ++s) {
+    const int64_t begun = now_ns();  // after the last step's sync: its carried fetches are out
+    const uint64_t fetched = e.stats().bytes_fetched;
+    fill_grads(e, m, s);
+    ASSERT_TRUE(e.step().ok());
+    ASSERT_TRUE(e.sync().ok());
+    EXPECT_EQ(e.stats().bytes_fetched - fetched, state_bytes) << "step " << s << ": once each";
+    size_t all = 0, early = 0;
+    for (const auto& ev : e.trace().events()) {
+      if (ev.kind == EventKind::kFetch && ev.step == int64_t(e.stats().steps) - 1) {
+        ++all;
+        early += ev.start_ns < begun;
+      }
+    }
+    EXPECT_EQ(all, records) << "step " << s;
+    // Step 3 follows the state rewrite below, which dropped them.
+    EXPECT_EQ(early, s == 3 ? 0u : 3u)
+        << "step " << s << ": buffer_count records fetched before it began";
+    fill_grads(off, m_off, s);
+    ASSERT_TRUE(off.step().ok());
+    ASSERT_TRUE(off.sync().ok());
+    if (s == 2) {
+      // Between steps: rewrite a parameter's state on both engines. The
+      // carried records are dropped (counted apart), the next step reads
+      // the written state.
+      const uint64_t unused = e.stats().bytes_prefetched_unused;
+      for (Engine* x : {&e, &off}) {
+        std::vector<float> master(m.params[2].size()), mom(m.params[2].size());
+        ASSERT_TRUE(x->read_param_state(2, 0, master.data()).ok());
+        ASSERT_TRUE(x->read_param_state(2, 1, mom.data()).ok());
+        for (size_t k = 0; k < master.size(); ++k) {
+          master[k] *= 0.5f;
+          mom[k] = 0.25f;
+        }
+        ASSERT_TRUE(x->write_param_state(2, 0, master.data()).ok());
+        ASSERT_TRUE(x->write_param_state(2, 1, mom.data()).ok());
+      }
+      EXPECT_GT(e.stats().bytes_prefetched_unused, unused);
+      EXPECT_EQ(off.stats().bytes_prefetched_unused, 0u);
+    }
+  }
+  for (size_t i = 0; i < m.params.size(); ++i) {
+    ASSERT_EQ(0, std::memcmp(m.params[i].data(), m_off.params[i].data(), m.params[i].size() * 4))
+        << "param " << i;
+    std::vector<float> a(m.params[i].size()), b(m.params[i].size());
+    for (int slot = 0; slot < 3; ++slot) {
+      ASSERT_TRUE(e.read_param_state(i, slot, a.data()).ok());
+      ASSERT_TRUE(off.read_param_state(i, slot, b.data()).ok());
+      ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * 4))
+          << "param " << i << " slot " << slot;
+    }
+  }
+  ASSERT_TRUE(e.close().ok());
+  ASSERT_TRUE(off.close().ok());
+}
+
 TEST(EngineOverlap, BackwardLaneEndsAtEndBackwardWhenTheUpdatesFinishFirst) {
   TempDir dir;
   Model m(7);

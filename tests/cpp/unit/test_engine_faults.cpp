@@ -142,8 +142,11 @@ TEST(EngineFaults, HundredSeededFaultsFailCleanlyAndReload) {
     // Somewhere in the next three steps' block operations (a read or a write).
     f.at_op = run.faults->block_ops_seen() + rng() % (3 * ops_per_step);
     run.faults->add_fault(f);
+    // With strata.overlap_backward (the default) the last of those steps
+    // also fetches the next step's first records; a fault there surfaces in
+    // the step that uses them, so one more step runs if nothing failed.
     Status failed;
-    for (int s = 2; s < 5 && failed.ok(); ++s) {
+    for (int s = 2; s < 6 && failed.ok(); ++s) {
       failed = run.step(s);
     }
     if (failed.ok()) {
