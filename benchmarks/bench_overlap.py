@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Updates overlapped with backward vs not, on the CPU with the optimizer state on NVMe.
 
-Alternates steps with overlap on and off on the same model and optimizer (results are
-bit-identical either way), takes the median of each after a warm-up, and prints beside the
-measured speed-up the ideal one computed from the measured phases of the off steps:
-(backward + step) / max(backward, step) — what a perfect overlap of the two would give.
+Alternates steps of two engines on two copies of one model, one with strata.overlap_backward
+(updates during backward, the next step's first records fetched during forward) and one
+without (a plain backward, then the whole step); checks that the two copies end bit-identical,
+takes the median step of each after a warm-up, and prints beside the measured speed-up the
+ideal one computed from the measured phases of the off steps:
+(forward + backward + step) / (forward + max(backward, step)) — a perfect overlap of the
+backward and the step.
 
     PYTHONPATH=python /usr/bin/python3 benchmarks/bench_overlap.py --params 100M --path /tmp/x
     ... --clip 1.0    # exact mode: global-norm clipping needs every gradient first
@@ -21,6 +24,7 @@ and on x state on NVMe and in DRAM), one subprocess per cell, the hardware calib
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -46,6 +50,31 @@ MATRIX_SHAPES = [("many", 512, 2 << 20), ("client", 256, 4200000), ("gpt", 16, 2
 def size(text):
     mult = {"K": 1e3, "M": 1e6, "G": 1e9}
     return int(float(text[:-1]) * mult[text[-1].upper()]) if text[-1].upper() in mult else int(float(text))
+
+
+def build(args):
+    """The cell's model and its loss: forward(model) -> a scalar."""
+    if args.shape == "gpt":
+        sys.path.insert(0, os.path.join(ROOT, "examples"))
+        from gpt import GPT
+        model = GPT(vocab=256, d_model=384, n_layer=6, n_head=6, seq_len=128, dropout=0.0)
+        x = torch.randint(0, 256, (args.batch, 128), generator=torch.Generator().manual_seed(0))
+        y = torch.roll(x, -1, dims=1)
+        return model, lambda m: m(x, y)
+    if args.shape == "client":
+        args.width = 1024
+        model = nn.Sequential(*[m for _ in range(6) for m in (
+            nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))])
+    elif args.shape == "many":
+        args.width = 512
+        model = nn.Sequential(*[m for _ in range(96) for m in (nn.Linear(512, 512), nn.ReLU())])
+    else:
+        n = size(args.params)
+        layers = max(1, round(n / (args.width * args.width + args.width)))
+        model = nn.Sequential(*[m for _ in range(layers)
+                                for m in (nn.Linear(args.width, args.width), nn.Tanh())])
+    x = torch.randn(args.batch, args.width)
+    return model, lambda m: m(x).square().mean()
 
 
 def main():
@@ -82,47 +111,36 @@ def main():
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    if args.shape == "gpt":
-        sys.path.insert(0, os.path.join(ROOT, "examples"))
-        from gpt import GPT
-        model = GPT(vocab=256, d_model=384, n_layer=6, n_head=6, seq_len=128, dropout=0.0)
-        x = torch.randint(0, 256, (args.batch, 128), generator=torch.Generator().manual_seed(0))
-        y = torch.roll(x, -1, dims=1)
-        forward = lambda: model(x, y)  # noqa: E731
-    else:
-        if args.shape == "client":
-            args.width = 1024
-            model = nn.Sequential(*[m for _ in range(6) for m in (
-                nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))])
-        elif args.shape == "many":
-            args.width = 512
-            model = nn.Sequential(*[m for _ in range(96) for m in (nn.Linear(512, 512), nn.ReLU())])
-        else:
-            n = size(args.params)
-            layers = max(1, round(n / (args.width * args.width + args.width)))
-            model = nn.Sequential(*[m for _ in range(layers)
-                                    for m in (nn.Linear(args.width, args.width), nn.Tanh())])
-        x = torch.randn(args.batch, args.width)
-        forward = lambda: model(x).square().mean()  # noqa: E731
+    model, forward = build(args)
+    # Two engines on two copies of the model: "on" with strata.overlap_backward (updates during
+    # backward, and the next step's first records fetched during forward), "off" without it (a
+    # plain backward, then the whole step). One engine serving both would carry the on steps'
+    # prefetch into the off steps.
+    models = {"on": model, "off": copy.deepcopy(model)}
     nparams = sum(p.numel() for p in model.parameters())
-    offload = {"device": args.state, "buffer_count": args.buffer_count}
+    opts = {}
     swap = None
     if args.state == "nvme":
         swap = args.path or tempfile.mkdtemp(prefix="strata-overlap-", dir=".")
-        os.makedirs(swap, exist_ok=True)
-        offload["nvme_path"] = swap
-    cfg = {"zero_optimization": {"sub_group_size": args.sub_group_size,
-                                 "offload_optimizer": offload},
-           "aio": {"block_size": 1 << 20, "queue_depth": 32}}
-    opt = strata.optim.OffloadAdamW(model.parameters(), lr=1e-5, config=cfg)
+    for mode in ("on", "off"):
+        offload = {"device": args.state, "buffer_count": args.buffer_count}
+        if swap:
+            os.makedirs(os.path.join(swap, mode), exist_ok=True)
+            offload["nvme_path"] = os.path.join(swap, mode)
+        cfg = {"zero_optimization": {"sub_group_size": args.sub_group_size,
+                                     "offload_optimizer": offload},
+               "aio": {"block_size": 1 << 20, "queue_depth": 32},
+               "strata": {"overlap_backward": mode == "on"}}
+        opts[mode] = strata.optim.OffloadAdamW(models[mode].parameters(), lr=1e-5, config=cfg)
     exact = args.clip > 0
     rows = {"on": [], "off": []}
     phases = {"on": [], "off": []}
     total = 2 * (args.warmup + args.steps)
     for i in range(total):
         mode = "on" if i % 2 else "off"
+        opt = opts[mode]
         t0 = time.perf_counter()
-        loss = forward()
+        loss = forward(models[mode])
         t1 = time.perf_counter()
         opt.zero_grad()
         if mode == "on":
@@ -138,8 +156,12 @@ def main():
         if i >= 2 * args.warmup:
             rows[mode].append(t3 - t0)
             phases[mode].append((t1 - t0, t2 - t1, t3 - t2))
-    st = opt.stats()
-    opt.close()
+    st = opts["on"].stats()
+    identical = all(torch.equal(a, b) for a, b in zip(models["on"].parameters(),
+                                                       models["off"].parameters()))
+    for opt in opts.values():
+        opt.close()
+    cfg["strata"]["overlap_backward"] = True  # the model's config (predict sets both)
 
     med = {m: statistics.median(v) for m, v in rows.items()}
     fwd = statistics.median(p[0] for p in phases["off"])
@@ -153,7 +175,9 @@ def main():
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
               "step_off_s": med["off"], "step_on_s": med["on"], "speedup": speedup,
               "ideal_speedup": ideal, "forward_s": fwd, "backward_s": bwd, "optimizer_step_off_s": step,
-              "io_backend": st["io_backend"], "steps_each": args.steps}
+              "io_backend": st["io_backend"], "steps_each": args.steps,
+              "bytes_prefetched_unused": st.get("bytes_prefetched_unused", 0),
+              "bit_identical": identical}
     if args.profile:
         result.update(predict(args, cfg, model, fwd, bwd, swap))
         result["prediction_error_on"] = result["predicted_on_s"] / med["on"] - 1
@@ -166,12 +190,17 @@ def main():
               f"{'exact (clip %.2g)' % args.clip if exact else 'eager (no clipping)'} mode, "
               f"median of {args.steps} steps each, alternating")
         print(f"  off: forward {fwd:.3f} s, backward {bwd:.3f} s, optimizer step {step:.3f} s")
+        on_f, on_b, on_s = (statistics.median(p[k] for p in phases["on"]) for k in range(3))
+        print(f"  on:  forward {on_f:.3f} s, backward {on_b:.3f} s (updates during it), "
+              f"rest of the step {on_s:.3f} s")
         print(f"  step time   off {med['off']:.3f} s   on {med['on']:.3f} s")
         print(f"  speed-up    {speedup:.2f}x   (ideal from the measured phases: {ideal:.2f}x)")
         if "predicted_on_s" in result:
             print(f"  model       off {result['predicted_off_s']:.3f} s   on "
                   f"{result['predicted_on_s']:.3f} s   (on: {result['prediction_error_on']:+.0%} of "
                   f"the measured; off: {result['prediction_error_off']:+.0%})")
+        print(f"  parameters on and off bit-identical after {total // 2} steps each: "
+              f"{'yes' if identical else 'NO'}")
         print("  all off:", " ".join(f"{t:.3f}" for t in rows["off"]))
         print("  all on: ", " ".join(f"{t:.3f}" for t in rows["on"]))
 
