@@ -2,7 +2,8 @@
 // -mavx512vl -mavx512dq -mavx2 -mfma -mf16c; called only when
 // cpu_features().can_run_avx512()). Tails use masked loads and stores
 // (fault-suppressing, zeros past the end), so they run the body's
-// instructions on the live lanes.
+// instructions on the live lanes. The bf16 stores' one AVX512_BF16
+// instruction is inline assembly run only where cpu_features() reports it.
 #include <immintrin.h>
 
 #include <cstddef>
