@@ -2231,15 +2231,13 @@ EngineStats Engine::stats() const {
       s.bytes_fetched += ts.bytes_fetched;
       s.bytes_stored += ts.bytes_stored;
     }
-  }
-  s.bytes_fetched -= e.dropped_fetch_bytes;
-  s.bytes_prefetched_unused = e.dropped_fetch_bytes;
-  for (const auto& [k, t] : e.tiers) {
     if (k == TierKind::kNvme) {
-      s.swap_file_bytes = t->stats().bytes;
+      s.swap_file_bytes = ts.bytes;
       s.swap_file_path = t->location();
     }
   }
+  s.bytes_fetched -= e.dropped_fetch_bytes;
+  s.bytes_prefetched_unused = e.dropped_fetch_bytes;
   if (e.io) {
     auto is = e.io->stats();
     s.io_bytes_read = is.bytes_read;
