@@ -690,7 +690,8 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
   };
   std::vector<Buf> bufs(nb);
   std::vector<int> buf_of(sgs.size(), -1);
-  std::vector<uint32_t> order;     // local copy of run.order
+  std::vector<uint32_t> order;                // local copy of run.order
+  std::vector<char> measured(sgs.size(), 0);  // collecting stats: gathered for this sub-group
   std::vector<uint32_t> to_fetch;  // fetch-tier sub-groups known and not yet fetched, in order
   size_t to_fetch_head = 0, next_update = 0;
   uint64_t store_seq = 0;
@@ -812,6 +813,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
         std::lock_guard<std::mutex> lock(run.mu);
         run.stats[sg.id] = g;
         ++run.stats_done;
+        measured[sg.id] = 1;
         run.cv.notify_all();
       }
     }
@@ -824,8 +826,10 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       {
         std::lock_guard<std::mutex> lock(run.mu);
         backward_running = run.backward_running;
-        if (run.cancel || !run.queued[sg.id]) {
-          break;  // cancelled, or its gradients are not final yet
+        if (run.cancel || !run.queued[sg.id] || (collect && !measured[sg.id])) {
+          // Cancelled, or its gradients are not final yet, or their stats are not
+          // gathered yet (an update may release the gradient pages they are read from).
+          break;
         }
       }
       if (tier->resident()) {
@@ -1480,7 +1484,10 @@ Status Engine::begin_backward(const BackwardOptions& options) {
   if (!options.eager_update) {
     e.add_exact_prefetch_buffers();
   }
-  e.start_run(options.eager_update, options.grad_mul, !options.eager_update,
+  // Stats are gathered as gradients arrive when a later grad_stats() could not
+  // read them: exact mode (clipping waits for them), and released arenas (an eager
+  // update returns its gradient pages, so the arena reads zero afterwards).
+  e.start_run(options.eager_update, options.grad_mul, !options.eager_update || e.opts.release_grads,
               /*backward_running=*/true);
   return Status::Ok();
 }
