@@ -42,8 +42,8 @@ bool is_batch_key(const std::string& path) {
   return false;
 }
 
-// Keys whose only purpose is ZeRO-3 parameter partitioning: at stage 3 they
-// are named in the one stage-3 warning instead of one warning each.
+// Keys whose only purpose is ZeRO-3 parameter partitioning: "auto" for one of
+// them (Hugging Face's configs) leaves its default standing.
 bool is_stage3_key(const std::string& path) {
   static const std::set<std::string> kNames = {"offload_param",
                                                "prefetch_bucket_size",
@@ -972,19 +972,13 @@ class ConfigParser {
   // One warning per distinct note, naming every key it covers: a stock Hugging
   // Face ZeRO-2 config sets five communication knobs that share one reason.
   void emit_ignored_warnings() {
-    const json* stage = number_at("zero_optimization.stage");
-    // One process honours stage 3 (the param tier); several ranks run it as
-    // stage 2 for now, which one warning says with the keys it leaves alone.
-    const bool stage3 = stage != nullptr && stage->get<int64_t>() == 3 && opt_.world_size > 1;
-    std::vector<std::string> stage3_keys;
+    // Stage 3 is honoured in one process (the param tier) and across ranks
+    // (parameters partitioned, python/strata/param_tier.py): its keys are
+    // judged one by one like the others.
     std::vector<std::pair<std::string, std::vector<std::string>>> by_note;
     for (const auto& entry : ignored_) {
       const ConfigKey* key = entry.first;
       const json& value = entry.second;
-      if (stage3 && is_stage3_key(key->path)) {
-        stage3_keys.push_back(key->path);
-        continue;
-      }
       if (quiet(*key, value) || (opt_.world_size > 1 && key->honoured_with_ranks)) {
         continue;
       }
@@ -1000,17 +994,6 @@ class ConfigParser {
     for (const auto& [note, keys] : by_note) {
       warn(join(keys, ", ") + (keys.size() == 1 ? " is" : " are") +
            " accepted but not acted on: " + note);
-    }
-    if (stage3) {
-      std::string msg =
-          "zero_optimization.stage: 3 is accepted, but with " + std::to_string(opt_.world_size) +
-          " ranks it runs as stage 2: parameter partitioning across ranks is not implemented "
-          "(one process honours stage 3 and offload_param); parameters stay whole on every rank "
-          "and optimizer-state offload (offload_optimizer) runs as at stage 2";
-      if (!stage3_keys.empty()) {
-        msg += "; not acted on: " + join(stage3_keys, ", ");
-      }
-      warn(msg);
     }
   }
 

@@ -613,10 +613,10 @@ std::vector<ConfigKey> build_schema() {
       "ZeRO settings. The old form true/false means stage 1/0 (deprecated).");
   add("zero_optimization.stage", K::kInt, 0,
       "0: no sharding; 1 and 2: optimizer state (and gradients) sharded across data-parallel "
-      "ranks; 3: in one process, the model's weights live on the param tier (offload_param) "
-      "and are fetched per module, and gradients stream to the optimizer as they are final; "
-      "with several ranks, stage 3 runs as stage 2 (parameters whole on every rank) with one "
-      "warning.")
+      "ranks; 3: the model's weights live on the param tier (offload_param) and are fetched "
+      "per module, and gradients go to the optimizer as they are final; with several ranks "
+      "every parameter is partitioned (each rank keeps its chunk, all-gathered before a "
+      "module runs, gradients reduced to their owners).")
       .range(0, 3)
       .field(STRATA_FIELD(zero.stage));
   add("zero_optimization.sub_group_size", K::kInt, 1000000000,

@@ -342,13 +342,14 @@ class Engine(torch.nn.Module):
         return sources
 
     def _configure_param_tier(self):
-        """ZeRO stage 3 in one process: the param tier the model's weights live on
-        (``strata.param_tier``). A model built under ``strata.zero.Init`` is already on it; one
-        built outside is moved now (its whole weights were in memory until then: said once),
-        and so are parameters added after its construction. With weights fetched on demand
-        (cxl, nvme) a ``ParamWindow`` fetches each module's weights around its forward and
-        backward."""
-        if self.zero_optimization_stage() != 3 or self.world_size > 1:
+        """ZeRO stage 3: the param tier the model's weights live on (``strata.param_tier``).
+        A model built under ``strata.zero.Init`` is already on it; one built outside is moved
+        now (its whole weights were in memory until then: said once), and so are parameters
+        added after its construction. With several ranks each rank keeps its chunk of every
+        parameter (partitioned; rank 0's weights, broadcast before). With weights fetched on
+        demand (cxl, nvme, or partitioned) a ``ParamWindow`` fetches each module's weights
+        around its forward and backward."""
+        if self.zero_optimization_stage() != 3:
             return None
         params = list(self.module.parameters())
         tiers = {id(t): t for p in params for t in [_pt.tier_of(p)] if t is not None}
@@ -373,8 +374,8 @@ class Engine(torch.nn.Module):
                 "strata.zero.Init(config_dict_or_path=...) to avoid that peak")
         if tier.store is not None:
             tier.store.trim_staging()
-            if not tier.resident and tier.window is None:
-                _pt.ParamWindow(tier, self.module)
+        if (not tier.resident or tier.partitioned) and tier.window is None:
+            _pt.ParamWindow(tier, self.module)
         return tier
 
     # DeepSpeed's ZERO_SUPPORTED_OPTIMIZERS (deepspeed/runtime/zero/utils.py), by name so that
@@ -905,11 +906,13 @@ class Engine(torch.nn.Module):
         sd = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
         tier = self.__dict__.get("param_tier")
         live = self.module.state_dict(prefix=prefix, keep_vars=True) \
-            if tier is not None and not tier.resident else {}
+            if tier is not None and (not tier.resident or tier.partitioned) else {}
         for name, t in live.items():
             if _pt.fetched_on_demand(t):
                 # Stage 3, weights on the cxl/nvme tier: each one read from it (the whole
                 # dict is then in memory: the checkpoint's model file streams instead).
+                # Partitioned (several ranks): each one all-gathered, so every rank calls
+                # this.
                 w = _pt.read_weights(t).detach()
                 sd[name] = w if keep_vars else w.clone()
         if exclude_frozen_parameters:
@@ -922,7 +925,7 @@ class Engine(torch.nn.Module):
                          exclude_frozen_parameters=False):
         """The module's weights as a plain torch state_dict file (DeepSpeed's name)."""
         tier = self.__dict__.get("param_tier")
-        if tier is not None and not tier.resident and not _config.get(
+        if tier is not None and (not tier.resident or tier.partitioned) and not _config.get(
                 self._config, "zero_optimization.stage3_gather_16bit_weights_on_model_save"):
             # DeepSpeed's rule: without the gather switch a stage-3 model's weights are not
             # assembled for a 16-bit file.
@@ -931,8 +934,14 @@ class Engine(torch.nn.Module):
                 "zero_optimization.stage3_gather_16bit_weights_on_model_save is false, so no "
                 "file is written (as in DeepSpeed); set it to true, or use save_checkpoint")
             return False
-        os.makedirs(save_dir, exist_ok=True)
         path = os.path.join(save_dir, save_filename)
+        if tier is not None and tier.partitioned:
+            # Partitioned weights: every rank takes part in the all-gathers, one parameter at
+            # a time, and rank 0 streams them into the file (never the whole model at once).
+            _ckpt.write_gathered_model(self, path,
+                                       exclude_frozen_parameters=exclude_frozen_parameters)
+            return True
+        os.makedirs(save_dir, exist_ok=True)
         if self.global_rank == 0:
             torch.save(self.module_state_dict(
                 exclude_frozen_parameters=exclude_frozen_parameters), path)

@@ -363,7 +363,10 @@ class Settings:
         if not isinstance(z, dict):
             z = {}
         stage = int(z.get("stage") or 0)
-        self.stage = min(stage, 2)  # 3: the config parser said once that it runs as 2
+        self.requested_stage = stage
+        # 3 only where the parameters are partitioned (the optimizer decides: PartitionGrads);
+        # otherwise stage 3's state and gradients are sharded as at stage 2.
+        self.stage = min(stage, 2)
         self.world, self.rank, self.local_rank = int(world), int(rank), int(local_rank)
         self.reduce_bucket_size = _bucket_size(z.get("reduce_bucket_size"))
         self.allgather_bucket_size = _bucket_size(z.get("allgather_bucket_size"))
@@ -391,7 +394,7 @@ class Settings:
 
 class _Bucket:
     __slots__ = ("index", "dtype", "start", "end", "owner", "members", "pending", "buf", "whole",
-                 "work", "runs", "launched", "order")
+                 "work", "runs", "launched", "order", "direct")
 
     def __init__(self, dtype, start, end, owner):
         self.dtype, self.start, self.end, self.owner = dtype, start, end, owner
@@ -403,6 +406,7 @@ class _Bucket:
         self.work = None
         self.launched = False
         self.order = 0
+        self.direct = False  # one member, reduced in place in its gradient (no copy)
 
     @property
     def numel(self):
@@ -469,6 +473,9 @@ class _GradComm:
         bk.whole = whole
 
     def _release(self, bk):
+        if bk.direct and bk.whole is None:
+            bk.buf = None
+            return
         if bk.buf is not None and self.source != "flat":
             free = self._free.setdefault(bk.dtype, [])
             if len(free) < MAX_IN_FLIGHT:
@@ -488,12 +495,21 @@ class _GradComm:
         flat = None
         for bk, po, bo, n in self.by_param.get(i, ()):
             if self.source == "grad":
-                if bk.buf is None:
-                    self._alloc(bk)
-                if grad is not None:
+                if bk.direct and grad is not None:
+                    # Reduced where autograd put it (non-owners: scratch afterwards; the
+                    # caller drops .grad).
                     if flat is None:
                         flat = grad.detach().reshape(-1)
-                    bk.buf[bo:bo + n].copy_(flat[po:po + n])
+                    bk.buf = flat[po:po + n]
+                    if bk.buf.dtype != bk.dtype:
+                        bk.buf = bk.buf.to(bk.dtype)
+                else:
+                    if bk.buf is None:
+                        self._alloc(bk)
+                    if grad is not None:
+                        if flat is None:
+                            flat = grad.detach().reshape(-1)
+                        bk.buf[bo:bo + n].copy_(flat[po:po + n])
             bk.pending -= 1
             # A large parameter spans several buckets: reduce each as soon as it is full, so
             # that at most MAX_IN_FLIGHT (+ the one being filled) exist at once.
@@ -755,7 +771,7 @@ class ReducerGrads(ArenaGrads):
                 for p in b.managed:
                     g = p.grad
                     if g is not None and any(lo <= g.data_ptr() < hi for lo, hi in old):
-                        p.grad = None if self.dp.stage == 2 else g.clone()
+                        p.grad = None if self.dp.stage >= 2 else g.clone()
             self.attach(b, copy_existing=True)
         self._install_reduce_hooks(b)
 
@@ -800,7 +816,7 @@ class ReducerGrads(ArenaGrads):
     # ---- hooks ----------------------------------------------------------------------
     def _install_reduce_hooks(self, b):
         dp = self.dp
-        needed = dp.stage == 2 or (dp.world > 1 and dp.overlap_comm)
+        needed = dp.stage >= 2 or (dp.world > 1 and dp.overlap_comm)
         if b.dp_hooks or not needed:
             return
         me = weakref.ref(self)
@@ -819,7 +835,7 @@ class ReducerGrads(ArenaGrads):
         b = None if opt is None else opt._b
         if b is None or b.reducer is None:
             return
-        if self.dp.stage == 2:
+        if self.dp.stage >= 2:
             p = b.managed[i]
             self._queue_end()
             b.reducer.async_now = self.dp.overlap_comm
@@ -854,7 +870,7 @@ class ReducerGrads(ArenaGrads):
         b = None if opt is None else opt._b
         if b is None or b.reducer is None:
             return
-        if self.dp.stage == 2:
+        if self.dp.stage >= 2:
             if b.reducer.active:
                 b.reducer.flush()
         elif self.armed:
@@ -900,7 +916,7 @@ class ReducerGrads(ArenaGrads):
         opt = self.opt
         b = opt._b
         dp = self.dp
-        if dp.stage == 2:
+        if dp.stage >= 2:
             if b.reducer.active:
                 b.reducer.flush()
             return
@@ -979,7 +995,7 @@ class ReducerGrads(ArenaGrads):
 
     def stats(self, b):
         dp = self.dp
-        total = sum(p.numel() for p in b.managed)
+        total = sum(_numel(p) for p in b.managed)
         return {
             "stage": dp.stage,
             "world_size": dp.world,
@@ -998,3 +1014,87 @@ class ReducerGrads(ArenaGrads):
             "comm": {k: dict(v) for k, v in self.comm_stats.items()},
             "numa_node": dp.numa_node,
         }
+
+
+class _Dtypes:
+    """The one attribute of a ``Space`` that ``_GradComm`` reads."""
+
+    def __init__(self, dtypes):
+        self.dtypes = dtypes
+
+
+class PartitionGrads(ReducerGrads):
+    """ZeRO-3 across ranks (``strata.layout.PartitionLayout``): in every backward, as a
+    parameter's gradient is final, its chunks go into the buckets of their owners and
+    ``.grad`` is dropped; a bucket is reduced to its owner (``torch.distributed.reduce``, on
+    every backend) and added into the owner's shard arena.
+
+    Buckets are fixed groups of consecutive parameters in gradient-ready order, of at most
+    ``reduce_bucket_size`` elements counted padded (``world x chunk`` per parameter); a group
+    has one bucket per rank, holding every member's chunk for that rank back to back, so the
+    group's reductions move as many bytes as one reduce-scatter of the group. They are launched
+    in the same order on every rank (``_GradComm``), asynchronously with ``overlap_comm``.
+    After the step the parameters need no all-gather (the window gathers them before use);
+    persistent parameters, whole on every rank, get their updated chunks broadcast by their
+    owners."""
+
+    def build(self, b):
+        dp = self.dp
+        lay = b.layout
+        by_grad = {}
+        for j, sl in enumerate(lay.slices):
+            dt = b.managed[sl[0]].dtype
+            if dt not in b.arenas:
+                gdt = dtype_from_name(b.engine.grad_dtype(j))
+                if gdt not in by_grad:
+                    by_grad[gdt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(gdt)), gdt)
+                b.arenas[dt] = by_grad[gdt]
+        b.arena_off = [b.engine.grad_offset(j) for j in range(len(lay.slices))]
+        world = dp.world
+        numel = [_numel(p) for p in b.managed]
+        # Groups of consecutive parameters of one dtype, up to reduce_bucket_size elements; a
+        # parameter larger than that is a group of its own, reduced in place in its .grad.
+        dtypes, groups = [], {}
+        for i, p in enumerate(b.managed):
+            if p.dtype not in groups:
+                dtypes.append(p.dtype)
+                groups[p.dtype] = [[]]
+            cur = groups[p.dtype][-1]
+            if cur and sum(numel[k] for k in cur) + numel[i] > dp.reduce_bucket_size:
+                cur = []
+                groups[p.dtype].append(cur)
+            cur.append(i)
+        buckets = []
+        for d in dtypes:
+            base = 0
+            for members in groups[d]:
+                direct = len(members) == 1 and numel[members[0]] > dp.reduce_bucket_size
+                for r in range(world):
+                    bk = _Bucket(d, base, base, r)
+                    bk.direct = direct
+                    for i in members:
+                        c = lay.chunk[i]
+                        n = min((r + 1) * c, numel[i]) - r * c
+                        if n > 0:
+                            bk.members.append((i, r * c, bk.end - bk.start, n))
+                            bk.end += n
+                    base = bk.end
+                    if r == dp.rank:
+                        arena = b.arenas[d]
+                        bk.runs = [(bo, arena, b.arena_off[lay.slice_of[i]], n)
+                                   for (i, _, bo, n) in bk.members]
+                    buckets.append(bk)
+        b.reducer = _GradComm(self.comm_stats, _Dtypes(dtypes), buckets, source="grad",
+                              collective="reduce", keep="add")
+        b.gather = None
+
+    def after_step(self, b):
+        lay = b.layout
+        with torch.no_grad():
+            for i, p in enumerate(b.managed):
+                if fetched_on_demand(p):
+                    continue  # partitioned: the update wrote this rank's chunk on the tier
+                flat = p.data.view(-1)
+                for r, a, k in lay.pieces(i):
+                    comm.broadcast(flat[a:a + k], r, stats=self.comm_stats)
+        self.opt._mark_synced()

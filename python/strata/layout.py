@@ -140,6 +140,63 @@ class ShardLayout:
         return sum(s[3] for s in self.slices)
 
 
+class PartitionLayout:
+    """ZeRO-3 across ranks: engine parameter ``j`` is this rank's chunk of one model
+    parameter, DeepSpeed's partitioning (``strata.param_tier``): parameter ``i`` of ``n``
+    elements is cut into chunks of ``c = ceil(n / W)``, rank ``r`` owning
+    ``[min(r c, n), min((r + 1) c, n))``. Persistent parameters (whole on every rank) are cut
+    the same way for the optimizer state; their updated chunks are broadcast by their owners
+    after the step (``gather``)."""
+
+    sharded = True
+
+    def __init__(self, managed, world, rank):
+        self.world, self.rank = int(world), int(rank)
+        self.slices = []
+        self.chunk = []  # i -> c
+        for i, p in enumerate(managed):
+            n = _numel(p)
+            c = -(-n // self.world)
+            self.chunk.append(c)
+            a = min(self.rank * c, n)
+            k = min(a + c, n) - a
+            if k > 0:
+                self.slices.append((i, a, None, k))
+        self.slice_of = {s[0]: j for j, s in enumerate(self.slices)}
+        self._numels = [_numel(p) for p in managed]
+        self._signature = [(id(p), _numel(p), p.dtype) for p in managed]
+
+    def local_range(self, i):
+        j = self.slice_of.get(i)
+        if j is None:
+            return 0, 0
+        _, po, _, n = self.slices[j]
+        return po, n
+
+    def pieces(self, i):
+        """[(rank, offset in the parameter, numel)] of parameter ``i``, non-empty ones."""
+        n, c = self._numels[i], self.chunk[i]
+        return [(r, r * c, min((r + 1) * c, n) - r * c) for r in range(self.world)
+                if r * c < n]
+
+    def gather(self, whole, stats=None):
+        """As ``ShardLayout.gather``: each rank's pieces broadcast by their owners."""
+        for i in sorted(whole):
+            for t in whole[i]:
+                if t is None:
+                    continue
+                for r, a, k in self.pieces(i):
+                    comm.broadcast(t[a:a + k], r, stats=stats)
+
+    def keeps_pieces_of(self, prev):
+        return (isinstance(prev, PartitionLayout) and prev.world == self.world
+                and prev.rank == self.rank and prev._signature == self._signature)
+
+    @property
+    def numel(self):
+        return sum(s[3] for s in self.slices)
+
+
 def whole_tensors(layout, params, slots):
     """{i: [fp32 tensor of params[i].numel() for each slot in ``slots[i]`` else None]} and the
     views of this rank's pieces of them, {j: [view or None]}, for state_io."""

@@ -65,10 +65,10 @@ import torch
 
 from . import _C, comm
 from . import config as _config
-from .grad_path import ArenaGrads, ReducerGrads, Settings
-from .layout import ShardLayout, WholeLayout, whole_tensors
-from .param_tier import fetched_on_demand, numel as _numel, read_weights, shape as _shape, \
-    storage_key as _storage_key, tier_of
+from .grad_path import ArenaGrads, PartitionGrads, ReducerGrads, Settings
+from .layout import PartitionLayout, ShardLayout, WholeLayout, whole_tensors
+from .param_tier import fetched_on_demand, numel as _numel, partitioned as _partitioned, \
+    read_weights, shape as _shape, storage_key as _storage_key, tier_of
 from .progress import EngineProgress
 from .state_io import copy_slots, read_slots, write_slots
 from ._torch_compat import dtype_from_name, dtype_name, tensor_from_buffer
@@ -303,6 +303,17 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             self._dp = Settings.for_this_rank(self.config)
             if self._dp.world > 1:
                 self._rank = self._dp.rank
+            if self._dp.requested_stage == 3 and self._dp.world > 1:
+                if any(getattr(tier_of(p), "partitioned", False)
+                       for g in self.param_groups for p in g["params"]):
+                    self._dp.stage = 3
+                    self._grads = PartitionGrads(self, self._dp)
+                    return
+                _config.warn_once(
+                    f"zero_optimization.stage 3 with {self._dp.world} ranks: the parameters "
+                    "given to this optimizer are not partitioned (build the model under "
+                    "strata.zero.Init, or pass it to strata.initialize); the optimizer shards "
+                    "its state and gradients as at stage 2")
             self._grads = ReducerGrads(self, self._dp)
         else:
             self._dp = None
@@ -378,6 +389,8 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         dtype_name(p.dtype)
 
     def _layout_for(self, managed):
+        if self._dp is not None and self._dp.stage == 3:
+            return PartitionLayout(managed, self._dp.world, self._dp.rank)
         if self._dp is not None and self._dp.stage >= 1:
             return ShardLayout(managed, self._dp.world, self._dp.rank)
         return WholeLayout(managed)
@@ -440,6 +453,13 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         name = self._name_of(p, i)
         if n != _numel(p):
             name = f"{name}[{po}:{po + n}]"
+        if _partitioned(p):
+            # ZeRO-3 across ranks: this rank's chunk, in memory (offload_param none, cpu) or
+            # as the record p.ds_record on the tier (cxl, nvme).
+            if p.ds_tensor is not None:
+                return (name, n, dtype_name(p.dtype), b.cohort_of[i], p.ds_tensor.data_ptr(),
+                        None, 0)
+            return (name, n, dtype_name(p.dtype), b.cohort_of[i], None, None, 0, p.ds_record)
         if fetched_on_demand(p):
             # ZeRO stage 3, weights on the cxl/nvme param tier: the engine reads and writes
             # them through the store (record p.ds_id).

@@ -44,7 +44,7 @@ import weakref
 
 import torch
 
-from . import _C
+from . import _C, comm
 from . import config as _config
 from ._torch_compat import tensor_from_buffer
 
@@ -64,9 +64,16 @@ def on_tier(p):
 
 
 def fetched_on_demand(p):
-    """True when ``p``'s ``.data`` is empty between uses (cxl and nvme tiers)."""
+    """True when ``p``'s ``.data`` is empty between uses (cxl and nvme tiers, and every
+    partitioned parameter with several ranks)."""
     t = tier_of(p)
-    return t is not None and not p.ds_persist and not t.resident
+    return t is not None and not p.ds_persist and (not t.resident or t.partitioned)
+
+
+def partitioned(p):
+    """True when ``p`` is partitioned across ranks: this rank holds elements
+    ``[r * ds_chunk, r * ds_chunk + ds_local)`` of it (ZeRO-3 with several ranks)."""
+    return getattr(p, "ds_partitioned", False)
 
 
 def numel(p):
@@ -104,9 +111,12 @@ def full_shape(p):
 
 def read_weights(p):
     """``p``'s weights as a CPU tensor: ``p`` itself when resident, else a copy fetched from
-    its tier (the master-weight resync of a released parameter)."""
+    its tier (the master-weight resync of a released parameter). A released partitioned
+    parameter is all-gathered: a collective, every rank must read it."""
     if not fetched_on_demand(p) or p.ds_status == AVAILABLE:
         return p
+    if partitioned(p):
+        return _gather_whole(p)
     store = p._strata_tier.store
     buf = store.staging(store.record_bytes(p.ds_id))
     store.fetch(p.ds_id, buf)
@@ -121,6 +131,12 @@ def write_weights(p, src):
             p.copy_(src)
             return
         t = tier_of(p)
+        if partitioned(p):
+            # Every rank passes the whole value and keeps its own piece (no collective).
+            if p.ds_status == AVAILABLE:
+                p.data.copy_(src.reshape(p.data.shape))
+            write_local(p, own_piece(p, src))
+            return
         if t.resident or p.ds_status == AVAILABLE:
             p.data.copy_(src.reshape(p.data.shape))
             if not t.resident:
@@ -133,11 +149,74 @@ def write_weights(p, src):
         t.store.store(p.ds_id, buf)
 
 
-class ParamTier:
-    """The param tier of one process: a ``_C.ParamStore`` and the parameters on it."""
+def local_shard(p):
+    """This rank's piece of partitioned parameter ``p`` (``ds_local`` elements) as a CPU
+    tensor: its memory (offload_param none or cpu), or a copy read from its record."""
+    if p.ds_tensor is not None:
+        return p.ds_tensor
+    store = p._strata_tier.store
+    if p.ds_record is None:
+        return torch.empty(0, dtype=p.dtype)
+    buf = store.staging(store.record_bytes(p.ds_record))
+    store.fetch(p.ds_record, buf)
+    return tensor_from_buffer(buf, p.dtype)[:p.ds_local]
 
-    def __init__(self, config, tag="param"):
+
+def own_piece(p, whole):
+    """This rank's piece of ``whole`` (a tensor of ``p``'s size)."""
+    return whole.reshape(-1)[p.ds_chunk * tier_of(p).rank:][:p.ds_local]
+
+
+def write_local(p, src):
+    """This rank's piece of partitioned ``p`` := ``src`` (``ds_local`` elements)."""
+    if p.ds_local == 0:
+        return
+    if p.ds_tensor is not None:
+        p.ds_tensor.copy_(src)
+        return
+    store = p._strata_tier.store
+    buf = store.staging(store.record_bytes(p.ds_record))
+    tensor_from_buffer(buf, p.dtype)[:p.ds_local].copy_(src)
+    store.store(p.ds_record, buf)
+
+
+def _padded(p, shard):
+    """``shard`` padded with zeros to ``ds_chunk`` elements (what every rank sends)."""
+    if shard.numel() == p.ds_chunk:
+        return shard
+    out = torch.zeros(p.ds_chunk, dtype=p.dtype)
+    out[:shard.numel()].copy_(shard)
+    return out
+
+
+def _gather_whole(p, stats=None):
+    """The whole of partitioned ``p`` (a new tensor of its shape), all-gathered from every
+    rank's piece (a collective)."""
+    t = tier_of(p)
+    full = torch.empty(t.world * p.ds_chunk, dtype=p.dtype)
+    comm.all_gather_into(full, _padded(p, local_shard(p)), stats=stats)
+    return full[:p.ds_numel].view(p.ds_shape)
+
+
+class ParamTier:
+    """The param tier of one process: a ``_C.ParamStore`` and the parameters on it.
+
+    With several ranks (``world`` > 1, ZeRO-3 across ranks) every parameter that does not
+    persist is partitioned DeepSpeed's way: flat, padded to a multiple of the world size, rank
+    ``r`` holding chunk ``r`` of ``ceil(numel / world)`` elements (less for the last ranks;
+    none where the parameter ends before its chunk). The tier holds this rank's chunks only:
+    ``ds_tensor`` is the chunk's memory (device none: the process's memory; cpu: a pinned
+    record) or None (cxl, nvme: the record ``ds_record`` on the tier). The parameter's ``.data``
+    is empty between uses; the window all-gathers it before a module runs."""
+
+    def __init__(self, config, tag="param", world=None, rank=None):
         self.config = config
+        if world is None:
+            world = comm.get_world_size() if comm.is_initialized() else 1
+            rank = comm.get_rank() if comm.is_initialized() else 0
+        self.world, self.rank = int(world), int(rank or 0)
+        self.partitioned = self.world > 1
+        self.comm_stats = {}  # the window's all-gathers (by operation)
         self.device = _config.get(config, "zero_optimization.offload_param.device")
         self.persist_threshold = int(_config.get(
             config, "zero_optimization.stage3_param_persistence_threshold"))
@@ -155,6 +234,7 @@ class ParamTier:
         if self.device != "none":
             self.store = _C.ParamStore(_config.handle_of(config), tag)
         self.resident = self.store is None or self.store.resident
+        self.local_bytes = 0  # this rank's chunks of partitioned parameters (bytes)
         if not self.resident:
             self.max_live = min(self.max_live, self.buffer_count * self.buffer_size)
         self._params = {}  # ds_id -> weakref(param)
@@ -181,13 +261,16 @@ class ParamTier:
         p._strata_tier = self
         p.ds_numel = n
         p.ds_shape = torch.Size(shape_)
-        p.ds_persist = persist or self.store is None
+        p.ds_persist = persist or (self.store is None and not self.partitioned)
         p.ds_status = AVAILABLE
         if p.ds_persist:
             if persist:
                 self.persisted += n
             p.ds_id = None
             return False
+        if self.partitioned:
+            self._partition(p, n, shape_)
+            return True
         if not self.resident and n > self.buffer_size:
             raise ValueError(
                 f"strata: parameter {name or tuple(shape_)} has {n} elements, more than "
@@ -207,6 +290,43 @@ class ParamTier:
                 p.ds_status = NOT_AVAILABLE
         return True
 
+    def _partition(self, p, n, shape_):
+        """Keeps this rank's chunk of ``p`` on the tier; ``.data`` becomes empty."""
+        c = -(-n // self.world)
+        a = min(self.rank * c, n)
+        local = min(a + c, n) - a
+        src = p.detach()
+        if src.device.type != "cpu" or not src.is_contiguous():
+            src = src.to("cpu").contiguous()
+        flat = src.reshape(-1)
+        p.ds_partitioned = True
+        p.ds_chunk = c
+        p.ds_local = local
+        p.ds_record = None
+        p.ds_tensor = None
+        es = src.element_size()
+        if not self.resident and local > self.buffer_size:
+            raise ValueError(
+                f"strata: parameter {tuple(shape_)} has {local} elements on this rank, more "
+                f"than zero_optimization.offload_param.buffer_size ({self.buffer_size}); set "
+                f"buffer_size to at least {local}")
+        if self.store is None:
+            p.ds_tensor = flat[a:a + local].clone()
+        elif local > 0:
+            p.ds_record = self.store.add(flat.data_ptr() + a * es, local * es)
+            if self.resident:
+                p.ds_tensor = tensor_from_buffer(self.store.record(p.ds_record),
+                                                 p.dtype)[:local]
+        else:
+            p.ds_tensor = torch.empty(0, dtype=p.dtype)
+        self.local_bytes += local * es
+        p.ds_id = self._next_id
+        self._next_id += 1
+        self._params[p.ds_id] = weakref.ref(p)
+        with torch.no_grad():
+            p.data = torch.empty(0, dtype=p.dtype)
+        p.ds_status = NOT_AVAILABLE
+
     def offload_module(self, module, names=None):
         """Every parameter of ``module`` onto the tier (shared ones once)."""
         names = names or {}
@@ -225,6 +345,10 @@ class ParamTier:
         s = self.store.stats() if self.store is not None else {}
         s["device"] = self.device
         s["persistent_elements"] = self.persisted
+        s["world_size"] = self.world
+        if self.partitioned:
+            s["partition_bytes"] = self.local_bytes
+            s["comm"] = {k: dict(v) for k, v in self.comm_stats.items()}
         if self.window is not None:
             s.update(self.window.stats())
         return s
@@ -237,10 +361,14 @@ class ParamTier:
 
 
 class _Resident:
-    __slots__ = ("buf", "ticket", "numel")
+    __slots__ = ("buf", "ticket", "numel", "full", "work", "send", "done")
 
     def __init__(self, buf, ticket, n):
         self.buf, self.ticket, self.numel = buf, ticket, n
+        self.full = None  # partitioned: the whole (padded) parameter being gathered
+        self.work = None  # partitioned: the all-gather in flight
+        self.send = None  # partitioned: this rank's padded chunk (alive until the gather ends)
+        self.done = False  # partitioned: the gather completed
 
 
 class ParamWindow:
@@ -276,15 +404,49 @@ class ParamWindow:
             return
         n = p.ds_numel
         self._make_room(n)
-        buf = self.store.staging(self.store.record_bytes(rid))
-        ticket = self.store.submit_fetch(rid, buf)
-        self._live[rid] = _Resident(buf, ticket, n)
+        if partitioned(p):
+            r = self._submit_gather(p, n)
+        else:
+            buf = self.store.staging(self.store.record_bytes(rid))
+            r = _Resident(buf, self.store.submit_fetch(rid, buf), n)
+        self._live[rid] = r
         self._live_elems += n
         self._in_flight += n
         self.peak_live = max(self.peak_live, self._live_elems)
         p.ds_status = INFLIGHT
         self.stats_fetched += 1
         self.stats_prefetched += bool(prefetch)
+
+    def _submit_gather(self, p, n):
+        """A partitioned parameter: its chunk is in memory (none, cpu) and the all-gather
+        starts now, asynchronously; or its chunk is read from the tier (cxl, nvme) and the
+        all-gather starts once the read is done (``_ready``). Every rank submits the same
+        parameters in the same order (the module order), so the collectives match."""
+        r = _Resident(None, 0, n)
+        r.full = torch.empty(self.tier.world * p.ds_chunk, dtype=p.dtype)
+        if p.ds_tensor is not None:
+            r.send = _padded(p, p.ds_tensor)
+            r.work = comm.all_gather_into(r.full, r.send, async_op=True,
+                                          stats=self.tier.comm_stats)
+        elif p.ds_record is not None:
+            r.buf = self.store.staging(self.store.record_bytes(p.ds_record))
+            r.ticket = self.store.submit_fetch(p.ds_record, r.buf)
+        return r
+
+    def _finish_gather(self, p, r):
+        if r.full is None:
+            return
+        if r.work is None:
+            # The chunk came from the tier (or this rank holds none of the parameter).
+            local = tensor_from_buffer(r.buf, p.dtype)[:p.ds_local] if r.buf is not None \
+                else torch.empty(0, dtype=p.dtype)
+            r.send = _padded(p, local)
+            r.work = comm.all_gather_into(r.full, r.send, async_op=True,
+                                          stats=self.tier.comm_stats)
+        r.work.wait()
+        r.work = None
+        r.send = None
+        r.buf = None
 
     def _make_room(self, n):
         """Releases parameters nobody uses (oldest first) until ``n`` more elements fit."""
@@ -300,20 +462,38 @@ class ParamWindow:
 
     def _ready(self, p):
         r = self._live[p.ds_id]
-        if r.ticket:
+        if r.full is not None:
+            if not r.done:
+                if r.ticket:
+                    self.store.wait(r.ticket)
+                    r.ticket = 0
+                self._finish_gather(p, r)
+                r.done = True
+                self._in_flight -= r.numel
+        elif r.ticket:
             self.store.wait(r.ticket)
             r.ticket = 0
             self._in_flight -= r.numel
         if p.ds_status != AVAILABLE:
             with torch.no_grad():
-                p.data = tensor_from_buffer(r.buf, p.dtype)[:p.ds_numel].view(p.ds_shape)
+                src = r.full if r.full is not None else tensor_from_buffer(r.buf, p.dtype)
+                p.data = src[:p.ds_numel].view(p.ds_shape)
             p.ds_status = AVAILABLE
 
     def _drop(self, p):
         r = self._live.pop(p.ds_id, None)
         if r is None:
             return
-        if r.ticket:
+        if r.full is not None:
+            if not r.done:
+                # Every rank drops the same parameters at the same point: a gather in flight
+                # completes, one not started yet is never started.
+                if r.ticket:
+                    self.store.wait(r.ticket)
+                if r.work is not None:
+                    r.work.wait()
+                self._in_flight -= r.numel
+        elif r.ticket:
             self.store.wait(r.ticket)
             self._in_flight -= r.numel
         self._live_elems -= r.numel

@@ -10,7 +10,8 @@
   as they are offloaded (fp32/fp64 also become the default dtype inside the block). Inside the
   block ``nn.Module.apply`` gathers each module's weights around the call and writes changes
   back (DeepSpeed's ``override_module_apply``), so ``model.apply(init_weights)`` works.
-  One process only; with several ranks parameters stay whole (``docs/distributed.md``).
+  With several ranks (ZeRO-3 across ranks) each parameter is broadcast from rank 0 as its
+  module is built and partitioned: each rank keeps its chunk (``docs/stage3.md``).
 - ``GatheredParameters(params, modifier_rank=None)``: the parameters are resident inside the
   block (fetched from the tier where they are not). With ``modifier_rank``, changes made in the
   block are written back to the tier and to the fp32 master weights on exit (and, with several
@@ -65,10 +66,9 @@ class Init(contextlib.ContextDecorator):
             user["zero_optimization"].setdefault("stage", 3)
         filled = _config.load_config(user, quiet=True)
         stage = int(_config.get(filled, "zero_optimization.stage"))
-        if comm.is_initialized() and comm.get_world_size() > 1:
-            warn_once("zero.Init: with several ranks parameters are not partitioned yet; the "
-                      "model is built with whole parameters on every rank")
-        elif stage == 3:
+        if stage == 3:
+            # With several ranks the tier is partitioned: each rank keeps its chunk of every
+            # parameter (rank 0's values, broadcast as each module is built).
             self.tier = _pt.ParamTier(filled, tag="param")
         if module is not None:
             self._offload_tree(module)
@@ -80,6 +80,11 @@ class Init(contextlib.ContextDecorator):
                 if p.is_floating_point() and p.dtype != self.dtype and _pt.tier_of(p) is None:
                     p.data = p.data.to(self.dtype)
         if self.tier is not None:
+            if self.tier.partitioned:
+                with torch.no_grad():
+                    for p in module.parameters():
+                        if _pt.tier_of(p) is None:
+                            comm.broadcast(p.data, 0)
             self.tier.offload_module(module)
 
     def _wrap_init(self, cls):
@@ -123,7 +128,7 @@ class Init(contextlib.ContextDecorator):
 
         torch.nn.Module.__init_subclass__ = __init_subclass__
         self._patched.append((torch.nn.Module, "__init_subclass__", old_subclass))
-        if self.tier is not None and not self.tier.resident:
+        if self.tier is not None and (not self.tier.resident or self.tier.partitioned):
             orig_apply = torch.nn.Module.apply
 
             def apply(module, fn):
@@ -173,6 +178,11 @@ class _Standalone:
 
     def gather(self):
         for p in self.params:
+            if _pt.partitioned(p):  # all-gathered: every rank takes part
+                with torch.no_grad():
+                    p.data = _pt.read_weights(p)
+                p.ds_status = _pt.AVAILABLE
+                continue
             store = p._strata_tier.store
             buf = store.staging(store.record_bytes(p.ds_id))
             store.fetch(p.ds_id, buf)
@@ -183,6 +193,9 @@ class _Standalone:
 
     def write_back(self):
         for p in self.params:
+            if _pt.partitioned(p):
+                _pt.write_local(p, _pt.own_piece(p, p.data))
+                continue
             p._strata_tier.store.store(p.ds_id, self.bufs[id(p)])
 
     def release(self):
@@ -234,6 +247,9 @@ class GatheredParameters:
                     self._standalone.write_back()
                 elif self._window is not None:
                     for p in on_demand:
+                        if _pt.partitioned(p):  # this rank's chunk of the new values
+                            _pt.write_local(p, _pt.own_piece(p, p.data))
+                            continue
                         r = self._window._live[p.ds_id]
                         p._strata_tier.store.store(p.ds_id, r.buf)
                 from . import optim

@@ -44,7 +44,7 @@ Crash-safety tests kill the process at named points of a save or a load:
 """
 
 from ..testing.kill_points import kill_during, kill_point
-from .engine_io import load, save, write_recovery_script
+from .engine_io import load, save, write_gathered_model, write_recovery_script
 from .format import CLIENT_FILE, ENGINE_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE, \
     OLD_MODEL_FILE, OPTIMIZER_FILE, RECOVERY_SCRIPT, RNG_FILE, TORCH_OPTIMIZER_FILE, \
     CheckpointError, TensorFileReader, model_file, read_manifest, read_master, read_slot, \
@@ -58,7 +58,7 @@ __all__ = [
     "resolve_tag_dir", "read_latest", "read_manifest", "verify_file", "model_file",
     "TensorFileReader", "read_master", "read_slot",
     # writing
-    "write_tensor_file", "write_recovery_script",
+    "write_tensor_file", "write_recovery_script", "write_gathered_model",
     # the format's names
     "FORMAT", "FORMAT_VERSION", "MANIFEST", "LATEST", "OPTIMIZER_FILE", "MODEL_FILE",
     "OLD_MODEL_FILE", "RECOVERY_SCRIPT", "ENGINE_FILE", "RNG_FILE", "CLIENT_FILE",

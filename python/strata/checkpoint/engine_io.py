@@ -97,9 +97,11 @@ def _model_entries(module, exclude_frozen):
         if name in frozen:
             continue
         if _pt.fetched_on_demand(t):
-            # Weights on the cxl/nvme param tier: read one parameter at a time as written.
+            # Weights on the cxl/nvme param tier: read one parameter at a time as written
+            # (partitioned: all-gathered, a collective; see write_model).
             def produce(p=t):
-                return _pt.read_weights(p).detach()
+                return _pt.read_weights(p).detach().contiguous()
+            produce.collective = _pt.partitioned(t)
             entries.append((name, tuple(t.ds_shape), t.dtype, ("tier", id(_pt.tier_of(t)), t.ds_id),
                             produce))
             continue
@@ -141,17 +143,14 @@ def _base_manifest(engine, tag):
 
 
 
-def _write_rest(engine, tmp, files, manifest, client_state, exclude_frozen_parameters):
-    """The model, engine, RNG and client files (rank 0's, with several ranks)."""
-    opt = engine.optimizer
-    entries, metadata, excluded = _model_entries(engine.module, exclude_frozen_parameters)
+def _model_wrap(engine):
+    """DeepSpeed's model-states keys around the module (its loaders and users' scripts read
+    "module"); the optimizer state is in strata's files, named in zero_pp_rank_*."""
     sched = engine.lr_scheduler
     sched_state = sched.state_dict() if sched is not None and hasattr(sched, "state_dict") \
         else None
-    # DeepSpeed's model-states keys around the module (its loaders and users' scripts read
-    # "module"); the optimizer state is in strata's files, named in zero_pp_rank_*.
     frozen = {n for n, p in engine.module.named_parameters() if not p.requires_grad}
-    wrap = {
+    return {
         "buffer_names": [n for n, _ in engine.module.named_buffers()],
         # Plain values only (lists for shapes, JSON for the rest): the file is read back by
         # strata's restricted unpickler.
@@ -169,8 +168,67 @@ def _write_rest(engine, tmp, files, manifest, client_state, exclude_frozen_param
         "ds_config": _jsonable(engine.config),
         "ds_version": f"strata-{_C.__version__}",
     }
-    files[MODEL_FILE] = write_tensor_file(os.path.join(tmp, MODEL_FILE), entries, metadata,
-                                          wrap=wrap)
+
+
+def write_model(engine, path, exclude_frozen, wrap=None):
+    """The module's weights as a torch file at ``path``, one tensor at a time; returns (file
+    entry, entries, excluded frozen names) on the rank that wrote it.
+
+    With partitioned weights (ZeRO-3 across ranks) every rank must call it: rank 0 writes while
+    every rank takes part in each partitioned parameter's all-gather, in the order the writer
+    asks for them (``write_tensor_file``: each storage once, in entry order); the other ranks
+    return None. Should rank 0's writing fail, it still takes part in the gathers left, so
+    that no rank waits forever, and then raises."""
+    entries, metadata, excluded = _model_entries(engine.module, exclude_frozen)
+    seen, gathers = set(), []
+    for _, _, _, sid, produce in entries:
+        if sid not in seen:
+            seen.add(sid)
+            if getattr(produce, "collective", False):
+                gathers.append(produce)
+    if gathers and engine.global_rank != 0:
+        for g in gathers:
+            g()
+        return None
+    done = [0]
+
+    def counted(produce):
+        def run():
+            done[0] += 1
+            return produce()
+        return run
+
+    writes = [(n, s, d, sid, counted(f) if getattr(f, "collective", False) else f)
+              for n, s, d, sid, f in entries]
+    try:
+        entry = write_tensor_file(path, writes, metadata, wrap=wrap)
+    except BaseException:
+        for g in gathers[done[0]:]:
+            g()
+        raise
+    return entry, entries, excluded
+
+
+def write_gathered_model(engine, path, exclude_frozen_parameters=False):
+    """``save_16bit_model`` with partitioned weights: a plain state-dict file written by rank
+    0 (a collective: see ``write_model``)."""
+    if engine.global_rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_model(engine, path, exclude_frozen_parameters)
+
+
+def _write_rest(engine, tmp, files, manifest, client_state, exclude_frozen_parameters,
+                model=None):
+    """The model, engine, RNG and client files (rank 0's, with several ranks). ``model``:
+    what ``write_model`` returned when the model file is written already (partitioned)."""
+    opt = engine.optimizer
+    sched = engine.lr_scheduler
+    sched_state = sched.state_dict() if sched is not None and hasattr(sched, "state_dict") \
+        else None
+    if model is None:
+        model = write_model(engine, os.path.join(tmp, MODEL_FILE), exclude_frozen_parameters,
+                            wrap=_model_wrap(engine))
+    files[MODEL_FILE], entries, excluded = model
     manifest["model"] = {
         "file": MODEL_FILE,
         "tensors": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
@@ -396,8 +454,16 @@ def _save_ranks(engine, save_dir, tag, client_state, save_latest, exclude_frozen
         errors = [e for _, e in parts if e is not None]
         if errors:
             raise CheckpointError(f"save_checkpoint to {final} failed: {'; '.join(errors)}")
-        err = None
-        if rank == 0:
+        err, model = None, None
+        tier = engine.__dict__.get("param_tier")
+        if tier is not None and tier.partitioned:
+            # Partitioned weights: every rank takes part in the model file's all-gathers.
+            try:
+                model = write_model(engine, os.path.join(tmp, MODEL_FILE),
+                                    exclude_frozen_parameters, wrap=_model_wrap(engine))
+            except Exception as exc:
+                err = f"rank {rank}: {type(exc).__name__}: {exc}"
+        if rank == 0 and err is None:
             try:
                 files = {}
                 manifest = _base_manifest(engine, tag)
@@ -411,7 +477,7 @@ def _save_ranks(engine, save_dir, tag, client_state, save_latest, exclude_frozen
                     files[name] = entry
                     manifest["rng_files"][str(r)] = name
                 _write_rest(engine, tmp, files, manifest, client_state,
-                            exclude_frozen_parameters)
+                            exclude_frozen_parameters, model=model)
                 _finalize(save_dir, tmp, final, tag, manifest, files)
             except Exception as exc:
                 err = f"rank 0: {type(exc).__name__}: {exc}"

@@ -379,8 +379,9 @@ def _load_model(engine, reader):
             if name not in target:
                 continue
             dst = target[name]
-            if _pt.on_tier(dst) and not _pt.tier_of(dst).resident:
-                # Weights on the cxl/nvme param tier: one parameter at a time onto it.
+            if _pt.fetched_on_demand(dst):
+                # Weights on the cxl/nvme param tier, or partitioned (each rank keeps its
+                # chunk): one parameter at a time onto it.
                 tmp = torch.empty(_pt.shape(dst), dtype=dst.dtype)
                 reader.copy_to(name, tmp)
                 _pt.write_weights(dst, tmp)
