@@ -8,6 +8,7 @@ built under strata.zero.Init.
   and overlap_comm on the NVMe tiers, the same bits as stage 2 on the same ranks;
 - per-rank bytes of resident weights, gradients, the param tier and the optimizer tier are at
   most 0.55 x one process's (printed; persistent parameters stay whole on every rank);
+- save_16bit_model across 2 ranks writes the gathered weights (rank 0's file);
 - a 2-rank checkpoint loads with 1 and with 2 ranks bit-identically, a 1-rank one with 2 ranks;
 - no "runs as stage 2" anywhere.
 """
@@ -54,7 +55,12 @@ def test_two_ranks_match_one_process_and_hold_half_the_memory(tmp_path, swap_dir
     # accumulation, clipping and asynchronous reductions on the NVMe tiers
     scenarios.append(scenario("nvme_gas_clip_overlap", config(
         swap_dir, "nvme", gradient_clipping=0.5, zero={"overlap_comm": True}), gas=2))
-    scenarios.append(dict(scenarios[2], name="nvme_again"))
+    # the second nvme run also writes save_16bit_model (gathered, streamed by rank 0)
+    scenarios.append(dict(scenarios[2], name="nvme_again", config=dict(
+        scenarios[2]["config"], zero_optimization=dict(
+            scenarios[2]["config"]["zero_optimization"],
+            stage3_gather_16bit_weights_on_model_save=True)),
+        save16=str(tmp_path / "model16")))
     stage2 = scenario("stage2", config(swap_dir, "none", zero={"stage": 2}), zero_init=False)
     stage2_clip = scenario("stage2_gas_clip_overlap", config(
         swap_dir, "none", gradient_clipping=0.5, zero={"stage": 2, "overlap_comm": True}),
@@ -94,6 +100,8 @@ def test_two_ranks_match_one_process_and_hold_half_the_memory(tmp_path, swap_dir
         # the window all-gathers every partitioned parameter before use
         assert r0["param_tier"]["comm"]["all_gather"]["calls"] > 0
     assert_same_bits(two[0][2]["model"], two[0][4]["model"], "two runs")
+    assert_same_bits(two[0][4]["saved16"], two[0][4]["model"], "save_16bit_model")
+    assert two[1][4]["saved16"] is None
     # stage 3 against stage 2 across the same 2 ranks: the same sums, the same bits
     assert two[0][len(scenarios)]["stats"]["stage"] == 2
     assert two[0][len(scenarios) + 1]["stats"]["stage"] == 2

@@ -11,7 +11,7 @@ whole batch.
 
 A scenario: ``{"name", "config", "steps", "gas", "model", "save": {"dir", "at"}, "load": dir,
 "probe_grads": bool, "emulate_reduce_scatter": bool, "overflow_at": [step, rank],
-"unfreeze_at": step, "client": "strata" | "torch"}``.
+"unfreeze_at": step, "client": "strata" | "torch", "save16": dir}``.
 """
 
 import json
@@ -106,6 +106,37 @@ def emulate_reduce_scatter():
     comm.reduce_scatter_tensor = reduce_scatter_tensor
 
 
+def weights(engine):
+    """The whole weights (a collective with partitioned parameters: all-gathered)."""
+    return {k: v.clone() for k, v in engine.module_state_dict().items()}
+
+
+def memory(engine):
+    """This rank's bytes (ZeRO-3 figures): weights resident outside a module's window (the
+    model's own memory plus the param tier's DRAM records), gradients (the optimizer's arena
+    and buckets), the param tier's records and the optimizer tier (pool and swap file)."""
+    tier = engine.param_tier
+    params = {id(p): p for p in engine.module.parameters()}.values()
+    resident = 0
+    for p in params:
+        if getattr(p, "ds_partitioned", False):
+            if p.ds_tensor is not None:
+                resident += p.ds_tensor.numel() * p.ds_tensor.element_size()
+        elif not deepspeed.param_tier.fetched_on_demand(p):
+            resident += p.numel() * p.element_size()
+    opt = engine.optimizer
+    st = opt.stats()
+    ts = tier.stats()
+    arenas = {a.data_ptr(): a for a in opt._b.arenas.values()}.values()
+    return {
+        "resident_weight_bytes": resident,
+        "grad_bytes": sum(a.numel() * a.element_size() for a in arenas)
+        + st.get("grad_bucket_peak_bytes", 0),
+        "param_tier_bytes": ts.get("bytes", ts.get("partition_bytes", 0)),
+        "optimizer_tier_bytes": st["swap_file_bytes"] or st["pool_reserved"],
+    }
+
+
 def run(sc, rank, world):
     kind = sc.get("model", "mlp")
     steps, gas = sc.get("steps", 5), sc.get("gas", 1)
@@ -114,7 +145,11 @@ def run(sc, rank, world):
     cfg["gradient_accumulation_steps"] = gas
     if sc.get("emulate_reduce_scatter"):
         emulate_reduce_scatter()
-    model = make_model(kind)
+    if sc.get("zero_init"):  # ZeRO-3: each module partitioned (or offloaded) as it is built
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = make_model(kind)
+    else:
+        model = make_model(kind)
     if sc.get("unfreeze_at") is not None:
         for p in model[0].parameters():
             p.requires_grad_(False)
@@ -137,12 +172,12 @@ def run(sc, rank, world):
             assert path is not None
             first = engine.global_steps
             out["loaded_state"] = opt.state_dict()
-            out["loaded_model"] = {k: v.clone() for k, v in model.state_dict().items()}
+            out["loaded_model"] = weights(engine)
         save = sc.get("save")
         if save:
             out["norms"] = train(engine, model, kind, first, save["at"], gas, rank, world)
             out["state_at_save"] = opt.state_dict()
-            out["model_at_save"] = {k: v.clone() for k, v in model.state_dict().items()}
+            out["model_at_save"] = weights(engine)
             engine.save_checkpoint(save["dir"])
             out["norms"] += train(engine, model, kind, save["at"], steps, gas, rank, world)
         else:
@@ -162,7 +197,16 @@ def run(sc, rank, world):
             out["grad_in_flat"] = [p.grad is not None and any(
                 f <= p.grad.data_ptr() < f + 4 * opt.stats()["total_numel"] for f in flats)
                 for p in model.parameters()]
-        out["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+        out["model"] = weights(engine)
+        if sc.get("save16"):  # save_16bit_model: a collective; rank 0 writes the file
+            wrote = engine.save_16bit_model(sc["save16"], "model16.bin")
+            comm.barrier()
+            out["saved16"] = torch.load(os.path.join(sc["save16"], "model16.bin")) \
+                if wrote and rank == 0 else None
+        tier = engine.param_tier
+        if tier is not None:
+            out["param_tier"] = tier.stats()
+            out["memory"] = memory(engine)
         out["swap_exists_while_open"] = bool(st["swap_file_path"]) and \
             os.path.exists(st["swap_file_path"])
         out["type"] = type(opt).__name__
@@ -180,7 +224,8 @@ def main():
         spec = json.load(f)
     results = [run(sc, rank, world) for sc in spec["scenarios"]]
     torch.save(results, f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
+    if comm.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
