@@ -394,7 +394,7 @@ class Settings:
 
 class _Bucket:
     __slots__ = ("index", "dtype", "start", "end", "owner", "members", "pending", "buf", "whole",
-                 "work", "runs", "launched", "order", "direct")
+                 "work", "runs", "launched", "order", "direct", "out", "seg")
 
     def __init__(self, dtype, start, end, owner):
         self.dtype, self.start, self.end, self.owner = dtype, start, end, owner
@@ -407,6 +407,8 @@ class _Bucket:
         self.launched = False
         self.order = 0
         self.direct = False  # one member, reduced in place in its gradient (no copy)
+        self.out = None  # collective "reduce_scatter": this rank's part of the sum
+        self.seg = 0     # collective "reduce_scatter": elements per rank (the bucket is W x)
 
     @property
     def numel(self):
@@ -418,7 +420,9 @@ class _GradComm:
 
     ``source``: "flat" (the bucket is a view of ``flats[dtype]``, reduced in place) or "grad"
     (the bucket is a buffer filled from each parameter's ``.grad``). ``collective``: "all_reduce"
-    or "reduce" (to the bucket's owner). ``keep``: after a bucket is reduced, its runs are
+    or "reduce" (to the bucket's owner) or "reduce_scatter" (the bucket is ``world`` equal
+    segments, ``seg`` elements each; this rank keeps the sum of its segment, in ``out``, which
+    its runs index). ``keep``: after a bucket is reduced, its runs are
     copied ("copy") or added ("add") into the engine's arena, or nothing happens ("none": the
     buffer is the arena)."""
 
@@ -473,6 +477,7 @@ class _GradComm:
         bk.whole = whole
 
     def _release(self, bk):
+        bk.out = None
         if bk.direct and bk.whole is None:
             bk.buf = None
             return
@@ -493,7 +498,8 @@ class _GradComm:
             return  # already counted in this cycle
         self._ready[i] = True
         flat = None
-        for bk, po, bo, n in self.by_param.get(i, ()):
+        pieces = self.by_param.get(i, ())
+        for k, (bk, po, bo, n) in enumerate(pieces):
             if self.source == "grad":
                 if bk.direct and grad is not None:
                     # Reduced where autograd put it (non-owners: scratch afterwards; the
@@ -510,6 +516,8 @@ class _GradComm:
                         if flat is None:
                             flat = grad.detach().reshape(-1)
                         bk.buf[bo:bo + n].copy_(flat[po:po + n])
+            if k + 1 < len(pieces) and pieces[k + 1][0] is bk:
+                continue  # more pieces of i in this bucket (reduce_scatter: one per rank)
             bk.pending -= 1
             # A large parameter spans several buckets: reduce each as soon as it is full, so
             # that at most MAX_IN_FLIGHT (+ the one being filled) exist at once.
@@ -526,7 +534,10 @@ class _GradComm:
             self._alloc(bk)  # no parameter of it had a gradient: zeros
         st = self.comm_stats
         a = self.async_now
-        if self.collective == "reduce" and bk.owner is not None:
+        if self.collective == "reduce_scatter":
+            bk.out = torch.empty(bk.seg, dtype=bk.dtype)
+            bk.work = comm.reduce_scatter_tensor(bk.out, bk.buf, async_op=a, stats=st)
+        elif self.collective == "reduce" and bk.owner is not None:
             bk.work = comm.reduce(bk.buf, bk.owner, async_op=a, stats=st)
         else:
             bk.work = comm.all_reduce(bk.buf, async_op=a, stats=st)
@@ -546,8 +557,9 @@ class _GradComm:
             bk.work.wait()
             bk.work = None
         if self.keep != "none" and bk.runs:
+            summed = bk.out if bk.out is not None else bk.buf
             for bo, arena, ao, n in bk.runs:
-                src = bk.buf[bo:bo + n]
+                src = summed[bo:bo + n]
                 if self.keep == "add":
                     arena[ao:ao + n].add_(src)
                 else:
@@ -1026,8 +1038,11 @@ class _Dtypes:
 class PartitionGrads(ReducerGrads):
     """ZeRO-3 across ranks (``strata.layout.PartitionLayout``): in every backward, as a
     parameter's gradient is final, its chunks go into the buckets of their owners and
-    ``.grad`` is dropped; a bucket is reduced to its owner (``torch.distributed.reduce``, on
-    every backend) and added into the owner's shard arena.
+    ``.grad`` is dropped; a bucket is reduced to its owner (``torch.distributed.reduce``) and
+    added into the owner's shard arena. Where the backend has a reduce-scatter (NCCL) and
+    ``reduce_scatter`` is on, a group is one bucket of ``world`` equal segments (each member's
+    chunk padded to ``ceil(numel / world)``) and one ``reduce_scatter_tensor`` leaves each rank
+    the sum of its segment.
 
     Buckets are fixed groups of consecutive parameters in gradient-ready order, of at most
     ``reduce_bucket_size`` elements counted padded (``world x chunk`` per parameter); a group
@@ -1065,9 +1080,15 @@ class PartitionGrads(ReducerGrads):
                 groups[p.dtype].append(cur)
             cur.append(i)
         buckets = []
+        scatter = dp.reduce_scatter and comm.has_reduce_scatter()
         for d in dtypes:
             base = 0
             for members in groups[d]:
+                if scatter:
+                    bk = self._scatter_bucket(b, d, base, members)
+                    base = bk.end
+                    buckets.append(bk)
+                    continue
                 direct = len(members) == 1 and numel[members[0]] > dp.reduce_bucket_size
                 for r in range(world):
                     bk = _Bucket(d, base, base, r)
@@ -1085,8 +1106,29 @@ class PartitionGrads(ReducerGrads):
                                    for (i, _, bo, n) in bk.members]
                     buckets.append(bk)
         b.reducer = _GradComm(self.comm_stats, _Dtypes(dtypes), buckets, source="grad",
-                              collective="reduce", keep="add")
+                              collective="reduce_scatter" if scatter else "reduce", keep="add")
         b.gather = None
+
+    def _scatter_bucket(self, b, d, base, members):
+        """One bucket of ``world`` segments for the group ``members``: segment ``r`` holds
+        every member's chunk ``r`` back to back, each padded to its chunk size (the padding
+        stays zero), so that every segment has the same size."""
+        lay, world, rank = b.layout, self.dp.world, self.dp.rank
+        seg = sum(lay.chunk[i] for i in members)
+        bk = _Bucket(d, base, base + world * seg, None)
+        bk.seg = seg
+        arena = b.arenas[d]
+        for r in range(world):
+            at = r * seg
+            for i in members:
+                c = lay.chunk[i]
+                n = min((r + 1) * c, _numel(b.managed[i])) - r * c
+                if n > 0:
+                    bk.members.append((i, r * c, at, n))
+                    if r == rank:
+                        bk.runs.append((at - r * seg, arena, b.arena_off[lay.slice_of[i]], n))
+                at += c
+        return bk
 
     def after_step(self, b):
         lay = b.layout

@@ -62,11 +62,14 @@ def test_two_ranks_match_one_process_and_hold_half_the_memory(tmp_path, swap_dir
             stage3_gather_16bit_weights_on_model_save=True)),
         save16=str(tmp_path / "model16")))
     stage2 = scenario("stage2", config(swap_dir, "none", zero={"stage": 2}), zero_init=False)
+    # NCCL's path (one reduce_scatter_tensor per group of parameters), Gloo standing in
+    scatter = dict(scenarios[2], name="nvme_reduce_scatter", emulate_reduce_scatter=True)
     stage2_clip = scenario("stage2_gas_clip_overlap", config(
         swap_dir, "none", gradient_clipping=0.5, zero={"stage": 2, "overlap_comm": True}),
         gas=2, zero_init=False)
     one, _ = launch(tmp_path, scenarios, world=1, name="one")
-    two, logs = launch(tmp_path, scenarios + [stage2, stage2_clip], world=2, name="two")
+    two, logs = launch(tmp_path, scenarios + [stage2, stage2_clip, scatter], world=2,
+                       name="two")
     for text in logs:
         assert "runs as stage 2" not in text and "not partitioned" not in text, text[-3000:]
     rows = []
@@ -102,6 +105,12 @@ def test_two_ranks_match_one_process_and_hold_half_the_memory(tmp_path, swap_dir
     assert_same_bits(two[0][2]["model"], two[0][4]["model"], "two runs")
     assert_same_bits(two[0][4]["saved16"], two[0][4]["model"], "save_16bit_model")
     assert two[1][4]["saved16"] is None
+    # reduce-scattered: the same sums, the same bits; no reduce left
+    rs = two[0][len(scenarios) + 2]
+    assert_same_bits(rs["model"], two[0][2]["model"], "reduce_scatter vs reduce")
+    assert rs["stats"]["comm"]["reduce_scatter"]["calls"] > 0, rs["stats"]["comm"]
+    assert "reduce" not in rs["stats"]["comm"], rs["stats"]["comm"]
+    assert "reduce_scatter" not in two[0][2]["stats"]["comm"]
     # stage 3 against stage 2 across the same 2 ranks: the same sums, the same bits
     assert two[0][len(scenarios)]["stats"]["stage"] == 2
     assert two[0][len(scenarios) + 1]["stats"]["stage"] == 2
