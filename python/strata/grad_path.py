@@ -714,17 +714,7 @@ class ReducerGrads(ArenaGrads):
                                   flats=b.arenas)
             return
         lay = b.layout
-        # Keyed by parameter dtype; the tensor has the gradient dtype (stage 2 with
-        # data_types.grad_accum_dtype: reduced buckets are added into it in that dtype).
-        by_grad = {}
-        for j, sl in enumerate(lay.slices):
-            dt = b.managed[sl[0]].dtype
-            if dt not in b.arenas:
-                gdt = dtype_from_name(b.engine.grad_dtype(j))
-                if gdt not in by_grad:
-                    by_grad[gdt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(gdt)), gdt)
-                b.arenas[dt] = by_grad[gdt]
-        b.arena_off = [b.engine.grad_offset(j) for j in range(len(lay.slices))]
+        _shard_arenas(b)
         space = lay.space
         if dp.stage == 1 and dp.contiguous_gradients:
             b.flats = {d: torch.zeros(space.total[d], dtype=d) for d in space.dtypes}
@@ -1028,6 +1018,21 @@ class ReducerGrads(ArenaGrads):
         }
 
 
+def _shard_arenas(b):
+    """``b.arenas`` (the engine's gradient arena of each parameter dtype) and ``b.arena_off``
+    (each shard slice's offset in it). Keyed by parameter dtype; the tensor has the gradient
+    dtype (with data_types.grad_accum_dtype reduced buckets are added into it in that dtype)."""
+    by_grad = {}
+    for j, sl in enumerate(b.layout.slices):
+        dt = b.managed[sl[0]].dtype
+        if dt not in b.arenas:
+            gdt = dtype_from_name(b.engine.grad_dtype(j))
+            if gdt not in by_grad:
+                by_grad[gdt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(gdt)), gdt)
+            b.arenas[dt] = by_grad[gdt]
+    b.arena_off = [b.engine.grad_offset(j) for j in range(len(b.layout.slices))]
+
+
 class _Dtypes:
     """The one attribute of a ``Space`` that ``_GradComm`` reads."""
 
@@ -1056,15 +1061,7 @@ class PartitionGrads(ReducerGrads):
     def build(self, b):
         dp = self.dp
         lay = b.layout
-        by_grad = {}
-        for j, sl in enumerate(lay.slices):
-            dt = b.managed[sl[0]].dtype
-            if dt not in b.arenas:
-                gdt = dtype_from_name(b.engine.grad_dtype(j))
-                if gdt not in by_grad:
-                    by_grad[gdt] = tensor_from_buffer(b.engine.grad_arena(dtype_name(gdt)), gdt)
-                b.arenas[dt] = by_grad[gdt]
-        b.arena_off = [b.engine.grad_offset(j) for j in range(len(lay.slices))]
+        _shard_arenas(b)
         world = dp.world
         numel = [_numel(p) for p in b.managed]
         # Groups of consecutive parameters of one dtype, up to reduce_bucket_size elements; a

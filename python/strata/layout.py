@@ -94,7 +94,20 @@ class WholeLayout:
         return sum(s[3] for s in self.slices)
 
 
-class ShardLayout:
+class _Sliced:
+    """What the sharded layouts share: ``slices`` [(param index, offset in it, ..., numel)]
+    of this rank, ``slice_of`` {param index: slice}."""
+
+    def local_range(self, i):
+        """(offset, numel) of this rank's piece of parameter ``i``; (0, 0) when it has none."""
+        j = self.slice_of.get(i)
+        if j is None:
+            return 0, 0
+        _, po, _, n = self.slices[j]
+        return po, n
+
+
+class ShardLayout(_Sliced):
     """This rank's slices of the flat per-dtype space (see the module doc)."""
 
     sharded = True
@@ -106,13 +119,6 @@ class ShardLayout:
         self.slices = self.space.shard_slices(self.world, self.rank)
         self.slice_of = {s[0]: j for j, s in enumerate(self.slices)}
         self._signature = [(id(p), _numel(p), p.dtype) for p in managed]
-
-    def local_range(self, i):
-        j = self.slice_of.get(i)
-        if j is None:
-            return 0, 0
-        _, po, _, n = self.slices[j]
-        return po, n
 
     def gather(self, whole, stats=None):
         """``whole`` = {param index: [whole flat tensor per slot, or None]} with this rank's
@@ -140,7 +146,7 @@ class ShardLayout:
         return sum(s[3] for s in self.slices)
 
 
-class PartitionLayout:
+class PartitionLayout(_Sliced):
     """ZeRO-3 across ranks: engine parameter ``j`` is this rank's chunk of one model
     parameter, DeepSpeed's partitioning (``strata.param_tier``): parameter ``i`` of ``n``
     elements is cut into chunks of ``c = ceil(n / W)``, rank ``r`` owning
@@ -165,13 +171,6 @@ class PartitionLayout:
         self.slice_of = {s[0]: j for j, s in enumerate(self.slices)}
         self._numels = [_numel(p) for p in managed]
         self._signature = [(id(p), _numel(p), p.dtype) for p in managed]
-
-    def local_range(self, i):
-        j = self.slice_of.get(i)
-        if j is None:
-            return 0, 0
-        _, po, _, n = self.slices[j]
-        return po, n
 
     def pieces(self, i):
         """[(rank, offset in the parameter, numel)] of parameter ``i``, non-empty ones."""

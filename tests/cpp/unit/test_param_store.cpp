@@ -391,6 +391,19 @@ TEST(EngineParamStore, GradientHooksWaitForTheUpdatesSoFewGradientsAreHeld) {
   }
 }
 
+// An engine over w's weights (in memory) with release_grads on.
+Result<std::unique_ptr<Engine>> releasing_engine(Weights& w, const std::string& dir) {
+  EngineOptions o;
+  o.config = engine_config(dir);
+  o.groups = adamw();
+  o.release_grads = true;
+  for (size_t i = 0; i < w.p.size(); ++i) {
+    o.params.push_back(ParamInfo{"p" + std::to_string(i), int64_t(w.p[i].size()),
+                                 kernels::DType::kF32, 0, w.p[i].data()});
+  }
+  return Engine::create(std::move(o));
+}
+
 // Eager updates release each sub-group's gradient pages, so the gradient norm
 // of an eager step is gathered as the gradients arrive, before any update of
 // theirs: with some sub-groups updated during the "backward" and the rest made
@@ -399,15 +412,7 @@ TEST(EngineParamStore, GradientHooksWaitForTheUpdatesSoFewGradientsAreHeld) {
 TEST(EngineParamStore, EagerStepWithReleasedGradientsStillReportsTheWholeNorm) {
   TempDir dir;
   Weights w;
-  EngineOptions o;
-  o.config = engine_config(dir.path());
-  o.groups = adamw();
-  o.release_grads = true;
-  for (size_t i = 0; i < w.p.size(); ++i) {
-    o.params.push_back(ParamInfo{"p" + std::to_string(i), int64_t(w.p[i].size()),
-                                 kernels::DType::kF32, 0, w.p[i].data()});
-  }
-  auto r = Engine::create(std::move(o));
+  auto r = releasing_engine(w, dir.path());
   ASSERT_TRUE(r.ok()) << r.status().to_string();
   auto e = std::move(r).value();
   float* arena = static_cast<float*>(e->grad_arenas()[0].data);
@@ -445,15 +450,7 @@ TEST(EngineParamStore, EagerStepWithReleasedGradientsStillReportsTheWholeNorm) {
 TEST(EngineParamStore, PopulateGradMapsReleasedPagesAndKeepsGradients) {
   TempDir dir;
   Weights w;
-  EngineOptions o;
-  o.config = engine_config(dir.path());
-  o.groups = adamw();
-  o.release_grads = true;
-  for (size_t i = 0; i < w.p.size(); ++i) {
-    o.params.push_back(ParamInfo{"p" + std::to_string(i), int64_t(w.p[i].size()),
-                                 kernels::DType::kF32, 0, w.p[i].data()});
-  }
-  auto r = Engine::create(std::move(o));
+  auto r = releasing_engine(w, dir.path());
   ASSERT_TRUE(r.ok()) << r.status().to_string();
   auto e = std::move(r).value();
   float* arena = static_cast<float*>(e->grad_arenas()[0].data);
