@@ -227,6 +227,12 @@ class ParamTier:
         self.max_live = int(_config.get(config, "zero_optimization.stage3_max_live_parameters"))
         self.prefetch = int(_config.get(config, "zero_optimization.stage3_prefetch_bucket_size"))
         self.reuse = int(_config.get(config, "zero_optimization.stage3_max_reuse_distance"))
+        # Several ranks: partitioned parameters fetched together are all-gathered in one
+        # collective of at most this many elements (gathered, all ranks).
+        from .grad_path import _bucket_size  # the data-parallel bucket rule (and default)
+
+        self.allgather_bucket = _bucket_size(
+            _config.get(config, "zero_optimization.allgather_bucket_size"))
         self.buffer_size = int(_config.get(config, "zero_optimization.offload_param.buffer_size"))
         self.buffer_count = int(_config.get(config,
                                             "zero_optimization.offload_param.buffer_count"))
@@ -360,8 +366,31 @@ class ParamTier:
             self.store.close()
 
 
+class _Gathering:
+    """One all-gather for several partitioned parameters fetched together (their chunks
+    back to back, at most ``allgather_bucket_size`` elements gathered): each member's whole
+    is copied out of ``flat`` once the collective completed."""
+    __slots__ = ("members", "seg", "flat", "send", "work")
+
+    def __init__(self):
+        self.members = []  # (_Resident, offset in a rank's segment, chunk size)
+        self.seg = 0
+        self.flat = self.send = self.work = None
+
+    def finish(self, world):
+        if self.work is None:
+            return
+        self.work.wait()
+        self.work = None
+        rows = self.flat.view(world, self.seg)
+        for r, off, c in self.members:
+            r.full.view(world, c).copy_(rows[:, off:off + c])
+            r.work = None
+        self.flat = self.send = None
+
+
 class _Resident:
-    __slots__ = ("buf", "ticket", "numel", "full", "work", "send", "done")
+    __slots__ = ("buf", "ticket", "numel", "full", "work", "send", "done", "group")
 
     def __init__(self, buf, ticket, n):
         self.buf, self.ticket, self.numel = buf, ticket, n
@@ -369,6 +398,7 @@ class _Resident:
         self.work = None  # partitioned: the all-gather in flight
         self.send = None  # partitioned: this rank's padded chunk (alive until the gather ends)
         self.done = False  # partitioned: the gather completed
+        self.group = None  # partitioned: the coalesced all-gather it is part of
 
 
 class ParamWindow:
@@ -384,6 +414,7 @@ class ParamWindow:
         self._live = {}  # ds_id -> _Resident (fetched or in flight)
         self._live_elems = 0
         self._in_flight = 0
+        self._batch = None  # partitioned parameters whose all-gathers are launched together
         self._pinned = collections.Counter()  # ds_id -> active users (modules running)
         self._trace = []          # module order of the first step (forward, then backward)
         self._recording = True
@@ -425,16 +456,63 @@ class ParamWindow:
         r = _Resident(None, 0, n)
         r.full = torch.empty(self.tier.world * p.ds_chunk, dtype=p.dtype)
         if p.ds_tensor is not None:
-            r.send = _padded(p, p.ds_tensor)
-            r.work = comm.all_gather_into(r.full, r.send, async_op=True,
-                                          stats=self.tier.comm_stats)
+            if self._batch is not None:
+                self._batch.append((p, r))  # launched by _launch_batch
+            else:
+                r.send = _padded(p, p.ds_tensor)
+                r.work = comm.all_gather_into(r.full, r.send, async_op=True,
+                                              stats=self.tier.comm_stats)
         elif p.ds_record is not None:
             r.buf = self.store.staging(self.store.record_bytes(p.ds_record))
             r.ticket = self.store.submit_fetch(p.ds_record, r.buf)
         return r
 
+    def _start_batch(self):
+        if self.tier.partitioned and self._batch is None:
+            self._batch = []
+
+    def _launch_batch(self):
+        """The all-gathers of the parameters submitted since ``_start_batch``, in submit order:
+        consecutive ones coalesced up to ``allgather_bucket_size`` gathered elements (every
+        rank submits the same parameters in the same order, so the groups match)."""
+        batch, self._batch = self._batch, None
+        if not batch:
+            return
+        world, limit = self.tier.world, self.tier.allgather_bucket
+        groups, cur, size = [], [], 0
+        for p, r in batch:
+            if cur and size + world * p.ds_chunk > limit:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append((p, r))
+            size += world * p.ds_chunk
+        groups.append(cur)
+        for members in groups:
+            if len(members) == 1:
+                p, r = members[0]
+                r.send = _padded(p, p.ds_tensor)
+                r.work = comm.all_gather_into(r.full, r.send, async_op=True,
+                                              stats=self.tier.comm_stats)
+                continue
+            g = _Gathering()
+            g.seg = sum(p.ds_chunk for p, _ in members)
+            g.send = torch.zeros(g.seg, dtype=members[0][0].dtype)
+            off = 0
+            for p, r in members:
+                g.send[off:off + p.ds_local].copy_(p.ds_tensor)
+                g.members.append((r, off, p.ds_chunk))
+                r.group = g
+                off += p.ds_chunk
+            g.flat = torch.empty(world * g.seg, dtype=g.send.dtype)
+            g.work = comm.all_gather_into(g.flat, g.send, async_op=True,
+                                          stats=self.tier.comm_stats)
+
     def _finish_gather(self, p, r):
         if r.full is None:
+            return
+        if r.group is not None:
+            r.group.finish(self.tier.world)
+            r.group = None
             return
         if r.work is None:
             # The chunk came from the tier (or this rank holds none of the parameter).
@@ -490,6 +568,9 @@ class ParamWindow:
                 # completes, one not started yet is never started.
                 if r.ticket:
                     self.store.wait(r.ticket)
+                if r.group is not None:
+                    r.group.finish(self.tier.world)  # the other members keep their copies
+                    r.group = None
                 if r.work is not None:
                     r.work.wait()
                 self._in_flight -= r.numel
@@ -509,9 +590,13 @@ class ParamWindow:
         if need + sum(self._live[p.ds_id].numel for p in params if p.ds_id in self._live) \
                 > self.tier.max_live:
             return False
-        for p in params:
-            self._pinned[p.ds_id] += 1
-            self._submit(p)
+        self._start_batch()
+        try:
+            for p in params:
+                self._pinned[p.ds_id] += 1
+                self._submit(p)
+        finally:
+            self._launch_batch()
         for p in params:
             self._ready(p)
         return True
@@ -591,17 +676,21 @@ class ParamWindow:
     def _prefetch_ahead(self):
         if self._recording or self.tier.prefetch <= 0:
             return
-        budget = self.tier.prefetch - self._in_flight
-        k = self._pos
-        while budget > 0 and k < len(self._trace):
-            for p in self._own_by_id(self._trace[k]):
-                if p.ds_id in self._live:
-                    continue
-                if self._live_elems + p.ds_numel > self.tier.max_live:
-                    return
-                self._submit(p, prefetch=True)
-                budget -= p.ds_numel
-            k += 1
+        self._start_batch()
+        try:
+            budget = self.tier.prefetch - self._in_flight
+            k = self._pos
+            while budget > 0 and k < len(self._trace):
+                for p in self._own_by_id(self._trace[k]):
+                    if p.ds_id in self._live:
+                        continue
+                    if self._live_elems + p.ds_numel > self.tier.max_live:
+                        return
+                    self._submit(p, prefetch=True)
+                    budget -= p.ds_numel
+                k += 1
+        finally:
+            self._launch_batch()
 
     def _own_by_id(self, mid):
         entry = self._modules.get(mid)

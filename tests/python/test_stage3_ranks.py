@@ -8,6 +8,7 @@ built under strata.zero.Init.
   and overlap_comm on the NVMe tiers, the same bits as stage 2 on the same ranks;
 - per-rank bytes of resident weights, gradients, the param tier and the optimizer tier are at
   most 0.55 x one process's (printed; persistent parameters stay whole on every rank);
+- the window's all-gathers coalesced up to allgather_bucket_size (fewer calls, same bytes and bits);
 - save_16bit_model across 2 ranks writes the gathered weights (rank 0's file);
 - a 2-rank checkpoint loads with 1 and with 2 ranks bit-identically, a 1-rank one with 2 ranks;
 - no "runs as stage 2" anywhere.
@@ -64,12 +65,15 @@ def test_two_ranks_match_one_process_and_hold_half_the_memory(tmp_path, swap_dir
     stage2 = scenario("stage2", config(swap_dir, "none", zero={"stage": 2}), zero_init=False)
     # NCCL's path (one reduce_scatter_tensor per group of parameters), Gloo standing in
     scatter = dict(scenarios[2], name="nvme_reduce_scatter", emulate_reduce_scatter=True)
+    # allgather_bucket_size 1: one all-gather per parameter instead of coalesced ones
+    one_by_one = scenario("cpu_allgather_1", config(swap_dir, "cpu",
+                                                   zero={"allgather_bucket_size": 1}))
     stage2_clip = scenario("stage2_gas_clip_overlap", config(
         swap_dir, "none", gradient_clipping=0.5, zero={"stage": 2, "overlap_comm": True}),
         gas=2, zero_init=False)
     one, _ = launch(tmp_path, scenarios, world=1, name="one")
-    two, logs = launch(tmp_path, scenarios + [stage2, stage2_clip, scatter], world=2,
-                       name="two")
+    two, logs = launch(tmp_path, scenarios + [stage2, stage2_clip, scatter, one_by_one],
+                       world=2, name="two")
     for text in logs:
         assert "runs as stage 2" not in text and "not partitioned" not in text, text[-3000:]
     rows = []
@@ -111,6 +115,14 @@ def test_two_ranks_match_one_process_and_hold_half_the_memory(tmp_path, swap_dir
     assert rs["stats"]["comm"]["reduce_scatter"]["calls"] > 0, rs["stats"]["comm"]
     assert "reduce" not in rs["stats"]["comm"], rs["stats"]["comm"]
     assert "reduce_scatter" not in two[0][2]["stats"]["comm"]
+    # the window's all-gathers: coalesced up to allgather_bucket_size (the default 5e8: a
+    # module's parameters in one), the same bytes and bits as one per parameter
+    single = two[0][len(scenarios) + 3]
+    assert_same_bits(single["model"], two[0][1]["model"], "allgather_bucket_size 1")
+    many, few = single["param_tier"]["comm"]["all_gather"], \
+        two[0][1]["param_tier"]["comm"]["all_gather"]
+    assert few["bytes"] == many["bytes"] and few["calls"] < many["calls"], (few, many)
+    print(f"\nall-gathers in 20 steps: {many['calls']} one per parameter, {few['calls']} coalesced")
     # stage 3 against stage 2 across the same 2 ranks: the same sums, the same bits
     assert two[0][len(scenarios)]["stats"]["stage"] == 2
     assert two[0][len(scenarios) + 1]["stats"]["stage"] == 2
