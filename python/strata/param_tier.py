@@ -385,7 +385,6 @@ class _Gathering:
         rows = self.flat.view(world, self.seg)
         for r, off, c in self.members:
             r.full.view(world, c).copy_(rows[:, off:off + c])
-            r.work = None
         self.flat = self.send = None
 
 
@@ -449,19 +448,14 @@ class ParamWindow:
         self.stats_prefetched += bool(prefetch)
 
     def _submit_gather(self, p, n):
-        """A partitioned parameter: its chunk is in memory (none, cpu) and the all-gather
-        starts now, asynchronously; or its chunk is read from the tier (cxl, nvme) and the
+        """A partitioned parameter: its chunk is in memory (none, cpu) and the all-gather is
+        launched, asynchronously, with the batch this submit is part of; or its chunk is read from the tier (cxl, nvme) and the
         all-gather starts once the read is done (``_ready``). Every rank submits the same
         parameters in the same order (the module order), so the collectives match."""
         r = _Resident(None, 0, n)
         r.full = torch.empty(self.tier.world * p.ds_chunk, dtype=p.dtype)
         if p.ds_tensor is not None:
-            if self._batch is not None:
-                self._batch.append((p, r))  # launched by _launch_batch
-            else:
-                r.send = _padded(p, p.ds_tensor)
-                r.work = comm.all_gather_into(r.full, r.send, async_op=True,
-                                              stats=self.tier.comm_stats)
+            self._batch.append((p, r))  # launched by _launch_batch (gather, prefetch)
         elif p.ds_record is not None:
             r.buf = self.store.staging(self.store.record_bytes(p.ds_record))
             r.ticket = self.store.submit_fetch(p.ds_record, r.buf)
@@ -489,10 +483,7 @@ class ParamWindow:
         groups.append(cur)
         for members in groups:
             if len(members) == 1:
-                p, r = members[0]
-                r.send = _padded(p, p.ds_tensor)
-                r.work = comm.all_gather_into(r.full, r.send, async_op=True,
-                                              stats=self.tier.comm_stats)
+                self._launch_one(*members[0], members[0][0].ds_tensor)
                 continue
             g = _Gathering()
             g.seg = sum(p.ds_chunk for p, _ in members)
@@ -507,6 +498,12 @@ class ParamWindow:
             g.work = comm.all_gather_into(g.flat, g.send, async_op=True,
                                           stats=self.tier.comm_stats)
 
+    def _launch_one(self, p, r, local):
+        """The all-gather of ``p`` alone, straight into ``r.full`` (``local``: this rank's
+        chunk)."""
+        r.send = _padded(p, local)
+        r.work = comm.all_gather_into(r.full, r.send, async_op=True, stats=self.tier.comm_stats)
+
     def _finish_gather(self, p, r):
         if r.full is None:
             return
@@ -518,9 +515,7 @@ class ParamWindow:
             # The chunk came from the tier (or this rank holds none of the parameter).
             local = tensor_from_buffer(r.buf, p.dtype)[:p.ds_local] if r.buf is not None \
                 else torch.empty(0, dtype=p.dtype)
-            r.send = _padded(p, local)
-            r.work = comm.all_gather_into(r.full, r.send, async_op=True,
-                                          stats=self.tier.comm_stats)
+            self._launch_one(p, r, local)
         r.work.wait()
         r.work = None
         r.send = None
