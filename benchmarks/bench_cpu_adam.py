@@ -22,11 +22,18 @@ cpu_adam_impl.cpp, e.g. with torch.utils.cpp_extension.load and the flags of its
 torch tensors, as DeepSpeedCPUAdam does. Without the path the DeepSpeed rows are skipped, and
 the bench says so.
 
-The kernel's ratio to the machine's memory-bandwidth bound is measured by
-build/bin/strata-bench-adam.
+The "bound" contender is the independent memory bound of build/bin/strata-bench-adam
+(benchmarks/common/plain_bound.h, loaded from build/lib/libstrata_plain_bound.so through
+ctypes): a plain loop that shares no code with either kernel, its own arrays (4 KiB pages with
+--memory torch, 2 MiB-aligned huge pages with --memory huge) first-touched by its own threads
+under a static partition, moving the same 28 bytes per parameter (p, g, m, v read; p, m, v
+written). It runs in the same rounds, so every contender's "x bound" (the median over rounds
+of bound time / its time) says how close it is to what the memory gives in that moment: two
+kernels both at about 1.0 of it cannot be far apart.
 """
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import mmap
@@ -43,6 +50,8 @@ from strata import _C  # noqa: E402
 
 HYPER = {"kind": "adamw", "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 PAUSE_S = 0.02
+DEFAULT_BOUND_LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "build", "lib",
+                                 "libstrata_plain_bound.so")
 
 
 def size(text):
@@ -87,6 +96,41 @@ def state_for(p0, memory):
         return p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0), None
     rec = HugeRecord(p0, 3)
     return rec.views[0], rec.views[1], rec.views[2], rec
+
+
+def load_bound(path):
+    """The independent bound's C ABI (benchmarks/plain_bound_lib.cpp), or None with the reason."""
+    if not os.path.exists(path):
+        return None, f"no {path} (cmake --build build --target strata_plain_bound)"
+    lib = ctypes.CDLL(path)
+    lib.strata_plain_bound_new.restype = ctypes.c_void_p
+    lib.strata_plain_bound_new.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.c_int, ctypes.c_int]
+    lib.strata_plain_bound_run.restype = ctypes.c_double
+    lib.strata_plain_bound_run.argtypes = [ctypes.c_void_p]
+    lib.strata_plain_bound_isa.restype = ctypes.c_char_p
+    lib.strata_plain_bound_isa.argtypes = [ctypes.c_void_p]
+    lib.strata_plain_bound_free.argtypes = [ctypes.c_void_p]
+    return lib, None
+
+
+class PlainBound:
+    """AdamW's bytes per parameter with fp32 gradients and no copy-out (3 fp32 arrays read and
+    written, a 4-byte gradient read) on the bound's own arrays and threads."""
+    name = "bound"
+
+    def __init__(self, lib, n, threads, huge):
+        self.lib = lib
+        self.h = lib.strata_plain_bound_new(n, 3, 4, 0, threads, 1 if huge else 0, 4)
+        if not self.h:
+            raise SystemExit(f"strata_plain_bound_new({n}, threads={threads}) failed")
+        self.isa = lib.strata_plain_bound_isa(self.h).decode()
+
+    def step(self):
+        self.lib.strata_plain_bound_run(self.h)
+
+    def close(self):
+        self.lib.strata_plain_bound_free(self.h)
 
 
 class Strata:
@@ -168,9 +212,14 @@ def main():
     ap.add_argument("--memory", choices=("torch", "huge"), default="torch",
                     help="torch: every contender's p, m, v are separately allocated torch tensors (4 KiB pages); "
                          "huge: each its own huge-page record at the engine's slot stride, the gradient too")
+    ap.add_argument("--bound-lib", metavar="PATH", default=DEFAULT_BOUND_LIB,
+                    help="the independent bound's library (default build/lib/libstrata_plain_bound.so)")
+    ap.add_argument("--bound", choices=("on", "off"), default="on",
+                    help="the independent memory bound as a contender in the same rounds")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ext = load_extension(args.deepspeed_ext) if args.deepspeed_ext else None
+    bound_lib, bound_why = load_bound(args.bound_lib) if args.bound == "on" else (None, "--bound off")
     threads_list = [int(t) for t in args.threads.split(",")]
     say = (lambda *a: None) if args.json else print
     say(f"# torch {torch.__version__}, strata kernel {_C.detect_isa() if args.isa == 'auto' else args.isa}, "
@@ -183,13 +232,19 @@ def main():
             "and pass the .so)")
     if args.torch == "off":
         say("# torch rows skipped: --torch off")
+    if bound_lib is None:
+        say(f"# bound rows skipped: {bound_why}")
+    else:
+        pages = "huge" if args.memory == "huge" else "4 KiB"
+        say(f"# bound: a plain loop sharing no code with either kernel, own arrays ({pages} pages) and threads, "
+            "28 B per param; x bound = median over rounds of (bound time / its time)")
     for threads in threads_list:
         torch.set_num_threads(threads)
         if ext is not None:
             diff, moved = agreement(ext, threads, args.isa)
             say(f"# threads {threads}: strata vs deepspeed after 3 steps on 1M params: max |dp| {diff:.3g} "
                 f"(the update moved params by up to {moved:.3g})")
-        say(f"{'numel':>11} {'threads':>7} {'contender':>10} {'G params/s':>11} {'strata x':>9}")
+        say(f"{'numel':>11} {'threads':>7} {'contender':>10} {'G params/s':>11} {'strata x':>9} {'x bound':>8}")
         for n in (size(s) for s in args.sizes.split(",")):
             torch.manual_seed(0)
             p0 = torch.randn(n)
@@ -202,6 +257,8 @@ def main():
                 runs.append(DeepSpeed(ext, p0, g, args.memory))
             if args.torch == "on":
                 runs.append(Torch(p0, g))
+            if bound_lib is not None:
+                runs.append(PlainBound(bound_lib, n, threads, args.memory == "huge"))
             del p0
             for r in runs:  # warm-up: page faults, thread start
                 r.step()
@@ -214,18 +271,21 @@ def main():
                     r.step()
                     times[r.name].append(time.perf_counter() - t0)
             base = times["strata"]
+            bound_t = times.get("bound")
             for r in runs:
                 t = times[r.name]
                 rate = n / statistics.median(t) / 1e9
                 speedup = statistics.median(a / b for a, b in zip(t, base))
+                to_bound = statistics.median(b / a for a, b in zip(t, bound_t)) if bound_t else None
                 row = {"numel": n, "threads": threads, "contender": r.name, "gparams_per_s": rate,
-                       "strata_speedup": speedup}
+                       "strata_speedup": speedup, "ratio_to_bound": to_bound}
                 if args.json:
                     print(json.dumps(row))
                 else:
-                    print(f"{n:>11} {threads:>7} {r.name:>10} {rate:>11.3f} {speedup:>8.2f}x")
+                    xb = f"{to_bound:>8.2f}" if to_bound is not None else f"{'-':>8}"
+                    print(f"{n:>11} {threads:>7} {r.name:>10} {rate:>11.3f} {speedup:>8.2f}x {xb}")
             for r in runs:
-                if isinstance(r, DeepSpeed):
+                if isinstance(r, (DeepSpeed, PlainBound)):
                     r.close()
             del runs
 
