@@ -385,12 +385,13 @@ void adam_run(const detail::AdamConsts& c, const detail::Segment& s, PS p, MS m,
   const F one_minus_beta2 = V::set1(c.one_minus_beta2);
   const F eps = V::set1(c.eps);
   const F bc2_sqrt = V::set1(c.bc2_sqrt);
+  const F inv_bc2_sqrt = V::set1(c.inv_bc2_sqrt);
   const F neg_step = V::set1(c.neg_step_size);
   const F decay = V::set1(c.decay);
   const F wd = V::set1(c.weight_decay);
   // Locals: a vector store may alias any memory, so members of c (and s)
   // would be reloaded after every store.
-  const bool decoupled = c.decoupled, l2 = c.l2, amsgrad = c.amsgrad;
+  const bool decoupled = c.decoupled, l2 = c.l2, amsgrad = c.amsgrad, nearest = c.nearest;
   const void* const grad = s.g;
   void* const out = s.out;
   run_slots<V>(
@@ -415,8 +416,12 @@ void adam_run(const detail::AdamConsts& c, const detail::Segment& s, PS p, MS m,
           vden = V::max_nan(vmax.template load<kTail>(i, cnt), vv);
           vmax.template store<kTail>(i, vden, cnt);
         }
-        // denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        const F denom = V::add(V::div(V::sqrt(vden), bc2_sqrt), eps);
+        // denom = (v.sqrt() / bias_correction2_sqrt).add_(eps); the
+        // division by the constant through its reciprocal where that is
+        // exact (V::div_by: the same bits, a divide fewer per vector)
+        const F root = V::sqrt(vden);
+        const F denom =
+            V::add(nearest ? V::div_by(root, bc2_sqrt, inv_bc2_sqrt) : V::div(root, bc2_sqrt), eps);
         // param.addcdiv_(exp_avg, denom, value=-step_size)
         pv = V::add(pv, V::div(V::mul(neg_step, mv), denom));
         p.template store<kTail>(i, pv, cnt);

@@ -29,12 +29,17 @@ struct AdamConsts {
   float beta2, one_minus_beta2;
   float eps;
   float bc2_sqrt;       // sqrt(1 - beta2^step), or 1
+  float inv_bc2_sqrt;   // 1 / bc2_sqrt, correctly rounded (V::div_by's reciprocal)
   float neg_step_size;  // -(lr / (1 - beta1^step))
   float decay;          // AdamW: 1 - lr * weight_decay
   float weight_decay;   // Adam: L2 coefficient
   bool decoupled;       // AdamW with weight_decay != 0: p *= decay first
   bool l2;              // Adam with weight_decay != 0: g += wd * p
   bool amsgrad;
+  // The caller's rounding mode is round-to-nearest: the SIMD variants may
+  // divide by bc2_sqrt through its reciprocal (V::div_by), which is exact
+  // only in that mode; otherwise they divide.
+  bool nearest;
 };
 
 struct SgdConsts {

@@ -116,6 +116,8 @@ struct V {
   static F add(F a, F b) { return a + b; }
   static F mul(F a, F b) { return a * b; }
   static F div(F a, F b) { return a / b; }
+  // a / b (the reference divides; the SIMD variants' div_by must equal it).
+  static F div_by(F a, F b, F /*inv_b*/) { return a / b; }
   static F sqrt(F a) { return std::sqrt(a); }
   static F fma(F a, F b, F c) { return std::fma(a, b, c); }
   static F max_nan(F a, F b) {

@@ -4,7 +4,12 @@
 #include <strata/kernels/cpu_features.h>
 #include <strata/kernels/optimizer.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 #include <algorithm>
+#include <cfenv>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -456,6 +461,16 @@ Status check_step_args(const OptimizerHyper& hyper, const StateView& state, cons
   return Status::Ok();
 }
 
+// The calling thread's SSE rounding mode (MXCSR.RC; the pool's workers run
+// with the caller's) is round-to-nearest-even.
+bool rounds_to_nearest() {
+#if defined(__x86_64__) || defined(__i386__)
+  return (_mm_getcsr() & 0x6000u) == 0;
+#else
+  return std::fegetround() == FE_TONEAREST;
+#endif
+}
+
 detail::AdamConsts adam_consts(const OptimizerHyper& h, const StepArgs& args) {
   // torch: bias_correction1 = 1 - beta1 ** step; step_size = lr / bc1;
   // bias_correction2_sqrt = math.sqrt(1 - beta2 ** step), all Python floats.
@@ -471,12 +486,14 @@ detail::AdamConsts adam_consts(const OptimizerHyper& h, const StepArgs& args) {
   c.one_minus_beta2 = float(1.0 - h.beta2);
   c.eps = float(h.eps);
   c.bc2_sqrt = float(std::sqrt(bc2));
+  c.inv_bc2_sqrt = 1.0f / c.bc2_sqrt;
   c.neg_step_size = float(-step_size);
   c.decay = float(1.0 - h.lr * h.weight_decay);
   c.weight_decay = float(h.weight_decay);
   c.decoupled = h.kind == OptimizerKind::kAdamW && h.weight_decay != 0.0;
   c.l2 = h.kind == OptimizerKind::kAdam && h.weight_decay != 0.0;
   c.amsgrad = h.amsgrad;
+  c.nearest = rounds_to_nearest();
   return c;
 }
 
