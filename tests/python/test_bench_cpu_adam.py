@@ -2,7 +2,7 @@
 (build/lib/libstrata_plain_bound.so through ctypes): the bench runs end to end on a small size
 and reports every contender's ratio to the bound; the bound's C ABI refuses bad input."""
 
-import ctypes
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,15 +20,11 @@ needs_lib = pytest.mark.skipif(not os.path.exists(LIB),
 
 @needs_lib
 def test_bound_library_refuses_bad_input_and_streams():
-    lib = ctypes.CDLL(LIB)
-    lib.strata_plain_bound_new.restype = ctypes.c_void_p
-    lib.strata_plain_bound_new.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_uint, ctypes.c_int, ctypes.c_int]
-    lib.strata_plain_bound_run.restype = ctypes.c_double
-    lib.strata_plain_bound_run.argtypes = [ctypes.c_void_p]
-    lib.strata_plain_bound_isa.restype = ctypes.c_char_p
-    lib.strata_plain_bound_isa.argtypes = [ctypes.c_void_p]
-    lib.strata_plain_bound_free.argtypes = [ctypes.c_void_p]
+    spec = importlib.util.spec_from_file_location("bench_cpu_adam", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lib, why = bench.load_bound(LIB)  # the bench's own ctypes signatures
+    assert lib is not None, why
     # n 0, 5 state arrays, a 3-byte gradient, a 1-byte copy-out, 3-byte moments: each refused.
     for args in ((0, 3, 4, 0, 1, 0, 4), (1024, 5, 4, 0, 1, 0, 4), (1024, 3, 3, 0, 1, 0, 4),
                  (1024, 3, 4, 1, 1, 0, 4), (1024, 3, 4, 0, 1, 0, 3)):
