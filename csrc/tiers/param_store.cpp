@@ -432,6 +432,20 @@ Status ParamStore::wait(io::Ticket ticket) {
   return Status::Ok();
 }
 
+Result<bool> ParamStore::poll(io::Ticket ticket) {
+  Impl& s = *impl_;
+  if (ticket == 0) {
+    return true;
+  }
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (s.pending.find(ticket) == s.pending.end()) {
+      return invalid_argument("param store: unknown ticket " + std::to_string(ticket));
+    }
+  }
+  return s.io->poll(ticket);
+}
+
 Status ParamStore::fetch(uint32_t id, void* dst) {
   STRATA_ASSIGN_OR_RETURN(io::Ticket t, submit_fetch(id, dst));
   return wait(t);

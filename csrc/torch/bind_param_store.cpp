@@ -144,6 +144,15 @@ void bind_param_store(py::module_& m) {
           },
           py::arg("ticket"))
       .def(
+          "poll",
+          [](PyParamStore& s, uint64_t ticket) {
+            tiers::ParamStore& st = live(s);
+            return unwrap(st.poll(ticket));
+          },
+          py::arg("ticket"),
+          "True when the ticket's transfer completed (wait() then returns at once); "
+          "never blocks.")
+      .def(
           "fetch",
           [](PyParamStore& s, uint32_t id, StagingBuffer& b) {
             tiers::ParamStore& st = live(s);

@@ -114,6 +114,10 @@ class ParamStore {
   Result<io::Ticket> submit_fetch(uint32_t id, void* dst);
   Result<io::Ticket> submit_store(uint32_t id, const void* src);
   Status wait(io::Ticket ticket);
+  // Non-blocking: true when the ticket's transfer completed (wait() then
+  // returns at once, with its checksum verdict); the ticket stays to be
+  // waited. 0 is complete; an unknown ticket is InvalidArgument.
+  Result<bool> poll(io::Ticket ticket);
   Status fetch(uint32_t id, void* dst);
   Status store(uint32_t id, const void* src);
   // Writes buf (record_bytes(id) or more) to the record and keeps buf until
