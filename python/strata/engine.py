@@ -374,7 +374,10 @@ class Engine(torch.nn.Module):
                 "strata.zero.Init(config_dict_or_path=...) to avoid that peak")
         if tier.store is not None:
             tier.store.trim_staging()
-        if (not tier.resident or tier.partitioned) and tier.window is None:
+            lanes = _pt.lanes_for(self.device) if tier.lanes is None else None
+            if lanes is not None:
+                tier.attach_lanes(lanes)
+        if tier.on_demand and tier.window is None:
             _pt.ParamWindow(tier, self.module)
         return tier
 
@@ -906,7 +909,7 @@ class Engine(torch.nn.Module):
         sd = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
         tier = self.__dict__.get("param_tier")
         live = self.module.state_dict(prefix=prefix, keep_vars=True) \
-            if tier is not None and (not tier.resident or tier.partitioned) else {}
+            if tier is not None and tier.on_demand else {}
         for name, t in live.items():
             if _pt.fetched_on_demand(t):
                 # Stage 3, weights on the cxl/nvme tier: each one read from it (the whole
@@ -925,7 +928,7 @@ class Engine(torch.nn.Module):
                          exclude_frozen_parameters=False):
         """The module's weights as a plain torch state_dict file (DeepSpeed's name)."""
         tier = self.__dict__.get("param_tier")
-        if tier is not None and (not tier.resident or tier.partitioned) and not _config.get(
+        if tier is not None and tier.on_demand and not _config.get(
                 self._config, "zero_optimization.stage3_gather_16bit_weights_on_model_save"):
             # DeepSpeed's rule: without the gather switch a stage-3 model's weights are not
             # assembled for a 16-bit file.

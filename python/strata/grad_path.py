@@ -19,6 +19,7 @@ and ``default_grad_mul`` (before the engine's step), ``after_step``, ``grad_stat
 """
 
 import bisect
+import functools
 import math
 import os
 import weakref
@@ -30,7 +31,8 @@ from . import config as _config
 from ._torch_compat import dtype_from_name, dtype_name, has_post_accumulate_grad_hook, \
     tensor_from_buffer
 from .layout import Space
-from .param_tier import fetched_on_demand, full_shape, numel as _numel, shape as _shape
+from .param_tier import fetched_on_demand, full_shape, numel as _numel, shape as _shape, \
+    tier_of
 from .numa import bind_numa_node, numa_node_for
 
 DEFAULT_BUCKET = 500_000_000  # elements: DeepSpeed's default for both bucket sizes
@@ -187,10 +189,34 @@ class ArenaGrads:
         def ready(i, p):
             pref, view, fold = weakref.ref(p), b.views[i], b.fold[i]
             staged = b.shadows[i] is not None and not fold
+            t = tier_of(p)
+            lane = t.grad_lane if t is not None and fetched_on_demand(p) else None
+
+            def land(host, i=i, view=view, overlap=False):
+                """On the gradient lane's watcher: the D2H copy of a device parameter's
+                gradient landed in ``host``; into the arena, then final for the engine."""
+                if overlap:
+                    b.lane_wait_s += engine.wait_grad_room()  # only this thread adds to it
+                engine.populate_grad(i)
+                with torch.no_grad():
+                    view.add_(host)
+                if overlap:
+                    engine.mark_param_ready(i)
 
             def hook(*_):
                 o = opt()
                 overlap = o is not None and o._overlap_active
+                if lane is not None:
+                    # A model on a GPU: the gradient goes D2H on its own lane and lands in
+                    # the arena from the lane's watcher; backward goes on.
+                    q = pref()
+                    g = None if q is None else q.grad
+                    if g is not None:
+                        lane.submit(g, functools.partial(land, overlap=overlap))
+                        q.grad = None
+                    elif overlap:
+                        engine.mark_param_ready(i)
+                    return
                 if fold:
                     q = pref()
                     g = None if q is None else q.grad
@@ -234,12 +260,17 @@ class ArenaGrads:
         opt._overlap_active = True
         try:
             loss.backward(retain_graph=retain_graph)
+            opt._drain_grad_lane()  # every D2H gradient copy landed (and was marked final)
             self._stage_drain()
             # Device parameters no hook reported (no gradient in this backward): their
             # .grad, if any, goes into the arena before end_backward marks them final.
             self.attach(b, copy_existing=True)
         except BaseException:
             opt._overlap_active = False
+            try:
+                opt._drain_grad_lane()
+            except Exception:  # noqa: BLE001 - the backward's own error is the one raised
+                pass
             self._stage_drain()
             b.engine.end_backward()
             try:
@@ -341,7 +372,7 @@ class ArenaGrads:
         b.views = []
 
     def stats(self, b):
-        return {"grad_wait_s": b.grad_wait_s}
+        return {"grad_wait_s": b.grad_wait_s + b.lane_wait_s}
 
 
 # ---------------------------------------------------------------------------------------

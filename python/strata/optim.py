@@ -162,6 +162,7 @@ class _Built:
         self.hooks = []         # per-parameter hooks: fold, and gradient-ready (overlap)
         self.hook_refs = []     # AccumulateGrad nodes kept alive (torch < 2.1)
         self.grad_wait_s = 0.0  # seconds gradient hooks waited for the updates (stage 3)
+        self.lane_wait_s = 0.0  # the same, waited by the gradient lane's watcher (GPU model)
         # data parallel (strata.grad_path.ReducerGrads)
         self.reducer = None     # the gradient buckets (_GradComm)
         self.gather = None      # the updated parameters' all-gather (_ParamGather), a shard
@@ -367,7 +368,10 @@ class _OffloadOptimizer(torch.optim.Optimizer):
         return out
 
     def _staged(self, p):
-        """True when ``p`` is updated through a host copy (not CPU memory, or the test hook)."""
+        """True when ``p`` is updated through a host copy (not CPU memory, or the test hook);
+        a stage 3 parameter fetched on demand is updated on its tier instead."""
+        if fetched_on_demand(p):
+            return False
         return p.device.type != "cpu" or os.environ.get("STRATA_TEST_STAGE_PARAMS") == "1"
 
     def _check_param(self, p):
@@ -842,6 +846,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
     def _prepare(self, skip_staged=False):
         """Bring the engine up to date with the model and gather the gradients."""
         self._require_open()
+        self._drain_grad_lane()
         self._refresh()
         self._grads.attach(self._b, copy_existing=True, skip_staged=skip_staged)
         b = self._b
@@ -849,6 +854,12 @@ class _OffloadOptimizer(torch.optim.Optimizer):
             # The previous step's H2D copies read the host copies the update will write.
             b.pushed.synchronize()
             b.pushed = None
+
+    def _drain_grad_lane(self):
+        """A model on a GPU at stage 3: every gradient copy started has landed in the arena."""
+        tier = self._param_tier() if self._stage3() else None
+        if tier is not None and tier.grad_lane is not None:
+            tier.grad_lane.drain()
 
     def reduce_gradients(self):
         """Data parallel: finish this step's gradient communication (idempotent until
@@ -871,6 +882,7 @@ class _OffloadOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none=None):
         self._require_open()
+        self._drain_grad_lane()  # no copy lands in the arena after it was zeroed
         self._grads.zero_grad(self._b)
 
     def add_param_group(self, param_group):

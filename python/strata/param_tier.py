@@ -64,10 +64,18 @@ def on_tier(p):
 
 
 def fetched_on_demand(p):
-    """True when ``p``'s ``.data`` is empty between uses (cxl and nvme tiers, and every
-    partitioned parameter with several ranks)."""
+    """True when ``p``'s ``.data`` is empty between uses (cxl and nvme tiers, every
+    partitioned parameter with several ranks, and every tier of a model on a GPU)."""
     t = tier_of(p)
-    return t is not None and not p.ds_persist and (not t.resident or t.partitioned)
+    return t is not None and not p.ds_persist and t.on_demand
+
+
+def _placeholder(p):
+    """A released parameter's ``.data``: empty, on the device the model computes on."""
+    t = tier_of(p)
+    if t is not None and t.lanes is not None:
+        return t.lanes.placeholder(p.dtype)
+    return torch.empty(0, dtype=p.dtype)
 
 
 def partitioned(p):
@@ -99,12 +107,12 @@ def full_shape(p):
     shape it checks gradients against."""
     if fetched_on_demand(p) and p.ds_status == NOT_AVAILABLE:
         with torch.no_grad():
-            p.data = torch.empty(1, dtype=p.dtype).expand(p.ds_shape)
+            p.data = _placeholder(p).new_empty(1).expand(p.ds_shape)
         try:
             yield
         finally:
             with torch.no_grad():
-                p.data = torch.empty(0, dtype=p.dtype)
+                p.data = _placeholder(p)
     else:
         yield
 
@@ -112,8 +120,13 @@ def full_shape(p):
 def read_weights(p):
     """``p``'s weights as a CPU tensor: ``p`` itself when resident, else a copy fetched from
     its tier (the master-weight resync of a released parameter). A released partitioned
-    parameter is all-gathered: a collective, every rank must read it."""
-    if not fetched_on_demand(p) or p.ds_status == AVAILABLE:
+    parameter is all-gathered: a collective, every rank must read it. With a model on a GPU
+    the weights are read from the tier's host side (a resident record, or a fetch)."""
+    t = tier_of(p)
+    if fetched_on_demand(p) and t.lanes is not None:
+        if t.resident:
+            return t.record_tensor(p).view(p.ds_shape)
+    elif not fetched_on_demand(p) or p.ds_status == AVAILABLE:
         return p
     if partitioned(p):
         return _gather_whole(p)
@@ -131,6 +144,19 @@ def write_weights(p, src):
             p.copy_(src)
             return
         t = tier_of(p)
+        if t.window is not None and p.ds_status == INFLIGHT:
+            t.window._drop(p)  # a fetch in flight would bring the old bytes
+        if t.lanes is not None:
+            # A model on a GPU: the device copy (when resident) and the tier's host side.
+            if p.ds_status == AVAILABLE:
+                p.data.copy_(src.reshape(p.data.shape))
+            if t.resident:
+                t.record_tensor(p).copy_(src.reshape(-1))
+                return
+            buf = t.store.staging(t.store.record_bytes(p.ds_id))
+            tensor_from_buffer(buf, p.dtype)[:p.ds_numel].copy_(src.reshape(-1))
+            t.store.store(p.ds_id, buf)
+            return
         if partitioned(p):
             # Every rank passes the whole value and keeps its own piece (no collective).
             if p.ds_status == AVAILABLE:
@@ -198,6 +224,26 @@ def _gather_whole(p, stats=None):
     return full[:p.ds_numel].view(p.ds_shape)
 
 
+# Tests: builds the Lanes of every stage 3 engine initialised from now on (see
+# strata.testing.emulated_device); None: lanes_for's rule.
+_lanes_factory = None
+
+
+def lanes_for(device):
+    """The copy lanes of a model computing on ``device``: ``CudaLanes`` on a GPU; None on the
+    CPU, where the window's staging memory is the weights' memory."""
+    if _lanes_factory is not None:
+        return _lanes_factory(device)
+    if device.type == "cuda":
+        from .device_lanes import CudaLanes
+
+        return CudaLanes(device)
+    if device.type != "cpu":
+        raise NotImplementedError(
+            f"strata: ZeRO stage 3 with the model on {device} is not supported (CPU or CUDA)")
+    return None
+
+
 class ParamTier:
     """The param tier of one process: a ``_C.ParamStore`` and the parameters on it.
 
@@ -246,6 +292,42 @@ class ParamTier:
         self._params = {}  # ds_id -> weakref(param)
         self._next_id = 0
         self.window = None
+        self.lanes = None       # strata.device_lanes.Lanes: the model computes on a device
+        self.grad_lane = None   # its GradLane (gradients D2H into the optimizer's arena)
+        self._records = {}      # ds_id -> the resident record as a tensor (with lanes)
+
+    @property
+    def on_demand(self):
+        """True when parameters' ``.data`` is empty between uses and a window fetches them."""
+        return not self.resident or self.partitioned or self.lanes is not None
+
+    def attach_lanes(self, lanes):
+        """The model computes on ``lanes.device`` (a GPU): every parameter on the tier is
+        fetched to the device by the window (H2D on the weight lane) and its gradient goes
+        back on the gradient lane; ``.data`` is an empty device tensor between uses."""
+        if self.partitioned:
+            raise NotImplementedError(
+                "strata: ZeRO stage 3 across several ranks with a model on a GPU is not "
+                "written yet (the all-gathers run on host memory); run one process per GPU "
+                "with stage 2, or stage 3 with one process")
+        from .device_lanes import GradLane
+
+        self.lanes = lanes
+        self.grad_lane = GradLane(lanes, buffers=max(2, self.buffer_count))
+        for p in self.params():
+            if p.ds_persist:
+                continue
+            with torch.no_grad():
+                p.data = lanes.placeholder(p.dtype)
+            p.ds_status = NOT_AVAILABLE
+
+    def record_tensor(self, p):
+        """A resident store's record of ``p`` as a flat tensor of ``ds_numel`` elements."""
+        t = self._records.get(p.ds_id)
+        if t is None:
+            t = tensor_from_buffer(self.store.record(p.ds_id), p.dtype)[:p.ds_numel]
+            self._records[p.ds_id] = t
+        return t
 
     def __repr__(self):
         return f"ParamTier({self.describe()})"
@@ -289,7 +371,10 @@ class ParamTier:
         p.ds_id = rid
         self._params[rid] = weakref.ref(p)
         with torch.no_grad():
-            if self.resident:
+            if self.lanes is not None:
+                p.data = self.lanes.placeholder(p.dtype)
+                p.ds_status = NOT_AVAILABLE
+            elif self.resident:
                 p.data = tensor_from_buffer(self.store.record(rid), p.dtype).view(shape_)
             else:
                 p.data = torch.empty(0, dtype=p.dtype)
@@ -357,11 +442,21 @@ class ParamTier:
             s["comm"] = {k: dict(v) for k, v in self.comm_stats.items()}
         if self.window is not None:
             s.update(self.window.stats())
+        if self.lanes is not None:
+            s.update(self.lanes.stats())
+            s["grad_lane_landed"] = self.grad_lane.landed
+            s["grad_lane_submit_wait_s"] = self.grad_lane.submit_wait_s
         return s
 
     def close(self):
         if self.window is not None:
             self.window.close()
+        if self.grad_lane is not None:
+            self.grad_lane.close()
+            self.grad_lane = None
+        if self.lanes is not None:
+            self.lanes.close()
+        self._records = {}
         if self.store is not None and not self.store.closed:
             self.store.close()
 
@@ -389,10 +484,15 @@ class _Gathering:
 
 
 class _Resident:
-    __slots__ = ("buf", "ticket", "numel", "full", "work", "send", "done", "group")
+    __slots__ = ("buf", "ticket", "numel", "full", "work", "send", "done", "group", "inflight",
+                 "dev", "ev", "src")
 
     def __init__(self, buf, ticket, n):
         self.buf, self.ticket, self.numel = buf, ticket, n
+        self.inflight = True  # counted in the window's elements in flight
+        self.dev = None   # a model on a GPU: the weights' device memory (H2D issued)
+        self.ev = None    # the H2D copy's event
+        self.src = None   # the host memory the H2D reads (kept until ev completed)
         self.full = None  # partitioned: the whole (padded) parameter being gathered
         self.work = None  # partitioned: the all-gather in flight
         self.send = None  # partitioned: this rank's padded chunk (alive until the gather ends)
@@ -423,6 +523,9 @@ class ParamWindow:
         self.stats_fetched = 0
         self.stats_prefetched = 0
         self.peak_live = 0
+        self.lanes = tier.lanes
+        self._retiring = collections.deque()  # (H2D event, host memory it reads)
+        self.h2d_at_prefetch = 0  # H2D copies started before their module asked
         tier.window = self
         self._install(module)
         _patch_linear(self)
@@ -436,6 +539,8 @@ class ParamWindow:
         self._make_room(n)
         if partitioned(p):
             r = self._submit_gather(p, n)
+        elif self.lanes is not None and self.tier.resident:
+            r = _Resident(None, 0, n)  # the pinned record is the H2D's source
         else:
             buf = self.store.staging(self.store.record_bytes(rid))
             r = _Resident(buf, self.store.submit_fetch(rid, buf), n)
@@ -446,6 +551,50 @@ class ParamWindow:
         p.ds_status = INFLIGHT
         self.stats_fetched += 1
         self.stats_prefetched += bool(prefetch)
+        if self.lanes is not None and not r.ticket:
+            self._host_done(r)
+            self._to_device(p, r, early=prefetch)
+
+    # ---- a model on a GPU: host -> device on the weight lane ------------------------------
+    def _host_done(self, r):
+        """The host side of ``r`` is complete (its read from the tier waited, once)."""
+        if r.ticket:
+            self.store.wait(r.ticket)
+            r.ticket = 0
+        if r.inflight:
+            r.inflight = False
+            self._in_flight -= r.numel
+
+    def _to_device(self, p, r, early=False):
+        """Starts the H2D copy of ``p``'s weights (host side complete) on the weight lane."""
+        if r.dev is not None:
+            return
+        if self.tier.resident:
+            r.src = self.tier.record_tensor(p)
+        else:
+            r.src = tensor_from_buffer(r.buf, p.dtype)[:p.ds_numel]
+        r.dev = self.lanes.empty(p.ds_numel, p.dtype)
+        r.ev = self.lanes.h2d(r.dev, r.src)
+        self.h2d_at_prefetch += bool(early)
+
+    def _pump(self):
+        """H2D copies for the prefetched reads that completed since (never blocks)."""
+        if self.lanes is None:
+            return
+        while self._retiring and self.lanes.query(self._retiring[0][0]):
+            self._retiring.popleft()
+        for rid, r in self._live.items():
+            if r.dev is None and r.full is None and r.ticket and self.store.poll(r.ticket):
+                p = self.tier._params[rid]()
+                if p is not None:
+                    self._host_done(r)
+                    self._to_device(p, r, early=True)
+
+    def _settle(self):
+        """Every H2D copy issued has completed (before the update writes the records)."""
+        while self._retiring:
+            ev, _ = self._retiring.popleft()
+            self.lanes.synchronize(ev)
 
     def _submit_gather(self, p, n):
         """A partitioned parameter: its chunk is in memory (none, cpu) and the all-gather is
@@ -535,6 +684,15 @@ class ParamWindow:
 
     def _ready(self, p):
         r = self._live[p.ds_id]
+        if self.lanes is not None:
+            self._host_done(r)
+            self._to_device(p, r)
+            if p.ds_status != AVAILABLE:
+                self.lanes.use_on_compute(r.dev, r.ev)
+                with torch.no_grad():
+                    p.data = r.dev.view(p.ds_shape)
+                p.ds_status = AVAILABLE
+            return
         if r.full is not None:
             if not r.done:
                 if r.ticket:
@@ -543,10 +701,8 @@ class ParamWindow:
                 self._finish_gather(p, r)
                 r.done = True
                 self._in_flight -= r.numel
-        elif r.ticket:
-            self.store.wait(r.ticket)
-            r.ticket = 0
-            self._in_flight -= r.numel
+        else:
+            self._host_done(r)
         if p.ds_status != AVAILABLE:
             with torch.no_grad():
                 src = r.full if r.full is not None else tensor_from_buffer(r.buf, p.dtype)
@@ -569,12 +725,15 @@ class ParamWindow:
                 if r.work is not None:
                     r.work.wait()
                 self._in_flight -= r.numel
-        elif r.ticket:
-            self.store.wait(r.ticket)
-            self._in_flight -= r.numel
+        else:
+            self._host_done(r)
+        if r.ev is not None:
+            # The host memory the copy reads stays until the copy is done; the device
+            # memory goes with its last user (record_stream on a GPU).
+            self._retiring.append((r.ev, (r.src, r.buf)))
         self._live_elems -= r.numel
         with torch.no_grad():
-            p.data = torch.empty(0, dtype=p.dtype)
+            p.data = _placeholder(p)
         p.ds_status = NOT_AVAILABLE
 
     def gather(self, params):
@@ -613,6 +772,18 @@ class ParamWindow:
             if p is not None:
                 self._pinned[rid] = 0
                 self._drop(p)
+        if self.lanes is not None:
+            self._settle()
+
+    def write_back(self, p):
+        """A gathered parameter changed in place: its new values go to the tier (from the
+        device first, with a model on a GPU)."""
+        r = self._live[p.ds_id]
+        if self.lanes is not None:
+            self.lanes.to_host(r.src, p.data.reshape(-1))
+            if self.tier.resident:
+                return
+        self.store.store(p.ds_id, r.buf)
 
     # ---- module hooks -----------------------------------------------------------------
     def _install(self, module):
@@ -644,6 +815,7 @@ class ParamWindow:
         own = self._own(module)
         if not own:
             return
+        self._pump()
         if self._recording:
             self._trace.append(id(module))
         else:
@@ -740,7 +912,7 @@ class ParamWindow:
         return {"window_elements": self._live_elems, "window_peak_elements": self.peak_live,
                 "fetches": self.stats_fetched, "prefetches": self.stats_prefetched,
                 "window_limit_elements": self.tier.max_live,
-                "trace_modules": len(self._trace)}
+                "trace_modules": len(self._trace), "h2d_at_prefetch": self.h2d_at_prefetch}
 
     def close(self):
         for h in self._hooks:

@@ -250,8 +250,7 @@ class GatheredParameters:
                         if _pt.partitioned(p):  # this rank's chunk of the new values
                             _pt.write_local(p, _pt.own_piece(p, p.data))
                             continue
-                        r = self._window._live[p.ds_id]
-                        p._strata_tier.store.store(p.ds_id, r.buf)
+                        self._window.write_back(p)
                 from . import optim
 
                 optim.sync_params(self.params)
