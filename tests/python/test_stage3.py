@@ -38,7 +38,7 @@ class Block(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
         att = (q @ k.transpose(1, 2)) / math.sqrt(d)
-        mask = torch.ones(t, t, dtype=torch.bool).tril()
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         att = att.masked_fill(~mask, float("-inf")).softmax(-1)
         x = x + self.proj(att @ v)
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
@@ -64,7 +64,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets):
         t = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(t))
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
         for b in self.blocks:
             x = b(x)
         logits = self.head(self.ln_f(x))
@@ -305,7 +305,12 @@ def test_gathered_parameters_with_modifier_writes_back_to_tier_and_masters(tmp_p
     assert w.ds_status == pt.NOT_AVAILABLE
     with strata.zero.GatheredParameters([w]):
         assert torch.all(w == 0.5)
-    # The master took the change: with lr 0 the step leaves the weights at 0.5.
+    assert_master_took(engine, w, 0.5)
+
+
+def assert_master_took(engine, w, value):
+    """The fp32 master took a change written back to ``w``: with lr 0 a step leaves ``w`` at
+    ``value`` (a master left behind would overwrite it with the old weights)."""
     for g in engine.optimizer.param_groups:
         g["lr"] = 0.0
     engine.lr_scheduler = None
@@ -313,7 +318,7 @@ def test_gathered_parameters_with_modifier_writes_back_to_tier_and_masters(tmp_p
     engine.backward(engine(x, y))
     engine.step()
     with strata.zero.GatheredParameters([w]):
-        assert torch.all(w == 0.5)
+        assert torch.all(w == value)
     engine.close()
 
 
