@@ -159,6 +159,20 @@ else
   step "gpu_check.py run" "not run" 0 "the binding was not built"
 fi
 
+# ZeRO stage 3 with the model on the GPU (issue 21): CudaLanes against stage 2 on the same GPU.
+if [ $BINDING = ON ] && compgen -G "$PKG/strata/_C*.so" >/dev/null; then
+  if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+    t0=$(now)
+    PYTHONPATH="$PKG" timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider \
+      "$ROOT/tests/python/test_stage3_device.py" -k cuda_lanes
+    rc=$?
+    step "stage 3 on the GPU (CudaLanes) vs stage 2" "$([ $rc = 0 ] && echo ok || echo fail)" \
+      "$(( $(now) - t0 ))" "pytest exit status $rc"
+  else
+    step "stage 3 on the GPU (CudaLanes) vs stage 2" "not run" 0 "pytest is not installed for $PYTHON"
+  fi
+fi
+
 echo "=== gpu_check finished in $(( $(now) - START )) s"
 "$PYTHON" "$ROOT/benchmarks/gpu_check.py" summarize "$OUTDIR"
 exit $?
