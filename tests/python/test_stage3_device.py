@@ -97,6 +97,32 @@ def test_gathered_parameters_with_modifier_writes_the_device_copy_back(tmp_path)
     assert_master_took(engine, w, 0.5)
 
 
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_checkpoint_on_the_emulated_device_resumes_as_stage2_continues(tmp_path, device):
+    """Saved after 3 optimizer steps on the emulated device, loaded by a fresh engine (other
+    initial weights) and trained 3 more: the weights equal stage 2's after 6, bit for bit."""
+    ref, _, _, _ = train(config(2, tmp=tmp_path), steps=6)
+    cfg = config(3, device, tmp_path)
+    batches = data(12)
+    with emulated_device():
+        model = build(cfg)
+        engine, _, _, _ = strata.initialize(model=model, config=cfg)
+        for x, y in batches[:6]:
+            engine.backward(engine(x, y))
+            engine.step()
+        engine.save_checkpoint(str(tmp_path / "ck"))
+        engine.close()
+        model2 = build(cfg, seed=1)
+        engine2, _, _, _ = strata.initialize(model=model2, config=cfg)
+    engine2.load_checkpoint(str(tmp_path / "ck"))
+    for x, y in batches[6:]:
+        engine2.backward(engine2(x, y))
+        engine2.step()
+    got = engine2.module_state_dict()
+    engine2.close()
+    assert_same({n: got[n] for n in ref}, ref)
+
+
 # ---- the emulation catches what a missing wait does --------------------------------------
 
 def test_a_module_that_does_not_wait_for_its_weights_computes_with_nan(tmp_path, monkeypatch):
