@@ -1683,7 +1683,10 @@ Result<kernels::GradStats> Engine::grad_stats() {
   bool have = false;
   if (e.run) {
     std::unique_lock<std::mutex> lock(e.run->mu);
-    if (e.run->collect_stats) {
+    // Only a run not yet stepped holds this step's statistics: a stepped one
+    // stays until the next run starts, and a plain backward after it wrote new
+    // gradients into the arena.
+    if (e.run->collect_stats && !e.run->stepped) {
       if (!e.run->closed) {
         return Status(StatusCode::kFailedPrecondition,
                       "grad_stats() during backward: call end_backward() first");

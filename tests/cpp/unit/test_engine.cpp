@@ -462,6 +462,43 @@ TEST(EngineOverlap, GradStatsDuringBackwardMatchPlainStats) {
   ASSERT_TRUE(e.close().ok());
 }
 
+// An overlapped step's statistics stay with its run after step(); a plain
+// backward after it (another gradient in the arena, no begin_backward) must get
+// statistics of its own gradients, not the stepped run's (it got them: the
+// norm, so the clip factor, of the step before).
+TEST(EngineOverlap, PlainStepAfterAnOverlappedOneReadsItsOwnGradStats) {
+  TempDir dir;
+  Model m(5);
+  auto r = nvme_engine(m, dir.path.string());
+  ASSERT_TRUE(r.ok());
+  auto& e = *r.value();
+  Engine::BackwardOptions bo;  // exact mode: statistics gathered during backward
+  ASSERT_TRUE(e.begin_backward(bo).ok());
+  fill_grads(e, m, 0);
+  for (size_t p : {2, 0, 3, 1}) {
+    e.mark_param_ready(p);
+  }
+  ASSERT_TRUE(e.end_backward().ok());
+  auto first = e.grad_stats();
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(e.step(1.0f).ok());
+  fill_grads(e, m, 1);  // the next step's gradients, from a plain backward
+  auto second = e.grad_stats();
+  ASSERT_TRUE(second.ok());
+  EXPECT_NE(first->sum_sq, second->sum_sq);
+  // What a fresh engine computes from the same gradients, read directly.
+  Model m2(5);
+  auto r2 = nvme_engine(m2, (dir.path / "fresh").string());
+  ASSERT_TRUE(r2.ok());
+  fill_grads(*r2.value(), m2, 1);
+  auto want = r2.value()->grad_stats();
+  ASSERT_TRUE(want.ok());
+  EXPECT_EQ(want->sum_sq, second->sum_sq);
+  ASSERT_TRUE(e.step(1.0f).ok());
+  ASSERT_TRUE(e.close().ok());
+  ASSERT_TRUE(r2.value()->close().ok());
+}
+
 TEST(EngineOverlap, CancelledStepChangesNothing) {
   TempDir dir;
   // Step 2 is dropped (as an fp16 overflow would be); the result equals a
