@@ -7,7 +7,9 @@ without (a plain backward, then the whole step); checks that the two copies end 
 takes the median step of each after a warm-up, and prints beside the measured speed-up the
 ideal one computed from the measured phases of the off steps:
 (forward + backward + step) / (forward + max(backward, step)) — a perfect overlap of the
-backward and the step.
+backward and the step. The on optimizer decides after its second step whether to keep
+overlapping, as the engine does with strata.overlap_mode auto (--overlap-mode always: it
+overlaps every step); the table says which it ran.
 
     PYTHONPATH=python /usr/bin/python3 benchmarks/bench_overlap.py --params 100M --path /tmp/x
     ... --clip 1.0    # exact mode: global-norm clipping needs every gradient first
@@ -39,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import strata.optim  # noqa: E402
-from strata import _C  # noqa: E402
+from strata import _C, overlap_choice  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The cells of --matrix: (shape, batch, sub_group_size); each runs with torch threads 1 and
@@ -104,6 +106,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--clip", type=float, default=0.0, help="global-norm clip (0: none, eager mode)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--overlap-mode", default="auto", choices=["auto", "always"],
+                    help="strata.overlap_mode of the on optimizer: auto decides after its second "
+                         "step, as the engine does (strata.overlap_choice)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.matrix:
@@ -136,6 +141,8 @@ def main():
     rows = {"on": [], "off": []}
     phases = {"on": [], "off": []}
     total = 2 * (args.warmup + args.steps)
+    choice = {"overlap": True, "why": "strata.overlap_mode always"}
+    on_steps = 0
     for i in range(total):
         mode = "on" if i % 2 else "off"
         opt = opts[mode]
@@ -143,7 +150,7 @@ def main():
         loss = forward(models[mode])
         t1 = time.perf_counter()
         opt.zero_grad()
-        if mode == "on":
+        if mode == "on" and choice["overlap"]:
             opt.backward(loss, exact=exact)
         else:
             loss.backward()
@@ -153,6 +160,13 @@ def main():
             opt._pending_grad_mul = min(1.0, args.clip / (sum_sq ** 0.5 + 1e-6))
         opt.step()
         t3 = time.perf_counter()
+        if mode == "on":
+            on_steps += 1
+            if on_steps == 2 and args.overlap_mode == "auto":
+                # What the engine does with strata.overlap_mode auto (strata.engine).
+                ok, why = overlap_choice.decide(opt, forward_s=t1 - t0, backward_s=t2 - t1,
+                                                step_s=t3 - t2, exact=exact)
+                choice = {"overlap": ok, "why": why}
         if i >= 2 * args.warmup:
             rows[mode].append(t3 - t0)
             phases[mode].append((t1 - t0, t2 - t1, t3 - t2))
@@ -177,9 +191,13 @@ def main():
               "ideal_speedup": ideal, "forward_s": fwd, "backward_s": bwd, "optimizer_step_off_s": step,
               "io_backend": st["io_backend"], "steps_each": args.steps,
               "bytes_prefetched_unused": st.get("bytes_prefetched_unused", 0),
-              "bit_identical": identical}
+              "bit_identical": identical, "overlap_mode": args.overlap_mode,
+              "on_overlaps": choice["overlap"], "on_choice_why": choice["why"]}
     if args.profile:
         result.update(predict(args, cfg, model, fwd, bwd, swap))
+        if not choice["overlap"]:
+            # The on optimizer ran plain steps: the model's step for it is the plain one.
+            result["predicted_on_s"] = result["predicted_off_s"]
         result["prediction_error_on"] = result["predicted_on_s"] / med["on"] - 1
         result["prediction_error_off"] = result["predicted_off_s"] / med["off"] - 1
     if args.json:
@@ -191,8 +209,11 @@ def main():
               f"median of {args.steps} steps each, alternating")
         print(f"  off: forward {fwd:.3f} s, backward {bwd:.3f} s, optimizer step {step:.3f} s")
         on_f, on_b, on_s = (statistics.median(p[k] for p in phases["on"]) for k in range(3))
-        print(f"  on:  forward {on_f:.3f} s, backward {on_b:.3f} s (updates during it), "
+        during = " (updates during it)" if choice["overlap"] else ""
+        print(f"  on:  forward {on_f:.3f} s, backward {on_b:.3f} s{during}, "
               f"rest of the step {on_s:.3f} s")
+        print(f"  on's mode   {'overlapped' if choice['overlap'] else 'plain'} "
+              f"(strata.overlap_mode {args.overlap_mode}: {choice['why']})")
         print(f"  step time   off {med['off']:.3f} s   on {med['on']:.3f} s")
         print(f"  speed-up    {speedup:.2f}x   (ideal from the measured phases: {ideal:.2f}x)")
         if "predicted_on_s" in result:
@@ -243,7 +264,8 @@ def run_matrix(args):
     cores = os.cpu_count()
     cells = []
     head = (f"{'shape':7} {'params':>7} {'state':5} {'thr':>3} {'mode':5} {'off_s':>7} {'on_s':>7} "
-            f"{'speedup':>7} {'ideal':>6} {'need':>6} {'pass':4} {'model_on':>8} {'err':>5}")
+            f"{'speedup':>7} {'ideal':>6} {'need':>6} {'pass':4} {'model_on':>8} {'err':>5} "
+            f"{'on ran':7}")
     print(head, flush=True)
     for shape, batch, sgs in MATRIX_SHAPES:
         for state in ("nvme", "cpu"):
@@ -254,6 +276,7 @@ def run_matrix(args):
                            "--threads", str(threads), "--clip", str(clip), "--steps",
                            str(args.steps), "--warmup", str(args.warmup), "--buffer-count",
                            str(args.buffer_count), "--path", os.path.join(swap, "cell"),
+                           "--overlap-mode", args.overlap_mode,
                            "--profile", profile_path, "--json"]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                     r = json.loads(out.strip().splitlines()[-1])
@@ -266,7 +289,8 @@ def run_matrix(args):
                           f"{r['mode']:5} {r['step_off_s']:7.3f} {r['step_on_s']:7.3f} "
                           f"{r['speedup']:6.2f}x {r['ideal_speedup']:5.2f}x {need:5.2f}x "
                           f"{'yes' if r['passes'] else 'NO':4} {r['predicted_on_s']:8.3f} "
-                          f"{r['prediction_error_on']:+5.0%}", flush=True)
+                          f"{r['prediction_error_on']:+5.0%} "
+                          f"{'overlap' if r['on_overlaps'] else 'plain':7}", flush=True)
     passed = sum(c["passes"] for c in cells)
     within = sum(abs(c["prediction_error_on"]) <= 0.15 for c in cells)
     print(f"{passed} of {len(cells)} cells pass (on >= 0.97x off, and >= 1 + 0.6 x (ideal - 1) "

@@ -939,6 +939,16 @@ std::vector<ConfigKey> build_schema() {
       "step's first records (as many as there are working buffers) once a step's stores are "
       "done, so they arrive during the next forward.")
       .field(STRATA_FIELD(strata.overlap_backward));
+  add("strata.overlap_mode", K::kString, "auto",
+      "With strata.overlap_backward, one process: auto decides once, from the phases measured "
+      "in the second step (forward, backward, the update's busy time and the I/O's), whether an "
+      "overlapped backward can hide at least 5% of a step; where it cannot (no I/O to hide and "
+      "no core free beside torch's threads, or an update of a few milliseconds) the steps "
+      "after run a plain backward and then the step, and the engine says so once. Stage 3 "
+      "with weights on a tier always overlaps (its gradients are released as they are "
+      "updated). always: overlap every step.")
+      .allowed({"auto", "always"})
+      .field(STRATA_FIELD(strata.overlap_mode));
   add("strata.clip_mode", K::kString, "exact",
       "How clipping and overlap combine: exact waits for the global norm before updating (with "
       "overlap, state is prefetched and gradient statistics computed during backward).")

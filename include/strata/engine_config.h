@@ -174,6 +174,7 @@ struct StrataConfig {
   int64_t dram_cache_bytes;
   bool verify_checksums;
   bool overlap_backward;
+  std::string overlap_mode;  // auto | always (read by the Python engine)
   ClipMode clip_mode;
   int64_t threads;  // 0: all cores
   // Not given: auto where a GPU exists, static otherwise (schedule_is_auto()).

@@ -36,6 +36,7 @@ from . import comm
 from . import config as _config
 from . import loss_scaler as _loss_scaler
 from . import lr_schedules
+from . import overlap_choice
 from . import param_tier as _pt
 from . import sharded as _sharded
 from ._torch_compat import note_optimizer_step
@@ -182,6 +183,11 @@ class Engine(torch.nn.Module):
         self._timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self._progress = _config.get(config, "strata.progress")
         self._overlap_backward = bool(_config.get(config, "strata.overlap_backward"))
+        self._overlap_mode = str(_config.get(config, "strata.overlap_mode"))
+        self._overlap_plain = False   # strata.overlap_mode auto chose a plain backward
+        self.overlap_decision = None  # {"overlap", "why", "from_step"} once decided
+        self._phase_s = {"forward": 0.0, "backward": 0.0}  # this step's, all micro-steps
+        self._boundaries = 0
 
         # DeepSpeed's names of modules with sparse gradients (sparse_gradients): strata refuses
         # such modules (_check_module), so the set is always empty.
@@ -700,6 +706,7 @@ class Engine(torch.nn.Module):
         out = self.module(*inputs, **kwargs)
         t1 = time.monotonic_ns()
         self._timers["forward"] += (t1 - t0) * 1e-9
+        self._phase_s["forward"] += (t1 - t0) * 1e-9
         record = getattr(self.optimizer, "record_forward", None)
         if record is not None:
             record(t0, t1)  # the trace's forward lane
@@ -732,6 +739,7 @@ class Engine(torch.nn.Module):
         else:
             to_backward.backward(retain_graph=retain_graph)
         self._timers["backward"] += time.perf_counter() - t0
+        self._phase_s["backward"] += time.perf_counter() - t0
         return loss
 
     def _data_parallel_optimizer(self):
@@ -740,9 +748,33 @@ class Engine(torch.nn.Module):
         return isinstance(opt, _OffloadOptimizer) and opt.data_parallel
 
     def _overlap_this_backward(self, retain_graph):
-        return (self._overlap_backward and not retain_graph and self.world_size == 1
-                and isinstance(self.optimizer, _OffloadOptimizer)
+        return (self._overlap_backward and not self._overlap_plain and not retain_graph
+                and self.world_size == 1 and isinstance(self.optimizer, _OffloadOptimizer)
                 and self.is_gradient_accumulation_boundary())
+
+    def _decide_overlap(self, step_s):
+        """strata.overlap_mode auto: after the second step (the first is a warm-up), decide
+        once from its measured phases whether overlapped backwards can win
+        (strata.overlap_choice), and say which and why."""
+        self._boundaries += 1
+        phases = self._phase_s
+        if (self._boundaries != 2 or self._overlap_mode != "auto" or not self._overlap_backward
+                or self.world_size > 1 or not isinstance(self.optimizer, _OffloadOptimizer)
+                or self.zero_optimization_stage() == 3):
+            # Stage 3 keeps overlapping: its gradients are released as they are updated.
+            return
+        overlap, why = overlap_choice.decide(
+            self.optimizer, forward_s=phases["forward"], backward_s=phases["backward"],
+            step_s=step_s, exact=self.gradient_clipping() > 0 or self.loss_scaler is not None)
+        self.overlap_decision = {"overlap": overlap, "why": why,
+                                 "from_step": self.global_steps + 2}
+        self._overlap_plain = not overlap
+        what = ("overlapping backward with the step" if overlap else
+                "a plain backward, then the step (strata.overlap_mode 'always' overlaps anyway)")
+        msg = f"strata.overlap_mode auto: {what}, from step {self.global_steps + 2} on: {why}"
+        _config.log.info(msg)
+        if self.global_rank == 0 and self._progress != "off":
+            print(f"[strata] {msg}", flush=True)
 
     def zero_grad(self, set_to_none=None):
         if self.optimizer is not None:
@@ -820,12 +852,14 @@ class Engine(torch.nn.Module):
                 if coef < 1.0:
                     grad_mul *= coef
             opt._pending_grad_mul = grad_mul
+            t_step = time.perf_counter()
             with kill_during("update") as arm:
                 opt._engine_step_hook = arm
                 try:
                     opt.step()
                 finally:
                     opt._engine_step_hook = None
+            self._decide_overlap(time.perf_counter() - t_step)
             kill_point("step_end")
             if self._client_torch_optimizer is not None:
                 note_optimizer_step(self._client_torch_optimizer)
@@ -839,6 +873,7 @@ class Engine(torch.nn.Module):
                     self.lr_scheduler.step(**(lr_kwargs or {}))
                 except TypeError:
                     self.lr_scheduler.step(self.train_batch_size())
+        self._phase_s = {"forward": 0.0, "backward": 0.0}
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
         if self.global_rank == 0 and self.steps_per_print() > 0 \
