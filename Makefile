@@ -10,7 +10,7 @@ PYTEST_FLAGS ?=
 DEB_PACKAGES := cmake g++ make ninja-build libopenblas0-pthread liburing-dev libnuma-dev \
   libgtest-dev nlohmann-json3-dev libxxhash-dev pybind11-dev python3-pybind11 python3-torch \
   python3-pytest python3-numpy python3-tqdm python3-matplotlib python3-dev python3-setuptools \
-  python3-venv python3-pip fio util-linux clang-format
+  python3-venv python3-pip fio util-linux clang-format ccache
 
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
