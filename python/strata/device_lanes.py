@@ -23,6 +23,7 @@ Thread-safety: one compute thread calls every method except ``synchronize``/``qu
 the gradient watcher also calls. Units: elements and bytes; times in seconds.
 """
 
+import abc
 import collections
 import queue
 import threading
@@ -32,54 +33,55 @@ import weakref
 import torch
 
 
-class Lanes:
-    """What the window and the gradient path need from the compute device."""
+class Lanes(abc.ABC):
+    """What the window and the gradient path need from the compute device (an interface:
+    ``CudaLanes`` and ``HostEmulatedLanes`` implement every abstract method)."""
 
     name = "?"
     device = torch.device("cpu")  # where the model computes (its tensors' device)
 
+    @abc.abstractmethod
     def empty(self, numel, dtype):
         """Flat device memory for a parameter's weights (allocated for the weight lane)."""
-        raise NotImplementedError
 
     def placeholder(self, dtype):
         """An empty tensor on the device: a released parameter's ``.data``."""
         return torch.empty(0, dtype=dtype, device=self.device)
 
+    @abc.abstractmethod
     def host_buffer(self, numel, dtype):
         """Host memory the device copies to and from at full speed (pinned)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def h2d(self, dst, src):
         """Copies host ``src`` into device ``dst`` on the weight lane; returns its event.
         ``src`` must stay unchanged until the event completed."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def use_on_compute(self, t, event):
         """The compute stream waits for ``event`` before it uses device tensor ``t``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def record_compute(self):
         """An event on the compute stream now (after the work enqueued so far)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def d2h(self, dst, src, after):
         """Copies device ``src`` into host ``dst`` on the gradient lane once ``after`` (a
         compute event) completed; returns its event. ``src`` may be dropped at once."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def to_host(self, dst, src):
         """Synchronous copy of device ``src`` into host ``dst`` (after the compute stream's
         work so far): a gathered parameter a user changed."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def synchronize(self, event):
         """The calling host thread waits for ``event``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def query(self, event):
         """True when ``event`` completed (never blocks)."""
-        raise NotImplementedError
 
     def stats(self):
         return {}

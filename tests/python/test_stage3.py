@@ -138,6 +138,18 @@ def train(cfg, steps=20, under_init=True, norms=None):
     return final, losses, stats, engine
 
 
+def saved_after(cfg, batches, path):
+    """An engine over a model built under zero.Init, trained on ``batches`` and checkpointed
+    to ``path``; returned open."""
+    model = build(cfg)
+    engine, _, _, _ = strata.initialize(model=model, config=cfg)
+    for x, y in batches:
+        engine.backward(engine(x, y))
+        engine.step()
+    engine.save_checkpoint(str(path))
+    return engine
+
+
 def assert_same(a, b):
     assert a.keys() == b.keys()
     for n in a:
@@ -341,12 +353,7 @@ def test_checkpoint_with_weights_on_nvme_resumes_bit_identically(tmp_path):
     exactly as the first."""
     cfg = config(3, "nvme", tmp_path)
     batches = data(12)
-    model = build(cfg)
-    engine, _, _, _ = strata.initialize(model=model, config=cfg)
-    for x, y in batches[:6]:
-        engine.backward(engine(x, y))
-        engine.step()
-    engine.save_checkpoint(str(tmp_path / "ck"))
+    engine = saved_after(cfg, batches[:6], tmp_path / "ck")
     model2 = build(cfg, seed=1)  # other initial weights: the load must replace them
     engine2, _, _, _ = strata.initialize(model=model2, config=cfg)
     engine2.load_checkpoint(str(tmp_path / "ck"))

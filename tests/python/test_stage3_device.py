@@ -25,7 +25,8 @@ import strata
 from strata import device_lanes, param_tier as pt
 from strata.testing import emulated_device
 
-from test_stage3 import assert_master_took, assert_same, build, config, data, train
+from test_stage3 import assert_master_took, assert_same, build, config, data, saved_after, \
+    train
 
 
 def train_on_device(cfg, steps=20, delay_s=0.001):
@@ -105,13 +106,7 @@ def test_checkpoint_on_the_emulated_device_resumes_as_stage2_continues(tmp_path,
     cfg = config(3, device, tmp_path)
     batches = data(12)
     with emulated_device():
-        model = build(cfg)
-        engine, _, _, _ = strata.initialize(model=model, config=cfg)
-        for x, y in batches[:6]:
-            engine.backward(engine(x, y))
-            engine.step()
-        engine.save_checkpoint(str(tmp_path / "ck"))
-        engine.close()
+        saved_after(cfg, batches[:6], tmp_path / "ck").close()
         model2 = build(cfg, seed=1)
         engine2, _, _, _ = strata.initialize(model=model2, config=cfg)
     engine2.load_checkpoint(str(tmp_path / "ck"))

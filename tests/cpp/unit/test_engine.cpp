@@ -114,6 +114,18 @@ Result<std::unique_ptr<Engine>> nvme_engine(Model& m, const std::string& dir) {
   return Engine::create(std::move(o));
 }
 
+// One exact-mode overlapped backward of `step`'s gradients: statistics are
+// gathered as parameters 2, 0, 3, 1 are reported final.
+void exact_backward(Engine& e, Model& m, int step) {
+  Engine::BackwardOptions bo;
+  ASSERT_TRUE(e.begin_backward(bo).ok());
+  fill_grads(e, m, step);
+  for (size_t p : {2, 0, 3, 1}) {
+    e.mark_param_ready(p);
+  }
+  ASSERT_TRUE(e.end_backward().ok());
+}
+
 std::vector<std::vector<float>> run(const std::string& device, const std::string& dir, int64_t sgs,
                                     int steps, int64_t dram_cache = 0,
                                     std::string* trace_json = nullptr) {
@@ -449,12 +461,7 @@ TEST(EngineOverlap, GradStatsDuringBackwardMatchPlainStats) {
   fill_grads(e, m, 0);
   auto plain = e.grad_stats();
   ASSERT_TRUE(plain.ok());
-  Engine::BackwardOptions bo;
-  ASSERT_TRUE(e.begin_backward(bo).ok());
-  for (size_t p : {2, 0, 3, 1}) {
-    e.mark_param_ready(p);
-  }
-  ASSERT_TRUE(e.end_backward().ok());
+  exact_backward(e, m, 0);
   auto during = e.grad_stats();
   ASSERT_TRUE(during.ok());
   EXPECT_EQ(plain->sum_sq, during->sum_sq);  // bit-identical: fixed summation order
@@ -472,13 +479,7 @@ TEST(EngineOverlap, PlainStepAfterAnOverlappedOneReadsItsOwnGradStats) {
   auto r = nvme_engine(m, dir.path.string());
   ASSERT_TRUE(r.ok());
   auto& e = *r.value();
-  Engine::BackwardOptions bo;  // exact mode: statistics gathered during backward
-  ASSERT_TRUE(e.begin_backward(bo).ok());
-  fill_grads(e, m, 0);
-  for (size_t p : {2, 0, 3, 1}) {
-    e.mark_param_ready(p);
-  }
-  ASSERT_TRUE(e.end_backward().ok());
+  exact_backward(e, m, 0);  // statistics gathered during backward
   auto first = e.grad_stats();
   ASSERT_TRUE(first.ok());
   ASSERT_TRUE(e.step(1.0f).ok());
