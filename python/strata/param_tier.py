@@ -153,9 +153,7 @@ def write_weights(p, src):
             if t.resident:
                 t.record_tensor(p).copy_(src.reshape(-1))
                 return
-            buf = t.store.staging(t.store.record_bytes(p.ds_id))
-            tensor_from_buffer(buf, p.dtype)[:p.ds_numel].copy_(src.reshape(-1))
-            t.store.store(p.ds_id, buf)
+            _store_whole(t, p, src)
             return
         if partitioned(p):
             # Every rank passes the whole value and keeps its own piece (no collective).
@@ -170,9 +168,14 @@ def write_weights(p, src):
                 if r is not None:
                     t.store.store(p.ds_id, r.buf)
             return
-        buf = t.store.staging(t.store.record_bytes(p.ds_id))
-        tensor_from_buffer(buf, p.dtype)[:p.ds_numel].copy_(src.reshape(-1))
-        t.store.store(p.ds_id, buf)
+        _store_whole(t, p, src)
+
+
+def _store_whole(t, p, src):
+    """``src`` onto ``p``'s record on tier ``t``, through a staging buffer (synchronous)."""
+    buf = t.store.staging(t.store.record_bytes(p.ds_id))
+    tensor_from_buffer(buf, p.dtype)[:p.ds_numel].copy_(src.reshape(-1))
+    t.store.store(p.ds_id, buf)
 
 
 def local_shard(p):
