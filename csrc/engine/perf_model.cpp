@@ -465,8 +465,11 @@ Demand demand_of(const HardwareProfile& hw, const StepShape& shape, const SubGro
     // A fetch-tier sub-group is updated while the pipeline streams others.
     d.cpu_factor = hw.io_factor();
     if (shape.checksums && hw.checksum_bytes_per_s > 0) {
-      // Hash at store + verify at fetch, chunks over the update threads.
-      d.cpu_fixed += 2 * b / hw.checksum_rate();
+      // The pipeline verifies each chunk before its update slice reads it
+      // (from DRAM) and hashes it for the store right after (from cache):
+      // one hash of the record at the measured (DRAM) rate, chunks over the
+      // update threads (Engine::Impl::step_in_slices).
+      d.cpu_fixed += b / hw.checksum_rate();
     }
   }
   if (dev == UpdateDevice::kGpuResident) {

@@ -259,7 +259,7 @@ struct Sim {
     if (!shape.checksums || hw.checksum_bytes_per_s <= 0 || !fetch_tier(i)) {
       return 0;
     }
-    // 1 MiB chunks over the update threads in force (SwapFile::checksum).
+    // 1 MiB chunks over the update threads in force.
     return double(shape.subgroups[i].record_bytes) / hw.checksum_rate(threads_now());
   }
   unsigned threads_now() const { return now < B ? bw_threads : full_threads; }
@@ -340,7 +340,11 @@ struct Sim {
     if (fetching) {
       record(EventKind::kFetch, i, "nvme", drive.submitted_at(buf.ticket),
              drive.done_at(buf.ticket), bytes);
-      busy(hash_s(i), threads_now());  // NvmeTier::wait verifies the record's checksum
+      // The record's chunks are verified as the update reaches them
+      // (step_in_slices): one hash from DRAM; the store's hash of the same
+      // chunks right after their update reads them from cache and is not
+      // counted.
+      busy(hash_s(i), threads_now());
     } else {
       record(EventKind::kStore, i, "nvme", drive.submitted_at(buf.ticket),
              drive.done_at(buf.ticket), bytes);
@@ -572,7 +576,6 @@ struct Sim {
         buf.item = i;
         if (dev == UpdateDevice::kCpu) {
           updates_done = std::max(updates_done, cpu_update(i));
-          busy(hash_s(i), threads_now());  // SwapFile::submit_write hashes the record
           buf.ticket = drive.submit(true, shape.subgroups[i].record_bytes, now);
           buf.state = BufState::kStoring;
           buf.seq = store_seq++;

@@ -2,6 +2,8 @@
 // the choice among the variants; see strata/io/checksum.h.
 #include <strata/io/checksum.h>
 
+#include <algorithm>
+
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
@@ -76,6 +78,16 @@ HashIsa hash_isa() {
 
 Xxh3Fn xxh3_64_variant(HashIsa isa) {
   return cpu_has(isa) ? kVariants[size_t(isa)].one_shot : nullptr;
+}
+
+size_t checksum_chunks(size_t bytes) {
+  return std::max<size_t>(1, (bytes + kChecksumChunk - 1) / kChecksumChunk);
+}
+
+uint64_t chunk_checksum(const void* base, size_t bytes, size_t i) {
+  const size_t off = std::min(bytes, i * kChecksumChunk);
+  return xxh3_64(static_cast<const unsigned char*>(base) + off,
+                 std::min(kChecksumChunk, bytes - off));
 }
 
 uint64_t xxh3_64(const void* p, size_t bytes) {

@@ -127,7 +127,7 @@ bool valid_tag(const std::string& tag) {
 
 struct SwapFile::Impl {
   struct Sum {
-    uint64_t hash = 0;
+    std::vector<uint64_t> chunks;  // XXH3-64 of each kChecksumChunk of the extent
     bool valid = false;
   };
 
@@ -145,17 +145,12 @@ struct SwapFile::Impl {
   detail::ExtentAllocator alloc{0};
   std::vector<Sum> sums;  // by extent id
 
-  // The extent's checksum: XXH3 over the XXH3 of each 1 MiB chunk, chunks
-  // hashed through options.parallel_for when there are several.
-  uint64_t checksum(const void* buf, size_t len) const {
-    constexpr size_t kChunk = size_t(1) << 20;
-    const size_t n = std::max<size_t>(1, (len + kChunk - 1) / kChunk);
+  // The checksum of each kChecksumChunk of the extent, hashed through
+  // options.parallel_for when there are several.
+  std::vector<uint64_t> checksum(const void* buf, size_t len) const {
+    const size_t n = checksum_chunks(len);
     std::vector<uint64_t> chunk(n);
-    const auto* p = static_cast<const unsigned char*>(buf);
-    auto one = [&](size_t i) {
-      const size_t off = i * kChunk;
-      chunk[i] = xxh3_64(p + off, std::min(kChunk, len - std::min(len, off)));
-    };
+    auto one = [&](size_t i) { chunk[i] = chunk_checksum(buf, len, i); };
     if (n > 1 && options.parallel_for) {
       options.parallel_for(n, one);
     } else {
@@ -163,7 +158,37 @@ struct SwapFile::Impl {
         one(i);
       }
     }
-    return xxh3_64(chunk.data(), n * sizeof(uint64_t));
+    return chunk;
+  }
+
+  // Compares chunks [first, first + got.size()) of the extent with their
+  // recorded checksums; a mismatch names the extent and the chunk's bytes.
+  Status compare(const Extent& extent, const Sum& sum, size_t first,
+                 std::span<const uint64_t> got) const {
+    if (first + got.size() > sum.chunks.size()) {
+      return invalid_argument("swap file " + path + ": chunks " + std::to_string(first) + ".." +
+                              std::to_string(first + got.size()) + " of extent " +
+                              std::to_string(extent.id) + ", which has " +
+                              std::to_string(sum.chunks.size()));
+    }
+    for (size_t k = 0; k < got.size(); ++k) {
+      const size_t c = first + k;
+      if (got[k] == sum.chunks[c]) {
+        continue;
+      }
+      mismatches.fetch_add(1, std::memory_order_relaxed);
+      const uint64_t lo = uint64_t(c) * kChecksumChunk;
+      const uint64_t hi = std::min<uint64_t>(extent.length, lo + kChecksumChunk);
+      char hex[64];
+      std::snprintf(hex, sizeof(hex), "expected %016" PRIx64 ", got %016" PRIx64, sum.chunks[c],
+                    got[k]);
+      return Status(StatusCode::kCorruption,
+                    "swap file " + path + ": checksum mismatch in extent " +
+                        std::to_string(extent.id) + " (offset " + std::to_string(extent.offset) +
+                        ", length " + std::to_string(extent.length) + "), bytes [" +
+                        std::to_string(lo) + ", " + std::to_string(hi) + ") of it: XXH3 " + hex);
+    }
+    return Status::Ok();
   }
 
   mutable std::atomic<uint64_t> verified{0};
@@ -426,18 +451,30 @@ void SwapFile::free(const Extent& extent) {
 }
 
 Result<Ticket> SwapFile::submit_write(const Extent& extent, const void* buf) {
-  uint64_t hash = 0;
+  std::vector<uint64_t> sums;
   if (impl_->options.checksums) {
     // Hash outside the lock: it reads the whole extent.
-    hash = impl_->checksum(buf, size_t(extent.length));
+    sums = impl_->checksum(buf, size_t(extent.length));
   }
+  return submit_write(extent, buf, std::move(sums));
+}
+
+Result<Ticket> SwapFile::submit_write(const Extent& extent, const void* buf,
+                                      std::vector<uint64_t> chunk_sums) {
   {
     std::lock_guard<std::mutex> lk(impl_->mu);
     STRATA_RETURN_IF_ERROR(impl_->check_live(extent));
     if (impl_->options.checksums) {
+      const size_t want = checksum_chunks(size_t(extent.length));
+      if (chunk_sums.size() != want) {
+        return invalid_argument("swap file " + impl_->path + ": write of extent " +
+                                std::to_string(extent.id) + " with " +
+                                std::to_string(chunk_sums.size()) + " chunk checksums, " +
+                                std::to_string(want) + " needed");
+      }
       // Recorded before the write completes: if the write fails, the data on
       // disk is unknown and a later read must not verify.
-      impl_->sums[extent.id] = Impl::Sum{hash, true};
+      impl_->sums[extent.id] = Impl::Sum{std::move(chunk_sums), true};
     }
   }
   IoRequest r{IoOp::kWrite, impl_->handle, const_cast<void*>(buf), size_t(extent.length),
@@ -467,19 +504,32 @@ Status SwapFile::verify(const Extent& extent, const void* buf) const {
   if (!sum.valid) {
     return Status::Ok();  // never written since allocated
   }
-  const uint64_t got = impl_->checksum(buf, size_t(extent.length));
+  const std::vector<uint64_t> got = impl_->checksum(buf, size_t(extent.length));
   impl_->verified.fetch_add(1, std::memory_order_relaxed);
-  if (got != sum.hash) {
-    impl_->mismatches.fetch_add(1, std::memory_order_relaxed);
-    char hex[64];
-    std::snprintf(hex, sizeof(hex), "expected %016" PRIx64 ", got %016" PRIx64, sum.hash, got);
-    return Status(StatusCode::kCorruption,
-                  "swap file " + impl_->path + ": checksum mismatch in extent " +
-                      std::to_string(extent.id) + " (offset " + std::to_string(extent.offset) +
-                      ", length " + std::to_string(extent.length) + "): XXH3 " + hex);
-  }
-  return Status::Ok();
+  return impl_->compare(extent, sum, 0, got);
 }
+
+Status SwapFile::verify_chunks(const Extent& extent, size_t first,
+                               std::span<const uint64_t> chunk_sums) const {
+  if (!impl_->options.checksums) {
+    return Status::Ok();
+  }
+  Impl::Sum sum;
+  {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    STRATA_RETURN_IF_ERROR(impl_->check_live(extent));
+    if (!impl_->sums[extent.id].valid) {
+      return Status::Ok();  // never written since allocated
+    }
+    sum = impl_->sums[extent.id];
+  }
+  if (first == 0 && !chunk_sums.empty()) {
+    impl_->verified.fetch_add(1, std::memory_order_relaxed);
+  }
+  return impl_->compare(extent, sum, first, chunk_sums);
+}
+
+bool SwapFile::checksums() const { return impl_->options.checksums; }
 
 Status SwapFile::write(const Extent& extent, const void* buf) {
   STRATA_ASSIGN_OR_RETURN(Ticket t, submit_write(extent, buf));

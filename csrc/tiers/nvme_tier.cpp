@@ -38,23 +38,21 @@ class NvmeTier final : public Tier {
     return TierTicket{t};
   }
   Status wait(TierTicket ticket, int64_t* done_ns = nullptr) override {
-    if (ticket == 0) {
-      return Status::Ok();
-    }
-    auto it = pending_.find(ticket);
-    if (it == pending_.end()) {
-      return internal_error("nvme tier: unknown ticket " + std::to_string(ticket));
-    }
-    Pending p = it->second;
-    pending_.erase(it);
-    STRATA_RETURN_IF_ERROR(file_->engine()->wait_timed(ticket, done_ns));
-    if (p.read) {
-      STRATA_RETURN_IF_ERROR(file_->verify(extents_[p.handle], p.buf));
-      stats_.bytes_fetched += extents_[p.handle].length;
-    } else {
-      stats_.bytes_stored += extents_[p.handle].length;
-    }
-    return Status::Ok();
+    return complete(ticket, done_ns, true);
+  }
+  bool checks_chunks() const override { return file_->checksums(); }
+  Status wait_unverified(TierTicket ticket, int64_t* done_ns = nullptr) override {
+    return complete(ticket, done_ns, false);
+  }
+  Status verify_chunks(uint32_t h, size_t first, std::span<const uint64_t> sums) override {
+    return file_->verify_chunks(extents_[h], first, sums);
+  }
+  Result<TierTicket> submit_store_hashed(uint32_t h, const void* src,
+                                         std::vector<uint64_t> chunk_sums) override {
+    STRATA_ASSIGN_OR_RETURN(io::Ticket t,
+                            file_->submit_write(extents_[h], src, std::move(chunk_sums)));
+    pending_[t] = Pending{h, const_cast<void*>(src), false};
+    return TierTicket{t};
   }
   Status fetch(uint32_t h, void* dst) override {
     STRATA_ASSIGN_OR_RETURN(TierTicket t, submit_fetch(h, dst));
@@ -80,6 +78,28 @@ class NvmeTier final : public Tier {
   uint64_t record_offset(uint32_t h) const override { return extents_[h].offset; }
 
  private:
+  Status complete(TierTicket ticket, int64_t* done_ns, bool verify) {
+    if (ticket == 0) {
+      return Status::Ok();
+    }
+    auto it = pending_.find(ticket);
+    if (it == pending_.end()) {
+      return internal_error("nvme tier: unknown ticket " + std::to_string(ticket));
+    }
+    Pending p = it->second;
+    pending_.erase(it);
+    STRATA_RETURN_IF_ERROR(file_->engine()->wait_timed(ticket, done_ns));
+    if (p.read) {
+      if (verify) {
+        STRATA_RETURN_IF_ERROR(file_->verify(extents_[p.handle], p.buf));
+      }
+      stats_.bytes_fetched += extents_[p.handle].length;
+    } else {
+      stats_.bytes_stored += extents_[p.handle].length;
+    }
+    return Status::Ok();
+  }
+
   struct Pending {
     uint32_t handle;
     void* buf;

@@ -26,6 +26,17 @@ const char* hash_isa_name(HashIsa isa);
 // XXH3-64 of [p, p+bytes), seed 0.
 uint64_t xxh3_64(const void* p, size_t bytes);
 
+// Swap-file extents are checksummed by chunk: the XXH3-64 of each
+// kChecksumChunk bytes (the last chunk may be shorter), so chunks hash in
+// parallel and a pipeline can check or hash part of a record while it works
+// on the rest (engine: verify a chunk before its bytes are read, hash it
+// after its last byte is written, while it is still in cache).
+inline constexpr size_t kChecksumChunk = size_t(1) << 20;
+// Chunks of an extent of `bytes` bytes (at least 1).
+size_t checksum_chunks(size_t bytes);
+// XXH3-64 of chunk `i` of the extent [base, base + bytes).
+uint64_t chunk_checksum(const void* base, size_t bytes, size_t i);
+
 // The variant xxh3_64 and Xxh3Stream use on this machine.
 HashIsa hash_isa();
 

@@ -27,18 +27,24 @@
 // Thread-safety: allocate/free are internally locked; reads and writes of
 //   distinct extents may run concurrently; one extent is not read and written
 //   at the same time (the caller's pipeline guarantees it).
-// Checksums: XXH3-64 of the XXH3-64s of the extent's 1 MiB chunks (so the
-//   chunks hash in parallel through SwapFileOptions::parallel_for), recorded
-//   when a write is submitted, checked by verify(). An
-//   extent never written since it was allocated has no checksum and verifies
-//   trivially. A mismatch is Corruption naming path, extent id and offset.
+// Checksums: the XXH3-64 of each 1 MiB chunk of the extent (io/checksum.h:
+//   chunk_checksum; the chunks hash in parallel through
+//   SwapFileOptions::parallel_for), recorded when a write is submitted,
+//   checked by verify(). A caller that hashes the buffer itself (the engine,
+//   chunk by chunk while it updates the record, so the record crosses the
+//   memory bus once) passes its chunk checksums to submit_write and checks a
+//   read with verify_chunks. An extent never written since it was allocated
+//   has no checksum and verifies trivially. A mismatch is Corruption naming
+//   path, extent id, offset and the chunk's bytes.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include <strata/io/io_engine.h>
 #include <strata/status.h>
@@ -105,6 +111,18 @@ class SwapFile {
   Result<Ticket> submit_write(const Extent& extent, const void* buf);
   Result<Ticket> submit_read(const Extent& extent, void* buf);
   Status verify(const Extent& extent, const void* buf) const;
+  // The same write with the checksums of buf's chunks computed by the caller
+  // (chunk_checksum(buf, extent.length, i) for every chunk i; with checksums
+  // off they are ignored). A wrong count is InvalidArgument and writes
+  // nothing; a wrong value is found by the next read's verification.
+  Result<Ticket> submit_write(const Extent& extent, const void* buf,
+                              std::vector<uint64_t> chunk_sums);
+  // Compares chunks [first, first + chunk_sums.size()) of the extent's last
+  // written contents with checksums the caller computed over its read
+  // buffer. checksums_verified counts the calls that start at chunk 0.
+  Status verify_chunks(const Extent& extent, size_t first,
+                       std::span<const uint64_t> chunk_sums) const;
+  bool checksums() const;  // SwapFileOptions::checksums
 
   // Synchronous: submit + wait (+ verify for reads).
   Status write(const Extent& extent, const void* buf);

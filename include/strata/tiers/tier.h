@@ -19,7 +19,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include <strata/status.h>
 
@@ -67,6 +69,30 @@ class Tier {
   virtual Status wait(TierTicket ticket, int64_t* done_ns = nullptr) { return Status::Ok(); }
   virtual Status fetch(uint32_t handle, void* dst) = 0;
   virtual Status store(uint32_t handle, const void* src) = 0;
+
+  // Chunk checksums (strata/io/checksum.h: chunk_checksum over the record's
+  // record_bytes), for a pipeline that checks and hashes a record chunk by
+  // chunk while it updates it, so the record crosses the memory bus once.
+  // True on a tier that checks what it fetches (NVMe with
+  // strata.verify_checksums); on the others the three calls below are plain
+  // wait and submit_store.
+  virtual bool checks_chunks() const { return false; }
+  // wait() without verifying a fetched record: the caller verifies every
+  // chunk (verify_chunks) before it uses any of the chunk's bytes.
+  virtual Status wait_unverified(TierTicket ticket, int64_t* done_ns = nullptr) {
+    return wait(ticket, done_ns);
+  }
+  // Chunks [first, first + sums.size()) of a record fetched with
+  // wait_unverified, against what the tier recorded at its last store.
+  virtual Status verify_chunks(uint32_t handle, size_t first, std::span<const uint64_t> sums) {
+    return Status::Ok();
+  }
+  // submit_store with the checksums of every chunk of src, computed by the
+  // caller over the bytes it stores.
+  virtual Result<TierTicket> submit_store_hashed(uint32_t handle, const void* src,
+                                                 std::vector<uint64_t> chunk_sums) {
+    return submit_store(handle, src);
+  }
 
   // Drains in-flight work (close, errors).
   virtual void drain() {}
