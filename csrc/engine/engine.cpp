@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <thread>
@@ -109,7 +110,8 @@ struct Engine::Impl {
   std::vector<CarriedFetch> carried;
   void carry_next_fetches();
   void drop_carried();
-  uint64_t dropped_fetch_bytes = 0;  // carried fetches dropped unused (EngineStats)
+  std::atomic<uint64_t> verified_in_backward{0};  // EngineStats::records_verified_in_backward
+  uint64_t dropped_fetch_bytes = 0;               // carried fetches dropped unused (EngineStats)
   // After a failed step: per sub-group, records lost until fully rewritten.
   // lost[sg] => written[sg] counts (segment, slot) pairs rewritten so far.
   std::vector<uint8_t> lost;
@@ -214,6 +216,7 @@ struct Engine::Impl {
     Tier* tier = nullptr;
     uint32_t handle = 0;
     std::vector<uint64_t> sums;
+    std::vector<uint64_t> verified;  // the fetched record's chunk checksums, when already checked
   };
   Status update(const SubGroup& sg, float* record, float grad_mul, kernels::ThreadPool* pool,
                 int64_t step_id, ChunkHashing* hashing = nullptr);
@@ -659,6 +662,10 @@ Status Engine::Impl::step_in_slices(const SubGroup& sg, const kernels::StepArgs&
   std::vector<uint64_t> old_sums(nc, 0);
   h.sums.assign(nc, 0);
   std::vector<char> verified(nc, 0), hashed(nc, 0), listed(nc, 0);
+  if (h.verified.size() == nc) {
+    old_sums = std::move(h.verified);
+    verified.assign(nc, 1);
+  }
   std::vector<size_t> list;
   auto hash_list = [&](std::vector<uint64_t>& into) {
     auto one = [&](size_t i) { into[list[i]] = io::chunk_checksum(record, bytes, list[i]); };
@@ -831,7 +838,9 @@ Status Engine::Impl::update(const SubGroup& sg, float* record, float grad_mul,
 Status Engine::Impl::run_pipeline(StepRun& run) {
   const auto& sgs = plan.subgroups;
   const size_t nb = work.size();
-  enum class BufState { kFree, kFetching, kStoring };
+  // kReady: fetched and verified while the pipeline had nothing else to do
+  // (sums: its chunk checksums), waiting for its update.
+  enum class BufState { kFree, kFetching, kReady, kStoring };
   struct Buf {
     BufState state = BufState::kFree;
     uint32_t sg = 0;
@@ -839,6 +848,7 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
     int64_t start = 0;      // submit
     int64_t submitted = 0;  // submit returned (the end when the tier finished inside submit)
     uint64_t seq = 0;       // store order
+    std::vector<uint64_t> sums;
   };
   std::vector<Buf> bufs(nb);
   std::vector<int> buf_of(sgs.size(), -1);
@@ -852,6 +862,10 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
   auto finish = [&](size_t b, bool verify = true) -> Status {
     Buf& buf = bufs[b];
     if (buf.state == BufState::kFree) {
+      return Status::Ok();
+    }
+    if (buf.state == BufState::kReady) {
+      buf.state = BufState::kFree;  // completed, verified and traced by verify_ahead
       return Status::Ok();
     }
     const SubGroup& sg = sgs[buf.sg];
@@ -910,6 +924,44 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
     return Status::Ok();
   };
 
+  // While the pipeline waits for the gradient multiplier (exact mode: no
+  // update can start before backward ends), it verifies fetched records
+  // whose transfer completed, on its own thread, so that after backward only
+  // their update and the store's hash from cache remain. Records of tiers
+  // without chunk checksums, those still in flight when the updates start,
+  // and every record in eager mode are verified in the update, in cache
+  // (step_in_slices). Returns whether it verified one; *more: whether a fetch
+  // it could verify later is still in flight.
+  auto verify_ahead = [&](bool* more) -> Result<bool> {
+    *more = false;
+    for (size_t b = 0; b < nb; ++b) {
+      Buf& buf = bufs[b];
+      if (buf.state != BufState::kFetching || !hashes_in_slices(sgs[buf.sg])) {
+        continue;
+      }
+      Tier* tier = tier_of(sgs[buf.sg]);
+      STRATA_ASSIGN_OR_RETURN(bool done, tier->poll(buf.ticket));
+      if (!done) {
+        *more = true;
+        continue;
+      }
+      const uint32_t id = buf.sg;
+      STRATA_RETURN_IF_ERROR(finish(b, false));
+      const size_t bytes = tier->record_bytes(handles[id]);
+      std::vector<uint64_t> sums(io::checksum_chunks(bytes));
+      for (size_t c = 0; c < sums.size(); ++c) {
+        sums[c] = io::chunk_checksum(work[b].data(), bytes, c);
+      }
+      STRATA_RETURN_IF_ERROR(tier->verify_chunks(handles[id], 0, sums)
+                                 .with_context("fetch of sub-group " + std::to_string(id)));
+      buf.state = BufState::kReady;
+      buf.sums = std::move(sums);
+      verified_in_backward.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    }
+    return false;
+  };
+
   // State does not depend on gradients: records are fetched in the expected
   // order (the order gradients became ready in the previous step) from the
   // start, and each update waits only for its own sub-group to be ready.
@@ -941,11 +993,32 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
     size_t known_before = order.size();
     {
       std::unique_lock<std::mutex> lock(run.mu);
-      run.cv.wait(lock, [&] {
+      auto work_to_do = [&] {
         return run.cancel || run.order.size() > order.size() ||
                (run.gate && (next_update == n || run.queued[expected[next_update]]));
-      });
-      if (run.cancel) {
+      };
+      while (st.ok() && !work_to_do()) {
+        if (run.gate) {
+          // Updates may start at any moment: the fetched records are checked
+          // in them, in cache (step_in_slices).
+          run.cv.wait(lock);
+          continue;
+        }
+        lock.unlock();
+        bool more = false;
+        auto did = verify_ahead(&more);
+        lock.lock();
+        if (!did.ok()) {
+          st = did.status();
+        } else if (!did.value() && !work_to_do()) {
+          if (more) {
+            run.cv.wait_for(lock, std::chrono::milliseconds(1));  // poll the fetches again
+          } else {
+            run.cv.wait(lock);
+          }
+        }
+      }
+      if (!st.ok() || run.cancel) {
         break;
       }
       order.insert(order.end(), run.order.begin() + long(order.size()), run.order.end());
@@ -1005,12 +1078,17 @@ Status Engine::Impl::run_pipeline(StepRun& run) {
       size_t b = size_t(buf_of[sg.id]);
       // Verified chunk by chunk during the update when the tier allows it.
       const bool in_slices = hashes_in_slices(sg);
+      const bool was_ready = bufs[b].state == BufState::kReady;
       st = finish(b, !in_slices);
       if (!st.ok()) {
         break;
       }
       float* record = work[b].as<float>();
-      ChunkHashing hashing{tier, handles[sg.id], {}};
+      ChunkHashing hashing{tier, handles[sg.id], {}, {}};
+      if (was_ready) {
+        hashing.verified = std::move(bufs[b].sums);
+      }
+      bufs[b].sums.clear();
       st = update(sg, record, grad_mul, pool_for(backward_running), step_id,
                   in_slices ? &hashing : nullptr);
       if (!st.ok()) {
@@ -2407,6 +2485,7 @@ EngineStats Engine::stats() const {
   }
   s.bytes_fetched -= e.dropped_fetch_bytes;
   s.bytes_prefetched_unused = e.dropped_fetch_bytes;
+  s.records_verified_in_backward = e.verified_in_backward.load(std::memory_order_relaxed);
   if (e.io) {
     auto is = e.io->stats();
     s.io_bytes_read = is.bytes_read;

@@ -41,6 +41,12 @@ class NvmeTier final : public Tier {
     return complete(ticket, done_ns, true);
   }
   bool checks_chunks() const override { return file_->checksums(); }
+  Result<bool> poll(TierTicket ticket) override {
+    if (ticket == 0) {
+      return true;
+    }
+    return file_->engine()->poll(ticket);
+  }
   Status wait_unverified(TierTicket ticket, int64_t* done_ns = nullptr) override {
     return complete(ticket, done_ns, false);
   }

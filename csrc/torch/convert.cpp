@@ -264,6 +264,7 @@ py::dict stats_py(engine::Engine& e) {
   d["steps"] = s.steps;
   d["bytes_fetched"] = s.bytes_fetched;
   d["bytes_prefetched_unused"] = s.bytes_prefetched_unused;
+  d["records_verified_in_backward"] = s.records_verified_in_backward;
   d["bytes_stored"] = s.bytes_stored;
   d["io_bytes_read"] = s.io_bytes_read;
   d["io_bytes_written"] = s.io_bytes_written;

@@ -120,6 +120,10 @@ struct EngineStats {
   // (read_records, a checkpoint): bytes the drive moved in addition.
   uint64_t bytes_prefetched_unused = 0;
   uint64_t bytes_stored = 0;
+  // Fetched records checked against their checksums while an exact-mode
+  // backward ran (before the gradient multiplier was known); the others are
+  // checked chunk by chunk inside their update.
+  uint64_t records_verified_in_backward = 0;
   uint64_t io_bytes_read = 0;  // as counted by the IoEngine
   uint64_t io_bytes_written = 0;
   uint64_t pool_reserved = 0;

@@ -77,6 +77,9 @@ class Tier {
   // strata.verify_checksums); on the others the three calls below are plain
   // wait and submit_store.
   virtual bool checks_chunks() const { return false; }
+  // Whether a ticket's transfer has completed (wait() then does not block on
+  // the drive); an I/O error is reported by wait().
+  virtual Result<bool> poll(TierTicket ticket) { return true; }
   // wait() without verifying a fetched record: the caller verifies every
   // chunk (verify_chunks) before it uses any of the chunk's bytes.
   virtual Status wait_unverified(TierTicket ticket, int64_t* done_ns = nullptr) {
