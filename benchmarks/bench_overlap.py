@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Updates overlapped with backward vs not, on the CPU with the optimizer state on NVMe.
 
-Alternates steps of two engines on two copies of one model, one with strata.overlap_backward
-(updates during backward, the next step's first records fetched during forward) and one
-without (a plain backward, then the whole step); checks that the two copies end bit-identical,
-takes the median step of each after a warm-up, and prints beside the measured speed-up the
+Runs two engines on two copies of one model, one with strata.overlap_backward (updates
+during backward, the next step's first records fetched during forward) and one without (a
+plain backward, then the whole step), in blocks of steps of one and then the other (the first
+step of each block not measured, so each engine's background work overlaps its own steps, not
+the other's); checks that the two copies end bit-identical, takes the median step of each
+after a warm-up, and prints beside the measured speed-up the
 ideal one computed from the measured phases of the off steps:
 (forward + backward + step) / (forward + max(backward, step)) — a perfect overlap of the
 backward and the step. The on optimizer decides after its second step whether to keep
@@ -47,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The cells of --matrix: (shape, batch, sub_group_size); each runs with torch threads 1 and
 # every core, clipping off and 1.0, state on NVMe and in DRAM.
 MATRIX_SHAPES = [("many", 512, 2 << 20), ("client", 256, 4200000), ("gpt", 16, 2 << 20)]
+BLOCK = 3  # steps of one optimizer in a row; the first of each is not measured
 
 
 def size(text):
@@ -102,7 +105,8 @@ def main():
     ap.add_argument("--path", default=None, help="swap folder (default: a temp folder in .)")
     ap.add_argument("--sub-group-size", type=int, default=8 << 20)
     ap.add_argument("--buffer-count", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5, help="measured steps per mode")
+    ap.add_argument("--steps", type=int, default=8,
+                    help="measured steps per mode (rounded up to whole blocks)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--clip", type=float, default=0.0, help="global-norm clip (0: none, eager mode)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -110,6 +114,8 @@ def main():
                     help="strata.overlap_mode of the on optimizer: auto decides after its second "
                          "step, as the engine does (strata.overlap_choice)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--trace", default=None, metavar="PATH",
+                    help="write the on optimizer's trace (chrome://tracing JSON) here")
     args = ap.parse_args()
     if args.matrix:
         return run_matrix(args)
@@ -140,11 +146,18 @@ def main():
     exact = args.clip > 0
     rows = {"on": [], "off": []}
     phases = {"on": [], "off": []}
-    total = 2 * (args.warmup + args.steps)
+    # Warm-up steps alternate (the on optimizer decides after its second); then blocks of
+    # BLOCK steps of one optimizer, then of the other, the first step of each block not
+    # measured: each engine's background work (stores deferred into the next forward, the
+    # on engine's next records fetched after its step) overlaps its own next step, as in a
+    # training loop, and not the other engine's.
+    blocks = -(-args.steps // (BLOCK - 1))
+    plan = [(m, False) for _ in range(args.warmup) for m in ("off", "on")]
+    plan += [(m, j > 0) for _ in range(blocks) for m in ("off", "on") for j in range(BLOCK)]
+    total = len(plan)
     choice = {"overlap": True, "why": "strata.overlap_mode always"}
     on_steps = 0
-    for i in range(total):
-        mode = "on" if i % 2 else "off"
+    for mode, measured in plan:
         opt = opts[mode]
         t0 = time.perf_counter()
         loss = forward(models[mode])
@@ -167,12 +180,14 @@ def main():
                 ok, why = overlap_choice.decide(opt, forward_s=t1 - t0, backward_s=t2 - t1,
                                                 step_s=t3 - t2, exact=exact)
                 choice = {"overlap": ok, "why": why}
-        if i >= 2 * args.warmup:
+        if measured:
             rows[mode].append(t3 - t0)
             phases[mode].append((t1 - t0, t2 - t1, t3 - t2))
     st = opts["on"].stats()
     identical = all(torch.equal(a, b) for a, b in zip(models["on"].parameters(),
                                                        models["off"].parameters()))
+    if args.trace:
+        opts["on"].write_trace(args.trace)
     for opt in opts.values():
         opt.close()
     cfg["strata"]["overlap_backward"] = True  # the model's config (predict sets both)
@@ -189,7 +204,7 @@ def main():
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
               "step_off_s": med["off"], "step_on_s": med["on"], "speedup": speedup,
               "ideal_speedup": ideal, "forward_s": fwd, "backward_s": bwd, "optimizer_step_off_s": step,
-              "io_backend": st["io_backend"], "steps_each": args.steps,
+              "io_backend": st["io_backend"], "steps_each": len(rows["on"]),
               "bytes_prefetched_unused": st.get("bytes_prefetched_unused", 0),
               "bit_identical": identical, "overlap_mode": args.overlap_mode,
               "on_overlaps": choice["overlap"], "on_choice_why": choice["why"]}
@@ -206,7 +221,7 @@ def main():
         where = f"on NVMe ({swap})" if args.state == "nvme" else "in DRAM"
         print(f"{nparams / 1e6:.0f}M params ({12 * nparams / 2**30:.2f} GiB of state {where}), "
               f"{'exact (clip %.2g)' % args.clip if exact else 'eager (no clipping)'} mode, "
-              f"median of {args.steps} steps each, alternating")
+              f"median of {len(rows['on'])} steps each, in blocks of {BLOCK - 1} after one unmeasured")
         print(f"  off: forward {fwd:.3f} s, backward {bwd:.3f} s, optimizer step {step:.3f} s")
         on_f, on_b, on_s = (statistics.median(p[k] for p in phases["on"]) for k in range(3))
         during = " (updates during it)" if choice["overlap"] else ""
