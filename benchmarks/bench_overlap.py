@@ -5,9 +5,9 @@ Runs two engines on two copies of one model, one with strata.overlap_backward (u
 during backward, the next step's first records fetched during forward) and one without (a
 plain backward, then the whole step), in blocks of steps of one and then the other (the first
 step of each block not measured, so each engine's background work overlaps its own steps, not
-the other's); checks that the two copies end bit-identical, takes the median step of each
-after a warm-up, and prints beside the measured speed-up the
-ideal one computed from the measured phases of the off steps:
+the other's); checks that the two copies end bit-identical, takes the speed-up of each pair
+of neighbouring blocks and their median after a warm-up (the machine's speed drifts), and
+prints beside it the ideal one computed from the measured phases of the off steps:
 (forward + backward + step) / (forward + max(backward, step)) — a perfect overlap of the
 backward and the step. The on optimizer decides after its second step whether to keep
 overlapping, as the engine does with strata.overlap_mode auto (--overlap-mode always: it
@@ -197,12 +197,19 @@ def main():
     bwd = statistics.median(p[1] for p in phases["off"])
     step = statistics.median(p[2] for p in phases["off"])
     ideal = (fwd + bwd + step) / (fwd + max(bwd, step))
-    speedup = med["off"] / med["on"]
+    # The speed-up of each pair of neighbouring blocks (an off block, then an on block), and
+    # the median of those: the machine's speed drifts over seconds (a shared host), and a
+    # pair of blocks shares its conditions more than the whole run does.
+    per = BLOCK - 1
+    pairs = [statistics.median(rows["off"][k:k + per]) / statistics.median(rows["on"][k:k + per])
+             for k in range(0, len(rows["on"]), per)]
+    speedup = statistics.median(pairs)
     result = {"shape": args.shape, "params": nparams, "state_bytes": 12 * nparams,
               "state": args.state, "batch": args.batch, "sub_group_size": args.sub_group_size,
               "mode": "exact" if exact else "eager", "clip": args.clip, "torch_threads": args.threads,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
               "step_off_s": med["off"], "step_on_s": med["on"], "speedup": speedup,
+              "speedup_of_medians": med["off"] / med["on"], "speedup_by_block_pair": pairs,
               "ideal_speedup": ideal, "forward_s": fwd, "backward_s": bwd, "optimizer_step_off_s": step,
               "io_backend": st["io_backend"], "steps_each": len(rows["on"]),
               "bytes_prefetched_unused": st.get("bytes_prefetched_unused", 0),
@@ -230,7 +237,9 @@ def main():
         print(f"  on's mode   {'overlapped' if choice['overlap'] else 'plain'} "
               f"(strata.overlap_mode {args.overlap_mode}: {choice['why']})")
         print(f"  step time   off {med['off']:.3f} s   on {med['on']:.3f} s")
-        print(f"  speed-up    {speedup:.2f}x   (ideal from the measured phases: {ideal:.2f}x)")
+        print(f"  speed-up    {speedup:.2f}x   (ideal from the measured phases: {ideal:.2f}x); "
+              f"median of the block pairs' {' '.join(f'{x:.2f}' for x in pairs)}; of the "
+              f"medians {med['off'] / med['on']:.2f}x")
         if "predicted_on_s" in result:
             print(f"  model       off {result['predicted_off_s']:.3f} s   on "
                   f"{result['predicted_on_s']:.3f} s   (on: {result['prediction_error_on']:+.0%} of "
