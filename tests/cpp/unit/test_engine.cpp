@@ -61,12 +61,15 @@ Config make_config(const std::string& device, const std::string& dir, int64_t su
 }
 
 // A model: a few parameters of odd sizes, one larger than a sub-group.
+// `groups` parameter groups, parameter i in group i % groups.
 struct Model {
   std::vector<std::vector<float>> params;
-  explicit Model(uint32_t seed) {
+  int groups = 2;
+  explicit Model(uint32_t seed, std::vector<size_t> sizes = {3001, 17, 25000, 1}, int groups = 2)
+      : groups(groups) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0.f, 0.5f);
-    for (size_t n : {size_t(3001), size_t(17), size_t(25000), size_t(1)}) {
+    for (size_t n : sizes) {
       std::vector<float> p(n);
       for (auto& x : p) x = nd(rng);
       params.push_back(std::move(p));
@@ -76,7 +79,7 @@ struct Model {
     std::vector<ParamInfo> out;
     for (size_t i = 0; i < params.size(); ++i) {
       out.push_back(ParamInfo{"p" + std::to_string(i), int64_t(params[i].size()),
-                              kernels::DType::kF32, int(i % 2), params[i].data()});
+                              kernels::DType::kF32, int(i) % groups, params[i].data()});
     }
     return out;
   }
@@ -1045,6 +1048,20 @@ TEST(Engine, WorkingBuffersAreWhatTheDocsSay) {
   ASSERT_TRUE(e.close().ok());
 }
 
+// An engine over `m` with its state on `device` (under `dir` for nvme), one
+// of hypers() per parameter group of m; null (and a test failure) if refused.
+static std::unique_ptr<Engine> engine_on(Model& m, const std::string& device,
+                                         const std::string& dir, int64_t sub_group_size) {
+  EngineOptions o;
+  o.config = make_config(device, device == "nvme" ? dir : "", sub_group_size);
+  o.params = m.infos();
+  o.groups = hypers();
+  o.groups.resize(size_t(m.groups));
+  auto r = Engine::create(std::move(o));
+  EXPECT_TRUE(r.ok()) << r.status().to_string();
+  return r.ok() ? std::move(r).value() : nullptr;
+}
+
 // A sub-group on NVMe with checksums is updated in slices (256K elements):
 // each 1 MiB chunk of its record is verified before the slice that first
 // reads it and hashed after the last slice that writes it. Records of several
@@ -1054,51 +1071,15 @@ TEST(Engine, WorkingBuffersAreWhatTheDocsSay) {
 // the middle of a record is Corruption naming the chunk before the step uses
 // it.
 TEST(EngineChecksums, RecordsCheckedAndHashedInSlicesAreBitIdenticalAndVerify) {
-  struct Big {
-    std::vector<std::vector<float>> params;
-    Big() {
-      std::mt19937 rng(5);
-      std::normal_distribution<float> nd(0.f, 0.5f);
-      for (size_t n : {size_t(700001), size_t(500000), size_t(5)}) {
-        std::vector<float> p(n);
-        for (auto& x : p) x = nd(rng);
-        params.push_back(std::move(p));
-      }
-    }
-    std::vector<ParamInfo> infos() {
-      std::vector<ParamInfo> out;
-      for (size_t i = 0; i < params.size(); ++i) {
-        out.push_back(ParamInfo{"p" + std::to_string(i), int64_t(params[i].size()),
-                                kernels::DType::kF32, 0, params[i].data()});
-      }
-      return out;
-    }
-  };
-  auto grads = [](Engine& e, Big& m, int step) {
-    float* g = static_cast<float*>(e.grad_arenas()[0].data);
-    for (size_t i = 0; i < m.params.size(); ++i) {
-      for (size_t k = 0; k < m.params[i].size(); ++k) {
-        g[e.grad_offset(i) + k] = std::sin(float(k * 3 + i * 71 + size_t(step) * 13)) * 0.2f;
-      }
-    }
-  };
   TempDir dir;
-  auto make = [&](Big& m, const std::string& device) {
-    EngineOptions o;
-    o.config = make_config(device, device == "nvme" ? dir.path.string() : "", 1 << 20);
-    o.params = m.infos();
-    o.groups = {hypers()[0]};
-    auto r = Engine::create(std::move(o));
-    EXPECT_TRUE(r.ok()) << r.status().to_string();
-    return r.ok() ? std::move(r).value() : nullptr;
-  };
-  Big ref_model, nvme_model;
-  auto ref = make(ref_model, "cpu");
-  auto nvme = make(nvme_model, "nvme");
+  const std::vector<size_t> sizes = {700001, 500000, 5};
+  Model ref_model(5, sizes, 1), nvme_model(5, sizes, 1);
+  auto ref = engine_on(ref_model, "cpu", "", 1 << 20);
+  auto nvme = engine_on(nvme_model, "nvme", dir.path.string(), 1 << 20);
   ASSERT_TRUE(ref && nvme);
   for (int s = 0; s < 3; ++s) {
-    grads(*ref, ref_model, s);
-    grads(*nvme, nvme_model, s);
+    fill_grads(*ref, ref_model, s);
+    fill_grads(*nvme, nvme_model, s);
     ASSERT_TRUE(ref->step().ok());
     Status st = nvme->step();
     ASSERT_TRUE(st.ok()) << st.to_string();
@@ -1136,7 +1117,7 @@ TEST(EngineChecksums, RecordsCheckedAndHashedInSlicesAreBitIdenticalAndVerify) {
   ASSERT_EQ(::pwrite(fd, &byte, 1, off_t(at)), 1);  // O_DIRECT reads write dirty pages back first
   ::close(fd);
   std::vector<float> before = nvme_model.params[0];
-  grads(*nvme, nvme_model, 3);
+  fill_grads(*nvme, nvme_model, 3);
   Status st = nvme->step();
   ASSERT_EQ(st.code(), StatusCode::kCorruption) << st.to_string();
   EXPECT_NE(st.message().find("bytes [" + std::to_string(5u << 20) + ", "), std::string::npos)
@@ -1160,17 +1141,8 @@ TEST(EngineChecksums, RecordsCheckedAndHashedInSlicesAreBitIdenticalAndVerify) {
 TEST(EngineChecksums, ExactModeVerifiesFetchedRecordsWhileBackwardRuns) {
   TempDir dir;
   Model ref_model(42), nvme_model(42);
-  auto make = [&](Model& m, const std::string& device) {
-    EngineOptions o;
-    o.config = make_config(device, device == "nvme" ? dir.path.string() : "", 4096);
-    o.params = m.infos();
-    o.groups = hypers();
-    auto r = Engine::create(std::move(o));
-    EXPECT_TRUE(r.ok()) << r.status().to_string();
-    return r.ok() ? std::move(r).value() : nullptr;
-  };
-  auto ref = make(ref_model, "cpu");
-  auto nvme = make(nvme_model, "nvme");
+  auto ref = engine_on(ref_model, "cpu", "", 4096);
+  auto nvme = engine_on(nvme_model, "nvme", dir.path.string(), 4096);
   ASSERT_TRUE(ref && nvme);
   // One exact overlapped step; waits (up to max_ms) in "backward" until the
   // pipeline verified `want` more records, and returns the step's status.
