@@ -4,6 +4,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <system_error>
 
 #include <strata/platform/affinity.h>
@@ -89,6 +90,7 @@ ThreadPool::ThreadPool(unsigned threads)
     }
   }
   threads_ = unsigned(workers_.size()) + 1;
+  runs_ = std::vector<Run>(threads_);
   tids_.resize(workers_.size());
   // Wait until every worker has published its tid, so worker_tids() is
   // complete when the constructor returns.
@@ -119,16 +121,52 @@ std::vector<int> ThreadPool::worker_tids() const {
   return tids_;
 }
 
+size_t ThreadPool::take_front(Run& run) {
+  uint64_t span = run.span.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t front = span & 0xFFFFFFFFu, back = span >> 32;
+    if (front >= back) {
+      return kNoTask;
+    }
+    if (run.span.compare_exchange_weak(span, span + 1, std::memory_order_relaxed)) {
+      return size_t(front);
+    }
+  }
+}
+
+size_t ThreadPool::take_back(Run& run) {
+  uint64_t span = run.span.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t front = span & 0xFFFFFFFFu, back = span >> 32;
+    if (front >= back) {
+      return kNoTask;
+    }
+    if (run.span.compare_exchange_weak(span, (back - 1) << 32 | front, std::memory_order_relaxed)) {
+      return size_t(back - 1);
+    }
+  }
+}
+
 void ThreadPool::run_tasks() {
   CurrentPoolScope scope(this);
-  const size_t tasks = tasks_;
   const auto& fn = *fn_;
-  for (;;) {
-    const size_t task = next_.fetch_add(1, std::memory_order_relaxed);
-    if (task >= tasks) {
-      break;
+  const size_t runs = runs_used_;
+  // Runs of our own, front to back, while unclaimed ones are left (a worker
+  // that has not woken yet leaves its run to whoever finishes first)...
+  size_t home = 0;
+  for (size_t r; (r = homes_.fetch_add(1, std::memory_order_relaxed)) < runs;) {
+    home = r;
+    for (size_t task; (task = take_front(runs_[r])) != kNoTask;) {
+      fn(task);
     }
-    fn(task);
+  }
+  // ...then the others' from the back, starting after our own so thieves
+  // spread over the runs.
+  for (size_t k = 1; k <= runs; ++k) {
+    Run& run = runs_[(home + k) % runs];
+    for (size_t task; (task = take_back(run)) != kNoTask;) {
+      fn(task);
+    }
   }
 }
 
@@ -173,12 +211,29 @@ void ThreadPool::parallel_for(size_t tasks, const std::function<void(size_t task
     }
     return;
   }
+  // A run's ends are 32-bit: more tasks than that go in calls of 2^32 - 1.
+  constexpr size_t kMaxCall = 0xFFFFFFFFu;
   std::lock_guard<std::mutex> call(call_mu_);
+  for (size_t begin = 0; begin < tasks; begin += kMaxCall) {
+    const size_t count = std::min(kMaxCall, tasks - begin);
+    if (begin == 0 && count == tasks) {
+      run_call(tasks, fn);
+    } else {
+      run_call(count, [&fn, begin](size_t t) { fn(begin + t); });
+    }
+  }
+}
+
+void ThreadPool::run_call(size_t tasks, const std::function<void(size_t task)>& fn) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     fn_ = &fn;
-    tasks_ = tasks;
-    next_.store(0, std::memory_order_relaxed);
+    runs_used_ = std::min<size_t>(threads_, tasks);
+    for (size_t r = 0; r < runs_used_; ++r) {
+      const uint64_t front = tasks * r / runs_used_, back = tasks * (r + 1) / runs_used_;
+      runs_[r].span.store(front | back << 32, std::memory_order_relaxed);
+    }
+    homes_.store(0, std::memory_order_relaxed);
     open_ = true;
     fp_control_ = read_fp_control();
     ++generation_;

@@ -4,9 +4,14 @@
 // count changes torch's. Workers wait passively (condition variable, no
 // spinning), so an idle pool costs no CPU while backward runs.
 //
-// parallel_for(tasks, fn): the calling thread takes part; tasks are claimed
-// one at a time from an atomic counter, so a slow or descheduled thread does
-// not hold back the others. The call returns when every task has run and no
+// parallel_for(tasks, fn): the calling thread takes part. The tasks are cut
+// into one contiguous run per thread; each thread that joins claims a run of
+// its own and takes its tasks one at a time from the front, and a thread whose
+// run is empty takes tasks from the back of the others' runs. So a kernel's
+// tiles stream as one long stretch per thread (the hardware prefetchers follow
+// it; tiles handed out alternately cost up to 0.8x of the memory bound on two
+// threads, docs/kernels.md), and a slow or descheduled thread still does not
+// hold back the others. The call returns when every task has run and no
 // worker still touches fn. Workers that wake after all tasks are claimed do
 // not join, so a short call does not wait for sleeping threads to wake.
 //
@@ -48,8 +53,8 @@ class ThreadPool {
   unsigned size() const { return threads_; }
 
   // Runs fn(task) for task in [0, tasks), spread over the threads; returns
-  // when all are done. Tasks are claimed dynamically; fn must not depend on
-  // which thread runs it.
+  // when all are done. Which thread runs a task is decided at run time (runs
+  // and stealing, above); fn must not depend on it.
   void parallel_for(size_t tasks, const std::function<void(size_t task)>& fn);
 
   // Linux thread ids of the workers (for tests reading /proc/self/task).
@@ -57,8 +62,19 @@ class ThreadPool {
   std::vector<int> worker_tids() const;
 
  private:
+  // One thread's contiguous run of tasks: [front, back) packed as
+  // front | back << 32, claimed by compare-and-swap from either end. On its
+  // own cache line, so a run's owner and its thieves share one line only
+  // while they contend for it.
+  struct alignas(64) Run {
+    std::atomic<uint64_t> span{0};
+  };
+  static constexpr size_t kNoTask = ~size_t(0);
+  static size_t take_front(Run& run);
+  static size_t take_back(Run& run);
   void worker_loop(unsigned index);
   void run_tasks();
+  void run_call(size_t tasks, const std::function<void(size_t task)>& fn);
 
   unsigned threads_;
   std::vector<std::thread> workers_;
@@ -68,12 +84,13 @@ class ThreadPool {
   std::condition_variable cv_work_;  // workers: a new generation_ or stop_
   std::condition_variable cv_done_;  // caller: active_ reached 0 / a tid was recorded
   const std::function<void(size_t)>* fn_ = nullptr;  // valid while a call is open
-  size_t tasks_ = 0;
-  std::atomic<size_t> next_{0};  // next task to claim; >= tasks_ when all claimed
-  uint64_t generation_ = 0;      // bumped by each parallel_for that uses workers
-  unsigned active_ = 0;          // workers inside run_tasks() for the open call
-  bool open_ = false;            // workers may still join the current call
-  unsigned fp_control_ = 0;      // the caller's MXCSR for the open call
+  std::vector<Run> runs_;         // threads_ of them; the open call uses runs_used_
+  size_t runs_used_ = 0;          // min(threads_, tasks) for the open call
+  std::atomic<size_t> homes_{0};  // next run to hand a joining thread as its own
+  uint64_t generation_ = 0;       // bumped by each parallel_for that uses workers
+  unsigned active_ = 0;           // workers inside run_tasks() for the open call
+  bool open_ = false;             // workers may still join the current call
+  unsigned fp_control_ = 0;       // the caller's MXCSR for the open call
   bool stop_ = false;
 };
 

@@ -1,6 +1,6 @@
-// ThreadPool: every task runs exactly once, the caller takes part, tasks are
-// claimed dynamically, idle workers sleep (passive wait) and nested calls do
-// not deadlock.
+// ThreadPool: every task runs exactly once, the caller takes part, each
+// thread streams a contiguous run and the others take over a stalled one,
+// idle workers sleep (passive wait) and nested calls do not deadlock.
 #include <strata/kernels/thread_pool.h>
 
 #include <gtest/gtest.h>
@@ -149,6 +149,53 @@ TEST(ThreadPool, CallerTakesPartAndWorkersRunTasks) {
     EXPECT_TRUE(tid == caller || tid == workers[0]) << tid;
   }
   EXPECT_EQ(threads.size(), 2u) << "both the caller and the worker ran tasks";
+}
+
+// Each thread works one contiguous stretch of the tasks: its own run from the
+// front, then what is left of the other's from the back, so the tasks each
+// thread ran form one interval read cyclically (the thread that finishes
+// first takes the tail of the other's run: 0..a, then b..255 after a
+// wrap-around). Tasks handed out one at a time from a shared counter
+// interleave the two threads and fail this. The first task of each
+// half waits until the other half's has started, so both threads take part.
+TEST(ThreadPool, EachThreadRunsOneContiguousStretch) {
+  ThreadPool pool(2);
+  constexpr size_t kTasks = 256;
+  for (int round = 0; round < 20; ++round) {
+    std::vector<int> ran_on(kTasks, 0);
+    std::atomic<int> started{0};
+    std::atomic<bool> timed_out{false};
+    pool.parallel_for(kTasks, [&](size_t t) {
+      ran_on[t] = gettid_now();
+      if (t == 0 || t == kTasks / 2) {
+        started.fetch_add(1);
+        const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+        while (started.load() < 2) {
+          if (std::chrono::steady_clock::now() > give_up) {
+            timed_out = true;
+            break;
+          }
+          std::this_thread::yield();
+        }
+      }
+      // Some work per task, so the other thread's run is still open when
+      // one finishes its own and steals.
+      volatile uint64_t x = t;
+      for (int i = 0; i < 2000; ++i) {
+        x = x * 6364136223846793005ull + 1;
+      }
+    });
+    ASSERT_FALSE(timed_out.load())
+        << "round " << round << ": task " << kTasks / 2 << " never started beside task 0";
+    std::set<int> tids(ran_on.begin(), ran_on.end());
+    ASSERT_EQ(tids.size(), 2u) << "round " << round;
+    size_t changes = 0;  // thread changes from task t - 1 to t, and from the last to 0
+    for (size_t t = 0; t < kTasks; ++t) {
+      changes += ran_on[t] != ran_on[(t + kTasks - 1) % kTasks] ? 1 : 0;
+    }
+    EXPECT_EQ(changes, 2u) << "round " << round << ": each thread's tasks are one interval";
+    EXPECT_NE(ran_on[0], ran_on[kTasks / 2]) << "round " << round;
+  }
 }
 
 TEST(ThreadPool, IdleWorkersSleepAndUseNoCpu) {
