@@ -130,7 +130,7 @@ TEST(ThreadPool, CallerTakesPartAndWorkersRunTasks) {
   const std::vector<int> workers = pool.worker_tids();
   std::vector<int> ran_on(64, 0);
   // Task 0 blocks until every other task is done: only a second thread that
-  // claims tasks dynamically can finish them (a static split would hang).
+  // takes over the tasks of a stalled thread can finish them (a static split would hang).
   std::atomic<size_t> done{0};
   pool.parallel_for(ran_on.size(), [&](size_t t) {
     ran_on[t] = gettid_now();
