@@ -121,28 +121,16 @@ std::vector<int> ThreadPool::worker_tids() const {
   return tids_;
 }
 
-size_t ThreadPool::take_front(Run& run) {
+size_t ThreadPool::take(Run& run, bool from_back) {
   uint64_t span = run.span.load(std::memory_order_relaxed);
   for (;;) {
     const uint64_t front = span & 0xFFFFFFFFu, back = span >> 32;
     if (front >= back) {
       return kNoTask;
     }
-    if (run.span.compare_exchange_weak(span, span + 1, std::memory_order_relaxed)) {
-      return size_t(front);
-    }
-  }
-}
-
-size_t ThreadPool::take_back(Run& run) {
-  uint64_t span = run.span.load(std::memory_order_relaxed);
-  for (;;) {
-    const uint64_t front = span & 0xFFFFFFFFu, back = span >> 32;
-    if (front >= back) {
-      return kNoTask;
-    }
-    if (run.span.compare_exchange_weak(span, (back - 1) << 32 | front, std::memory_order_relaxed)) {
-      return size_t(back - 1);
+    const uint64_t rest = from_back ? (back - 1) << 32 | front : span + 1;
+    if (run.span.compare_exchange_weak(span, rest, std::memory_order_relaxed)) {
+      return size_t(from_back ? back - 1 : front);
     }
   }
 }
@@ -156,7 +144,7 @@ void ThreadPool::run_tasks() {
   size_t home = 0;
   for (size_t r; (r = homes_.fetch_add(1, std::memory_order_relaxed)) < runs;) {
     home = r;
-    for (size_t task; (task = take_front(runs_[r])) != kNoTask;) {
+    for (size_t task; (task = take(runs_[r], false)) != kNoTask;) {
       fn(task);
     }
   }
@@ -164,7 +152,7 @@ void ThreadPool::run_tasks() {
   // spread over the runs.
   for (size_t k = 1; k <= runs; ++k) {
     Run& run = runs_[(home + k) % runs];
-    for (size_t task; (task = take_back(run)) != kNoTask;) {
+    for (size_t task; (task = take(run, true)) != kNoTask;) {
       fn(task);
     }
   }

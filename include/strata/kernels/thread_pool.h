@@ -9,11 +9,11 @@
 // its own and takes its tasks one at a time from the front, and a thread whose
 // run is empty takes tasks from the back of the others' runs. So a kernel's
 // tiles stream as one long stretch per thread (the hardware prefetchers follow
-// it; tiles handed out alternately cost up to 0.8x of the memory bound on two
-// threads, docs/kernels.md), and a slow or descheduled thread still does not
-// hold back the others. The call returns when every task has run and no
-// worker still touches fn. Workers that wake after all tasks are claimed do
-// not join, so a short call does not wait for sleeping threads to wake.
+// it; with tiles handed out alternately, two threads ran at 0.75-0.91 of the
+// memory bound where the memory is fast: docs/kernels.md), and a slow or descheduled thread still
+// does not hold back the others. The call returns when every task has run and no worker still
+// touches fn. Workers that wake after all tasks are claimed do not join, so a short call does not
+// wait for sleeping threads to wake.
 //
 // Floating-point environment: for the duration of a call, workers run with
 // the caller's SSE control register (MXCSR: rounding mode, flush-to-zero,
@@ -70,8 +70,9 @@ class ThreadPool {
     std::atomic<uint64_t> span{0};
   };
   static constexpr size_t kNoTask = ~size_t(0);
-  static size_t take_front(Run& run);
-  static size_t take_back(Run& run);
+  // The next task of `run`, from its front or (a thief) its back; kNoTask
+  // when it is empty.
+  static size_t take(Run& run, bool from_back);
   void worker_loop(unsigned index);
   void run_tasks();
   void run_call(size_t tasks, const std::function<void(size_t task)>& fn);
